@@ -1,0 +1,1 @@
+"""Datasets, label tables, transforms, rare-class sampling and grain pipelines."""

@@ -1,0 +1,1 @@
+"""Pure functions without parameters: selective scan, deformable attention, point sampling."""
