@@ -1,0 +1,380 @@
+"""DINOv2 vision transformer (the VFM tower of MFuser) in Flax NNX.
+
+Ported from facebookresearch/dinov2 dinov2/models/vision_transformer.py and the copy MFuser
+uses (devinxzhang/MFuser models/backbones/dino_v2.py, dino_layers/). Attribute names follow
+the official module (patch_embed.proj, cls_token, pos_embed, mask_token, blocks.N.{norm1,
+attn.qkv, attn.proj, ls1.gamma, norm2, mlp.fc1, mlp.fc2, ls2.gamma}, norm) so that
+``mfuser_jax.convert.load_torch_state_dict`` loads ``dinov2_vitl14_pretrain.pth`` directly.
+Only the variant MFuser uses is built: one class token, no register tokens, MLP feed-forward,
+unchunked blocks (``block_chunks=0``), interpolation offset 0.1 without antialiasing.
+
+The fused backbone steps this tower block by block, so it exposes ``prepare_tokens``,
+``blocks[i]`` and ``norm`` besides ``__call__``.
+
+Precision: parameters float32; the patch projection, qkv/proj and MLP matmuls run in
+``dtype``; layer norms, attention logits/softmax and the residual stream stay float32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+__all__ = [
+    "Attention",
+    "Block",
+    "DinoVisionTransformer",
+    "LayerScale",
+    "Mlp",
+    "PatchEmbed",
+    "torch_resize",
+    "torch_resize_matrix",
+]
+
+# PyTorch's cubic convolution coefficient (upsample_bicubic2d); jax.image uses -0.5.
+_TORCH_CUBIC_A = -0.75
+
+
+def _torch_cubic_weights(t: np.ndarray) -> np.ndarray:
+    """Weights of taps at offsets -1, 0, 1, 2 for fractional positions t, shape (..., 4)."""
+    a = _TORCH_CUBIC_A
+
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
+
+
+def torch_resize_matrix(
+    in_size: int,
+    out_size: int,
+    mode: str = "bicubic",
+    *,
+    scale_factor: float | None = None,
+    align_corners: bool = False,
+) -> np.ndarray:
+    """The (out_size, in_size) float64 matrix of ``torch.nn.functional.interpolate`` on one axis.
+
+    Reproduces PyTorch's non-antialiased 'bicubic' (A = -0.75, taps clamped at the border,
+    source coordinate not clamped) and 'bilinear' (source coordinate clamped at 0). As in
+    PyTorch, a given ``scale_factor`` (with ``recompute_scale_factor`` unset) maps coordinates
+    with ``1 / scale_factor`` rather than ``in_size / out_size``: DINOv2's run-time position
+    embedding interpolation depends on that. Both modes are separable, so a 2-D resize is
+    ``R_h @ X @ R_w.T``.
+    """
+    if mode not in ("bicubic", "bilinear"):
+        raise ValueError(f"mode must be 'bicubic' or 'bilinear', got {mode!r}")
+    dst = np.arange(out_size, dtype=np.float64)
+    if align_corners:
+        scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+        src = dst * scale
+    else:
+        scale = 1.0 / scale_factor if scale_factor else in_size / out_size
+        src = scale * (dst + 0.5) - 0.5
+    matrix = np.zeros((out_size, in_size), dtype=np.float64)
+    rows = np.arange(out_size)
+    if mode == "bicubic":
+        base = np.floor(src)
+        weights = _torch_cubic_weights(src - base)
+        for tap in range(4):
+            idx = np.clip(base.astype(np.int64) - 1 + tap, 0, in_size - 1)
+            np.add.at(matrix, (rows, idx), weights[:, tap])
+    else:
+        if not align_corners:
+            src = np.maximum(src, 0.0)
+        i0 = np.floor(src).astype(np.int64)
+        i0 = np.minimum(i0, in_size - 1)
+        i1 = np.minimum(i0 + 1, in_size - 1)
+        lam = np.clip(src - i0, 0.0, 1.0)
+        np.add.at(matrix, (rows, i0), 1.0 - lam)
+        np.add.at(matrix, (rows, i1), lam)
+    return matrix
+
+
+def torch_resize(
+    x,
+    size: tuple[int, int],
+    axes: tuple[int, int],
+    mode: str = "bicubic",
+    *,
+    scale_factor: tuple[float, float] | None = None,
+    align_corners: bool = False,
+):
+    """Resize ``x`` (numpy or jax array) on two axes like ``F.interpolate`` (no antialias).
+
+    numpy input is computed in float64 and returned as float32; jax input is computed with
+    float32 matmuls at HIGHEST precision (no TF32 on GPU) and returned as float32.
+    """
+    mats = [
+        torch_resize_matrix(
+            x.shape[ax], n, mode,
+            scale_factor=None if scale_factor is None else scale_factor[i],
+            align_corners=align_corners,
+        )
+        for i, (ax, n) in enumerate(zip(axes, size))
+    ]
+    if isinstance(x, np.ndarray):
+        out = np.asarray(x, np.float64)
+        for ax, m in zip(axes, mats):
+            out = np.moveaxis(np.tensordot(m, out, axes=([1], [ax])), 0, ax)
+        return out.astype(np.float32)
+    out = x.astype(jnp.float32)
+    for ax, m in zip(axes, mats):
+        out = jnp.moveaxis(
+            jnp.tensordot(
+                jnp.asarray(m, jnp.float32), out, axes=([1], [ax]),
+                precision=jax.lax.Precision.HIGHEST,
+            ),
+            0, ax,
+        )
+    return out
+
+
+def _pair(v) -> tuple[int, int]:
+    if isinstance(v, Sequence):
+        if len(v) != 2:
+            raise ValueError(f"expected an int or a pair, got {v!r}")
+        return int(v[0]), int(v[1])
+    return int(v), int(v)
+
+
+def _linear(din, dout, dtype, rngs, *, use_bias=True):
+    # init_weights_vit_timm: trunc_normal(std=0.02) weights, zero biases.
+    return nnx.Linear(
+        din, dout, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+        kernel_init=nnx.initializers.truncated_normal(0.02), rngs=rngs,
+    )
+
+
+def _layer_norm(dim, eps, rngs):
+    # Two-pass variance (PyTorch's): DINOv2 ViT-L carries a few very large activations, for
+    # which E[x^2] - E[x]^2 in float32 loses digits.
+    return nnx.LayerNorm(
+        dim, epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32,
+        use_fast_variance=False, rngs=rngs,
+    )
+
+
+class PatchEmbed(nnx.Module):
+    """(B, H, W, C) images -> (B, H/p * W/p, D) tokens with a stride-p convolution."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, *,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        self.img_size = _pair(img_size)
+        self.patch_size = _pair(patch_size)
+        self.patches_resolution = (
+            self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1]
+        )
+        self.num_patches = self.patches_resolution[0] * self.patches_resolution[1]
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        # VALID padding drops a remainder smaller than a patch, as the stride-p Conv2d does.
+        self.proj = nnx.Conv(
+            in_chans, embed_dim, kernel_size=self.patch_size, strides=self.patch_size,
+            padding="VALID", dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.proj(x)
+        b, h, w, d = x.shape
+        return x.reshape(b, h * w, d)
+
+
+class Attention(nnx.Module):
+    def __init__(self, dim, num_heads=8, qkv_bias=True, proj_bias=True, *,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.dtype = dtype
+        self.qkv = _linear(dim, 3 * dim, dtype, rngs, use_bias=qkv_bias)
+        self.proj = _linear(dim, dim, dtype, rngs, use_bias=proj_bias)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, n, c = x.shape
+        # Output features of qkv are ordered (3, heads, head_dim), as the PyTorch reshape.
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        # XLA path: logits and softmax in float32 even for bfloat16 q/k.
+        out = jax.nn.dot_product_attention(q, k, v)
+        return self.proj(out.reshape(b, n, c))
+
+
+class LayerScale(nnx.Module):
+    def __init__(self, dim, init_values=1e-5):
+        self.gamma = nnx.Param(jnp.full((dim,), init_values, jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x * self.gamma[...]
+
+
+class Mlp(nnx.Module):
+    def __init__(self, in_features, hidden_features, *, bias=True, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.fc1 = _linear(in_features, hidden_features, dtype, rngs, use_bias=bias)
+        self.fc2 = _linear(hidden_features, in_features, dtype, rngs, use_bias=bias)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))  # nn.GELU is exact
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block with layer scale and per-sample stochastic depth.
+
+    Stochastic depth drops each sample's residual with probability ``drop_path`` and scales
+    kept ones by 1/(1-p) (DropPath). The official block switches to an equivalent-in-
+    expectation batch-subset scheme above p = 0.1 when training; the random pattern differs,
+    the expectation does not. MFuser keeps DINOv2 frozen with drop_path 0.
+    """
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, *, qkv_bias=True, proj_bias=True,
+                 ffn_bias=True, init_values=None, drop_path=0.0, layer_norm_eps=1e-6,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        self.norm1 = _layer_norm(dim, layer_norm_eps, rngs)
+        self.attn = Attention(dim, num_heads, qkv_bias, proj_bias, dtype=dtype, rngs=rngs)
+        self.ls1 = LayerScale(dim, init_values) if init_values else None
+        self.norm2 = _layer_norm(dim, layer_norm_eps, rngs)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), bias=ffn_bias, dtype=dtype, rngs=rngs)
+        self.ls2 = LayerScale(dim, init_values) if init_values else None
+        self.drop_path_rate = float(drop_path)
+        # A (B, 1, 1) mask broadcast over tokens and channels is exactly DropPath. As in
+        # PyTorch (nn.Identity), none at rate 0: the frozen tower then holds no RNG state.
+        if drop_path > 0.0:
+            self.drop_path1 = nnx.Dropout(drop_path, broadcast_dims=(1, 2), rngs=rngs)
+            self.drop_path2 = nnx.Dropout(drop_path, broadcast_dims=(1, 2), rngs=rngs)
+        else:
+            self.drop_path1 = self.drop_path2 = None
+
+    @staticmethod
+    def _drop_path(which, r):
+        return r if which is None else which(r)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        chex.assert_rank(x, 3)
+        r = self.attn(self.norm1(x))
+        if self.ls1 is not None:
+            r = self.ls1(r)
+        x = x + self._drop_path(self.drop_path1, r).astype(x.dtype)
+        r = self.mlp(self.norm2(x))
+        if self.ls2 is not None:
+            r = self.ls2(r)
+        return x + self._drop_path(self.drop_path2, r).astype(x.dtype)
+
+
+class DinoVisionTransformer(nnx.Module):
+    """DINOv2 ViT. Defaults: ViT-L/14 at 518 px (``dinov2_vitl14_pretrain.pth``).
+
+    MFuser builds it with ``patch_size=16, img_size=512`` (32x32 + 1 tokens) and loads the
+    checkpoint through ``mfuser_jax.convert.dinov2.resize_for_mfuser``.
+    Input images are NHWC floats, already normalised with the ImageNet mean/std.
+    """
+
+    def __init__(
+        self,
+        img_size=518,
+        patch_size=14,
+        embed_dim=1024,
+        depth=24,
+        num_heads=16,
+        mlp_ratio=4.0,
+        init_values=1e-5,
+        layer_norm_eps=1e-6,
+        drop_path_rate=0.0,
+        *,
+        in_chans=3,
+        qkv_bias=True,
+        proj_bias=True,
+        ffn_bias=True,
+        interpolate_offset=0.1,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.embed_dim = self.num_features = embed_dim
+        self.num_heads = num_heads
+        self.n_blocks = depth
+        self.num_tokens = 1
+        self.interpolate_offset = interpolate_offset
+        self.dtype = dtype
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim,
+                                      dtype=dtype, rngs=rngs)
+        self.patch_size = self.patch_embed.patch_size
+        n = self.patch_embed.num_patches
+        self.cls_token = nnx.Param(1e-6 * jax.random.normal(rngs.params(), (1, 1, embed_dim)))
+        self.pos_embed = nnx.Param(
+            nnx.initializers.truncated_normal(0.02)(rngs.params(), (1, n + 1, embed_dim))
+        )
+        self.mask_token = nnx.Param(jnp.zeros((1, embed_dim), jnp.float32))
+        dpr = np.linspace(0.0, drop_path_rate, depth)  # stochastic depth decay rule
+        self.blocks = nnx.List([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, proj_bias=proj_bias,
+                  ffn_bias=ffn_bias, init_values=init_values, drop_path=float(dpr[i]),
+                  layer_norm_eps=layer_norm_eps, dtype=dtype, rngs=rngs)
+            for i in range(depth)
+        ])
+        self.norm = _layer_norm(embed_dim, layer_norm_eps, rngs)
+
+    def interpolate_pos_encoding(self, grid_hw: tuple[int, int],
+                                 image_hw: tuple[int, int]) -> jax.Array:
+        """The (1, 1 + h*w, D) position embedding for a (h, w) patch grid, float32.
+
+        As the official code: the stored table is used as is only when the token count
+        matches and the image is square; otherwise the patch part is resized bicubic
+        (PyTorch's kernel, no antialias) with scale factors (h + 0.1) / M, (w + 0.1) / M, and
+        those scale factors, not the size ratio, set the sampling positions.
+        """
+        pos = self.pos_embed[...].astype(jnp.float32)
+        n_stored = pos.shape[1] - 1
+        h0, w0 = grid_hw
+        if h0 * w0 == n_stored and image_hw[0] == image_hw[1]:
+            return pos
+        m = math.isqrt(n_stored)
+        if m * m != n_stored:
+            raise ValueError(f"pos_embed holds {n_stored} patch positions, not a square grid")
+        if self.interpolate_offset:
+            sh = float(h0 + self.interpolate_offset) / m
+            sw = float(w0 + self.interpolate_offset) / m
+            size = (math.floor(m * sh), math.floor(m * sw))  # PyTorch's output size rule
+            scales = (sh, sw)
+        else:
+            size, scales = (h0, w0), None
+        if size != (h0, w0):
+            raise ValueError(f"position embedding resized to {size}, expected {(h0, w0)}")
+        grid = pos[0, 1:].reshape(m, m, -1)
+        grid = torch_resize(grid, size, axes=(0, 1), mode="bicubic", scale_factor=scales)
+        return jnp.concatenate([pos[:, :1], grid.reshape(1, h0 * w0, -1)], axis=1)
+
+    def prepare_tokens(self, images: jax.Array, masks: jax.Array | None = None) -> jax.Array:
+        """(B, H, W, C) images -> (B, 1 + h*w, D) float32 tokens: patches, cls, positions.
+
+        ``masks`` (B, h*w) bool replaces masked patch tokens by ``mask_token``.
+        """
+        chex.assert_rank(images, 4)
+        b, hh, ww, c = images.shape
+        if c != self.patch_embed.in_chans:
+            raise ValueError(f"expected NHWC images with {self.patch_embed.in_chans} "
+                             f"channels, got shape {images.shape}")
+        ph, pw = self.patch_size
+        grid = (hh // ph, ww // pw)
+        x = self.patch_embed(images).astype(jnp.float32)
+        if masks is not None:
+            chex.assert_shape(masks, (b, grid[0] * grid[1]))
+            x = jnp.where(masks[..., None], self.mask_token[...][None], x)
+        cls = jnp.broadcast_to(self.cls_token[...], (b, 1, self.embed_dim))
+        x = jnp.concatenate([cls, x], axis=1)
+        return x + self.interpolate_pos_encoding(grid, (hh, ww))
+
+    def __call__(self, images: jax.Array, masks: jax.Array | None = None) -> jax.Array:
+        """Final layer-normed tokens (B, 1 + h*w, D); token 0 is the class token."""
+        x = self.prepare_tokens(images, masks)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
