@@ -18,6 +18,7 @@ from mfuser_jax.convert.dinov2 import (
     check_dinov2_state_dict,
     hf_to_official,
     is_dinov2_state_dict,
+    load_dinov2_state_dict,
     resize_for_mfuser,
     to_official,
 )
@@ -324,6 +325,23 @@ def test_wrong_checkpoint_gives_clear_error():
                         "classifier.weight": np.zeros((2, 8))})
 
 
+def test_load_dinov2_file(tmp_path, hf_model):
+    sd = _official_sd()
+    torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, tmp_path / "dinov2.pth")
+    got = load_dinov2_state_dict(tmp_path / "dinov2.pth", patch_size=16, img_size=512)
+    assert got["pos_embed"].shape == (1, 1025, 8)
+    assert got["patch_embed.proj.weight"].shape == (8, 3, 16, 16)
+    # HF safetensors files are renamed on the way in.
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in hf_model.state_dict().items()},
+              str(tmp_path / "hf.safetensors"))
+    got = load_dinov2_state_dict(tmp_path / "hf.safetensors", patch_size=PATCH, img_size=IMG)
+    assert set(got) == set(hf_to_official(hf_model.state_dict()))
+    torch.save({"visual.conv1.weight": torch.zeros(4, 3, 14, 14)}, tmp_path / "clip.pth")
+    with pytest.raises(WeightFileError, match="clip.pth.*CLIP"):
+        load_dinov2_state_dict(tmp_path / "clip.pth")
+
+
 def test_hf_and_chunked_inputs_normalise(hf_model):
     assert is_dinov2_state_dict(hf_model.state_dict())
     sd = _official_sd(patch=8, img=16, depth=2)
@@ -337,8 +355,8 @@ def test_layer_norm_is_two_pass_like_torch(ours):
     # fast variance) loses the variance of such rows.
     x = 300.0 + np.random.default_rng(7).normal(size=(2, 3, D)).astype(np.float32)
     norm = ours.blocks[0].norm1
-    want = F.layer_norm(torch.from_numpy(x), (D,), torch.from_numpy(np.asarray(
-        norm.scale[...])), torch.from_numpy(np.asarray(norm.bias[...])), eps=1e-6).numpy()
+    want = F.layer_norm(torch.from_numpy(x), (D,), torch.tensor(np.asarray(norm.scale[...])),
+                        torch.tensor(np.asarray(norm.bias[...])), eps=1e-6).numpy()
     np.testing.assert_allclose(np.asarray(norm(jnp.asarray(x))), want, rtol=1e-4, atol=1e-4)
 
 
