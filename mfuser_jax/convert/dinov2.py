@@ -187,10 +187,10 @@ def resize_for_mfuser(
     grows); MFuser does exactly this, so we do too. MFuser resizes the kernel only inside
     its "grid size differs" branch; here each is resized when its own size differs, which
     is the same for every checkpoint MFuser can load. Computed in float64 with numpy,
-    returned as float32. Other keys pass through unchanged.
+    returned as float32. Other keys pass through unchanged (HF or chunked names are first
+    normalised by ``to_official``).
     """
-    sd = dict(state_dict)
-    check_dinov2_state_dict(sd)
+    sd = to_official(state_dict)
     pos = _to_numpy(sd["pos_embed"])
     n_extra = 1
     old = math.isqrt(pos.shape[1] - n_extra)
