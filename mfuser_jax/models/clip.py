@@ -156,8 +156,12 @@ class MLP(nnx.Module):
 class ResidualAttentionBlock(nnx.Module):
     """x + drop_path(attn(ln_1 x)); x + drop_path(mlp(ln_2 x)).
 
-    Drop path is timm's per-sample stochastic depth: an nnx.Dropout whose mask is broadcast
-    over tokens and channels (keep-probability rescaling included); ``eval()`` disables it.
+    Drop path as MFuser really applies it: timm's ``drop_path`` draws one keep/drop per
+    index of the *first* axis, and MFuser's blocks run sequence-first (L, N, D), so whole
+    token positions are dropped, shared by every image of the batch (not per sample).
+    Reproduced with an nnx.Dropout whose mask is broadcast over batch and channels
+    (keep-probability rescaling included). ``eval()`` disables it; in ``train()`` it needs
+    the 'dropout' RNG stream even though the tower is frozen (MFuser trains with 0.1).
     """
 
     def __init__(
@@ -171,7 +175,7 @@ class ResidualAttentionBlock(nnx.Module):
         self.mlp = MLP(width, dtype=dtype, rngs=rngs)
         # rate 0 (frozen towers, text tower): no dropout module, so no RNG state to carry
         self.drop_path = (
-            nnx.Dropout(float(drop_path), broadcast_dims=(1, 2), rngs=rngs)
+            nnx.Dropout(float(drop_path), broadcast_dims=(0, 2), rngs=rngs)
             if drop_path > 0
             else None
         )
