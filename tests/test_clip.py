@@ -213,14 +213,15 @@ def _loaded(ctor, sd):
     return module
 
 
-def _vision(sd, res=IMG, patch=PATCH, mfuser=True, dtype=jnp.float32):
+def _vision(sd, res=IMG, patch=PATCH, mfuser=True, dtype=jnp.float32, impl=None):
     return _loaded(lambda: CLIPVisionTransformer(
         res, patch, W, LAYERS, HEADS, EMBED, mfuser_class_token=mfuser, dtype=dtype,
-        rngs=nnx.Rngs(0)), sd)
+        attn_implementation=impl, rngs=nnx.Rngs(0)), sd)
 
 
-def _text(sd, cls=CLIPTextEncoder, ctx=CTX):
-    return _loaded(lambda: cls(ctx, VOCAB, W, HEADS, LAYERS, EMBED, rngs=nnx.Rngs(0)), sd)
+def _text(sd, cls=CLIPTextEncoder, ctx=CTX, impl=None):
+    return _loaded(lambda: cls(ctx, VOCAB, W, HEADS, LAYERS, EMBED, attn_implementation=impl,
+                               rngs=nnx.Rngs(0)), sd)
 
 
 # one compiled forward per (module structure, input shapes) instead of op-by-op dispatch
@@ -435,6 +436,20 @@ def test_bfloat16_compute_close(openai_sd):
     assert bf.conv1.kernel[...].dtype == jnp.float32  # params stay float32
     out = _call(bf, x)
     assert out.dtype == jnp.float32 and rel_err(out, f32) < 5e-2
+
+
+def test_dot_product_attention_path_matches(openai_sd):
+    # the jax.nn.dot_product_attention route (XLA implementation on CPU) equals the einsums,
+    # bidirectional (image) and causal (text)
+    visual_sd, text_sd = split_openai(openai_sd)
+    x = jnp.asarray(np.random.default_rng(7).normal(size=(2, IMG, IMG, 3)), jnp.float32)
+    ids = jnp.asarray(_ids(np.random.default_rng(8), [4, 16], CTX))
+    np.testing.assert_allclose(_call(_vision(visual_sd, impl="xla"), x),
+                               _call(_vision(visual_sd), x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_call(_text(text_sd, impl="xla"), ids),
+                               _call(_text(text_sd), ids), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="attn_implementation"):
+        _vision(visual_sd, impl="flash")
 
 
 def _count(module):

@@ -104,12 +104,25 @@ class MultiheadAttention(nnx.Module):
 
     ``in_proj_weight`` (3W, W) and ``in_proj_bias`` (3W,) stay raw Params in PyTorch layout
     so that OpenAI keys load unchanged; ``out_proj`` is a Linear.
+
+    ``attn_implementation``: None computes attention with explicit einsums (logits and
+    softmax in float32); "xla" or "cudnn" call ``jax.nn.dot_product_attention`` with that
+    implementation (same math; cudnn's fused kernel has sequence-length limits on some
+    versions, see DESIGN.md).
     """
 
-    def __init__(self, width: int, heads: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self, width: int, heads: int, *, attn_implementation: str | None = None,
+        dtype=jnp.float32, rngs: nnx.Rngs,
+    ):
         if width % heads:
             raise ValueError(f"width {width} is not divisible by heads {heads}")
+        if attn_implementation not in (None, "xla", "cudnn"):
+            raise ValueError(
+                f"attn_implementation must be None, 'xla' or 'cudnn', got {attn_implementation!r}"
+            )
         self.num_heads = heads
+        self.attn_implementation = attn_implementation
         self.dtype = dtype
         std = width**-0.5
         self.in_proj_weight = nnx.Param(
@@ -129,7 +142,12 @@ class MultiheadAttention(nnx.Module):
         qkv = qkv + self.in_proj_bias[...].astype(self.dtype)
         q, k, v = jnp.split(qkv.reshape(b, n, 3, h, w // h), 3, axis=2)
         q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # (b, n, h, d)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+        if self.attn_implementation is not None:
+            out = jax.nn.dot_product_attention(
+                q, k, v, is_causal=causal, implementation=self.attn_implementation
+            )
+            return self.out_proj(out.reshape(b, n, w))
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         logits = logits * (1.0 / math.sqrt(w // h))
         if causal:
             keep = jnp.tril(jnp.ones((n, n), dtype=bool))
@@ -166,11 +184,13 @@ class ResidualAttentionBlock(nnx.Module):
 
     def __init__(
         self, width: int, heads: int, drop_path: float = 0.0, causal: bool = False,
-        *, dtype=jnp.float32, rngs: nnx.Rngs,
+        *, attn_implementation: str | None = None, dtype=jnp.float32, rngs: nnx.Rngs,
     ):
         self.causal = causal
         self.ln_1 = _ln(width, rngs)
-        self.attn = MultiheadAttention(width, heads, dtype=dtype, rngs=rngs)
+        self.attn = MultiheadAttention(
+            width, heads, attn_implementation=attn_implementation, dtype=dtype, rngs=rngs
+        )
         self.ln_2 = _ln(width, rngs)
         self.mlp = MLP(width, dtype=dtype, rngs=rngs)
         # rate 0 (frozen towers, text tower): no dropout module, so no RNG state to carry
@@ -194,14 +214,18 @@ class Transformer(nnx.Module):
 
     def __init__(
         self, width: int, layers: int, heads: int, causal: bool = False,
-        drop_path_rate: float = 0.0, *, dtype=jnp.float32, rngs: nnx.Rngs,
+        drop_path_rate: float = 0.0, *, attn_implementation: str | None = None,
+        dtype=jnp.float32, rngs: nnx.Rngs,
     ):
         self.width = width
         self.layers = layers
         rates = np.linspace(0.0, drop_path_rate, layers) if layers > 1 else [0.0] * layers
         self.resblocks = nnx.List(
             [
-                ResidualAttentionBlock(width, heads, float(r), causal, dtype=dtype, rngs=rngs)
+                ResidualAttentionBlock(
+                    width, heads, float(r), causal, attn_implementation=attn_implementation,
+                    dtype=dtype, rngs=rngs,
+                )
                 for r in rates
             ]
         )
@@ -249,6 +273,7 @@ class CLIPVisionTransformer(nnx.Module):
         drop_path_rate: float = 0.0,
         *,
         mfuser_class_token: bool = True,
+        attn_implementation: str | None = None,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -275,7 +300,7 @@ class CLIPVisionTransformer(nnx.Module):
         self.ln_pre = _ln(width, rngs)
         self.transformer = Transformer(
             width, layers, heads, causal=False, drop_path_rate=drop_path_rate,
-            dtype=dtype, rngs=rngs,
+            attn_implementation=attn_implementation, dtype=dtype, rngs=rngs,
         )
         self.ln_post = _ln(width, rngs)
         self.proj = nnx.Param(scale * jax.random.normal(rngs.params(), (width, output_dim)))
@@ -352,6 +377,7 @@ class CLIPTextEncoder(nnx.Module):
         layers: int = 12,
         embed_dim: int = 768,
         *,
+        attn_implementation: str | None = None,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -367,7 +393,10 @@ class CLIPTextEncoder(nnx.Module):
         self.positional_embedding = nnx.Param(
             0.01 * jax.random.normal(rngs.params(), (context_length, width))
         )
-        self.transformer = Transformer(width, layers, heads, causal=True, dtype=dtype, rngs=rngs)
+        self.transformer = Transformer(
+            width, layers, heads, causal=True, attn_implementation=attn_implementation,
+            dtype=dtype, rngs=rngs,
+        )
         self.ln_final = _ln(width, rngs)
         self.text_projection = nnx.Param(
             width**-0.5 * jax.random.normal(rngs.params(), (width, embed_dim))
