@@ -17,6 +17,7 @@ import torch.nn.functional as F  # noqa: E402
 from mfuser_jax.convert import WeightFileError, load_torch_state_dict, read_state_dict  # noqa: E402
 from mfuser_jax.convert.clip import (  # noqa: E402
     hf_to_openai,
+    mfuser_clip_state_dicts,
     resize_for_mfuser,
     split_openai,
 )
@@ -374,6 +375,10 @@ def test_torchscript_archive_roundtrip(tmp_path):
     vis, txt = _vision(visual_sd, mfuser=True), _text(text_sd)
     assert rel_err(_call(vis, _nhwc(pixels)), ref_img) < 1e-4
     assert rel_err(_call(txt, jnp.asarray(text.numpy())), ref_txt) < 1e-4
+    # the MFuser-shaped towers (patch 8 -> 10, 60 px, 10 text positions) load strictly
+    vis_m, txt_m = mfuser_clip_state_dicts(sd, patch_size=10, img_size=60, context_length=10)
+    assert _vision(vis_m, 60, 10).positional_embedding.shape == (37, W)
+    assert _text(txt_m, CLIPTextContextEncoder, 10).positional_embedding.shape == (10, W)
 
 
 def test_not_clip_raises_clear_error():

@@ -9,6 +9,7 @@ Typical use::
     sd = read_state_dict("ViT-L-14-336px.pt")
     visual_sd, text_sd = split_openai(sd, context_length=10)
     visual_sd = resize_for_mfuser(visual_sd, patch_size=16, img_size=512)
+    # or in one step: visual_sd, text_sd = mfuser_clip_state_dicts(sd)
     load_torch_state_dict(clip_vision_tower, visual_sd)
     load_torch_state_dict(clip_text_tower, text_sd)
 """
@@ -30,6 +31,7 @@ __all__ = [
     "check_openai_clip",
     "hf_to_openai",
     "is_hf_clip",
+    "mfuser_clip_state_dicts",
     "resize_for_mfuser",
     "split_openai",
 ]
@@ -209,3 +211,18 @@ def resize_for_mfuser(
         spatial = resize_bilinear(spatial, grid, axes=(0, 1)).reshape(-1, pos.shape[1])
         out["positional_embedding"] = np.concatenate([pos[:1], spatial], axis=0)
     return out
+
+
+def mfuser_clip_state_dicts(
+    sd: Mapping[str, Any],
+    patch_size: int = 16,
+    img_size: int | Sequence[int] = 512,
+    context_length: int = 10,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """OpenAI (or HF) CLIP weights -> (image tower, text tower) dicts as MFuser builds them.
+
+    ``split_openai`` with the text positions cut to ``context_length`` (MFuser: 5 name
+    tokens + 5 learnable contexts), then ``resize_for_mfuser`` on the image tower.
+    """
+    visual, text = split_openai(sd, context_length=context_length)
+    return resize_for_mfuser(visual, patch_size=patch_size, img_size=img_size), text
