@@ -367,16 +367,24 @@ def test_torchscript_archive_roundtrip(tmp_path):
     with torch.no_grad():
         traced = torch.jit.trace(model, (pixels, text), check_trace=False)
         path = tmp_path / "ViT-tiny.pt"
-        torch.jit.save(traced, str(path))
-        ref_img, ref_txt = (t.numpy() for t in torch.jit.load(str(path))(pixels, text))
+        torch.jit.save(traced.half(), str(path))  # OpenAI's archives hold float16 weights
+        # MFuser reads them with torch.jit.load(...).float()
+        ref_img, ref_txt = (t.numpy() for t in torch.jit.load(str(path)).float()(pixels, text))
     sd = read_state_dict(path)
     assert {"input_resolution", "logit_scale", "visual.proj"} <= set(sd)
+    assert sd["visual.proj"].dtype == np.float16
     visual_sd, text_sd = split_openai(sd)
     vis, txt = _vision(visual_sd, mfuser=True), _text(text_sd)
     assert rel_err(_call(vis, _nhwc(pixels)), ref_img) < 1e-4
     assert rel_err(_call(txt, jnp.asarray(text.numpy())), ref_txt) < 1e-4
     # the MFuser-shaped towers (patch 8 -> 10, 60 px, 10 text positions) load strictly
     vis_m, txt_m = mfuser_clip_state_dicts(sd, patch_size=10, img_size=60, context_length=10)
+    # resized from the float32 view of the half weights, as MFuser does, not in float16
+    assert vis_m["conv1.weight"].dtype == np.float32
+    expected = torch_mfuser_init_resize(
+        {k: v.astype(np.float32) for k, v in visual_sd.items()}, 10, 60)
+    np.testing.assert_allclose(vis_m["conv1.weight"], expected["conv1.weight"].numpy(),
+                               rtol=1e-5, atol=1e-6)  # float16 rounding would be ~1e-3 rel
     assert _vision(vis_m, 60, 10).positional_embedding.shape == (37, W)
     assert _text(txt_m, CLIPTextContextEncoder, 10).positional_embedding.shape == (10, W)
 

@@ -144,14 +144,21 @@ def check_openai_clip(sd: Mapping[str, Any]) -> None:
         raise WeightFileError(f"visual.conv1.weight has shape {w}; expected (width, 3, p, p)")
 
 
+def _float32(value: Any) -> np.ndarray:
+    a = _to_numpy(value)
+    return a.astype(np.float32) if np.issubdtype(a.dtype, np.floating) else a
+
+
 def split_openai(
     sd: Mapping[str, Any], context_length: int | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(visual_sd, text_sd) for CLIPVisionTransformer and CLIPTextEncoder/ContextEncoder.
 
     The ``visual.`` prefix is stripped; OpenAI's metadata scalars and ``logit_scale`` are
-    dropped. HF names are converted first. ``context_length``: keep only the first positions
-    of the text positional embedding (MFuser's text tower uses 10 of OpenAI's 77).
+    dropped. HF names are converted first. Floating arrays become float32, as MFuser's
+    ``torch.jit.load(...).float()`` does (OpenAI's archives are float16; resizing must not
+    round back to float16). ``context_length``: keep only the first positions of the text
+    positional embedding (MFuser's text tower uses 10 of OpenAI's 77).
     """
     if is_hf_clip(sd):
         sd = hf_to_openai(sd)
@@ -159,9 +166,9 @@ def split_openai(
     visual, text, unknown = {}, {}, []
     for key, value in sd.items():
         if key.startswith("visual."):
-            visual[key[len("visual."):]] = _to_numpy(value)
+            visual[key[len("visual."):]] = _float32(value)
         elif key in _TEXT_TOP or key.startswith(_TEXT_PREFIXES):
-            text[key] = _to_numpy(value)
+            text[key] = _float32(value)
         elif key in _OPENAI_META or key == "logit_scale":
             continue
         else:
@@ -190,7 +197,7 @@ def resize_for_mfuser(
     position unchanged. Arrays already the target size are left alone (MFuser resizes
     only on a shape mismatch).
     """
-    out = {k: _to_numpy(v) for k, v in visual_sd.items()}
+    out = {k: _float32(v) for k, v in visual_sd.items()}
     if "conv1.weight" not in out or "positional_embedding" not in out:
         raise WeightFileError(
             "resize_for_mfuser expects the image-tower dict from split_openai "
