@@ -1,0 +1,461 @@
+"""CLIP image and text towers (OpenAI layout) as MFuser runs them, in Flax NNX.
+
+Ported from devinxzhang/MFuser models/backbones/clip/models.py (CLIPVisionTransformer,
+CLIPTextEncoder, CLIPTextContextEncoder) and openai/CLIP clip/model.py. Attribute names are
+OpenAI's (conv1, class_embedding, transformer.resblocks.N.attn.in_proj_weight, mlp.c_fc, ln_post,
+proj, token_embedding, ln_final, text_projection ...), so an OpenAI state dict split by
+``mfuser_jax.convert.clip.split_openai`` loads with ``load_torch_state_dict`` by rule.
+
+Layout: images NHWC (already CLIP-normalised), tokens (batch, length, width); PyTorch's
+sequence-first layout inside nn.MultiheadAttention is not kept, the math is the same.
+Parameters are float32; ``dtype`` is the compute dtype; layer norms and the attention softmax
+run in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+__all__ = [
+    "CLIPTextContextEncoder",
+    "CLIPTextEncoder",
+    "CLIPVisionTransformer",
+    "MultiheadAttention",
+    "ResidualAttentionBlock",
+    "Transformer",
+    "bilinear_matrix",
+    "resize_bilinear",
+]
+
+_LN_EPS = 1e-5
+
+
+# --------------------------------------------------------------------------------------
+# Resizing exactly as torch.nn.functional.interpolate(mode="bilinear", align_corners=False)
+
+
+def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) float64 weights of torch's 1-D linear resize, align_corners=False.
+
+    Half-pixel centres, source coordinate clamped at 0 and the upper neighbour at the last
+    pixel, no antialiasing when shrinking (unlike ``jax.image.resize``'s default), with the
+    scale in/out that torch uses when only ``size`` is given.
+    """
+    scale = in_size / out_size
+    src = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    frac = src - i0
+    m = np.zeros((out_size, in_size))
+    rows = np.arange(out_size)
+    np.add.at(m, (rows, i0), 1.0 - frac)
+    np.add.at(m, (rows, i1), frac)
+    return m
+
+
+def resize_bilinear(x, size: Sequence[int], axes: Sequence[int] = (0, 1)):
+    """Resize two axes of ``x`` (numpy or jax array) like torch's bilinear interpolate.
+
+    Separable: a static (out, in) matrix per axis. numpy in -> numpy out (float64 math, cast
+    back), jax in -> jax out (float32 math, highest matmul precision).
+    """
+    is_np = isinstance(x, np.ndarray)
+    xp = np if is_np else jnp
+    out = x.astype(np.float64) if is_np else x.astype(jnp.float32)
+    for axis, new in zip(axes, size):
+        axis = axis % x.ndim
+        old = x.shape[axis]
+        if old == new:
+            continue
+        m = bilinear_matrix(old, new)
+        m = m if is_np else jnp.asarray(m, jnp.float32)
+        moved = xp.moveaxis(out, axis, -1)
+        if is_np:
+            moved = moved @ m.T
+        else:
+            moved = jnp.matmul(moved, m.T, precision=jax.lax.Precision.HIGHEST)
+        out = xp.moveaxis(moved, -1, axis)
+    return out.astype(x.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Transformer pieces shared by both towers
+
+
+def _layer_norm(ln: nnx.LayerNorm, x: jax.Array) -> jax.Array:
+    # CLIP's LayerNorm subclass: normalise in float32, hand back the input dtype
+    return ln(x.astype(jnp.float32)).astype(x.dtype)
+
+
+def _ln(width: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(
+        width, epsilon=_LN_EPS, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs
+    )
+
+
+class MultiheadAttention(nnx.Module):
+    """torch.nn.MultiheadAttention (batch-first math) with its packed projection params.
+
+    ``in_proj_weight`` (3W, W) and ``in_proj_bias`` (3W,) stay raw Params in PyTorch layout
+    so that OpenAI keys load unchanged; ``out_proj`` is a Linear.
+
+    ``attn_implementation``: None computes attention with explicit einsums (logits and
+    softmax in float32); "xla" or "cudnn" call ``jax.nn.dot_product_attention`` with that
+    implementation (same math; cudnn's fused kernel has sequence-length limits on some
+    versions, see DESIGN.md).
+    """
+
+    def __init__(
+        self, width: int, heads: int, *, attn_implementation: str | None = None,
+        dtype=jnp.float32, rngs: nnx.Rngs,
+    ):
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        if attn_implementation not in (None, "xla", "cudnn"):
+            raise ValueError(
+                f"attn_implementation must be None, 'xla' or 'cudnn', got {attn_implementation!r}"
+            )
+        self.num_heads = heads
+        self.attn_implementation = attn_implementation
+        self.dtype = dtype
+        std = width**-0.5
+        self.in_proj_weight = nnx.Param(
+            std * jax.random.normal(rngs.params(), (3 * width, width), jnp.float32)
+        )
+        self.in_proj_bias = nnx.Param(jnp.zeros((3 * width,), jnp.float32))
+        self.out_proj = nnx.Linear(
+            width, width, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+            bias_init=nnx.initializers.zeros_init(),
+        )
+
+    def __call__(self, x: jax.Array, causal: bool = False) -> jax.Array:
+        b, n, w = x.shape
+        h = self.num_heads
+        x = x.astype(self.dtype)
+        qkv = x @ self.in_proj_weight[...].T.astype(self.dtype)
+        qkv = qkv + self.in_proj_bias[...].astype(self.dtype)
+        q, k, v = jnp.split(qkv.reshape(b, n, 3, h, w // h), 3, axis=2)
+        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # (b, n, h, d)
+        if self.attn_implementation is not None:
+            out = jax.nn.dot_product_attention(
+                q, k, v, is_causal=causal, implementation=self.attn_implementation
+            )
+            return self.out_proj(out.reshape(b, n, w))
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        logits = logits * (1.0 / math.sqrt(w // h))
+        if causal:
+            keep = jnp.tril(jnp.ones((n, n), dtype=bool))
+            logits = jnp.where(keep, logits, -jnp.inf)
+        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, w)
+        return self.out_proj(out)
+
+
+class MLP(nnx.Module):
+    """c_fc -> QuickGELU -> c_proj."""
+
+    def __init__(self, width: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.c_fc = nnx.Linear(width, 4 * width, **kw)
+        self.c_proj = nnx.Linear(4 * width, width, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.c_fc(x)
+        x = x * jax.nn.sigmoid(1.702 * x)  # QuickGELU, as CLIP was trained
+        return self.c_proj(x)
+
+
+class ResidualAttentionBlock(nnx.Module):
+    """x + drop_path(attn(ln_1 x)); x + drop_path(mlp(ln_2 x)).
+
+    Drop path as MFuser really applies it: timm's ``drop_path`` draws one keep/drop per
+    index of the *first* axis, and MFuser's blocks run sequence-first (L, N, D), so whole
+    token positions are dropped, shared by every image of the batch (not per sample).
+    Reproduced with an nnx.Dropout whose mask is broadcast over batch and channels
+    (keep-probability rescaling included). ``eval()`` disables it; in ``train()`` it needs
+    the 'dropout' RNG stream even though the tower is frozen (MFuser trains with 0.1).
+    """
+
+    def __init__(
+        self, width: int, heads: int, drop_path: float = 0.0, causal: bool = False,
+        *, attn_implementation: str | None = None, dtype=jnp.float32, rngs: nnx.Rngs,
+    ):
+        self.causal = causal
+        self.ln_1 = _ln(width, rngs)
+        self.attn = MultiheadAttention(
+            width, heads, attn_implementation=attn_implementation, dtype=dtype, rngs=rngs
+        )
+        self.ln_2 = _ln(width, rngs)
+        self.mlp = MLP(width, dtype=dtype, rngs=rngs)
+        # rate 0 (frozen towers, text tower): no dropout module, so no RNG state to carry
+        self.drop_path = (
+            nnx.Dropout(float(drop_path), broadcast_dims=(0, 2), rngs=rngs)
+            if drop_path > 0
+            else None
+        )
+
+    def _drop(self, x: jax.Array) -> jax.Array:
+        return x if self.drop_path is None else self.drop_path(x)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self._drop(self.attn(_layer_norm(self.ln_1, x), causal=self.causal))
+        x = x + self._drop(self.mlp(_layer_norm(self.ln_2, x)))
+        return x
+
+
+class Transformer(nnx.Module):
+    """``resblocks``: an nnx.List of blocks; drop path grows linearly 0 -> drop_path_rate."""
+
+    def __init__(
+        self, width: int, layers: int, heads: int, causal: bool = False,
+        drop_path_rate: float = 0.0, *, attn_implementation: str | None = None,
+        dtype=jnp.float32, rngs: nnx.Rngs,
+    ):
+        self.width = width
+        self.layers = layers
+        rates = np.linspace(0.0, drop_path_rate, layers) if layers > 1 else [0.0] * layers
+        self.resblocks = nnx.List(
+            [
+                ResidualAttentionBlock(
+                    width, heads, float(r), causal, attn_implementation=attn_implementation,
+                    dtype=dtype, rngs=rngs,
+                )
+                for r in rates
+            ]
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for blk in self.resblocks:
+            x = blk(x)
+        return x
+
+
+# --------------------------------------------------------------------------------------
+# Image tower
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if np.isscalar(v) else (int(v[0]), int(v[1]))
+
+
+class CLIPVisionTransformer(nnx.Module):
+    """CLIP ViT image tower, steppable block by block for the fused MFuser backbone.
+
+    Defaults are OpenAI's ViT-L/14-336; MFuser builds it with ``patch_size=16,
+    input_resolution=512, drop_path_rate=0.1`` and loads weights resized by
+    ``mfuser_jax.convert.clip.resize_for_mfuser``.
+
+    ``mfuser_class_token``: MFuser's ``prepare_tokens_with_masks`` puts ``class_embedding``
+    in the token *and* adds it again to the class position (``cls_pos = pos[0] +
+    class_embedding``), so its class token starts as ``2 * class_embedding + pos[0]``.
+    True (default) reproduces that, as MFuser's checkpoints were trained; False is
+    OpenAI/HF CLIP (``class_embedding + pos[0]``).
+
+    The spatial positional embedding (stored for the ``input_resolution // patch_size``
+    grid) is resized bilinearly (align_corners=False, as MFuser does at run time) whenever
+    the input's patch grid differs, so non-square and other sizes work.
+    """
+
+    def __init__(
+        self,
+        input_resolution: int | Sequence[int] = 336,
+        patch_size: int = 14,
+        width: int = 1024,
+        layers: int = 24,
+        heads: int = 16,
+        output_dim: int = 768,
+        drop_path_rate: float = 0.0,
+        *,
+        mfuser_class_token: bool = True,
+        attn_implementation: str | None = None,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.input_resolution = _pair(input_resolution)
+        self.patch_size = int(patch_size)
+        self.width = width
+        self.output_dim = output_dim
+        self.mfuser_class_token = mfuser_class_token
+        self.dtype = dtype
+        self.spatial_size = (
+            self.input_resolution[0] // patch_size,
+            self.input_resolution[1] // patch_size,
+        )
+        scale = width**-0.5
+        self.conv1 = nnx.Conv(
+            3, width, kernel_size=(patch_size, patch_size), strides=(patch_size, patch_size),
+            padding="VALID", use_bias=False, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+        )
+        n_pos = self.spatial_size[0] * self.spatial_size[1] + 1
+        self.class_embedding = nnx.Param(scale * jax.random.normal(rngs.params(), (width,)))
+        self.positional_embedding = nnx.Param(
+            scale * jax.random.normal(rngs.params(), (n_pos, width))
+        )
+        self.ln_pre = _ln(width, rngs)
+        self.transformer = Transformer(
+            width, layers, heads, causal=False, drop_path_rate=drop_path_rate,
+            attn_implementation=attn_implementation, dtype=dtype, rngs=rngs,
+        )
+        self.ln_post = _ln(width, rngs)
+        self.proj = nnx.Param(scale * jax.random.normal(rngs.params(), (width, output_dim)))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.transformer.resblocks)
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """Patch grid (rows, cols) for an input of height x width pixels."""
+        return height // self.patch_size, width // self.patch_size
+
+    def position_embedding(self, grid: tuple[int, int]) -> jax.Array:
+        """(1 + rows*cols, W) float32: class position then the spatial ones resized to grid."""
+        pos = self.positional_embedding[...]
+        cls_pos = pos[:1]
+        if self.mfuser_class_token:
+            cls_pos = cls_pos + self.class_embedding[...][None]
+        spatial = pos[1:].reshape(*self.spatial_size, self.width)
+        if tuple(grid) != self.spatial_size:
+            spatial = resize_bilinear(spatial, grid, axes=(0, 1))
+        return jnp.concatenate([cls_pos, spatial.reshape(-1, self.width)], axis=0)
+
+    def prepare_tokens(self, images: jax.Array) -> jax.Array:
+        """images (B, H, W, 3) -> tokens (B, 1 + h*w, W) after ln_pre, in ``dtype``."""
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected NHWC images with 3 channels, got shape {images.shape}")
+        x = self.conv1(images.astype(self.dtype))  # (B, h, w, W)
+        b, gh, gw, c = x.shape
+        x = x.reshape(b, gh * gw, c)
+        cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (b, 1, c))
+        x = jnp.concatenate([cls, x], axis=1)
+        x = x + self.position_embedding((gh, gw)).astype(x.dtype)[None]
+        return _layer_norm(self.ln_pre, x)
+
+    def block(self, index: int, x: jax.Array) -> jax.Array:
+        """Apply transformer block ``index`` to tokens (B, N, W)."""
+        return self.transformer.resblocks[index](x)
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """ln_post then proj: (..., W) -> (..., output_dim) float32 (any tokens, not just CLS)."""
+        x = _layer_norm(self.ln_post, tokens)
+        return (x @ self.proj[...].astype(x.dtype)).astype(jnp.float32)
+
+    def forward_tokens(self, images: jax.Array) -> jax.Array:
+        """All blocks: (B, H, W, 3) -> last tokens (B, 1 + h*w, W), before ln_post."""
+        x = self.prepare_tokens(images)
+        for i in range(self.num_layers):
+            x = self.block(i, x)
+        return x
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        """Pooled image embedding (B, output_dim): ln_post(CLS) @ proj, like HF image_embeds."""
+        return self.embed(self.forward_tokens(images)[:, 0])
+
+
+# --------------------------------------------------------------------------------------
+# Text towers
+
+
+class CLIPTextEncoder(nnx.Module):
+    """CLIP text transformer: causal mask, EOT pooling at argmax of the token ids.
+
+    ``positional_embedding`` is (context_length, width); inputs may be shorter (the first
+    positions are used), as MFuser truncates OpenAI's 77 positions to its context length.
+    """
+
+    def __init__(
+        self,
+        context_length: int = 77,
+        vocab_size: int = 49408,
+        width: int = 768,
+        heads: int = 12,
+        layers: int = 12,
+        embed_dim: int = 768,
+        *,
+        attn_implementation: str | None = None,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.context_length = context_length
+        self.vocab_size = vocab_size
+        self.width = width
+        self.embed_dim = embed_dim
+        self.dtype = dtype
+        self.token_embedding = nnx.Embed(
+            vocab_size, width, dtype=dtype, param_dtype=jnp.float32,
+            embedding_init=nnx.initializers.normal(0.02), rngs=rngs,
+        )
+        self.positional_embedding = nnx.Param(
+            0.01 * jax.random.normal(rngs.params(), (context_length, width))
+        )
+        self.transformer = Transformer(
+            width, layers, heads, causal=True, attn_implementation=attn_implementation,
+            dtype=dtype, rngs=rngs,
+        )
+        self.ln_final = _ln(width, rngs)
+        self.text_projection = nnx.Param(
+            width**-0.5 * jax.random.normal(rngs.params(), (width, embed_dim))
+        )
+
+    def _encode_embeddings(self, x: jax.Array, eot_index: jax.Array) -> jax.Array:
+        """x (N, L, W) token embeddings -> (N, embed_dim) float32 at eot_index (N,)."""
+        n, length, _ = x.shape
+        if length > self.context_length:
+            raise ValueError(
+                f"sequence of {length} tokens is longer than context_length={self.context_length}"
+            )
+        x = x + self.positional_embedding[...][:length].astype(x.dtype)[None]
+        x = self.transformer(x)
+        x = x[jnp.arange(n), eot_index]
+        x = _layer_norm(self.ln_final, x)
+        return (x @ self.text_projection[...].astype(x.dtype)).astype(jnp.float32)
+
+    def __call__(self, text: jax.Array) -> jax.Array:
+        """text (N, L) int token ids -> (N, embed_dim) float32."""
+        text = jnp.asarray(text)
+        x = self.token_embedding(text).astype(self.dtype)
+        return self._encode_embeddings(x, jnp.argmax(text, axis=-1))
+
+
+class CLIPTextContextEncoder(CLIPTextEncoder):
+    """The text tower with CoOp-style learnable context, as MFuser calls it.
+
+    ``__call__(text, context)``: text (K, N1) token ids of the class names (MFuser: N1=5),
+    context (B, N2, W) shared by all classes or (B, K, N2, W) per class (MFuser: (1, 5, 768),
+    owned by the segmentor, not by this module). Sequence per class: [SOT], the N2 context
+    vectors, then text tokens 1..N1-1 (N1+N2 positions, MFuser's context_length=10);
+    pooled at argmax(text)+N2 (the EOT) -> ln_final -> text_projection; returns (B, K, E).
+    Without ``context`` it is the plain CLIPTextEncoder.
+    """
+
+    def __init__(self, context_length: int = 10, *args, **kwargs):
+        super().__init__(context_length, *args, **kwargs)
+
+    def __call__(self, text: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        if context is None:
+            return super().__call__(text)
+        text = jnp.asarray(text)
+        k, n1 = text.shape
+        x_text = self.token_embedding(text).astype(self.dtype)  # (K, N1, W)
+        c = x_text.shape[-1]
+        context = context.astype(self.dtype)
+        if context.ndim == 3:
+            b, n2, _ = context.shape
+            context = jnp.broadcast_to(context[:, None], (b, k, n2, c))
+        elif context.ndim == 4:
+            b, kc, n2, _ = context.shape
+            if kc != k:
+                raise ValueError(f"context has {kc} classes, text has {k}")
+        else:
+            raise ValueError(f"context must be (B, N2, W) or (B, K, N2, W), got {context.shape}")
+        x_text = jnp.broadcast_to(x_text[None], (b, k, n1, c))
+        x = jnp.concatenate([x_text[:, :, :1], context, x_text[:, :, 1:]], axis=2)
+        eot = jnp.argmax(text, axis=-1) + n2  # (K,)
+        eot = jnp.broadcast_to(eot[None], (b, k)).reshape(-1)
+        out = self._encode_embeddings(x.reshape(b * k, n1 + n2, c), eot)
+        return out.reshape(b, k, self.embed_dim)
