@@ -3,7 +3,6 @@
 
 import os
 import sys
-from collections import OrderedDict
 
 import jax
 import jax.numpy as jnp
