@@ -292,3 +292,9 @@ def test_gradients_reach_every_parameter():
     assert len(names) == 11, names
     for path, g in flat:
         assert float(jnp.max(jnp.abs(g[...]))) > 0, f"no gradient for {path}"
+
+
+def test_scan_backend_reaches_the_scan():
+    m = MVFuser(32, 16, scan_backend="no-such-backend", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="no-such-backend"):
+        m(jnp.zeros((1, 4, 32)))
