@@ -129,16 +129,17 @@ def test_uncertain_points_shapes_range_and_randomness():
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
     # The first 75 points are among the candidates; the last 25 are fresh uniform draws.
-    cands = _candidates(jax.random.key(0), 6, 300).reshape(2, 3, 300, 2)
+    cands = _candidates(jax.random.key(0), 6, 300).reshape(2, 3, 300, 2)  # (n = B*K) draws
     for i in range(2):
         for j in range(3):
             cand = set(map(tuple, cands[i, j]))
             assert all(tuple(p) in cand for p in a[i, j, :75])
             assert not any(tuple(p) in cand for p in a[i, j, 75:])
     # No importance sampling at all: purely random points, still the right count.
-    r = get_uncertain_point_coords_with_randomness(jax.random.key(2), logits, 10, 1.0, 0.0)
+    r = jax.jit(lambda k, x: get_uncertain_point_coords_with_randomness(k, x, 10, 1.0, 0.0))(
+        jax.random.key(2), logits)
     assert r.shape == (2, 3, 10, 2)
     # No gradient flows into the logits through the coordinates.
-    g = jax.grad(lambda x: jnp.sum(
-        get_uncertain_point_coords_with_randomness(jax.random.key(0), x, 10, 3.0, 0.75)))(logits)
+    g = jax.jit(jax.grad(lambda x: jnp.sum(
+        get_uncertain_point_coords_with_randomness(jax.random.key(0), x, 10, 3.0, 0.75))))(logits)
     assert np.all(np.asarray(g) == 0)
