@@ -351,8 +351,10 @@ def score_map_loss(
     x = interpolate_bilinear(x, labels.shape[1:])
     logp = jax.nn.log_softmax(x, axis=1)
     valid = labels != ignore_index
-    safe = jnp.where(valid, labels, 0).astype(jnp.int32)
-    nll = -jnp.take_along_axis(logp, safe[:, None], axis=1)[:, 0]
-    total = jnp.sum(jnp.where(valid, nll, 0.0))
+    # Select the target log-prob by comparison rather than a gather: the gradient is then
+    # elementwise instead of a scatter-add over (B, K, H, W). Ignore pixels match no class.
+    classes = jnp.arange(x.shape[1], dtype=labels.dtype)[None, :, None, None]
+    hit = (labels[:, None] == classes) & valid[:, None]
+    total = -jnp.sum(jnp.where(hit, logp, 0.0))
     denom = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32) if avg_non_ignore else labels.size
     return loss_weight * total / denom
