@@ -6,7 +6,7 @@ import pytest
 
 from mfuser_jax.data import transforms as T
 from mfuser_jax.data.fake import random_label
-from mfuser_jax.data.labels import PALETTE, colorize
+from mfuser_jax.data.labels import colorize
 
 
 def cv2_bilinear(img, new_w, new_h):

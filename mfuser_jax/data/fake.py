@@ -40,6 +40,11 @@ def _save_rgb(path, img, jpg=False):
     Image.fromarray(img).save(path, quality=100) if jpg else Image.fromarray(img).save(path)
 
 
+def _save_label(path, lab):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    imageio.write_label(path, lab)
+
+
 def write_fake_tree(data_root: str, name: str, n: int = 3, size=(48, 64), *,
                     split: str | None = None, raw: bool = False, seed: int = 0,
                     block: int = 8):
@@ -58,10 +63,10 @@ def write_fake_tree(data_root: str, name: str, n: int = 3, size=(48, 64), *,
         if name == "gta":
             _save_rgb(f"{ds}/images/{i:05d}.png", img)
             if raw:
-                imageio.write_label(f"{ds}/labels/{i:05d}.png", ids[lab])
+                _save_label(f"{ds}/labels/{i:05d}.png", ids[lab])
             else:
                 os.makedirs(f"{ds}/labels", exist_ok=True)
-                imageio.write_label(f"{ds}/labels/{i:05d}_labelTrainIds.png", lab)
+                _save_label(f"{ds}/labels/{i:05d}_labelTrainIds.png", lab)
         elif name == "synthia":
             _save_rgb(f"{ds}/RGB/{i:07d}.png", img)
             os.makedirs(f"{ds}/GT/LABELS", exist_ok=True)
@@ -71,33 +76,33 @@ def write_fake_tree(data_root: str, name: str, n: int = 3, size=(48, 64), *,
                 arr[..., 1] = rng.integers(0, 3000, (h, w))  # instance ids above 255
                 imageio.write_png16_rgb(f"{ds}/GT/LABELS/{i:07d}.png", arr)
             else:
-                imageio.write_label(f"{ds}/GT/LABELS/{i:07d}_labelTrainIds.png", lab)
+                _save_label(f"{ds}/GT/LABELS/{i:07d}_labelTrainIds.png", lab)
         elif name == "cityscapes":
             sp = split or "val"
             stem = f"aachen_{i:06d}_000019"
             _save_rgb(f"{ds}/leftImg8bit/{sp}/aachen/{stem}_leftImg8bit.png", img)
             os.makedirs(f"{ds}/gtFine/{sp}/aachen", exist_ok=True)
             if raw:
-                imageio.write_label(f"{ds}/gtFine/{sp}/aachen/{stem}_gtFine_labelIds.png",
+                _save_label(f"{ds}/gtFine/{sp}/aachen/{stem}_gtFine_labelIds.png",
                                     ids[lab])
             else:
-                imageio.write_label(
+                _save_label(
                     f"{ds}/gtFine/{sp}/aachen/{stem}_gtFine_labelTrainIds.png", lab)
         elif name == "bdd100k":
             sp = split or "val"
             stem = f"7d{i:06d}-bdd"
             _save_rgb(f"{ds}/images/10k/{sp}/{stem}.jpg", img, jpg=True)
             os.makedirs(f"{ds}/labels/sem_seg/masks/{sp}", exist_ok=True)
-            imageio.write_label(f"{ds}/labels/sem_seg/masks/{sp}/{stem}.png", lab)
+            _save_label(f"{ds}/labels/sem_seg/masks/{sp}/{stem}.png", lab)
         elif name == "mapillary":
             sp = split or "validation"
             stem = f"map{i:05d}"
             _save_rgb(f"{ds}/{sp}/images/{stem}.jpg", img, jpg=True)
             os.makedirs(f"{ds}/{sp}/labels", exist_ok=True)
             if raw:
-                imageio.write_label(f"{ds}/{sp}/labels/{stem}.png", ids[lab])
+                _save_label(f"{ds}/{sp}/labels/{stem}.png", ids[lab])
             else:
-                imageio.write_label(f"{ds}/{sp}/labels/{stem}_labelTrainIds.png", lab)
+                _save_label(f"{ds}/{sp}/labels/{stem}_labelTrainIds.png", lab)
         else:
             raise ValueError(f"no fake layout for {name!r}")
     return out

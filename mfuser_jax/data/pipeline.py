@@ -48,7 +48,7 @@ import copy
 import functools
 import logging
 import os
-from typing import Any, Iterator
+from typing import Iterator
 
 import ml_collections
 import numpy as np

@@ -245,7 +245,8 @@ def load_class_stats(source) -> list[dict] | None:
     by_key = {}
     for e in entries:
         e = dict(e)
-        by_key[os.path.basename(e.pop("file"))] = {int(c): int(n) for c, n in e.items()}
+        key = os.path.basename(e.pop("file"))
+        by_key[key] = {int(c): int(n) for c, n in e.items()}
     stats = []
     for i in range(len(source)):
         key = source.label_key(i)
