@@ -185,3 +185,36 @@ def test_test_resize():
     assert T.test_resize(img, (2048, 1024)).shape == (1024, 1863, 3)
     assert T.test_resize(img[:720, :1280], (1280, 720)).shape == (720, 1280, 3)
     assert T.test_resize(img[:10, :20], None).shape == (10, 20, 3)
+
+
+def _opencv_hsv2rgb_pixel(h, s, v):
+    """Literal scalar restatement of OpenCV's HSV2RGB_b (hrange 180) for one pixel."""
+    h = np.float32(h) * np.float32(6.0 / 180.0)
+    s = np.float32(s) * np.float32(1 / 255.0)
+    v = np.float32(v) * np.float32(1 / 255.0)
+    if s == 0:
+        b = g = r = v
+    else:
+        while h < 0:
+            h += np.float32(6)
+        while h >= 6:
+            h -= np.float32(6)
+        sector = int(np.floor(h))
+        h = np.float32(h - sector)
+        if sector < 0 or sector >= 6:
+            sector, h = 0, np.float32(0)
+        one = np.float32(1)
+        tab = [v, v * (one - s), v * (one - s * h), v * (one - s * (one - h))]
+        sd = [[1, 3, 0], [1, 0, 2], [3, 0, 1], [0, 2, 1], [0, 1, 3], [2, 1, 0]][sector]
+        b, g, r = tab[sd[0]], tab[sd[1]], tab[sd[2]]
+    return [int(np.clip(np.rint(np.float32(c) * np.float32(255)), 0, 255)) for c in (r, g, b)]
+
+
+def test_hsv_to_rgb_is_opencv_formula_exactly():
+    rng = np.random.default_rng(5)
+    hsv = np.stack([rng.integers(0, 180, 600), rng.integers(0, 256, 600),
+                    rng.integers(0, 256, 600)], -1).astype(np.uint8)
+    hsv[:20, 1] = 0  # grey pixels
+    got = T.hsv_to_rgb_u8(hsv[None])[0]
+    ref = np.array([_opencv_hsv2rgb_pixel(*p) for p in hsv])
+    np.testing.assert_array_equal(got, ref)

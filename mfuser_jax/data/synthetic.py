@@ -47,22 +47,28 @@ class _Canvas:
         self.inst = np.zeros((h, w), np.int32)
         self.n = 0
 
-    def paint(self, mask, cls):
+    def paint(self, mask, cls, window=(slice(None), slice(None))):
         self.n += 1
-        self.label[mask] = cls
-        self.inst[mask] = self.n
+        self.label[window][mask] = cls
+        self.inst[window][mask] = self.n
 
     def rect(self, x0, y0, x1, y1, cls):
         xa, xb = int(round(max(min(x0, x1), 0))), int(round(min(max(x0, x1), self.w)))
         ya, yb = int(round(max(min(y0, y1), 0))), int(round(min(max(y0, y1), self.h)))
         if xb > xa and yb > ya:
-            m = np.zeros((self.h, self.w), bool)
-            m[ya:yb, xa:xb] = True
-            self.paint(m, cls)
+            self.n += 1
+            self.label[ya:yb, xa:xb] = cls
+            self.inst[ya:yb, xa:xb] = self.n
 
     def ellipse(self, cx, cy, rx, ry, cls):
-        m = ((self.xx - cx) / max(rx, 0.5)) ** 2 + ((self.yy - cy) / max(ry, 0.5)) ** 2 <= 1
-        self.paint(m, cls)
+        rx, ry = max(rx, 0.5), max(ry, 0.5)
+        ya, yb = max(int(cy - ry) - 1, 0), min(int(cy + ry) + 2, self.h)
+        xa, xb = max(int(cx - rx) - 1, 0), min(int(cx + rx) + 2, self.w)
+        if xb <= xa or yb <= ya:
+            return
+        win = (slice(ya, yb), slice(xa, xb))
+        m = ((self.xx[win] - cx) / rx) ** 2 + ((self.yy[win] - cy) / ry) ** 2 <= 1
+        self.paint(m, cls, win)
 
 
 def scene_layout(index: int, *, seed: int = 0, split: str = "train",

@@ -85,47 +85,52 @@ def test_resize(img: np.ndarray, scale: tuple[int, int] | None) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- colour
-_SDIV = np.zeros(256, np.int64)
-_SDIV[1:] = np.round((255 << 12) / np.arange(1, 256)).astype(np.int64)
-_HDIV = np.zeros(256, np.int64)
-_HDIV[1:] = np.round((180 << 12) / (6.0 * np.arange(1, 256))).astype(np.int64)
+_SDIV = np.zeros(256, np.int32)
+_SDIV[1:] = np.round((255 << 12) / np.arange(1, 256)).astype(np.int32)
+_HDIV = np.zeros(256, np.int32)
+_HDIV[1:] = np.round((180 << 12) / (6.0 * np.arange(1, 256))).astype(np.int32)
 
 
 def rgb_to_hsv_u8(img: np.ndarray) -> np.ndarray:
     """OpenCV's 8-bit RGB -> HSV (fixed point; H in [0, 180), S and V in [0, 255])."""
-    rgb = img.astype(np.int64)
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    v = rgb.max(-1)
-    diff = v - rgb.min(-1)
+    r, g, b = (img[..., k].astype(np.int32) for k in range(3))
+    v = np.maximum(np.maximum(r, g), b)
+    diff = v - np.minimum(np.minimum(r, g), b)
     s = (diff * _SDIV[v] + (1 << 11)) >> 12
     h = np.where(v == r, g - b, np.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
     h = (h * _HDIV[diff] + (1 << 11)) >> 12
-    h = np.where(h < 0, h + 180, h)
-    return np.stack([h, s, v], -1).astype(np.uint8)
+    h += (h < 0) * 180
+    out = np.empty(img.shape, np.uint8)
+    out[..., 0], out[..., 1], out[..., 2] = h, s, v
+    return out
 
 
-_SECTORS = np.array([[1, 3, 0], [1, 0, 2], [3, 0, 1], [0, 2, 1], [0, 1, 3], [2, 1, 0]])
+def _hue_weights() -> np.ndarray:
+    """(256, 3) w per hue and RGB channel: OpenCV's HSV -> RGB is v * (1 - s * w) with
+    w in {0 (v), 1 (p), f (q), 1 - f (t)} chosen by the hue sector (f = its fraction)."""
+    h = np.arange(256, dtype=np.float32) * np.float32(6.0 / 180.0)
+    h = np.mod(h, np.float32(6.0))
+    sector = np.floor(h)
+    f = h - sector
+    sector = sector.astype(np.int64)
+    one, zero = np.ones_like(f), np.zeros_like(f)
+    cand = np.stack([zero, one, f, one - f])  # for v, p, q, t
+    # (b, g, r) <- (v, p, q, t) indices per sector, from OpenCV's sector_data.
+    table = np.array([[1, 3, 0], [1, 0, 2], [3, 0, 1], [0, 2, 1], [0, 1, 3], [2, 1, 0]])
+    bgr = np.stack([cand[table[sector, k], np.arange(256)] for k in range(3)], -1)
+    return np.ascontiguousarray(bgr[:, ::-1])
+
+
+_HUE_W = _hue_weights()
 
 
 def hsv_to_rgb_u8(hsv: np.ndarray) -> np.ndarray:
     """OpenCV's 8-bit HSV -> RGB (float32 sector formula, rounded to nearest even)."""
-    h = hsv[..., 0].astype(np.float32) * np.float32(6.0 / 180.0)
-    s = hsv[..., 1].astype(np.float32) * np.float32(1.0 / 255.0)
-    v = hsv[..., 2].astype(np.float32) * np.float32(1.0 / 255.0)
-    h = np.mod(h, np.float32(6.0))
-    sector = np.floor(h)
-    frac = h - sector
-    sector = sector.astype(np.int64)
-    bad = (sector < 0) | (sector >= 6)
-    sector = np.where(bad, 0, sector)
-    frac = np.where(bad, np.float32(0), frac)
-    tab = np.stack([v, v * (1 - s), v * (1 - s * frac), v * (1 - s * (1 - frac))], -1)
-    idx = _SECTORS[sector]  # (..., 3) indices for (b, g, r)
-    bgr = np.take_along_axis(tab, idx, axis=-1)
-    gray = (s == 0)[..., None]
-    bgr = np.where(gray, v[..., None], bgr)
-    rgb = bgr[..., ::-1] * np.float32(255.0)
-    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    s = hsv[..., 1:2].astype(np.float32) * np.float32(1.0 / 255.0)
+    v = hsv[..., 2:3].astype(np.float32) * np.float32(1.0 / 255.0)
+    out = v * (np.float32(1.0) - s * _HUE_W[hsv[..., 0]])
+    out *= np.float32(255.0)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def _convert(img: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
