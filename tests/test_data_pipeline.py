@@ -198,3 +198,14 @@ def test_bad_config_and_corrupt_files(tmp_path):
     assert b["image"].shape == (3, 32, 32, 3)
     # counted (read-ahead may have met it more than once)
     assert len(P.SKIPPED_FILES) > before and "00001.png" in P.SKIPPED_FILES[-1]
+
+
+def test_without_grain_the_same_batches(gta_root, monkeypatch):
+    c = make_config(gta_root, train="gta")
+    ref = _take(P.make_train_iterator(c, start_step=1), 2)
+    monkeypatch.setattr(P, "_grain", lambda: None)
+    plain = _take(P.make_train_iterator(c, start_step=1), 2)
+    for a, b in zip(ref, plain):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    assert len(list(P.make_eval_iterator(c, "gta"))) == 6
