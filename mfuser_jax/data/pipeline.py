@@ -44,10 +44,12 @@ with 255 = ignore.
 """
 from __future__ import annotations
 
+import atexit
 import copy
 import functools
 import logging
 import os
+import weakref
 from typing import Iterator
 
 import ml_collections
@@ -288,7 +290,36 @@ def make_train_iterator(config, *, start_step: int = 0, process_index: int = 0,
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=workers,
             per_worker_buffer_size=int(cfg["data"].get("worker_buffer_size", 2))))
-    return iter(ds)
+    gen = _closing(iter(ds))
+    _OPEN_ITERATORS.add(gen)
+    return gen
+
+
+_OPEN_ITERATORS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_iterators():
+    # Shut grain workers down while the interpreter is intact (their buffers hold
+    # shared memory that cannot be released cleanly during interpreter teardown).
+    for gen in list(_OPEN_ITERATORS):
+        gen.close()
+
+
+def _closing(it):
+    """Yields from a grain iterator and shuts its workers down when done or closed.
+
+    Worker outputs live in shared memory that grain frees only when the arrays die;
+    copying them into plain arrays frees it at once (not noisily at interpreter exit).
+    """
+    try:
+        for batch in it:
+            yield {k: np.array(v) if isinstance(v, np.ndarray) else v
+                   for k, v in batch.items()}
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
 
 
 def _plain_train_iter(fn: TrainExample, start_step: int, b: int):
@@ -331,4 +362,6 @@ def make_eval_iterator(config, name: str, *, process_index: int = 0,
         grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                      per_worker_buffer_size=1))
-    return iter(ds)
+    gen = _closing(iter(ds))
+    _OPEN_ITERATORS.add(gen)
+    return gen
