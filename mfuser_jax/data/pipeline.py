@@ -10,7 +10,7 @@ Config fields read (``default_data_config()`` gives every ``data.*`` default):
                             "mapillary", "synthetic" or "tfds:<name>"; "name:split"
                             picks a split (defaults: gta/synthia all images,
                             cityscapes/bdd100k train, mapillary training, synthetic train).
-  data.eval                 tuple of evaluation sources: "cityscapes", "bdd100k",
+  data.eval                 ("synthetic_real",): tuple of evaluation sources: "cityscapes", "bdd100k",
                             "mapillary", "synthetic_real", "synthetic", "gta", "synthia",
                             "tfds:<name>", "name:split" (defaults: the val splits).
   data.crop_size            512 (int or (h, w)).
@@ -34,6 +34,11 @@ Config fields read (``default_data_config()`` gives every ``data.*`` default):
                             data_dir="", image_key="image_left",
                             label_key="segmentation_label", label_map="cityscapes"):
                             defaults fit TFDS's `cityscapes` builder (labelIds).
+                            The dataset must be prepared as ArrayRecord
+                            (`tfds build NAME --file_format=array_record`). Reading needs
+                            no TensorFlow (tfds.features.Image decodes with PIL); writing
+                            Image features needs TensorFlow only when given numpy arrays
+                            (PIL images, bytes or paths are stored without it).
 
 Determinism: training example (step, slot) of process p is a pure function of
 (seed, step, p * local_batch + slot): the image index comes from a per-epoch
