@@ -1,0 +1,372 @@
+"""Training and evaluation input pipelines (grain), deterministic and resumable.
+
+Config fields read (``default_data_config()`` gives every ``data.*`` default):
+
+  config.seed               int, default 0: the one seed of the run.
+  config.batch_size         global batch; each process yields batch_size // process_count.
+  config.data_root          folder holding gta/, synthia/, cityscapes/, bdd100k/,
+                            mapillary/ (default "data").
+  data.train                training source: "gta", "synthia", "cityscapes", "bdd100k",
+                            "mapillary", "synthetic" or "tfds:<name>"; "name:split"
+                            picks a split (defaults: gta/synthia all images,
+                            cityscapes/bdd100k train, mapillary training, synthetic train).
+  data.eval                 ("synthetic_real",): tuple of evaluation sources: "cityscapes", "bdd100k",
+                            "mapillary", "synthetic_real", "synthetic", "gta", "synthia",
+                            "tfds:<name>", "name:split" (defaults: the val splits).
+  data.crop_size            512 (int or (h, w)).
+  data.ratio_range          (0.5, 2.0) random rescale of the original size; None = off.
+  data.cat_max_ratio        0.75 (1.0 disables the class-balanced crop retries).
+  data.flip_prob            0.5.
+  data.photometric          True: mmseg's PhotoMetricDistortion.
+  data.rcs                  ConfigDict(enabled=True, class_temp=100.0, min_pixels=3000,
+                            min_crop_ratio=0.5): rare-class sampling; needs the source's
+                            sample_class_stats.json (scripts/prepare_data.py) - without it
+                            RCS is switched off with a warning.
+  data.num_workers          0 = in-process; N = N grain worker processes.
+  data.worker_buffer_size   batches each worker prepares ahead (default 2).
+  data.read_threads         threads per process (or worker) preparing batches (2).
+  data.read_prefetch        batches read ahead by those threads (2).
+  data.skip_corrupt         False: a corrupt file stops the run naming it; True: skip it
+                            with a warning (the next image is used) and count it.
+  data.synthetic            ConfigDict(num_train=2000, num_eval=100, image_size=(128, 256),
+                            seed=0): the embedded demo domains.
+  data.tfds                 ConfigDict(name="", split="train", eval_split="validation",
+                            data_dir="", image_key="image_left",
+                            label_key="segmentation_label", label_map="cityscapes"):
+                            defaults fit TFDS's `cityscapes` builder (labelIds).
+                            The dataset must be prepared as ArrayRecord
+                            (`tfds build NAME --file_format=array_record`). Reading needs
+                            no TensorFlow (tfds.features.Image decodes with PIL); writing
+                            Image features needs TensorFlow only when given numpy arrays
+                            (PIL images, bytes or paths are stored without it).
+
+Determinism: training example (step, slot) of process p is a pure function of
+(seed, step, p * local_batch + slot): the image index comes from a per-epoch
+permutation (or from rare-class sampling) and every random augmentation from a
+generator seeded with those numbers. Worker count, prefetching and restarts do not
+change any batch. Images stay uint8 (the model normalises); labels are int32 trainIds
+with 255 = ignore.
+"""
+from __future__ import annotations
+
+import atexit
+import copy
+import functools
+import logging
+import os
+import weakref
+from typing import Iterator
+
+import ml_collections
+import numpy as np
+
+from mfuser_jax.data import sources as S
+from mfuser_jax.data.imageio import DataFileError
+from mfuser_jax.data.rcs import RareClassSampler
+from mfuser_jax.data.synthetic import SyntheticSource
+from mfuser_jax.data.transforms import test_resize, train_transform
+
+log = logging.getLogger(__name__)
+
+# Files skipped because they could not be read (per process; data.skip_corrupt=True).
+SKIPPED_FILES: list[str] = []
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.train = "synthetic"
+    c.eval = ("synthetic_real",)
+    c.crop_size = 512
+    c.ratio_range = (0.5, 2.0)
+    c.cat_max_ratio = 0.75
+    c.flip_prob = 0.5
+    c.photometric = True
+    c.rcs = ml_collections.ConfigDict(
+        dict(enabled=True, class_temp=100.0, min_pixels=3000, min_crop_ratio=0.5))
+    c.num_workers = 0
+    c.worker_buffer_size = 2
+    c.read_threads = 2
+    c.read_prefetch = 2
+    c.skip_corrupt = False
+    c.synthetic = ml_collections.ConfigDict(
+        dict(num_train=2000, num_eval=100, image_size=(128, 256), seed=0))
+    c.tfds = ml_collections.ConfigDict(
+        dict(name="", split="train", eval_split="validation", data_dir="",
+             image_key="image_left", label_key="segmentation_label",
+             label_map="cityscapes"))
+    return c
+
+
+def _to_plain(x):
+    if isinstance(x, (ml_collections.ConfigDict, dict)):
+        return {k: _to_plain(v) for k, v in (x.items() if isinstance(x, dict)
+                                             else x.items())}
+    if isinstance(x, list):
+        return tuple(_to_plain(v) for v in x)
+    return x
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def resolve_config(config) -> dict:
+    """Plain (picklable) dict: seed, batch_size, data_root and data.* with defaults."""
+    get = (lambda k, d: config.get(k, d)) if hasattr(config, "get") else (
+        lambda k, d: getattr(config, k, d))
+    data = _to_plain(get("data", {}) or {})
+    return {
+        "seed": int(get("seed", 0)),
+        "batch_size": int(get("batch_size", 1)),
+        "data_root": str(get("data_root", "data")),
+        "data": _merge(_to_plain(default_data_config()), data),
+    }
+
+
+def _split_name(name: str) -> tuple[str, str | None]:
+    if name.startswith("tfds:"):
+        rest = name[5:]
+        base, _, split = rest.partition(":")
+        return f"tfds:{base}", split or None
+    base, _, split = name.partition(":")
+    return base, split or None
+
+
+_TRAIN_SPLITS = {"gta": "all", "synthia": "all", "cityscapes": "train", "bdd100k": "train",
+                 "mapillary": "training"}
+_EVAL_SPLITS = {"gta": "all", "synthia": "all", "cityscapes": "val", "bdd100k": "val",
+                "mapillary": "validation"}
+_FOLDER_SOURCES = {"gta": S.gta_source, "synthia": S.synthia_source,
+                   "cityscapes": S.cityscapes_source, "bdd100k": S.bdd100k_source,
+                   "mapillary": S.mapillary_source}
+
+
+def build_source(cfg: dict, name: str, *, train: bool):
+    """A random-access source (``len``, ``load(i)``) for a configured dataset name."""
+    base, split = _split_name(name)
+    d = cfg["data"]
+    if base in ("synthetic", "synthetic_real"):
+        syn = d["synthetic"]
+        style = "synthetic" if base == "synthetic" else "real"
+        split = split or ("train" if train else "val")
+        num = syn["num_train"] if split == "train" else syn["num_eval"]
+        return SyntheticSource(num, seed=int(syn.get("seed", 0)), split=split,
+                               size=tuple(syn["image_size"]), style=style, name=base)
+    if base.startswith("tfds:"):
+        t = d["tfds"]
+        tname = base[5:] or t["name"]
+        split = split or (t["split"] if train else t["eval_split"])
+        return S.TFDSSource(tname, split, data_dir=t.get("data_dir") or None,
+                            image_key=t["image_key"], label_key=t["label_key"],
+                            label_map=t.get("label_map", ""))
+    if base not in _FOLDER_SOURCES:
+        raise ValueError(
+            f"unknown dataset {name!r}: expected one of {sorted(_FOLDER_SOURCES)}, "
+            "'synthetic', 'synthetic_real' or 'tfds:<name>' (optionally ':split')")
+    root = cfg["data_root"]
+    if not os.path.isdir(root):
+        raise S.DatasetLayoutError(
+            f"data_root {root!r} does not exist: set --config.data_root to the folder "
+            f"holding gta/, synthia/, cityscapes/, bdd100k/, mapillary/ (see the "
+            f"{S.README_SECTION}).")
+    split = split or (_TRAIN_SPLITS if train else _EVAL_SPLITS)[base]
+    return _FOLDER_SOURCES[base](root, split)
+
+
+def _load(source, i: int, skip_corrupt: bool):
+    n = len(source)
+    for k in range(10 if skip_corrupt else 1):
+        j = (i + k) % n
+        try:
+            return source.load(j)
+        except DataFileError as e:
+            if not skip_corrupt:
+                raise DataFileError(
+                    f"{e} (set config.data.skip_corrupt=True to skip unreadable files)"
+                ) from None
+            SKIPPED_FILES.append(str(e))
+            log.warning("skipping unreadable file (%d so far): %s", len(SKIPPED_FILES), e)
+    raise DataFileError(f"{source.name}: 10 consecutive unreadable files from index {i}")
+
+
+class TrainExample:
+    """Flat local sample index -> one augmented example (picklable for grain workers)."""
+
+    def __init__(self, cfg: dict, source, sampler, local_batch: int, process_index: int):
+        self.cfg, self.source, self.sampler = cfg, source, sampler
+        self.local_batch, self.process_index = local_batch, process_index
+        d = cfg["data"]
+        crop = d["crop_size"]
+        self.crop = (int(crop), int(crop)) if np.isscalar(crop) else tuple(map(int, crop))
+        rr = d["ratio_range"]
+        self.kw = dict(crop_size=self.crop, ratio_range=tuple(rr) if rr else None,
+                       cat_max_ratio=float(d["cat_max_ratio"]),
+                       flip_prob=float(d["flip_prob"]), photometric=bool(d["photometric"]))
+        self.global_batch = local_batch * int(cfg.get("process_count", 1))
+        self._perm_cache: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perm_cache:
+            if len(self._perm_cache) > 2:
+                self._perm_cache.clear()
+            rng = np.random.default_rng(np.random.SeedSequence([self.cfg["seed"], 7, epoch]))
+            self._perm_cache[epoch] = rng.permutation(len(self.source))
+        return self._perm_cache[epoch]
+
+    def example(self, step: int, slot: int) -> dict:
+        g = self.process_index * self.local_batch + slot  # global slot in the step
+        rng = np.random.default_rng(np.random.SeedSequence([self.cfg["seed"], step, g]))
+        accept = None
+        if self.sampler is not None:
+            i, c = self.sampler.draw(rng)
+            accept = functools.partial(self.sampler.crop_ok, c=c)
+        else:
+            n = step * self.global_batch + g
+            i = int(self._perm(n // len(self.source))[n % len(self.source)])
+        img, lab, _ = _load(self.source, i, self.cfg["data"]["skip_corrupt"])
+        img, lab = train_transform(img, lab, rng, accept=accept, **self.kw)
+        return {"image": img, "label": lab.astype(np.int32)}
+
+    def __call__(self, flat_index: int) -> dict:
+        flat_index = int(flat_index)
+        return self.example(flat_index // self.local_batch, flat_index % self.local_batch)
+
+
+def _make_sampler(cfg: dict, source):
+    rcs = cfg["data"]["rcs"]
+    if not rcs.get("enabled", False):
+        return None
+    stats = S.load_class_stats(source)
+    if stats is None:
+        log.warning("rare-class sampling disabled: %s has no class statistics (%s); run "
+                    "scripts/prepare_data.py to write them", source.name,
+                    getattr(source, "stats_file", None))
+        return None
+    return RareClassSampler(stats, float(rcs["class_temp"]), int(rcs["min_pixels"]),
+                            float(rcs["min_crop_ratio"]))
+
+
+def _grain():
+    try:
+        import grain
+    except ImportError:
+        return None
+    # grain's multiprocessing reads absl flags; scripts that do not use absl.app never
+    # parse them, so accept the defaults.
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return grain
+
+
+def make_train_iterator(config, *, start_step: int = 0, process_index: int = 0,
+                        process_count: int = 1) -> Iterator[dict]:
+    """Batches {"image": uint8 (b, crop, crop, 3), "label": int32 (b, crop, crop)}.
+
+    b = batch_size // process_count; batch k is training step start_step + k.
+    """
+    cfg = resolve_config(config)
+    if cfg["batch_size"] % process_count:
+        raise ValueError(f"batch_size {cfg['batch_size']} is not divisible by the "
+                         f"{process_count} processes")
+    b = cfg["batch_size"] // process_count
+    cfg["process_count"] = process_count
+    source = build_source(cfg, cfg["data"]["train"], train=True)
+    fn = TrainExample(cfg, source, _make_sampler(cfg, source), b, process_index)
+    workers = int(cfg["data"]["num_workers"])
+    grain = _grain()
+    if grain is None:
+        if workers:
+            raise ImportError("config.data.num_workers > 0 needs `pip install grain`")
+        return _plain_train_iter(fn, start_step, b)
+    stop = np.iinfo(np.int64).max // 2
+    ds = grain.MapDataset.range(start_step * b, stop).map(fn).batch(b)
+    # Bounded read-ahead (grain's default is 16 threads and 500 elements per process).
+    ds = ds.to_iter_dataset(grain.ReadOptions(
+        num_threads=int(cfg["data"].get("read_threads", 2)),
+        prefetch_buffer_size=int(cfg["data"].get("read_prefetch", 2))))
+    if workers > 0:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=workers,
+            per_worker_buffer_size=int(cfg["data"].get("worker_buffer_size", 2))))
+    gen = _closing(iter(ds))
+    _OPEN_ITERATORS.add(gen)
+    return gen
+
+
+_OPEN_ITERATORS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_iterators():
+    # Shut grain workers down while the interpreter is intact (their buffers hold
+    # shared memory that cannot be released cleanly during interpreter teardown).
+    for gen in list(_OPEN_ITERATORS):
+        gen.close()
+
+
+def _closing(it):
+    """Yields from a grain iterator and shuts its workers down when done or closed.
+
+    Worker outputs live in shared memory that grain frees only when the arrays die;
+    copying them into plain arrays frees it at once (not noisily at interpreter exit).
+    """
+    try:
+        for batch in it:
+            yield {k: np.array(v) if isinstance(v, np.ndarray) else v
+                   for k, v in batch.items()}
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+
+
+def _plain_train_iter(fn: TrainExample, start_step: int, b: int):
+    step = start_step
+    while True:
+        ex = [fn.example(step, j) for j in range(b)]
+        yield {k: np.stack([e[k] for e in ex]) for k in ex[0]}
+        step += 1
+
+
+class EvalExample:
+    def __init__(self, source, skip_corrupt: bool):
+        self.source, self.skip_corrupt = source, skip_corrupt
+
+    def __call__(self, i: int) -> dict:
+        img, lab, name = _load(self.source, int(i), self.skip_corrupt)
+        img = test_resize(img, self.source.test_scale)
+        return {"image": img[None], "label": lab[None].astype(np.int32), "name": name}
+
+
+def eval_dataset_size(config, name: str) -> int:
+    """Number of images of an evaluation dataset (over all processes)."""
+    return len(build_source(resolve_config(config), name, train=False))
+
+
+def make_eval_iterator(config, name: str, *, process_index: int = 0,
+                       process_count: int = 1) -> Iterator[dict]:
+    """{"image": uint8 (1, h, w, 3) test-resized, "label": int32 (1, H, W) original
+    size, "name": str} for images process_index, process_index + process_count, ...:
+    every image exactly once over all processes, in a fixed order."""
+    cfg = resolve_config(config)
+    source = build_source(cfg, name, train=False)
+    fn = EvalExample(source, bool(cfg["data"]["skip_corrupt"]))
+    indices = range(process_index, len(source), process_count)
+    grain = _grain()
+    workers = int(cfg["data"]["num_workers"])
+    if grain is None or workers == 0:
+        return (fn(i) for i in indices)
+    ds = grain.MapDataset.source(list(indices)).map(fn).to_iter_dataset(
+        grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                     per_worker_buffer_size=1))
+    gen = _closing(iter(ds))
+    _OPEN_ITERATORS.add(gen)
+    return gen
