@@ -1,0 +1,218 @@
+"""tqdm head: a Mask2Former decoder whose queries are the (enhanced) class-text embeddings.
+
+Ported from devinxzhang/MFuser mmseg/models/decode_heads/tqdm_head.py (``tqdmHead``:
+``forward``, ``forward_head``, ``forward_test``), with mmcv 1.x's DetrTransformerDecoder
+for the 9 masked-attention layers. Attribute names mirror the original (pixel_decoder,
+transformer_decoder.layers.N.{attentions,ffns,norms}, transformer_decoder.post_norm,
+decoder_input_projs, query_embed, text_proj.{0,2}, level_embed, cls_embed,
+mask_embed.{0,2,4}), so ``load_torch_state_dict`` maps ``decode_head.*`` keys by rule.
+
+Behaviour kept from the original:
+  * An initial prediction from the text queries themselves (before any layer), then one
+    after every layer: ``num_layers + 1`` outputs, all supervised.
+  * Layer i cross-attends to memory level ``i % 3`` (1/32, 1/16, 1/8, 1/32, ...); its
+    attention mask is the previous mask prediction resized (bilinear, align_corners=False,
+    no antialias) to that level, masked where sigmoid < 0.5, and a query whose row is fully
+    masked attends everywhere instead.
+  * Post-norm order cross_attn, norm, self_attn, norm, ffn, norm; queries' positions are
+    the learnt ``query_embed``; memories get a sine encoding (keys) and ``level_embed``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mfuser_jax.models.pixel_decoder import (
+    DetrTransformerDecoder,
+    DetrTransformerDecoderLayer,
+    MultiheadAttention,
+    TqdmMSDeformAttnPixelDecoder,
+    caffe2_xavier,
+    embedding_normal,
+    linear,
+    sine_positional_encoding,
+)
+from mfuser_jax.ops.deform_attn import resize_bilinear
+
+__all__ = ["TqdmHead", "semantic_inference", "unmask_full_rows"]
+
+_F32 = jnp.float32
+
+
+def unmask_full_rows(attn_mask: jax.Array) -> jax.Array:
+    """Mask2Former's rule: a query whose mask blocks every key may attend to all keys.
+
+    attn_mask: bool (..., Q, S), True = blocked.
+    """
+    return attn_mask & ~jnp.all(attn_mask, axis=-1, keepdims=True)
+
+
+def semantic_inference(cls_scores: jax.Array, mask_preds: jax.Array) -> jax.Array:
+    """Per-class semantic scores, softmax(cls)[..., :-1] x sigmoid(mask), as forward_test.
+
+    cls_scores (B, Q, C+1), mask_preds (B, Q, H, W) -> (B, H, W, C), float32.
+    """
+    cls = jax.nn.softmax(cls_scores.astype(_F32), axis=-1)[..., :-1]
+    masks = jax.nn.sigmoid(mask_preds.astype(_F32))
+    return jnp.einsum("bqc,bqhw->bhwc", cls, masks)
+
+
+class TqdmHead(nnx.Module):
+    """Text-query Mask2Former head (decode_head of the MFuser configs).
+
+    ``__call__(features, texts)``: features = 4 NHWC maps (strides 4, 8, 16, 32, each
+    ``in_channels[i]`` channels), texts (B, num_queries, text_dim). Returns
+    (all_cls_scores, all_mask_preds): lists of ``num_decoder_layers + 1`` arrays,
+    (B, Q, num_classes + 1) and (B, Q, H/4, W/4) float32 logits.
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int] = (2048, 2048, 2048, 2048),
+        feat_channels: int = 256,
+        out_channels: int = 256,
+        num_classes: int = 19,
+        num_queries: int = 19,
+        num_transformer_feat_level: int = 3,
+        text_dim: int = 768,
+        strides: Sequence[int] = (4, 8, 16, 32),
+        num_groups: int = 32,
+        # pixel decoder (tqdmMSDeformAttnPixelDecoder)
+        pixel_decoder_layers: int = 6,
+        pixel_decoder_heads: int = 8,
+        num_points: int = 4,
+        pixel_decoder_ffn_channels: int = 2048,
+        # transformer decoder (DetrTransformerDecoder)
+        num_decoder_layers: int = 9,
+        decoder_heads: int = 8,
+        decoder_ffn_channels: int = 2048,
+        decoder_embed_dims: int | None = None,
+        enforce_decoder_input_project: bool = False,
+        dropout: float = 0.0,
+        *,
+        dtype=_F32,
+        rngs: nnx.Rngs,
+    ):
+        embed = decoder_embed_dims or feat_channels
+        self.num_classes = num_classes
+        self.num_queries = num_queries
+        self.num_transformer_feat_level = num_transformer_feat_level
+        self.num_heads = decoder_heads
+        self.dtype = dtype
+        self.pixel_decoder = TqdmMSDeformAttnPixelDecoder(
+            in_channels=in_channels,
+            strides=strides,
+            feat_channels=feat_channels,
+            out_channels=out_channels,
+            text_dim=text_dim,
+            num_text_embeds=num_queries,
+            num_outs=num_transformer_feat_level,
+            num_groups=num_groups,
+            num_layers=pixel_decoder_layers,
+            num_heads=pixel_decoder_heads,
+            num_levels=num_transformer_feat_level,
+            num_points=num_points,
+            feedforward_channels=pixel_decoder_ffn_channels,
+            dropout=dropout,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        order = ("cross_attn", "norm", "self_attn", "norm", "ffn", "norm")
+        self.transformer_decoder = DetrTransformerDecoder(
+            [
+                DetrTransformerDecoderLayer(
+                    [MultiheadAttention(embed, decoder_heads, dropout, dropout, dtype=dtype,
+                                        rngs=rngs) for _ in range(2)],
+                    embed, decoder_ffn_channels, order, dropout, dtype=dtype, rngs=rngs)
+                for _ in range(num_decoder_layers)
+            ],
+            embed,
+            rngs=rngs,
+        )
+        project = embed != feat_channels or enforce_decoder_input_project
+        self.decoder_input_projs = nnx.List([
+            nnx.Conv(feat_channels, embed, (1, 1), dtype=dtype, param_dtype=_F32,
+                     kernel_init=caffe2_xavier, bias_init=nnx.initializers.zeros, rngs=rngs)
+            if project else None
+            for _ in range(num_transformer_feat_level)
+        ])
+        self.query_embed = nnx.Embed(num_queries, feat_channels, param_dtype=_F32,
+                                     embedding_init=embedding_normal, rngs=rngs)
+        self.text_proj = nnx.List([
+            linear(text_dim, feat_channels, dtype=dtype, rngs=rngs),
+            None,  # ReLU
+            linear(feat_channels, feat_channels, dtype=dtype, rngs=rngs),
+        ])
+        self.level_embed = nnx.Embed(num_transformer_feat_level, feat_channels,
+                                     param_dtype=_F32, embedding_init=embedding_normal,
+                                     rngs=rngs)
+        self.cls_embed = linear(feat_channels, num_classes + 1, dtype=dtype, rngs=rngs)
+        self.mask_embed = nnx.List([
+            linear(feat_channels, feat_channels, dtype=dtype, rngs=rngs),
+            None,  # ReLU
+            linear(feat_channels, feat_channels, dtype=dtype, rngs=rngs),
+            None,  # ReLU
+            linear(feat_channels, out_channels, dtype=dtype, rngs=rngs),
+        ])
+
+    def forward_head(self, decoder_out, mask_feature, attn_mask_target_size):
+        """Class logits, mask logits and the next attention mask from the queries.
+
+        decoder_out (B, Q, C); mask_feature (B, h, w, C'). Returns (cls (B, Q, K+1),
+        masks (B, Q, h, w), attn_mask bool (B, Q, th*tw), True = blocked).
+        """
+        x = self.transformer_decoder.post_norm(decoder_out.astype(_F32))
+        cls_pred = self.cls_embed(x).astype(_F32)
+        m = jax.nn.relu(self.mask_embed[0](x))
+        m = jax.nn.relu(self.mask_embed[2](m))
+        m = self.mask_embed[4](m)
+        mask_pred = jnp.einsum("bqc,bhwc->bqhw", m.astype(self.dtype),
+                               mask_feature.astype(self.dtype),
+                               preferred_element_type=_F32)
+        attn_mask = resize_bilinear(mask_pred, attn_mask_target_size, layout="NCHW")
+        attn_mask = jax.nn.sigmoid(attn_mask.reshape(*attn_mask.shape[:2], -1)) < 0.5
+        return cls_pred, mask_pred, jax.lax.stop_gradient(attn_mask)
+
+    def __call__(self, features: Sequence[jax.Array], texts: jax.Array, *,
+                 deterministic: bool | None = None):
+        b = features[0].shape[0]
+        if texts.ndim != 3 or texts.shape[:2] != (b, self.num_queries):
+            raise ValueError(
+                f"texts must be (B={b}, num_queries={self.num_queries}, C), got {texts.shape}")
+        mask_features, memories = self.pixel_decoder(features, texts,
+                                                     deterministic=deterministic)
+        # memories go from low to high resolution
+        decoder_inputs, decoder_pos, sizes = [], [], []
+        for i in range(self.num_transformer_feat_level):
+            proj = self.decoder_input_projs[i]
+            mem = memories[i] if proj is None else proj(memories[i])
+            _, h, w, c = mem.shape
+            mem = mem.reshape(b, h * w, c).astype(_F32) + self.level_embed.embedding[i]
+            decoder_inputs.append(mem)
+            decoder_pos.append(sine_positional_encoding(h, w, c // 2).reshape(1, h * w, c))
+            sizes.append((h, w))
+        query = self.text_proj[2](jax.nn.relu(self.text_proj[0](texts))).astype(_F32)
+        query_pos = self.query_embed.embedding[...][None]
+
+        cls_pred, mask_pred, attn_mask = self.forward_head(query, mask_features, sizes[0])
+        cls_list, mask_list = [cls_pred], [mask_pred]
+        for i, layer in enumerate(self.transformer_decoder.layers):
+            level = i % self.num_transformer_feat_level
+            attn_mask = unmask_full_rows(attn_mask)
+            query = layer(query, decoder_inputs[level], decoder_inputs[level],
+                          query_pos=query_pos, key_pos=decoder_pos[level],
+                          attn_masks=[attn_mask, None], deterministic=deterministic)
+            cls_pred, mask_pred, attn_mask = self.forward_head(
+                query, mask_features, sizes[(i + 1) % self.num_transformer_feat_level])
+            cls_list.append(cls_pred)
+            mask_list.append(mask_pred)
+        return cls_list, mask_list
+
+    def predict(self, features, texts):
+        """forward_test: semantic scores (B, H/4, W/4, num_classes) from the last layer."""
+        cls_list, mask_list = self(features, texts, deterministic=True)
+        return semantic_inference(cls_list[-1], mask_list[-1])
