@@ -162,3 +162,18 @@ def test_chunked_associative_memory_is_bounded():
     # The naive scan must really hold (B, D, L, N) float32 tensors, or the comparison is moot.
     assert naive >= b * d * l * n * 4
     assert chunked * 8 <= naive
+
+
+@pytest.mark.parametrize("with_z,dtype", [(True, jnp.float32), (False, jnp.bfloat16)])
+def test_pallas_kernels_lower_to_triton_for_gpu(with_z, dtype):
+    """No GPU here, but Pallas lowers a kernel to Triton IR in Python at lowering time: lowering
+    for the cuda platform catches ops or block shapes the Triton path rejects. The forward is
+    three Triton kernels (chunk states, carry, output); forward+backward adds three more."""
+    b, d, l, n = 2, 40, 200, 16  # 40 channels and 200 steps force channel and sequence padding
+    sd = lambda *s: jax.ShapeDtypeStruct(s, dtype)  # noqa: E731
+    args = (sd(b, d, l), sd(b, d, l), sd(d, n), sd(b, n, l), sd(b, n, l), sd(d), sd(b, d, l), sd(d))
+    fwd = lambda *a: ssp.pallas_selective_scan(*a[:6], a[6] if with_z else None, a[7], True, interpret=False)  # noqa: E731
+    grad = jax.grad(lambda *a: jnp.sum(fwd(*a).astype(jnp.float32)), argnums=tuple(range(8)))
+    for fn, kernels in ((fwd, 3), (grad, 6)):
+        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("custom_call @__gpu$xla.gpu.triton") == kernels
