@@ -31,8 +31,12 @@ warpgroup/TMA pipelines and needs a newer, still-moving API. Block shapes are po
 Triton requires: channels, state and chunk length are padded (padding is exact: padded channels
 and state slots have A = B = C = 0 and stay zero; padded time steps sit at the end, where the
 forward never reads them back and the zero-padded cotangent keeps their adjoint at zero).
+Padding L to a chunk multiple (e.g. 2050 -> 2112) costs one copy of the sequence inputs on a
+GPU; it is skipped when nothing needs padding.
+
 Without a GPU the same kernels run with ``interpret=True`` (chosen automatically), which is how
-the tests verify them.
+the tests verify them; the tests also lower every kernel for the cuda platform, so the Triton
+lowering itself is checked on CPU. Triton compilation and GPU speed are not yet measured.
 """
 
 from __future__ import annotations
@@ -48,7 +52,9 @@ from mfuser_jax.ops.selective_scan import register_backend
 __all__ = ["pallas_selective_scan"]
 
 # Channel tile: 32 channels x 16 states = 512 float32 state values per program (4 per thread at
-# 4 warps), a 128-byte row per load of u/delta/y. Chunk: 64 steps makes 33 chunks at L=2050, so
+# 4 warps). In mamba's (b, d, l) layout a step loads one column of the (32, chunk) u/delta/z
+# tile (stride L); a 128-byte line holds 32 steps of one channel, so after the first step the
+# following ones are served from L1/L2 and HBM sees each input about once. Chunk: 64 steps makes 33 chunks at L=2050, so
 # batch 2 x 16 channel tiles x 33 chunks = 1056 programs still fill 132 SMs, while the saved
 # states (b, chunks, d, n) stay at 1/64 of a (b, l, d, n) tensor. Sub-block: the backward keeps
 # at most SUB recomputed states of one tile in registers at a time.
