@@ -275,7 +275,7 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, cfg):
     )
 
 
-def _specs(cfg, n_state, n_chunks):
+def _specs(cfg, n_state):
     T, dt = cfg.chunk, cfg.tile
     return dict(
         seq=pl.BlockSpec((1, dt, T), lambda b, d, c: (b, d, c)),  # u, delta, z, dy, y, du, ...
@@ -309,7 +309,7 @@ def _forward(u, delta, A, B, C, D, z, bias, cfg):
     T, dt = cfg.chunk, cfg.tile
     nc = lp // T
     grid = (b, dp // dt, nc)
-    sp = _specs(cfg, n, nc)
+    sp = _specs(cfg, n)
     f32 = jnp.float32
     h_local, dsum = _call(
         functools.partial(_chunk_state_kernel, steps=T, softplus=cfg.softplus), grid,
@@ -337,7 +337,7 @@ def _backward(u, delta, A, B, C, D, z, bias, h0, dsum, dy, cfg):
     T, dt = cfg.chunk, cfg.tile
     nc, n_tiles = lp // T, dp // dt
     grid = (b, n_tiles, nc)
-    sp = _specs(cfg, n, nc)
+    sp = _specs(cfg, n)
     f32 = jnp.float32
     zs = [z] if cfg.has_z else []
     z_spec = [sp["seq"]] if cfg.has_z else []
