@@ -259,8 +259,9 @@ def _compiler_params(cfg):
         return None
     from jax.experimental.pallas import triton as pl_triton
 
-    params_cls = getattr(pl_triton, "CompilerParams", None) or getattr(pl_triton, "TritonCompilerParams")
-    return params_cls(num_warps=NUM_WARPS, num_stages=1)
+    # The class was renamed across JAX releases; without either, Pallas picks its defaults.
+    params_cls = getattr(pl_triton, "CompilerParams", None) or getattr(pl_triton, "TritonCompilerParams", None)
+    return None if params_cls is None else params_cls(num_warps=NUM_WARPS, num_stages=1)
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, cfg):
