@@ -1,0 +1,156 @@
+"""The converted-encoder checkpoint: frozen DINOv2, CLIP image and CLIP text weights.
+
+``scripts/convert_weights.py`` builds the three towers at MFuser's sizes, loads the
+official (or HF) weights into them and saves their parameters with Orbax as the nested
+tree ``{"backbone": {CLIP image tower..., "dinov2": {...}}, "text_encoder": {...}}`` — the
+paths they have inside ``MFuser``. ``load_pretrained_encoders`` copies that tree into a
+model, checking every path and shape.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mfuser_jax.convert.torch_io import WeightFileError
+
+__all__ = ["ENCODER_PREFIXES", "load_pretrained_encoders", "save_pretrained_encoders"]
+
+# Frozen sub-trees of MFuser filled from the converted checkpoint. The CLIP image tower's
+# parameters sit at the top of "backbone" (the fused backbone subclasses it), next to the
+# trainable adapters and FPN, which the checkpoint does not hold.
+ENCODER_PREFIXES = ("backbone", "text_encoder")
+
+
+def _flatten(tree: Any, prefix: tuple = ()) -> dict[tuple, Any]:
+    out = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(_flatten(v, prefix + (str(k),)))
+    else:
+        out[prefix] = tree
+    return out
+
+
+def _model_params(model: nnx.Module) -> dict[tuple, nnx.Variable]:
+    out = {}
+    for path, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Param):
+            out[tuple(str(p) for p in path)] = var
+    return out
+
+
+def save_pretrained_encoders(path: str, *, clip_visual: nnx.Module, dinov2: nnx.Module,
+                             text_encoder: nnx.Module) -> None:
+    import orbax.checkpoint as ocp
+
+    backbone = nnx.state(clip_visual, nnx.Param).to_pure_dict()
+    backbone["dinov2"] = nnx.state(dinov2, nnx.Param).to_pure_dict()
+    tree = {"backbone": backbone, "text_encoder": nnx.state(text_encoder, nnx.Param).to_pure_dict()}
+    tree = {"params": _stringify(tree)}
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.abspath(path), tree, force=True)
+    checkpointer.wait_until_finished()
+
+
+def _stringify(tree):
+    # Orbax wants string keys; nnx.List indices are ints.
+    if isinstance(tree, dict):
+        return {str(k): _stringify(v) for k, v in tree.items()}
+    return np.asarray(tree)
+
+
+def load_pretrained_encoders(model: nnx.Module, path: str) -> None:
+    """Fill ``model``'s frozen encoders from ``path``; one clear error for any mismatch."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise WeightFileError(
+            f"{path}: no converted encoder checkpoint here; create it with\n"
+            "  python scripts/convert_weights.py --dinov2 dinov2_vitl14_pretrain.pth "
+            f"--clip ViT-L-14-336px.pt --out {path}")
+    try:
+        restored = ocp.StandardCheckpointer().restore(path)
+    except Exception as e:
+        raise WeightFileError(f"{path}: not a readable Orbax checkpoint ({type(e).__name__}: {e})") from e
+    flat = _flatten(restored.get("params", {}))
+    params = _model_params(model)
+    from mfuser_jax.models.mfuser import is_trainable_path
+
+    expected = {p for p in params if p[0] in ENCODER_PREFIXES and not is_trainable_path(p)}
+    missing = sorted(".".join(p) for p in expected - set(flat))
+    unexpected = sorted(".".join(p) for p in set(flat) - set(params))
+    misshaped = [
+        f"{'.'.join(p)}: model {tuple(params[p].get_value().shape)}, checkpoint {tuple(v.shape)}"
+        for p, v in flat.items()
+        if p in params and tuple(params[p].get_value().shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or misshaped:
+        lines = [f"{path} does not fit this model configuration (was it converted for "
+                 "another image size, patch size or model size?)"]
+        for title, items in (("missing", missing), ("unexpected", unexpected),
+                             ("mis-shaped", misshaped)):
+            if items:
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:8])
+                             + (" ..." if len(items) > 8 else ""))
+        raise WeightFileError("\n".join(lines))
+    for p, value in flat.items():
+        var = params[p]
+        var.set_value(jnp.asarray(value, dtype=var.get_value().dtype))
+
+
+
+def convert_encoders(model_config, out: str, *, dinov2_path: str, clip_path: str,
+                     progress=None) -> dict[str, int]:
+    """Official/HF DINOv2 and CLIP files -> the converted-encoder checkpoint at ``out``.
+
+    Towers are built at the sizes ``model_config`` asks for (MFuser: 512 px, patch 16,
+    10 text positions), the weights resized as the reference does, loaded strictly, and
+    saved. Returns the parameter count of each tower. ``progress(stage)`` is called per step.
+    """
+    from mfuser_jax.convert.clip import mfuser_clip_state_dicts
+    from mfuser_jax.convert.dinov2 import load_dinov2_state_dict
+    from mfuser_jax.convert.state_dict import load_torch_state_dict
+    from mfuser_jax.convert.torch_io import read_state_dict
+    from mfuser_jax.models.clip import CLIPTextContextEncoder, CLIPVisionTransformer
+    from mfuser_jax.models.dinov2 import DinoVisionTransformer
+
+    step = progress or (lambda stage: None)
+    c, d = model_config.clip, model_config.dinov2
+    size, patch = model_config.image_size, model_config.patch_size
+    rngs = nnx.Rngs(0)
+
+    step(f"reading {dinov2_path}")
+    dino_sd = load_dinov2_state_dict(dinov2_path, patch_size=patch, img_size=size)
+    step("loading DINOv2")
+    dinov2 = DinoVisionTransformer(img_size=size, patch_size=patch, embed_dim=d.embed_dim,
+                                   depth=c.layers, num_heads=d.num_heads,
+                                   mlp_ratio=d.mlp_ratio, init_values=d.init_values, rngs=rngs)
+    load_torch_state_dict(dinov2, dino_sd, module_name=f"DINOv2 from {dinov2_path}")
+    del dino_sd
+
+    step(f"reading {clip_path}")
+    visual_sd, text_sd = mfuser_clip_state_dicts(
+        read_state_dict(clip_path), patch_size=patch, img_size=size,
+        context_length=c.token_length + c.n_ctx)
+    step("loading the CLIP image tower")
+    clip_visual = CLIPVisionTransformer(size, patch, c.width, c.layers, c.heads, c.output_dim,
+                                        rngs=rngs)
+    load_torch_state_dict(clip_visual, visual_sd, module_name=f"CLIP image tower from {clip_path}")
+    step("loading the CLIP text tower")
+    text_encoder = CLIPTextContextEncoder(
+        context_length=c.token_length + c.n_ctx, vocab_size=c.vocab_size, width=c.text_width,
+        heads=c.text_heads, layers=c.text_layers, embed_dim=c.output_dim, rngs=rngs)
+    load_torch_state_dict(text_encoder, text_sd, module_name=f"CLIP text tower from {clip_path}")
+
+    step(f"writing {out}")
+    save_pretrained_encoders(out, clip_visual=clip_visual, dinov2=dinov2, text_encoder=text_encoder)
+    count = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))  # noqa: E731
+    return {"dinov2": count(dinov2), "clip_visual": count(clip_visual),
+            "clip_text": count(text_encoder)}

@@ -1,0 +1,217 @@
+"""MFuser (CLIP variant): fused DINOv2 + CLIP backbone, CoOp text, MTEnhancer, tqdm head.
+
+Ported from devinxzhang/MFuser models/segmentors/mfuser_clip.py (MFuser_CLIP). Attribute
+names follow it (backbone, text_encoder, context_decoder, contexts, gamma, decode_head), so
+a released checkpoint's keys map by rule. The model protocol the trainer relies on:
+
+* ``loss(images, labels, key) -> (total, parts)``: train-mode forward and every loss term.
+* ``predict(images, class_names=None) -> (B, H, W, K)`` semantic scores at input size.
+* ``trainable_filter`` / ``no_decay_filter``: nnx filters over parameters.
+* ``load_pretrained(path)``: the frozen encoders from scripts/convert_weights.py output.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mfuser_jax import losses
+from mfuser_jax.models.backbone import MFuserBackbone, normalize_for_clip
+from mfuser_jax.models.clip import CLIPTextContextEncoder
+from mfuser_jax.models.mask_decoder import TqdmHead, semantic_inference
+from mfuser_jax.models.text_enhancer import ContextDecoder
+from mfuser_jax.models.tokenizer import tokenize
+from mfuser_jax.ops.point_sample import interpolate_bilinear
+
+__all__ = ["MFuser", "TRAINABLE_PREFIXES", "is_trainable_path"]
+
+# What the reference leaves trainable: in the backbone only the adapters (MVFusers and
+# proj1/2/3) and the FPN; everything in the two image towers and the text tower is frozen.
+TRAINABLE_PREFIXES = (
+    ("backbone", "adapter"),
+    ("backbone", "adapter_proj1"),
+    ("backbone", "adapter_proj2"),
+    ("backbone", "adapter_proj3"),
+    ("backbone", "fpn1"),
+    ("backbone", "fpn2"),
+    ("contexts",),
+    ("gamma",),
+    ("context_decoder",),
+    ("decode_head",),
+)
+# Parameter names without weight decay: the reference sets decay_mult 0 on 'norm' keys;
+# A_log and D carry _no_weight_decay in mamba; biases and scalars follow common practice.
+_NO_DECAY_NAMES = ("bias", "scale", "A_log", "D", "gamma", "embedding")
+
+
+def is_trainable_path(path: Sequence) -> bool:
+    path = tuple(str(p) for p in path)
+    return any(path[: len(prefix)] == prefix for prefix in TRAINABLE_PREFIXES)
+
+
+def _trainable(path, value) -> bool:
+    return isinstance(value, nnx.Param) and is_trainable_path(path)
+
+
+def _no_decay(path, value) -> bool:
+    if not isinstance(value, nnx.Param):
+        return False
+    names = [str(p) for p in path]
+    return names[-1] in _NO_DECAY_NAMES or any("norm" in n for n in names)
+
+
+def _trunc_normal(key, shape):
+    # torch.nn.init.trunc_normal_ defaults: std 1, cut at [-2, 2] (absolute, not in stds).
+    return jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
+
+
+def _l2_normalize(x, axis=-1, eps=1e-12):
+    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
+    return x / jnp.maximum(norm, eps)  # F.normalize semantics
+
+
+class MFuser(nnx.Module):
+    trainable_filter = staticmethod(_trainable)
+    no_decay_filter = staticmethod(_no_decay)
+
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        if config.get("vlm", "clip") != "clip":
+            raise NotImplementedError(f"vlm={config.vlm!r}: only the CLIP variant is implemented")
+        self.config = config
+        dtype = jnp.dtype(config.get("dtype", "float32"))
+        self.dtype = dtype
+        self.class_names = tuple(config.class_names)
+        self.num_classes = int(config.num_classes)
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(f"{len(self.class_names)} class_names for num_classes={self.num_classes}")
+        c, d = config.clip, config.dinov2
+        self.tau = float(config.loss.temperature)
+        self.token_length = int(c.token_length)
+
+        self.backbone = MFuserBackbone(
+            image_size=config.image_size, patch_size=config.patch_size, width=c.width,
+            layers=c.layers, heads=c.heads, output_dim=c.output_dim,
+            drop_path_rate=c.drop_path_rate, dino_dim=d.embed_dim, dino_heads=d.num_heads,
+            dino_mlp_ratio=d.mlp_ratio, dino_init_values=d.init_values,
+            out_indices=config.out_indices, d_state=config.mvfuser.d_state,
+            d_conv=config.mvfuser.d_conv, expand=config.mvfuser.expand,
+            scan_backend=config.mvfuser.scan_backend, remat=bool(config.get("remat", False)),
+            dtype=dtype, rngs=rngs,
+        )
+        self.text_encoder = CLIPTextContextEncoder(
+            context_length=c.token_length + c.n_ctx, vocab_size=c.vocab_size,
+            width=c.text_width, heads=c.text_heads, layers=c.text_layers,
+            embed_dim=c.output_dim, dtype=dtype, rngs=rngs,
+        )
+        cd = config.context_decoder
+        self.context_decoder = ContextDecoder(
+            cd.width, cd.heads, cd.layers, c.output_dim, cd.dropout,
+            scan_backend=config.mvfuser.scan_backend, dtype=dtype, rngs=rngs,
+        )
+        self.contexts = nnx.Param(_trunc_normal(rngs.params(), (1, c.n_ctx, c.text_width)))
+        # The reference initialises gamma to 1e-4 and then overwrites it with trunc_normal_.
+        self.gamma = nnx.Param(_trunc_normal(rngs.params(), (c.output_dim,)))
+        dec = config.decoder
+        fpn_dim = c.width + d.embed_dim
+        self.decode_head = TqdmHead(
+            in_channels=(fpn_dim,) * 4, feat_channels=dec.feat_channels,
+            out_channels=dec.feat_channels, num_classes=self.num_classes,
+            num_queries=self.num_classes, text_dim=c.output_dim,
+            pixel_decoder_layers=dec.pixel_decoder_layers, pixel_decoder_heads=dec.num_heads,
+            num_points=dec.deform_points, pixel_decoder_ffn_channels=dec.pixel_ffn,
+            num_decoder_layers=dec.decoder_layers, decoder_heads=dec.num_heads,
+            decoder_ffn_channels=dec.ffn, num_groups=min(32, dec.feat_channels),
+            dtype=dtype, rngs=rngs,
+        )
+        self.texts = np.asarray(tokenize(list(self.class_names), context_length=c.token_length))
+        lc = config.loss
+        self.loss_config = losses.Mask2FormerLossConfig(
+            num_points=int(lc.num_points), oversample_ratio=float(lc.oversample),
+            importance_sample_ratio=float(lc.importance), no_object_weight=float(lc.no_object_weight),
+            loss_cls_weight=float(lc.cls), loss_mask_weight=float(lc.mask),
+            loss_dice_weight=float(lc.dice),
+        )
+        self.score_map_weight = float(lc.score_map)
+
+    # ------------------------------------------------------------------ forward
+    def text_embeddings(self, texts=None) -> jax.Array:
+        """(1, K, output_dim): class names through the frozen text tower with the contexts."""
+        texts = self.texts if texts is None else texts
+        return self.text_encoder(jnp.asarray(texts), self.contexts[...])
+
+    def forward(self, images: jax.Array, texts=None):
+        """uint8/float NHWC pixels -> (cls list, mask list, score map (B, h, w, K))."""
+        x = normalize_for_clip(images)
+        features, global_embedding, pixel_embeddings = self.backbone(x)
+        b, gh, gw, e = pixel_embeddings.shape
+        text = self.text_embeddings(texts)  # shared by the batch: one pass, then broadcast
+        text = jnp.broadcast_to(text, (b,) + text.shape[1:])
+        visual_context = jnp.concatenate(
+            [global_embedding, pixel_embeddings.reshape(b, gh * gw, e)], axis=1)
+        text = text + self.gamma[...] * self.context_decoder(text, visual_context)
+        score_map = jnp.einsum(
+            "bhwc,bkc->bhwk", _l2_normalize(pixel_embeddings), _l2_normalize(text))
+        all_cls, all_masks = self.decode_head(features, text)
+        return all_cls, all_masks, score_map
+
+    def loss(self, images: jax.Array, labels: jax.Array, key: jax.Array):
+        """Train-mode losses. ``key`` drives dropout, drop path and point sampling."""
+        dropout_key, point_key = jax.random.split(key)
+        nnx.reseed(self, dropout=dropout_key)
+        self.train()
+        all_cls, all_masks, score_map = self.forward(images)
+        parts = {
+            f"decode.{k}": v
+            for k, v in losses.mask2former_loss(
+                all_cls, all_masks, labels, point_key, self.loss_config).items()
+        }
+        parts["scr_map.loss_seg"] = self.score_map_weight * losses.score_map_loss(
+            score_map, labels, temperature=self.tau)
+        total = sum(parts.values())
+        return total, parts
+
+    def predict(self, images: jax.Array, class_names: Sequence[str] | None = None) -> jax.Array:
+        """Semantic scores (B, H, W, K) at the input resolution (eval mode).
+
+        ``class_names`` swaps names into the text queries: a known name keeps its trained
+        query slot, a new name takes a free slot (queries are tied to slots by training), and
+        the output channels follow ``class_names``. Free slots keep the trained names so the
+        decoder sees the full query set it was trained with.
+        """
+        self.eval()
+        texts, channels = None, None
+        if class_names is not None:
+            texts, channels = self._query_texts(class_names)
+        all_cls, all_masks, _ = self.forward(images, texts)
+        seg = semantic_inference(all_cls[-1], all_masks[-1])  # (B, h, w, K)
+        seg = interpolate_bilinear(jnp.moveaxis(seg, -1, 1), images.shape[1:3])
+        seg = jnp.moveaxis(seg, 1, -1)
+        return seg if channels is None else seg[..., jnp.asarray(channels)]
+
+    def _query_texts(self, class_names):
+        names = [n.strip() for n in class_names]
+        if not names or len(names) > self.num_classes:
+            raise ValueError(f"give 1 to {self.num_classes} class names, got {len(names)}")
+        slots = list(self.class_names)
+        free = [i for i, n in enumerate(slots) if n not in names]
+        channels = []
+        for name in names:
+            if name in self.class_names:
+                channels.append(self.class_names.index(name))
+            else:
+                slot = free.pop(0)
+                slots[slot] = name
+                channels.append(slot)
+        return np.asarray(tokenize(slots, context_length=self.token_length)), channels
+
+    # ------------------------------------------------------------------ weights
+    def load_pretrained(self, path: str) -> None:
+        """Copy the frozen encoders written by scripts/convert_weights.py into the model."""
+        from mfuser_jax.convert.pretrained import load_pretrained_encoders
+
+        load_pretrained_encoders(self, os.fspath(path))

@@ -1,0 +1,106 @@
+"""The assembled MFuser: tiny forward/backward, trainable split, inference, full-size counts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs.base import mfuser_model_config
+from mfuser_jax.models.mfuser import MFuser, is_trainable_path
+
+
+def tiny_config():
+    cfg = mfuser_model_config("tiny")
+    cfg.mvfuser.scan_backend = "reference"
+    cfg.loss.num_points = 64
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return MFuser(tiny_config(), rngs=nnx.Rngs(0))
+
+
+def _batch(b=2, size=64, seed=0):
+    rng = np.random.default_rng(seed)
+    images = jnp.asarray(rng.integers(0, 256, (b, size, size, 3)), jnp.uint8)
+    labels = rng.integers(0, 6, (b, size, size)).astype(np.int32)
+    labels[:, :4] = 255
+    return images, jnp.asarray(labels)
+
+
+def _paths(state):
+    return {tuple(str(p) for p in path) for path, _ in nnx.to_flat_state(state)}
+
+
+def test_gradients_reach_every_trainable_parameter_and_no_frozen_one(tiny_model):
+    images, labels = _batch()
+    graphdef, trainable, rest = nnx.split(tiny_model, tiny_model.trainable_filter, ...)
+
+    @jax.jit
+    def grads(trainable, rest):
+        def loss(trainable):
+            model = nnx.merge(graphdef, trainable, rest, copy=True)
+            total, parts = model.loss(images, labels, jax.random.key(1))
+            return total, parts
+        return jax.grad(loss, has_aux=True)(trainable)
+
+    g, parts = grads(trainable, rest)
+    # The score-map term and all 3 predictions' class/mask/dice terms are present.
+    assert "scr_map.loss_seg" in parts and "decode.loss_dice" in parts
+    assert "decode.d0.loss_cls" in parts and len(parts) == 10
+    assert all(np.isfinite(float(v)) for v in parts.values())
+
+    grad_paths = _paths(g)
+    assert grad_paths == _paths(trainable)
+    assert all(is_trainable_path(p) for p in grad_paths)
+    dead = [".".join(p) for p, v in nnx.to_flat_state(g) if not np.any(np.asarray(v[...]))]
+    assert dead == [], f"parameters without gradient: {dead}"
+
+    frozen = _paths(nnx.state(tiny_model, nnx.Param)) - grad_paths
+    for tower in ("dinov2", "transformer", "conv1", "ln_post", "proj"):
+        assert any(p[0] == "backbone" and p[1] == tower for p in frozen), tower
+    assert any(p[0] == "text_encoder" for p in frozen)
+    assert not any(p[0] == "text_encoder" for p in grad_paths)
+
+
+def test_predict_and_custom_class_names(tiny_model):
+    images, _ = _batch(b=1, size=64)
+    scores = tiny_model.predict(images)
+    assert scores.shape == (1, 64, 64, 19) and scores.dtype == jnp.float32
+    # Known names keep their trained slots: the channels are a selection of the full output.
+    picked = tiny_model.predict(images, class_names=["car", "road"])
+    np.testing.assert_allclose(picked, scores[..., [13, 0]], rtol=1e-5, atol=1e-6)
+    # A new name takes a free slot; the output has one channel per name.
+    # A new name takes the first free slot (sidewalk's, 1): the text, not the slot, decides.
+    novel = tiny_model.predict(images, class_names=["road", "traffic cone"])
+    assert novel.shape == (1, 64, 64, 2) and np.all(np.isfinite(novel))
+    assert not np.allclose(novel[..., 1], scores[..., 1], rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match="class names"):
+        tiny_model.predict(images, class_names=[])
+
+
+def _count(tree):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def test_full_size_parameter_counts():
+    cfg = mfuser_model_config("large")
+    model = nnx.eval_shape(lambda: MFuser(cfg, rngs=nnx.Rngs(0)))
+    params = nnx.state(model, nnx.Param)
+    bb = params["backbone"]
+    assert _count(bb["adapter"]) == 24 * 1_667_585 == 40_022_040
+    assert _count([bb[f"adapter_proj{i}"] for i in (1, 2, 3)]) == 51_430_400
+    assert _count([bb[f"fpn{i}"] for i in (1, 2)]) == 50_341_888
+    assert _count(params["context_decoder"]) == 1_494_401
+    assert params["contexts"].shape == (1, 5, 768) and params["gamma"].shape == (768,)
+    # Frozen towers at MFuser's sizes (patch 16, 512 px, 10 text positions); see
+    # tests/test_dinov2.py and tests/test_clip.py for the derivations from the official ones.
+    assert _count(bb["dinov2"]) == 304_199_680
+    clip_visual = {k: v for k, v in bb.items() if not str(k).startswith(("dinov2", "adapter", "fpn"))}
+    assert _count(clip_visual) == 304_936_960
+    assert _count(params["text_encoder"]) == 123_598_848
+    trainable = nnx.state(model, model.trainable_filter)
+    frozen = 304_199_680 + 304_936_960 + 123_598_848
+    assert _count(params) - _count(trainable) == frozen
