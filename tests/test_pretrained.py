@@ -1,0 +1,104 @@
+"""Converting encoder weights (HF-named files here) and loading them into MFuser."""
+
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from safetensors.torch import save_file
+
+from configs.base import mfuser_model_config
+from mfuser_jax.convert import WeightFileError, load_torch_state_dict
+from mfuser_jax.convert.dinov2 import load_dinov2_state_dict
+from mfuser_jax.convert.pretrained import convert_encoders
+from mfuser_jax.models.dinov2 import DinoVisionTransformer
+from mfuser_jax.models.mfuser import MFuser
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config():
+    cfg = mfuser_model_config("tiny")  # width 32, 4 layers, 64 px, patch 16
+    cfg.mvfuser.scan_backend = "reference"
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def weight_files(tmp_path_factory):
+    """Random HF DINOv2 and CLIP at patch 14 / 56 px, so conversion must resize to 16 px."""
+    cfg = _config()
+    c, d = cfg.clip, cfg.dinov2
+    folder = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    dino = transformers.Dinov2Model(transformers.Dinov2Config(
+        hidden_size=d.embed_dim, num_hidden_layers=c.layers, num_attention_heads=d.num_heads,
+        intermediate_size=4 * d.embed_dim, image_size=56, patch_size=14, layer_norm_eps=1e-6))
+    clip = transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=dict(hidden_size=c.text_width, intermediate_size=4 * c.text_width,
+                         num_hidden_layers=c.text_layers, num_attention_heads=c.text_heads,
+                         vocab_size=c.vocab_size, max_position_embeddings=77),
+        vision_config=dict(hidden_size=c.width, intermediate_size=4 * c.width,
+                           num_hidden_layers=c.layers, num_attention_heads=c.heads,
+                           image_size=56, patch_size=14),
+        projection_dim=c.output_dim))
+    paths = {"dinov2": str(folder / "dinov2.safetensors"), "clip": str(folder / "clip.safetensors")}
+    for model, path in ((dino, paths["dinov2"]), (clip, paths["clip"])):
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    out = str(folder / "converted")
+    counts = convert_encoders(cfg, out, dinov2_path=paths["dinov2"], clip_path=paths["clip"])
+    return paths, out, counts
+
+
+def test_converted_encoders_load_into_mfuser(weight_files):
+    paths, out, counts = weight_files
+    assert set(counts) == {"dinov2", "clip_visual", "clip_text"}
+    cfg = _config()
+    model = MFuser(cfg, rngs=nnx.Rngs(1))
+    adapter_before = np.asarray(model.backbone.adapter[0].in_proj.kernel[...])
+    model.load_pretrained(out)
+
+    # The fused backbone's DINOv2 is the converted (14 -> 16 px resized) HF model.
+    reference = DinoVisionTransformer(img_size=64, patch_size=16, embed_dim=32, depth=4,
+                                      num_heads=2, rngs=nnx.Rngs(2))
+    load_torch_state_dict(reference, load_dinov2_state_dict(paths["dinov2"], 16, 64))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 64, 64, 3)), jnp.float32)
+    np.testing.assert_allclose(model.backbone.dinov2(x), reference(x), rtol=1e-5, atol=1e-5)
+    # The CLIP text projection arrived; trainable adapters were left alone.
+    assert not np.allclose(model.text_encoder.text_projection[...], 0)
+    np.testing.assert_array_equal(model.backbone.adapter[0].in_proj.kernel[...], adapter_before)
+
+
+def test_mismatched_checkpoint_is_one_clear_error(weight_files, tmp_path):
+    _, out, _ = weight_files
+    cfg = _config()
+    cfg.image_size = 128  # the converted position tables are for 64 px
+    model = MFuser(cfg, rngs=nnx.Rngs(1))
+    with pytest.raises(WeightFileError, match="mis-shaped.*positional_embedding"):
+        model.load_pretrained(out)
+    with pytest.raises(WeightFileError, match="convert_weights.py"):
+        model.load_pretrained(str(tmp_path / "absent"))
+
+
+def _run_convert(*args):
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "convert_weights.py"),
+         "--config", os.path.join(REPO, "configs", "demo.py"), *args],
+        capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def test_convert_weights_cli_errors(weight_files, tmp_path):
+    paths, _, _ = weight_files
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"\x00 definitely not weights")
+    result = _run_convert("--dinov2", str(garbage), "--clip", paths["clip"], "--out", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert "garbage.pth" in result.stderr and "Traceback" not in result.stderr
+    # A CLIP file where DINOv2 is expected names the file and what was expected.
+    result = _run_convert("--dinov2", paths["clip"], "--clip", paths["clip"], "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "clip.safetensors" in result.stderr and "DINOv2" in result.stderr
