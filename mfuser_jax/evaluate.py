@@ -104,8 +104,30 @@ def format_iou_table(dataset: str, class_names: Sequence[str], iou: np.ndarray,
     return "\n".join(lines)
 
 
+def _scores_fn(graphdef, *, crop: int, stride: int, crop_batch: int,
+               class_names: Sequence[str] | None = None):
+    """(state, image (1,h,w,3)) -> averaged window scores (h, w, K); traceable."""
+    names = tuple(class_names) if class_names is not None else None
+
+    def scores(state, image):
+        # Merge inside the mapped function: the model then lives at lax.map's trace
+        # level, so predict() may switch modes (eval()) on it.
+        def predict(crops):
+            m = nnx.merge(graphdef, state)
+            m.eval()
+            return m.predict(crops) if names is None else m.predict(crops, list(names))
+
+        return sliding_window_scores(predict, image, crop=crop, stride=stride,
+                                     crop_batch=crop_batch)
+
+    return scores
+
+
 class ImageEvaluator:
-    """Jitted per-image evaluation of an NNX model: sliding window -> confusion matrix."""
+    """Jitted per-image evaluation of an NNX model: sliding window -> confusion matrix.
+
+    The model state is copied to one device of this process: each process evaluates its
+    own images independently (image sizes differ, so no cross-process SPMD program)."""
 
     def __init__(self, model: nnx.Module, *, num_classes: int, crop: int = 512,
                  stride: int = 341, crop_batch: int = 6, device: jax.Device | None = None):
@@ -115,18 +137,10 @@ class ImageEvaluator:
         self.state = jax.tree.map(lambda x: _to_device(x, device), state)
         self.device = device
         self.num_classes = num_classes
+        scores_fn = _scores_fn(self.graphdef, crop=crop, stride=stride, crop_batch=crop_batch)
 
         def run(state, image, label):
-            # Merge inside the mapped function: the model then lives at lax.map's trace
-            # level, so predict() may switch modes (eval()) on it.
-            def predict(crops):
-                m = nnx.merge(self.graphdef, state)
-                m.eval()
-                return m.predict(crops)
-
-            scores = sliding_window_scores(predict, image, crop=crop,
-                                           stride=stride, crop_batch=crop_batch)
-            scores = resize_scores(scores, label.shape[-2:])
+            scores = resize_scores(scores_fn(state, image), label.shape[-2:])
             pred = jnp.argmax(scores, axis=-1)
             return confusion_matrix(pred, label[0], num_classes)
 
@@ -136,6 +150,24 @@ class ImageEvaluator:
         image = jax.device_put(np.asarray(image), self.device)
         label = jax.device_put(np.asarray(label), self.device)
         return self._run(self.state, image, label)
+
+
+class SlidingWindowPredictor:
+    """image (h, w, 3) uint8 -> (h, w, K) float32 scores, optionally for custom classes."""
+
+    def __init__(self, model: nnx.Module, *, crop: int = 512, stride: int = 341,
+                 crop_batch: int = 6, class_names: Sequence[str] | None = None,
+                 device: jax.Device | None = None):
+        model.eval()
+        graphdef, state = nnx.split(model)
+        self.device = device or jax.local_devices()[0]
+        self.state = jax.tree.map(lambda x: _to_device(x, self.device), state)
+        self._run = jax.jit(_scores_fn(graphdef, crop=crop, stride=stride,
+                                       crop_batch=crop_batch, class_names=class_names))
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        image = jax.device_put(np.asarray(image)[None], self.device)
+        return np.asarray(self._run(self.state, image))
 
 
 def _to_device(x, device):
@@ -180,10 +212,16 @@ def sum_over_processes(cm: np.ndarray) -> np.ndarray:
     return (hi << 30) + lo
 
 
+def eval_json_path(workdir: str, dataset: str, step: int) -> str:
+    """W/eval/<dataset>_step<N>.json (':' and '/' of 'name:split' names become '_')."""
+    safe = dataset.replace(":", "_").replace("/", "_")
+    return os.path.join(workdir, "eval", f"{safe}_step{step}.json")
+
+
 def write_eval_json(workdir: str, dataset: str, step: int, miou: float,
                     class_names: Sequence[str], iou: np.ndarray) -> str:
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-    path = os.path.join(workdir, "eval", f"{dataset}_step{step}.json")
+    path = eval_json_path(workdir, dataset, step)
     per_class = {n: (None if np.isnan(v) else float(v)) for n, v in zip(class_names, iou)}
     with open(path + ".tmp", "w") as f:
         json.dump({"step": int(step), "dataset": dataset, "miou": float(miou),

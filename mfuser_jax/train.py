@@ -31,7 +31,7 @@ import optax
 from flax import nnx
 
 from mfuser_jax import sharding as shd
-from mfuser_jax.evaluate import evaluate_model
+from mfuser_jax.evaluate import eval_json_path, evaluate_model
 from mfuser_jax.models.factory import build_model
 
 # Folders under config.data_root, by dataset name (scripts/prepare_data.py writes them).
@@ -306,32 +306,39 @@ def restore_checkpoint(mngr, trainer: Trainer, step: int) -> TrainState:
 
 # --------------------------------------------------------------------------- setup checks
 
+def _base_name(name: str) -> str:
+    """'cityscapes:val' -> 'cityscapes' (the data pipeline's name:split syntax)."""
+    return name.split(":", 1)[0]
+
+
+def _needs_folder(name: str) -> bool:
+    """Synthetic and TFDS sources do not live under config.data_root."""
+    return not (name.startswith("synthetic") or name.startswith("tfds:"))
+
+
 def check_data(config: Any) -> None:
     """Fails early, with the path, when a dataset folder the config needs is missing."""
-    data = config.data
-    if data.train == "synthetic" or data.get("tfds", {}).get("enabled", False):
+    if not _needs_folder(config.data.train):
         return
+    name = _base_name(config.data.train)
     root = os.path.abspath(os.path.expanduser(config.data_root))
     hint = ("set --config.data_root=DIR (the folder holding gta/, synthia/, cityscapes/, "
             "bdd100k/, mapillary/) and prepare the datasets with scripts/prepare_data.py")
     if not os.path.isdir(root):
         raise UserError(f"data root not found: {root}\n{hint}")
-    folder = os.path.join(root, DATASET_DIRS.get(data.train, data.train))
+    folder = os.path.join(root, DATASET_DIRS.get(name, name))
     if not os.path.isdir(folder):
-        raise UserError(f"training data {data.train!r} not found: {folder}\n{hint}")
+        raise UserError(f"training data {name!r} not found: {folder}\n{hint}")
 
 
 def available_eval_datasets(config: Any, log: Callable[[str], None] = print) -> list[str]:
     """config.data.eval, without the (non-first) target datasets that are not on disk."""
     names = list(config.data.eval)
-    data = config.data
-    if data.train == "synthetic" or data.get("tfds", {}).get("enabled", False):
-        return names
     root = os.path.abspath(os.path.expanduser(config.data_root))
     out = []
     for i, name in enumerate(names):
-        folder = os.path.join(root, DATASET_DIRS.get(name, name))
-        if os.path.isdir(folder):
+        folder = os.path.join(root, DATASET_DIRS.get(_base_name(name), _base_name(name)))
+        if not _needs_folder(name) or os.path.isdir(folder):
             out.append(name)
         elif i == 0:
             raise UserError(f"evaluation data {name!r} not found: {folder}\n"
@@ -432,8 +439,7 @@ def _default_train_iter(config, *, start_step, process_index, process_count):
 
 
 def _eval_done(workdir: str, datasets: list[str], step: int) -> bool:
-    return all(os.path.exists(os.path.join(workdir, "eval", f"{d}_step{step}.json"))
-               for d in datasets)
+    return all(os.path.exists(eval_json_path(workdir, d, step)) for d in datasets)
 
 
 def train_and_evaluate(config: Any, workdir: str, *,
@@ -568,6 +574,33 @@ def train_and_evaluate(config: Any, workdir: str, *,
     return last
 
 
+def restore_model(config: Any, workdir: str, step: int | None = None
+                  ) -> tuple[nnx.Module, int]:
+    """The model with the trained state of W/checkpoints/<step> (default latest)."""
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    hint = "train first: python scripts/train.py --config C --workdir W"
+    if not os.path.isdir(ckpt_dir):
+        raise UserError(f"no checkpoints in {ckpt_dir}\n{hint}")
+    mngr = checkpoint_manager(workdir, create=False)
+    try:
+        steps = sorted(mngr.all_steps())
+        if not steps:
+            raise UserError(f"no checkpoints in {ckpt_dir}\n{hint}")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise UserError(f"no checkpoint for step {step} in {ckpt_dir} "
+                            f"(available: {', '.join(map(str, steps))})")
+        mesh = shd.make_mesh(config.get("mesh", None))
+        model = build_and_load(config)
+        trainer = Trainer(config, model, mesh)
+        state = restore_checkpoint(mngr, trainer, step)
+    finally:
+        mngr.close()
+    return trainer.merged_model(state), step
+
+
 def evaluate_checkpoint(config: Any, workdir: str, step: int | None = None, *,
                         eval_iter_fn: Callable[..., Any] | None = None,
                         log: Callable[[str], None] | None = None) -> dict[str, float]:
@@ -575,37 +608,16 @@ def evaluate_checkpoint(config: Any, workdir: str, step: int | None = None, *,
     shd.maybe_initialize_distributed(config)
     log = log or (lambda s: print(s, flush=True) if jax.process_index() == 0 else None)
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-        raise UserError(f"no checkpoints in {ckpt_dir}\n"
-                        "train first: python scripts/train.py --config C --workdir W")
-    mngr = checkpoint_manager(workdir, create=False)
-    try:
-        steps = sorted(mngr.all_steps())
-        if not steps:
-            raise UserError(f"no checkpoints in {ckpt_dir}\n"
-                            "train first: python scripts/train.py --config C --workdir W")
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
-            raise UserError(f"no checkpoint for step {step} in {ckpt_dir} "
-                            f"(available: {', '.join(map(str, steps))})")
-        if eval_iter_fn is None:
-            check_data_for_eval(config)
-        eval_sets = available_eval_datasets(config, log)
-        mesh = shd.make_mesh(config.get("mesh", None))
-        model = build_and_load(config)
-        trainer = Trainer(config, model, mesh)
-        state = restore_checkpoint(mngr, trainer, step)
-    finally:
-        mngr.close()
-    return evaluate_model(trainer.merged_model(state), config, step=step, workdir=workdir,
-                          datasets=eval_sets, eval_iter_fn=eval_iter_fn, log=log)
+    if eval_iter_fn is None:
+        check_data_for_eval(config)
+    eval_sets = available_eval_datasets(config, log)
+    model, step = restore_model(config, workdir, step)
+    return evaluate_model(model, config, step=step, workdir=workdir, datasets=eval_sets,
+                          eval_iter_fn=eval_iter_fn, log=log)
 
 
 def check_data_for_eval(config: Any) -> None:
-    data = config.data
-    if data.train == "synthetic" or data.get("tfds", {}).get("enabled", False):
+    if not any(_needs_folder(n) for n in config.data.eval):
         return
     root = os.path.abspath(os.path.expanduser(config.data_root))
     if not os.path.isdir(root):
