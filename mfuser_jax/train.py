@@ -374,9 +374,21 @@ def load_pretrained(model: nnx.Module, path: str | None) -> None:
                         "re-create them with scripts/convert_weights.py") from None
 
 
+def create_model(config: Any) -> nnx.Module:
+    """Builds the model under jit (one compiled initialiser instead of one dispatch per
+    parameter); falls back to eager construction for models whose __init__ needs
+    concrete values."""
+    build = lambda: build_model(config.model, rngs=nnx.Rngs(int(config.seed)))
+    try:
+        return nnx.jit(build)()
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+            jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError):
+        return build()
+
+
 def build_and_load(config: Any) -> nnx.Module:
     path = check_pretrained(config)
-    model = build_model(config.model, rngs=nnx.Rngs(int(config.seed)))
+    model = create_model(config)
     load_pretrained(model, path)
     return model
 

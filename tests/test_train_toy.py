@@ -162,9 +162,13 @@ def main(argv=None):
     ap.add_argument("--coordinator", default="")
     ap.add_argument("--num_processes", type=int, default=1)
     ap.add_argument("--process_id", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--no_eval", action="store_true")
     args = ap.parse_args(argv)
 
-    overrides = {}
+    overrides = {"total_steps": args.steps}
+    if args.no_eval:
+        overrides["data.eval"] = ()
     if args.coordinator:
         import ml_collections
         overrides["distributed"] = ml_collections.ConfigDict(dict(
