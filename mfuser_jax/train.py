@@ -66,8 +66,8 @@ def lr_schedule(optim: Any, total_steps: int) -> optax.Schedule:
         t = jnp.minimum(jnp.asarray(step, jnp.float32), total)
         lr = (lr0 - min_lr) * (1.0 - t / total) ** power + min_lr
         if warmup > 0:
-            k = (1.0 - t / warmup) * (1.0 - ratio)
-            lr = jnp.where(t < warmup, lr * (1.0 - k), lr)
+            # 1 - (1 - t/W)(1 - r), written without the float32 cancellation at t = 0
+            lr = jnp.where(t < warmup, lr * (ratio + (1.0 - ratio) * t / warmup), lr)
         return lr
 
     return schedule
