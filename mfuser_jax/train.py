@@ -529,8 +529,8 @@ def train_and_evaluate(config: Any, workdir: str, *,
         bad = [s for s, m in fetched if not m["finite"]]
         if bad:
             raise TrainingDiverged(
-                f"non-finite loss or gradient at step {bad[0]}: training stopped; the last "
-                f"good checkpoint in {workdir}/checkpoints is kept (lower optim.lr, enable "
+                f"non-finite loss or gradient in step {bad[0] + 1}: training stopped; the "
+                f"last good checkpoint in {workdir}/checkpoints is kept (lower optim.lr, enable "
                 "optim.grad_clip or use float32 compute)")
         end = fetched[-1][0] + 1
         keys = [k for k in fetched[-1][1] if k != "finite"]
