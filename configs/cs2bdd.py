@@ -1,4 +1,5 @@
-"""MFuser, Cityscapes -> BDD100K (also Mapillary when present): 20k steps, global batch 4, 512 crops.
+"""MFuser, Cityscapes -> BDD100K (also Mapillary when present).
+Recipe: 20k steps, global batch 4, 512 crops.
 
   python scripts/train.py --config configs/cs2bdd.py --workdir runs/cs2bdd \
       --config.model.pretrained=weights/ --config.data_root=data

@@ -1,4 +1,5 @@
-"""MFuser, Cityscapes -> Mapillary: 20k steps, global batch 4, 512 crops.
+"""MFuser, Cityscapes -> Mapillary.
+Recipe: 20k steps, global batch 4, 512 crops.
 
   python scripts/train.py --config configs/cs2map.py --workdir runs/cs2map \
       --config.model.pretrained=weights/ --config.data_root=data

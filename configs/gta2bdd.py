@@ -1,4 +1,5 @@
-"""MFuser, GTA5 -> BDD100K: 20k steps, global batch 4, 512 crops.
+"""MFuser, GTA5 -> BDD100K.
+Recipe: 20k steps, global batch 4, 512 crops.
 
   python scripts/train.py --config configs/gta2bdd.py --workdir runs/gta2bdd \
       --config.model.pretrained=weights/ --config.data_root=data

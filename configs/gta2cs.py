@@ -1,4 +1,5 @@
-"""MFuser, GTA5 -> Cityscapes (paper setting; also BDD100K and Mapillary when present): 20k steps, global batch 4, 512 crops.
+"""MFuser, GTA5 -> Cityscapes (paper setting; also BDD100K and Mapillary when present).
+Recipe: 20k steps, global batch 4, 512 crops.
 
   python scripts/train.py --config configs/gta2cs.py --workdir runs/gta2cs \
       --config.model.pretrained=weights/ --config.data_root=data

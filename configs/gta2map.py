@@ -1,4 +1,5 @@
-"""MFuser, GTA5 -> Mapillary: 20k steps, global batch 4, 512 crops.
+"""MFuser, GTA5 -> Mapillary.
+Recipe: 20k steps, global batch 4, 512 crops.
 
   python scripts/train.py --config configs/gta2map.py --workdir runs/gta2map \
       --config.model.pretrained=weights/ --config.data_root=data

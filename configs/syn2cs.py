@@ -1,4 +1,5 @@
-"""MFuser, SYNTHIA -> Cityscapes (also BDD100K and Mapillary when present): 20k steps, global batch 4, 512 crops.
+"""MFuser, SYNTHIA -> Cityscapes (also BDD100K and Mapillary when present).
+Recipe: 20k steps, global batch 4, 512 crops.
 
   python scripts/train.py --config configs/syn2cs.py --workdir runs/syn2cs \
       --config.model.pretrained=weights/ --config.data_root=data

@@ -65,3 +65,22 @@ def test_grad_accumulation_is_mean_of_micro_batches():
     # the whole jitted step runs with accumulation
     new, metrics = trainer.step(state, batch)
     assert bool(metrics["finite"]) and new.step == 1
+
+
+def test_sigterm_saves_checkpoint_then_resume_finishes(tmp_path):
+    import signal
+    config = toy_config(total_steps=8, checkpoint_every=100, **{"data.eval": ()})
+    workdir = str(tmp_path)
+
+    def term_at_5(step):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(T.Preempted, match="step 6"):
+        T.train_and_evaluate(config, workdir, train_iter_fn=functools.partial(
+            fake_train_iter, on_request=term_at_5))
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["6"]
+    T.train_and_evaluate(config, workdir, train_iter_fn=fake_train_iter)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["6", "8"]
