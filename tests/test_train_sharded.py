@@ -1,5 +1,6 @@
 """The same global batch on 8 fake CPU devices, and on two jax.distributed processes on
-localhost, gives the same losses as one device (rel < 1e-4)."""
+localhost, gives the same losses as one device (rel < 1e-4); the two-process evaluation
+equals a single-process evaluation of the same checkpoint."""
 
 import json
 import os
@@ -56,7 +57,7 @@ def test_two_processes_match_one(tmp_path, single_device_losses):
         port = s.getsockname()[1]
     workdir = str(tmp_path / "two_proc")
     procs = [subprocess.Popen(
-        [sys.executable, SCRIPT, "--workdir", workdir, "--steps", str(STEPS), "--no_eval",
+        [sys.executable, SCRIPT, "--workdir", workdir, "--steps", str(STEPS),
          "--coordinator", f"localhost:{port}", "--num_processes", "2",
          "--process_id", str(i)], env=_env(2), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True) for i in range(2)]
@@ -73,3 +74,11 @@ def test_two_processes_match_one(tmp_path, single_device_losses):
     assert "'data': 4" in outs[0][0] and "2 process(es)" in outs[0][0]
     np.testing.assert_allclose(_losses(workdir), single_device_losses, rtol=1e-4)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "5"]
+    # evaluation split over the processes (confusion matrices summed) equals a
+    # single-process evaluation of the checkpoint they wrote together
+    from mfuser_jax.train import evaluate_checkpoint
+    from tests.test_train_toy import fake_eval_iter
+    report = json.load(open(os.path.join(workdir, "eval", f"synthetic_toy_step{STEPS}.json")))
+    single = evaluate_checkpoint(toy_config(total_steps=STEPS), workdir,
+                                 eval_iter_fn=fake_eval_iter, log=lambda s: None)
+    assert single["synthetic_toy"] == pytest.approx(report["miou"], abs=1e-9)
