@@ -118,6 +118,10 @@ def put_global(tree: Any, shardings: Any) -> Any:
     def one(x, sharding):
         if jax.process_count() == 1:
             return jax.device_put(x, sharding)
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            # typed PRNG keys (nnx.Rngs state): place the raw key data, then re-wrap
+            data = one(jax.random.key_data(x), NamedSharding(sharding.mesh, P()))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
         host = to_host(x) if isinstance(x, jax.Array) else np.asarray(x)
         return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 

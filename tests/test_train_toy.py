@@ -71,6 +71,9 @@ def register_toy():
             self.bn = nnx.BatchNorm(w, momentum=0.9, rngs=rngs)
             self.frozen = nnx.Conv(w, w, (1, 1), rngs=rngs)
             self.head = nnx.Conv(w, int(cfg.num_classes), (1, 1), rngs=rngs)
+            # holds nnx.Rngs state (typed keys) like MFuser's dropouts; randomness in the
+            # step comes from the `key` argument
+            self.dropout = nnx.Dropout(0.1, rngs=rngs)
 
         @property
         def trainable_filter(self):
@@ -90,7 +93,7 @@ def register_toy():
             x = nnx.relu(self.bn(self.stem(x)))
             x = x + self.frozen(x)
             if key is not None:
-                x = x * jax.random.bernoulli(key, 0.9, x.shape) / 0.9
+                x = self.dropout(x, rngs=nnx.Rngs(key))
             return self.head(x)
 
         def loss(self, images, labels, key):
