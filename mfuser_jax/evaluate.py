@@ -39,22 +39,28 @@ def window_positions(h: int, w: int, crop: int, stride: int) -> list[tuple[int, 
 
 
 def sliding_window_scores(predict: Callable[[jax.Array], jax.Array], image: jax.Array, *,
-                          crop: int, stride: int, crop_batch: int) -> jax.Array:
+                          crop: int, stride: int, crop_batch: int,
+                          crop_sharding: Any = None) -> jax.Array:
     """Averaged window scores (h, w, K) float32 for one image (1, h, w, 3); traceable.
 
-    `predict` maps uint8 crops (n, ch, cw, 3) to scores (n, ch, cw, K).
+    `predict` maps uint8 crops (n, ch, cw, 3) to scores (n, ch, cw, K). `crop_sharding`
+    (a NamedSharding for the (chunks, crop_batch, ...) crop array) spreads each chunk of
+    windows over several devices.
     """
     _, h, w, _ = image.shape
     ch, cw = min(crop, h), min(crop, w)
     pos = window_positions(h, w, crop, stride)
     crops = jnp.stack([image[0, y:y + ch, x:x + cw] for y, x in pos])
     n = len(pos)
-    crop_batch = max(1, min(crop_batch, n))
+    if crop_sharding is None:  # a sharded chunk keeps its full (divisible) size
+        crop_batch = max(1, min(crop_batch, n))
     chunks = math.ceil(n / crop_batch)
     pad = chunks * crop_batch - n
     if pad:  # repeat the last window so every chunk has the same shape; dropped below
         crops = jnp.concatenate([crops, jnp.repeat(crops[-1:], pad, axis=0)])
     crops = crops.reshape(chunks, crop_batch, ch, cw, 3)
+    if crop_sharding is not None:
+        crops = jax.lax.with_sharding_constraint(crops, crop_sharding)
     scores = jax.lax.map(lambda c: predict(c).astype(jnp.float32), crops)
     scores = scores.reshape(chunks * crop_batch, ch, cw, -1)[:n]
     total = jnp.zeros((h, w, scores.shape[-1]), jnp.float32)
@@ -105,7 +111,7 @@ def format_iou_table(dataset: str, class_names: Sequence[str], iou: np.ndarray,
 
 
 def _scores_fn(graphdef, *, crop: int, stride: int, crop_batch: int,
-               class_names: Sequence[str] | None = None):
+               class_names: Sequence[str] | None = None, crop_sharding: Any = None):
     """(state, image (1,h,w,3)) -> averaged window scores (h, w, K); traceable."""
     names = tuple(class_names) if class_names is not None else None
 
@@ -118,7 +124,7 @@ def _scores_fn(graphdef, *, crop: int, stride: int, crop_batch: int,
             return m.predict(crops) if names is None else m.predict(crops, list(names))
 
         return sliding_window_scores(predict, image, crop=crop, stride=stride,
-                                     crop_batch=crop_batch)
+                                     crop_batch=crop_batch, crop_sharding=crop_sharding)
 
     return scores
 
@@ -126,18 +132,31 @@ def _scores_fn(graphdef, *, crop: int, stride: int, crop_batch: int,
 class ImageEvaluator:
     """Jitted per-image evaluation of an NNX model: sliding window -> confusion matrix.
 
-    The model state is copied to one device of this process: each process evaluates its
-    own images independently (image sizes differ, so no cross-process SPMD program)."""
+    One process with a mesh of several devices: the model stays where training placed it
+    and each chunk of `crop_batch` windows is split over the mesh's 'data' axis (when it
+    divides). Several processes: the state is copied to one device of each process and
+    every process evaluates its own images (image sizes differ, so no common SPMD
+    program); the confusion matrices are summed afterwards."""
 
     def __init__(self, model: nnx.Module, *, num_classes: int, crop: int = 512,
-                 stride: int = 341, crop_batch: int = 6, device: jax.Device | None = None):
+                 stride: int = 341, crop_batch: int = 6, device: jax.Device | None = None,
+                 mesh: jax.sharding.Mesh | None = None):
         model.eval()
         self.graphdef, state = nnx.split(model)
-        device = device or jax.local_devices()[0]
-        self.state = jax.tree.map(lambda x: _to_device(x, device), state)
-        self.device = device
+        crop_sharding = None
+        if mesh is not None and mesh.size > 1 and jax.process_count() == 1 and device is None:
+            from jax.sharding import NamedSharding, PartitionSpec as P
+            self.placement = NamedSharding(mesh, P())
+            self.state = jax.tree.map(lambda x: _to_mesh(x, self.placement), state)
+            if crop_batch % mesh.shape["data"] == 0:
+                crop_sharding = NamedSharding(mesh, P(None, "data"))
+        else:
+            self.placement = device or jax.local_devices()[0]
+            self.state = jax.tree.map(lambda x: _to_device(x, self.placement), state)
+        self.device = self.placement
         self.num_classes = num_classes
-        scores_fn = _scores_fn(self.graphdef, crop=crop, stride=stride, crop_batch=crop_batch)
+        scores_fn = _scores_fn(self.graphdef, crop=crop, stride=stride, crop_batch=crop_batch,
+                               crop_sharding=crop_sharding)
 
         def run(state, image, label):
             scores = resize_scores(scores_fn(state, image), label.shape[-2:])
@@ -170,11 +189,23 @@ class SlidingWindowPredictor:
         return np.asarray(self._run(self.state, image))
 
 
+def _to_mesh(x, replicated):
+    """Arrays already on the mesh stay put (FSDP shards included); others are replicated."""
+    if not isinstance(x, jax.Array):
+        return x
+    if set(x.sharding.device_set) == set(replicated.mesh.devices.flat):
+        return x
+    return jax.device_put(x, replicated)
+
+
 def _to_device(x, device):
     if not isinstance(x, jax.Array):
         return x
     if x.is_fully_addressable:
         return jax.device_put(x, device)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # nnx.Rngs state
+        data = _to_device(jax.random.key_data(x), device)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
     from mfuser_jax.sharding import to_host
     return jax.device_put(to_host(x), device)
 
@@ -239,7 +270,8 @@ def _default_eval_iter(config, name, *, process_index, process_count):
 def evaluate_model(model: nnx.Module, config: Any, *, step: int, workdir: str | None,
                    datasets: Sequence[str] | None = None,
                    eval_iter_fn: Callable[..., Iterable[dict]] | None = None,
-                   log: Callable[[str], None] = print) -> dict[str, float]:
+                   log: Callable[[str], None] = print,
+                   mesh: jax.sharding.Mesh | None = None) -> dict[str, float]:
     """Evaluates `model` on every dataset (default config.data.eval); returns {name: mIoU %}.
 
     Each process evaluates its share of the images; confusion matrices are summed over
@@ -252,7 +284,7 @@ def evaluate_model(model: nnx.Module, config: Any, *, step: int, workdir: str | 
     evaluator = ImageEvaluator(model, num_classes=num_classes,
                                crop=int(ev_cfg.get("crop_size", 512)),
                                stride=int(ev_cfg.get("stride", 341)),
-                               crop_batch=int(ev_cfg.get("crop_batch", 6)))
+                               crop_batch=int(ev_cfg.get("crop_batch", 6)), mesh=mesh)
     results = {}
     for name in (datasets if datasets is not None else config.data.eval):
         batches = eval_iter_fn(config, name, process_index=jax.process_index(),

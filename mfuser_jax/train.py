@@ -163,6 +163,7 @@ class Trainer:
         fsdp = int(config.get("sharding", {}).get("fsdp_min_size", 0))
         self.rest_shardings = shd.tree_shardings(rest, mesh, fsdp_min_size=fsdp)
         self.rest = shd.put_global(rest, self.rest_shardings)
+        nnx.update(model, self.rest)  # drop the unplaced copy of the frozen weights
         self.param_shardings = shd.tree_shardings(p_pure, mesh)
         self.bs_shardings = shd.tree_shardings(b_pure, mesh)
         self._init_params, self._init_bs = p_pure, b_pure
@@ -550,7 +551,8 @@ def train_and_evaluate(config: Any, workdir: str, *,
     def evaluate(step):
         model_now = trainer.merged_model(state)
         res = evaluate_model(model_now, config, step=step, workdir=workdir,
-                             datasets=eval_sets, eval_iter_fn=eval_iter_fn, log=log)
+                             datasets=eval_sets, eval_iter_fn=eval_iter_fn, log=log,
+                             mesh=mesh)
         for name, miou in res.items():
             writer.write({"step": step, "dataset": name, "miou": miou}, "eval")
         return res
@@ -625,7 +627,8 @@ def evaluate_checkpoint(config: Any, workdir: str, step: int | None = None, *,
     eval_sets = available_eval_datasets(config, log)
     model, step = restore_model(config, workdir, step)
     return evaluate_model(model, config, step=step, workdir=workdir, datasets=eval_sets,
-                          eval_iter_fn=eval_iter_fn, log=log)
+                          eval_iter_fn=eval_iter_fn, log=log,
+                          mesh=shd.make_mesh(config.get("mesh", None)))
 
 
 def check_data_for_eval(config: Any) -> None:

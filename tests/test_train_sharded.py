@@ -1,6 +1,7 @@
 """The same global batch on 8 fake CPU devices, and on two jax.distributed processes on
-localhost, gives the same losses as one device (rel < 1e-4); the two-process evaluation
-equals a single-process evaluation of the same checkpoint."""
+localhost, gives the same losses as one device (rel < 1e-4); their evaluations (windows
+spread over 8 devices; images split over 2 processes) equal a one-device evaluation of the
+same checkpoint."""
 
 import json
 import os
@@ -43,11 +44,23 @@ def _env(devices):
 def test_eight_devices_match_one(tmp_path, single_device_losses):
     workdir = str(tmp_path / "eight")
     out = subprocess.run([sys.executable, SCRIPT, "--workdir", workdir, "--steps",
-                          str(STEPS), "--no_eval"], env=_env(8), capture_output=True,
+                          str(STEPS)], env=_env(8), capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "'data': 8" in out.stdout
     np.testing.assert_allclose(_losses(workdir), single_device_losses, rtol=1e-4)
+    # evaluation with each chunk of 8 windows spread over the 8 devices equals a
+    # one-device evaluation of the same checkpoint
+    _assert_eval_reproduced(workdir)
+
+
+def _assert_eval_reproduced(workdir):
+    from mfuser_jax.train import evaluate_checkpoint
+    from tests.test_train_toy import fake_eval_iter
+    report = json.load(open(os.path.join(workdir, "eval", f"synthetic_toy_step{STEPS}.json")))
+    single = evaluate_checkpoint(toy_config(total_steps=STEPS), workdir,
+                                 eval_iter_fn=fake_eval_iter, log=lambda s: None)
+    assert single["synthetic_toy"] == pytest.approx(report["miou"], abs=1e-9)
 
 
 @pytest.mark.slow
@@ -76,9 +89,4 @@ def test_two_processes_match_one(tmp_path, single_device_losses):
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "5"]
     # evaluation split over the processes (confusion matrices summed) equals a
     # single-process evaluation of the checkpoint they wrote together
-    from mfuser_jax.train import evaluate_checkpoint
-    from tests.test_train_toy import fake_eval_iter
-    report = json.load(open(os.path.join(workdir, "eval", f"synthetic_toy_step{STEPS}.json")))
-    single = evaluate_checkpoint(toy_config(total_steps=STEPS), workdir,
-                                 eval_iter_fn=fake_eval_iter, log=lambda s: None)
-    assert single["synthetic_toy"] == pytest.approx(report["miou"], abs=1e-9)
+    _assert_eval_reproduced(workdir)

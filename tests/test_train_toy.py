@@ -38,7 +38,7 @@ def toy_config(**overrides):
         lr=3e-2, min_lr=1e-4, weight_decay=1e-4, power=0.9, warmup_steps=2,
         warmup_ratio=1e-6, b1=0.9, b2=0.999, eps=1e-8, grad_accum=1, grad_clip=0.0,
         lr_mults=(("head", 1.0),)))
-    c.evaluation = ml_collections.ConfigDict(dict(crop_size=16, stride=11, crop_batch=4))
+    c.evaluation = ml_collections.ConfigDict(dict(crop_size=16, stride=11, crop_batch=8))
     c.data = ml_collections.ConfigDict(dict(train="synthetic", eval=("synthetic_toy",),
                                             tfds=ml_collections.ConfigDict({"enabled": False})))
     c.model = ml_collections.ConfigDict(dict(
