@@ -125,3 +125,39 @@ def test_weight_decay_mask_and_lr_mults():
     np.testing.assert_allclose(upd["body"]["b"], 0.0)     # no decay
     np.testing.assert_allclose(upd["head"]["w"], 0.0)     # lr multiplier 0
     np.testing.assert_allclose(upd["slow"]["w"], -0.025)  # lr multiplier 0.5
+
+
+def test_predict_script_writes_masks_and_overlays(run, tmp_path, monkeypatch):
+    import importlib.util
+    from PIL import Image
+    config, workdir, _ = run
+    scripts = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "scripts")
+    monkeypatch.syspath_prepend(scripts)
+    spec = importlib.util.spec_from_file_location("predict_script",
+                                                  os.path.join(scripts, "predict.py"))
+    predict_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(predict_script)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (21, 30, 3), np.uint8)
+    Image.fromarray(image).save(folder / "a.png")
+    out = tmp_path / "out"
+    predict_script.predict(config, workdir, [str(folder)], str(out), None, None, 0.5)
+    mask = np.asarray(Image.open(out / "a_mask.png"))
+    assert mask.shape == (21, 30, 3) and (out / "a_overlay.jpg").exists()
+    pal = predict_script.palette_for(["red", "green", "blue"], ["red", "green", "blue"])
+    # the mask is the palette colour of the argmax of the sliding-window scores
+    from mfuser_jax.evaluate import SlidingWindowPredictor
+    model, _ = T.restore_model(config, workdir)
+    scores = SlidingWindowPredictor(model, crop=16, stride=11, crop_batch=8)(image)
+    np.testing.assert_array_equal(mask, pal[scores.argmax(-1)])
+    # custom classes: two of them, two colours
+    out2 = tmp_path / "out2"
+    predict_script.predict(config, workdir, [str(folder / "a.png")], str(out2),
+                           "blue,red", None, 0.5)
+    mask2 = np.asarray(Image.open(out2 / "a_mask.png")).reshape(-1, 3)
+    assert len(np.unique(mask2, axis=0)) <= 2
+    with pytest.raises(T.UserError, match="no such image"):
+        predict_script.list_images([str(tmp_path / "missing.png")])
