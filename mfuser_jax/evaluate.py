@@ -10,7 +10,6 @@ the model is compiled once per image shape.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os

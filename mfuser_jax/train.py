@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 import signal
-import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -531,8 +529,8 @@ def train_and_evaluate(config: Any, workdir: str, *,
         if bad:
             raise TrainingDiverged(
                 f"non-finite loss or gradient in step {bad[0] + 1}: training stopped; the "
-                f"last good checkpoint in {workdir}/checkpoints is kept (lower optim.lr, enable "
-                "optim.grad_clip or use float32 compute)")
+                f"last good checkpoint in {workdir}/checkpoints is kept (lower "
+                "optim.lr, enable optim.grad_clip or use float32 compute)")
         end = fetched[-1][0] + 1
         keys = [k for k in fetched[-1][1] if k != "finite"]
         mean = {k: float(np.mean([m[k] for _, m in fetched])) for k in keys}
@@ -575,8 +573,10 @@ def train_and_evaluate(config: Any, workdir: str, *,
                 raise Preempted(f"SIGTERM: checkpoint of step {done} saved in "
                                 f"{workdir}/checkpoints; rerun the same command to resume")
             if done % eval_every == 0 or done == total_steps:
+                flush()
                 mngr.wait_until_finished()
                 evaluate(done)
+                t_window = time.time()  # keep evaluation out of the images/s figure
         if latest is not None and latest >= total_steps:
             evaluate(state.step)  # the final evaluation of a run killed while evaluating
         mngr.wait_until_finished()

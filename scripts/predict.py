@@ -15,7 +15,7 @@ import os
 
 import _cli  # noqa: F401
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/demo.py[:arg]",

@@ -8,9 +8,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from flax import nnx
 
 from tests.test_train_toy import (fake_eval_iter, fake_train_iter, register_toy,
                                   toy_config)
