@@ -100,10 +100,14 @@ def data_config(train, eval_sets, crop_size=512):
     d.rcs = ml_collections.ConfigDict(dict(enabled=True, class_temp=100.0, min_pixels=3000,
                                            min_crop_ratio=0.5))
     d.num_workers = 0                  # grain worker processes (0 = in-process)
+    d.worker_buffer_size = 2
+    d.skip_corrupt = False             # True: skip unreadable files with a warning
     d.synthetic = ml_collections.ConfigDict(dict(num_train=2000, num_eval=100,
                                                  image_size=(128, 256), seed=0))
-    d.tfds = ml_collections.ConfigDict(dict(name="", split="train", eval_split="validation",
-                                            data_dir=""))
+    # Used by "tfds:<name>" sources (e.g. data.train="tfds:cityscapes").
+    d.tfds = ml_collections.ConfigDict(dict(
+        name="", split="train", eval_split="validation", data_dir="",
+        image_key="image_left", label_key="segmentation_label", label_map="cityscapes"))
     return d
 
 
