@@ -1,0 +1,151 @@
+"""Shared defaults for every MFuser config (big_vision style: configs are code).
+
+Each experiment file (gta2cs.py, ...) calls `make_config(train, eval, arg)`. The optional
+argument after the file name, `--config configs/gta2cs.py:vlm=clip,small_gpu=True`, is a
+comma-separated list of key=value pairs:
+
+  vlm=clip|eva02|siglip   the vision-language tower (only clip is implemented so far)
+  size=large|tiny         model size (tiny: a few-layer model for smoke runs)
+  small_gpu=True          for GPUs with less than ~80 GB: gradient accumulation over two
+                          micro-batches (optim.grad_accum=2), activation rematerialisation
+                          (model.remat=True) and bfloat16 compute (model.dtype). Same
+                          global batch, so the recipe is unchanged, at about 1.3x the time.
+
+Every field can also be overridden on the command line: `--config.total_steps=40000`,
+`--config.model.pretrained=weights/`, `--config.data_root=/data`.
+"""
+
+import ml_collections
+
+CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
+           "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
+           "truck", "bus", "train", "motorcycle", "bicycle")
+
+VLMS = ("clip", "eva02", "siglip")
+
+
+def parse_arg(arg, **defaults):
+    """'a=1,b=x' -> ConfigDict with the defaults' keys and types (unknown keys: error)."""
+    out = ml_collections.ConfigDict(defaults)
+    for item in (arg or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if key not in defaults:
+            raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+        default = defaults[key]
+        if isinstance(default, bool):
+            value = value.strip().lower() in ("1", "true", "yes", "") if sep else True
+        else:
+            value = type(default)(value.strip())
+        out[key] = value
+    return out
+
+
+def mfuser_model_config(size="large", vlm="clip"):
+    """config.model for MFuser (the fields mfuser_jax.models.mfuser.MFuser reads)."""
+    if vlm not in VLMS:
+        raise ValueError(f"vlm={vlm!r}: choose one of {VLMS}")
+    if vlm != "clip":
+        raise NotImplementedError(
+            f"vlm={vlm!r} is not implemented yet: only the CLIP variant (vlm=clip) exists")
+    if size not in ("large", "tiny"):
+        raise ValueError(f"size={size!r}: choose 'large' or 'tiny'")
+    large = size == "large"
+    m = ml_collections.ConfigDict()
+    m.name = "mfuser"
+    m.vlm = vlm
+    m.num_classes = 19
+    m.class_names = CLASSES
+    m.image_size = 512 if large else 64       # training crop; position embeddings fit it
+    m.patch_size = 16
+    m.dtype = "float32"                        # compute dtype: "float32" | "bfloat16"
+    m.remat = False                            # rematerialise encoder blocks (saves memory)
+    m.pretrained = ""                          # folder of scripts/convert_weights.py output
+    m.dinov2 = ml_collections.ConfigDict(dict(
+        embed_dim=1024 if large else 32, depth=24 if large else 4,
+        num_heads=16 if large else 2, mlp_ratio=4.0, init_values=1e-5))
+    m.clip = ml_collections.ConfigDict(dict(
+        width=1024 if large else 32, layers=24 if large else 4, heads=16 if large else 2,
+        output_dim=768 if large else 32, drop_path_rate=0.1,
+        text_width=768 if large else 32, text_heads=12 if large else 2,
+        text_layers=12 if large else 2, vocab_size=49408, token_length=5, n_ctx=5))
+    m.out_indices = (7, 11, 15, 23) if large else (0, 1, 2, 3)
+    m.mvfuser = ml_collections.ConfigDict(dict(d_state=16, d_conv=3, expand=1,
+                                               scan_backend="auto"))
+    m.context_decoder = ml_collections.ConfigDict(dict(
+        width=256 if large else 32, heads=4 if large else 2, layers=1, dropout=0.1))
+    m.decoder = ml_collections.ConfigDict(dict(
+        feat_channels=256 if large else 32, num_heads=8 if large else 2,
+        pixel_decoder_layers=6 if large else 1, decoder_layers=9 if large else 2,
+        ffn=2048 if large else 64, pixel_ffn=1024 if large else 64, deform_points=4))
+    m.loss = ml_collections.ConfigDict(dict(
+        cls=2.0, mask=5.0, dice=5.0, score_map=1.0, no_object_weight=0.1,
+        num_points=12544 if large else 256, oversample=3.0, importance=0.75,
+        temperature=0.07))
+    return m
+
+
+def data_config(train, eval_sets, crop_size=512):
+    """config.data (fields of mfuser_jax.data.pipeline; defaults follow the reference)."""
+    d = ml_collections.ConfigDict()
+    d.train = train                    # "gta" | "synthia" | "cityscapes" | ... | "synthetic"
+    d.eval = tuple(eval_sets)          # the first must exist; later ones are optional
+    d.crop_size = crop_size
+    d.ratio_range = (0.5, 2.0)
+    d.cat_max_ratio = 0.75
+    d.flip_prob = 0.5
+    d.photometric = True
+    d.rcs = ml_collections.ConfigDict(dict(enabled=True, class_temp=100.0, min_pixels=3000,
+                                           min_crop_ratio=0.5))
+    d.num_workers = 0                  # grain worker processes (0 = in-process)
+    d.worker_buffer_size = 2
+    d.skip_corrupt = False             # True: skip unreadable files with a warning
+    d.synthetic = ml_collections.ConfigDict(dict(num_train=2000, num_eval=100,
+                                                 image_size=(128, 256), seed=0))
+    # Used by "tfds:<name>" sources (e.g. data.train="tfds:cityscapes").
+    d.tfds = ml_collections.ConfigDict(dict(
+        name="", split="train", eval_split="validation", data_dir="",
+        image_key="image_left", label_key="segmentation_label", label_map="cityscapes"))
+    return d
+
+
+def get_base_config(args):
+    """Defaults shared by all experiments; `args` from parse_arg (vlm, size, small_gpu)."""
+    c = ml_collections.ConfigDict()
+    c.total_steps = 20000
+    c.batch_size = 4                   # global: the reference trains 2 GPUs x 2 images
+    c.seed = 0
+    c.log_every = 50
+    c.checkpoint_every = 2000
+    c.keep_checkpoints = 2
+    c.eval_every = 20000               # and always at the end
+    c.data_root = "data"
+    c.mesh = (("data", -1),)           # (axis, size) pairs; -1 = all remaining devices
+    c.sharding = ml_collections.ConfigDict(dict(
+        fsdp_min_size=0))              # > 0: frozen params with >= this many elements are
+                                       # split over 'data' (saves memory on many GPUs)
+    c.distributed = ml_collections.ConfigDict(dict(
+        enabled="auto",                # auto: jax.distributed when SLURM/MPI/TPU is detected
+        coordinator_address="", num_processes=1, process_id=0))
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=1e-4, min_lr=1e-6, weight_decay=1e-4, power=0.9, warmup_steps=1500,
+        warmup_ratio=1e-6, b1=0.9, b2=0.999, eps=1e-8,
+        grad_accum=1,                  # micro-batches per step (same global batch)
+        grad_clip=0.0,                 # > 0: clip by global norm
+        lr_mults=()))                  # ((regex on param path, multiplier), ...)
+    c.evaluation = ml_collections.ConfigDict(dict(crop_size=512, stride=341, crop_batch=6))
+    c.model = mfuser_model_config(args.size, args.vlm)
+    if args.small_gpu:
+        c.optim.grad_accum = 2
+        c.model.remat = True
+        c.model.dtype = "bfloat16"
+    return c
+
+
+def make_config(train, eval_sets, arg=None):
+    args = parse_arg(arg, vlm="clip", size="large", small_gpu=False)
+    c = get_base_config(args)
+    c.data = data_config(train, eval_sets, crop_size=c.model.image_size)
+    return c

@@ -1,0 +1,13 @@
+"""MFuser, GTA5 -> Mapillary.
+Recipe: 20k steps, global batch 4, 512 crops.
+
+  python scripts/train.py --config configs/gta2map.py --workdir runs/gta2map \
+      --config.model.pretrained=weights/ --config.data_root=data
+Argument: `configs/gta2map.py:vlm=clip,small_gpu=True` (see configs/base.py).
+"""
+
+from configs import base
+
+
+def get_config(arg=None):
+    return base.make_config("gta", ("mapillary",), arg)

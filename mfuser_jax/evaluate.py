@@ -1,0 +1,298 @@
+"""Sliding-window inference, confusion matrices and the mIoU report.
+
+Follows mmsegmentation's `slide_inference` as the reference uses it (crop 512, stride 341):
+windows on a regular grid, the last one flush with the border, scores of overlapping windows
+averaged, the averaged map resized bilinearly (half-pixel centres, no antialiasing, as
+`F.interpolate(align_corners=False)`) to the label's size, argmax, confusion matrix.
+All windows of an image are predicted in batches of `crop_batch` through one `lax.map`, so
+the model is compiled once per image shape.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+IGNORE_INDEX = 255
+
+
+def window_positions(h: int, w: int, crop: int, stride: int) -> list[tuple[int, int]]:
+    """Top-left corners (y, x) of the sliding windows, in mmseg's order."""
+    h_grids = max(h - crop + stride - 1, 0) // stride + 1
+    w_grids = max(w - crop + stride - 1, 0) // stride + 1
+    out = []
+    for hi in range(h_grids):
+        for wi in range(w_grids):
+            y2 = min(hi * stride + crop, h)
+            x2 = min(wi * stride + crop, w)
+            out.append((max(y2 - crop, 0), max(x2 - crop, 0)))
+    return out
+
+
+def sliding_window_scores(predict: Callable[[jax.Array], jax.Array], image: jax.Array, *,
+                          crop: int, stride: int, crop_batch: int,
+                          crop_sharding: Any = None) -> jax.Array:
+    """Averaged window scores (h, w, K) float32 for one image (1, h, w, 3); traceable.
+
+    `predict` maps uint8 crops (n, ch, cw, 3) to scores (n, ch, cw, K). `crop_sharding`
+    (a NamedSharding for the (chunks, crop_batch, ...) crop array) spreads each chunk of
+    windows over several devices.
+    """
+    _, h, w, _ = image.shape
+    ch, cw = min(crop, h), min(crop, w)
+    pos = window_positions(h, w, crop, stride)
+    crops = jnp.stack([image[0, y:y + ch, x:x + cw] for y, x in pos])
+    n = len(pos)
+    if crop_sharding is None:  # a sharded chunk keeps its full (divisible) size
+        crop_batch = max(1, min(crop_batch, n))
+    chunks = math.ceil(n / crop_batch)
+    pad = chunks * crop_batch - n
+    if pad:  # repeat the last window so every chunk has the same shape; dropped below
+        crops = jnp.concatenate([crops, jnp.repeat(crops[-1:], pad, axis=0)])
+    crops = crops.reshape(chunks, crop_batch, ch, cw, 3)
+    if crop_sharding is not None:
+        crops = jax.lax.with_sharding_constraint(crops, crop_sharding)
+    scores = jax.lax.map(lambda c: predict(c).astype(jnp.float32), crops)
+    scores = scores.reshape(chunks * crop_batch, ch, cw, -1)[:n]
+    total = jnp.zeros((h, w, scores.shape[-1]), jnp.float32)
+    count = np.zeros((h, w, 1), np.float32)
+    for i, (y, x) in enumerate(pos):
+        total = total.at[y:y + ch, x:x + cw].add(scores[i])
+        count[y:y + ch, x:x + cw] += 1
+    return total / jnp.asarray(count)
+
+
+def resize_scores(scores: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """(h, w, K) -> (H, W, K) bilinear, half-pixel centres, no antialiasing."""
+    if tuple(scores.shape[:2]) == tuple(size):
+        return scores
+    return jax.image.resize(scores, (*size, scores.shape[-1]), "bilinear", antialias=False)
+
+
+def confusion_matrix(pred: jax.Array, label: jax.Array, num_classes: int,
+                     ignore_index: int = IGNORE_INDEX) -> jax.Array:
+    """(K, K) int32 counts, rows = ground truth, columns = prediction; ignore_index skipped."""
+    label = label.reshape(-1).astype(jnp.int32)
+    pred = pred.reshape(-1).astype(jnp.int32)
+    valid = (label != ignore_index) & (label >= 0) & (label < num_classes)
+    idx = jnp.where(valid, label * num_classes + pred, 0)
+    counts = jnp.bincount(idx, weights=valid.astype(jnp.int32), length=num_classes ** 2)
+    return counts.astype(jnp.int32).reshape(num_classes, num_classes)
+
+
+def iou_from_confusion(cm: np.ndarray) -> tuple[np.ndarray, float]:
+    """Per-class IoU in percent (NaN where a class is absent from labels and predictions)
+    and their mean over the present classes (mmseg's nanmean)."""
+    cm = np.asarray(cm, np.float64)
+    inter = np.diag(cm)
+    union = cm.sum(0) + cm.sum(1) - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, inter / union, np.nan) * 100.0
+    miou = float(np.nanmean(iou)) if np.any(~np.isnan(iou)) else float("nan")
+    return iou, miou
+
+
+def format_iou_table(dataset: str, class_names: Sequence[str], iou: np.ndarray,
+                     miou: float) -> str:
+    width = max(len(n) for n in class_names)
+    lines = [f"{dataset}: per-class IoU (%)"]
+    lines += [f"  {name:<{width}}  {v:6.2f}" for name, v in zip(class_names, iou)]
+    lines.append(f"  {'mIoU':<{width}}  {miou:6.2f}")
+    return "\n".join(lines)
+
+
+def _scores_fn(graphdef, *, crop: int, stride: int, crop_batch: int,
+               class_names: Sequence[str] | None = None, crop_sharding: Any = None):
+    """(state, image (1,h,w,3)) -> averaged window scores (h, w, K); traceable."""
+    names = tuple(class_names) if class_names is not None else None
+
+    def scores(state, image):
+        # Merge inside the mapped function: the model then lives at lax.map's trace
+        # level, so predict() may switch modes (eval()) on it.
+        def predict(crops):
+            m = nnx.merge(graphdef, state)
+            m.eval()
+            return m.predict(crops) if names is None else m.predict(crops, list(names))
+
+        return sliding_window_scores(predict, image, crop=crop, stride=stride,
+                                     crop_batch=crop_batch, crop_sharding=crop_sharding)
+
+    return scores
+
+
+class ImageEvaluator:
+    """Jitted per-image evaluation of an NNX model: sliding window -> confusion matrix.
+
+    One process with a mesh of several devices: the model stays where training placed it
+    and each chunk of `crop_batch` windows is split over the mesh's 'data' axis (when it
+    divides). Several processes: the state is copied to one device of each process and
+    every process evaluates its own images (image sizes differ, so no common SPMD
+    program); the confusion matrices are summed afterwards."""
+
+    def __init__(self, model: nnx.Module, *, num_classes: int, crop: int = 512,
+                 stride: int = 341, crop_batch: int = 6, device: jax.Device | None = None,
+                 mesh: jax.sharding.Mesh | None = None):
+        model.eval()
+        self.graphdef, state = nnx.split(model)
+        crop_sharding = None
+        if mesh is not None and mesh.size > 1 and jax.process_count() == 1 and device is None:
+            from jax.sharding import NamedSharding, PartitionSpec as P
+            self.placement = NamedSharding(mesh, P())
+            self.state = jax.tree.map(lambda x: _to_mesh(x, self.placement), state)
+            if crop_batch % mesh.shape["data"] == 0:
+                crop_sharding = NamedSharding(mesh, P(None, "data"))
+        else:
+            self.placement = device or jax.local_devices()[0]
+            self.state = jax.tree.map(lambda x: _to_device(x, self.placement), state)
+        self.device = self.placement
+        self.num_classes = num_classes
+        scores_fn = _scores_fn(self.graphdef, crop=crop, stride=stride, crop_batch=crop_batch,
+                               crop_sharding=crop_sharding)
+
+        def run(state, image, label):
+            scores = resize_scores(scores_fn(state, image), label.shape[-2:])
+            pred = jnp.argmax(scores, axis=-1)
+            return confusion_matrix(pred, label[0], num_classes)
+
+        self._run = jax.jit(run)
+
+    def __call__(self, image: np.ndarray, label: np.ndarray) -> jax.Array:
+        image = jax.device_put(np.asarray(image), self.device)
+        label = jax.device_put(np.asarray(label), self.device)
+        return self._run(self.state, image, label)
+
+
+class SlidingWindowPredictor:
+    """image (h, w, 3) uint8 -> (h, w, K) float32 scores, optionally for custom classes."""
+
+    def __init__(self, model: nnx.Module, *, crop: int = 512, stride: int = 341,
+                 crop_batch: int = 6, class_names: Sequence[str] | None = None,
+                 device: jax.Device | None = None):
+        model.eval()
+        graphdef, state = nnx.split(model)
+        self.device = device or jax.local_devices()[0]
+        self.state = jax.tree.map(lambda x: _to_device(x, self.device), state)
+        self._run = jax.jit(_scores_fn(graphdef, crop=crop, stride=stride,
+                                       crop_batch=crop_batch, class_names=class_names))
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        image = jax.device_put(np.asarray(image)[None], self.device)
+        return np.asarray(self._run(self.state, image))
+
+
+def _to_mesh(x, replicated):
+    """Arrays already on the mesh stay put (FSDP shards included); others are replicated."""
+    if not isinstance(x, jax.Array):
+        return x
+    if set(x.sharding.device_set) == set(replicated.mesh.devices.flat):
+        return x
+    return jax.device_put(x, replicated)
+
+
+def _to_device(x, device):
+    if not isinstance(x, jax.Array):
+        return x
+    if x.is_fully_addressable:
+        return jax.device_put(x, device)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # nnx.Rngs state
+        data = _to_device(jax.random.key_data(x), device)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    from mfuser_jax.sharding import to_host
+    return jax.device_put(to_host(x), device)
+
+
+def evaluate_batches(evaluator: ImageEvaluator, batches: Iterable[dict[str, Any]],
+                     flush_every: int = 32) -> np.ndarray:
+    """Confusion matrix (int64, host) over this process's images.
+
+    Counts accumulate on device in int32 and are flushed to an int64 host total every
+    `flush_every` images, which keeps them exact for any dataset size.
+    """
+    k = evaluator.num_classes
+    total = np.zeros((k, k), np.int64)
+    acc = None
+    for i, batch in enumerate(batches):
+        cm = evaluator(batch["image"], batch["label"])
+        acc = cm if acc is None else acc + cm
+        if (i + 1) % flush_every == 0:
+            total += np.asarray(acc, np.int64)
+            acc = None
+    if acc is not None:
+        total += np.asarray(acc, np.int64)
+    return total
+
+
+def sum_over_processes(cm: np.ndarray) -> np.ndarray:
+    """Sums an int64 host matrix over processes (exchanged as two int32 halves)."""
+    if jax.process_count() == 1:
+        return cm
+    from jax.experimental import multihost_utils
+    hi = (cm >> 30).astype(np.int32)
+    lo = (cm & ((1 << 30) - 1)).astype(np.int32)
+    hi = np.asarray(multihost_utils.process_allgather(hi)).astype(np.int64).sum(0)
+    lo = np.asarray(multihost_utils.process_allgather(lo)).astype(np.int64).sum(0)
+    return (hi << 30) + lo
+
+
+def eval_json_path(workdir: str, dataset: str, step: int) -> str:
+    """W/eval/<dataset>_step<N>.json (':' and '/' of 'name:split' names become '_')."""
+    safe = dataset.replace(":", "_").replace("/", "_")
+    return os.path.join(workdir, "eval", f"{safe}_step{step}.json")
+
+
+def write_eval_json(workdir: str, dataset: str, step: int, miou: float,
+                    class_names: Sequence[str], iou: np.ndarray) -> str:
+    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+    path = eval_json_path(workdir, dataset, step)
+    per_class = {n: (None if np.isnan(v) else float(v)) for n, v in zip(class_names, iou)}
+    with open(path + ".tmp", "w") as f:
+        json.dump({"step": int(step), "dataset": dataset, "miou": float(miou),
+                   "per_class": per_class}, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def _default_eval_iter(config, name, *, process_index, process_count):
+    from mfuser_jax.data.pipeline import make_eval_iterator
+    return make_eval_iterator(config, name, process_index=process_index,
+                              process_count=process_count)
+
+
+def evaluate_model(model: nnx.Module, config: Any, *, step: int, workdir: str | None,
+                   datasets: Sequence[str] | None = None,
+                   eval_iter_fn: Callable[..., Iterable[dict]] | None = None,
+                   log: Callable[[str], None] = print,
+                   mesh: jax.sharding.Mesh | None = None) -> dict[str, float]:
+    """Evaluates `model` on every dataset (default config.data.eval); returns {name: mIoU %}.
+
+    Each process evaluates its share of the images; confusion matrices are summed over
+    processes; process 0 writes W/eval/<dataset>_step<N>.json and prints the IoU table.
+    """
+    eval_iter_fn = eval_iter_fn or _default_eval_iter
+    ev_cfg = config.get("evaluation", {})
+    class_names = list(config.model.class_names)
+    num_classes = int(config.model.num_classes)
+    evaluator = ImageEvaluator(model, num_classes=num_classes,
+                               crop=int(ev_cfg.get("crop_size", 512)),
+                               stride=int(ev_cfg.get("stride", 341)),
+                               crop_batch=int(ev_cfg.get("crop_batch", 6)), mesh=mesh)
+    results = {}
+    for name in (datasets if datasets is not None else config.data.eval):
+        batches = eval_iter_fn(config, name, process_index=jax.process_index(),
+                               process_count=jax.process_count())
+        cm = sum_over_processes(evaluate_batches(evaluator, batches))
+        iou, miou = iou_from_confusion(cm)
+        results[name] = miou
+        if jax.process_index() == 0:
+            log(format_iou_table(f"{name} @ step {step}", class_names, iou, miou))
+            if workdir is not None:
+                write_eval_json(workdir, name, step, miou, class_names, iou)
+    return results

@@ -1,0 +1,29 @@
+#!/usr/bin/env python
+"""Evaluate a checkpoint on every dataset of config.data.eval.
+
+  python scripts/eval.py --config configs/gta2cs.py --workdir runs/gta2cs [--step N]
+
+Restores W/checkpoints/<N> (default: the latest), prints the per-class IoU table and writes
+W/eval/<dataset>_step<N>.json.
+"""
+
+import _cli  # noqa: F401
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/demo.py[:arg]",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "training output folder holding checkpoints/")
+flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    from mfuser_jax.train import evaluate_checkpoint
+    _cli.run_main(evaluate_checkpoint, FLAGS.config, FLAGS.workdir, FLAGS.step)
+
+
+if __name__ == "__main__":
+    _cli.run_app(main)

@@ -1,0 +1,31 @@
+#!/usr/bin/env python
+"""Train MFuser: `python scripts/train.py --config configs/gta2cs.py --workdir runs/gta2cs`.
+
+Running the same command again resumes from the latest checkpoint in W/checkpoints; a
+finished run exits at once. Outputs: W/checkpoints/<step>/, W/metrics.jsonl,
+W/eval/<dataset>_step<N>.json, W/config.json and TensorBoard event files in W.
+Several GPUs on one machine: nothing to add (the mesh spans all devices). Several machines:
+launch one process per machine with the same command under SLURM/MPI (detected), or pass
+--config.distributed.coordinator_address=HOST:PORT --config.distributed.num_processes=N
+--config.distributed.process_id=I; W must be on a shared file system.
+"""
+
+import _cli  # noqa: F401  (puts the repo on sys.path)
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/demo.py[:arg]",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "output folder (checkpoints, metrics, eval JSON)")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    from mfuser_jax.train import train_and_evaluate
+    _cli.run_main(train_and_evaluate, FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    _cli.run_app(main)

@@ -1,0 +1,161 @@
+"""Training loop on the toy model: loss goes down, workdir files, resume-at-end, frozen
+params untouched, scripts/eval.py's path reproduces the in-training evaluation, schedule
+and optimizer rules."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.test_train_toy import (fake_eval_iter, fake_train_iter, register_toy,
+                                  toy_config)
+
+register_toy()
+from mfuser_jax import train as T  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("toy_run"))
+    config = toy_config()
+    T.train_and_evaluate(config, workdir, train_iter_fn=fake_train_iter,
+                         eval_iter_fn=fake_eval_iter)
+    lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    return config, workdir, lines
+
+
+def test_loss_decreases_and_files_written(run):
+    config, workdir, lines = run
+    train = [x for x in lines if "loss" in x]
+    assert [x["step"] for x in train] == list(range(1, 13))
+    assert all({"ce", "reg", "lr"} <= set(x) for x in train)
+    first, last = train[0]["loss"], np.mean([x["loss"] for x in train[-3:]])
+    assert last < 0.8 * first, (first, last)
+    evals = [x for x in lines if "miou" in x]
+    assert [(x["step"], x["dataset"]) for x in evals] == [(6, "synthetic_toy"),
+                                                          (12, "synthetic_toy")]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "4", "8"]
+    report = json.load(open(os.path.join(workdir, "eval", "synthetic_toy_step12.json")))
+    assert set(report) == {"step", "dataset", "miou", "per_class"}
+    assert report["miou"] == pytest.approx(evals[-1]["miou"])
+    assert set(report["per_class"]) == {"red", "green", "blue"}
+    assert json.load(open(os.path.join(workdir, "config.json")))["total_steps"] == 12
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+
+
+def test_finished_run_exits_at_once(run):
+    config, workdir, lines = run
+    out = T.train_and_evaluate(config, workdir, train_iter_fn=None, eval_iter_fn=None)
+    assert out == {"step": 12}
+    assert len(open(os.path.join(workdir, "metrics.jsonl")).readlines()) == len(lines)
+
+
+def test_eval_from_checkpoint_reproduces_training_eval(run, tmp_path):
+    config, workdir, lines = run
+    want = json.load(open(os.path.join(workdir, "eval", "synthetic_toy_step12.json")))
+    os.remove(os.path.join(workdir, "eval", "synthetic_toy_step12.json"))
+    res = T.evaluate_checkpoint(config, workdir, eval_iter_fn=fake_eval_iter)
+    got = json.load(open(os.path.join(workdir, "eval", "synthetic_toy_step12.json")))
+    assert res == {"synthetic_toy": got["miou"]}
+    assert got == want
+    # an older checkpoint is a different model
+    res4 = T.evaluate_checkpoint(config, workdir, step=4, eval_iter_fn=fake_eval_iter)
+    assert res4["synthetic_toy"] != got["miou"]
+    with pytest.raises(T.UserError, match="no checkpoint for step 5"):
+        T.evaluate_checkpoint(config, workdir, step=5, eval_iter_fn=fake_eval_iter)
+
+
+def test_frozen_params_untouched_and_trained_changed(run):
+    config, workdir, _ = run
+    model, step = T.restore_model(config, workdir)
+    fresh = T.create_model(config)
+    assert step == 12
+    np.testing.assert_array_equal(np.asarray(model.frozen.kernel[...]),
+                                  np.asarray(fresh.frozen.kernel[...]))
+    assert not np.allclose(np.asarray(model.stem.kernel[...]),
+                           np.asarray(fresh.stem.kernel[...]))
+    # batch statistics were carried out of the train step
+    assert not np.allclose(np.asarray(model.bn.mean[...]), 0.0)
+
+
+def test_optimizer_state_excludes_frozen(run):
+    config, _, _ = run
+    trainer = T.Trainer(config, T.create_model(config), T.shd.make_mesh(None))
+    paths = {"/".join(map(str, p)) for p, _ in
+             jax.tree_util.tree_flatten_with_path(trainer.abstract_tree())[0]}
+    assert not any("frozen" in p for p in paths)
+    assert any("stem" in p for p in paths)
+
+
+def test_lr_schedule_matches_mmcv_poly_with_warmup():
+    import ml_collections
+    optim = ml_collections.ConfigDict(dict(lr=1e-4, min_lr=1e-6, power=0.9,
+                                           warmup_steps=1500, warmup_ratio=1e-6))
+    sched = T.lr_schedule(optim, 20000)
+
+    def mmcv(it):  # mmcv PolyLrUpdaterHook + linear warm-up, restated
+        regular = (1e-4 - 1e-6) * (1 - it / 20000) ** 0.9 + 1e-6
+        if it < 1500:
+            k = (1 - it / 1500) * (1 - 1e-6)
+            return regular * (1 - k)
+        return regular
+
+    for it in (0, 1, 750, 1499, 1500, 10000, 19999, 20000):
+        assert float(sched(it)) == pytest.approx(mmcv(it), rel=1e-5, abs=1e-12)
+
+
+def test_weight_decay_mask_and_lr_mults():
+    import ml_collections
+    optim = ml_collections.ConfigDict(dict(
+        lr=0.1, min_lr=0.1, power=1.0, warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
+        weight_decay=0.5, lr_mults=(("^head", 0.0), ("slow", 0.5))))
+    params = {"head": {"w": jnp.ones(2)}, "body": {"w": jnp.ones(2), "b": jnp.ones(2)},
+              "slow": {"w": jnp.ones(2)}}
+    mask = {"head": {"w": True}, "body": {"w": True, "b": False}, "slow": {"w": True}}
+    tx, _ = T.make_optimizer(optim, 100, params, mask)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    upd, _ = tx.update(zero, tx.init(params), params)
+    # zero gradients: only decoupled weight decay moves the params (-lr * wd * p)
+    np.testing.assert_allclose(upd["body"]["w"], -0.05)
+    np.testing.assert_allclose(upd["body"]["b"], 0.0)     # no decay
+    np.testing.assert_allclose(upd["head"]["w"], 0.0)     # lr multiplier 0
+    np.testing.assert_allclose(upd["slow"]["w"], -0.025)  # lr multiplier 0.5
+
+
+def test_predict_script_writes_masks_and_overlays(run, tmp_path, monkeypatch):
+    import importlib.util
+    from PIL import Image
+    config, workdir, _ = run
+    scripts = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "scripts")
+    monkeypatch.syspath_prepend(scripts)
+    spec = importlib.util.spec_from_file_location("predict_script",
+                                                  os.path.join(scripts, "predict.py"))
+    predict_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(predict_script)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (21, 30, 3), np.uint8)
+    Image.fromarray(image).save(folder / "a.png")
+    out = tmp_path / "out"
+    predict_script.predict(config, workdir, [str(folder)], str(out), None, None, 0.5)
+    mask = np.asarray(Image.open(out / "a_mask.png"))
+    assert mask.shape == (21, 30, 3) and (out / "a_overlay.jpg").exists()
+    pal = predict_script.palette_for(["red", "green", "blue"], ["red", "green", "blue"])
+    # the mask is the palette colour of the argmax of the sliding-window scores
+    from mfuser_jax.evaluate import SlidingWindowPredictor
+    model, _ = T.restore_model(config, workdir)
+    scores = SlidingWindowPredictor(model, crop=16, stride=11, crop_batch=8)(image)
+    np.testing.assert_array_equal(mask, pal[scores.argmax(-1)])
+    # custom classes: two of them, two colours
+    out2 = tmp_path / "out2"
+    predict_script.predict(config, workdir, [str(folder / "a.png")], str(out2),
+                           "blue,red", None, 0.5)
+    mask2 = np.asarray(Image.open(out2 / "a_mask.png")).reshape(-1, 3)
+    assert len(np.unique(mask2, axis=0)) <= 2
+    with pytest.raises(T.UserError, match="no such image"):
+        predict_script.list_images([str(tmp_path / "missing.png")])
