@@ -79,7 +79,7 @@ def mfuser_model_config(size="large", vlm="clip"):
     m.decoder = ml_collections.ConfigDict(dict(
         feat_channels=256 if large else 32, num_heads=8 if large else 2,
         pixel_decoder_layers=6 if large else 1, decoder_layers=9 if large else 2,
-        ffn=2048 if large else 64, pixel_ffn=1024 if large else 64, deform_points=4))
+        ffn=2048 if large else 64, pixel_ffn=2048 if large else 64, deform_points=4))
     m.loss = ml_collections.ConfigDict(dict(
         cls=2.0, mask=5.0, dice=5.0, score_map=1.0, no_object_weight=0.1,
         num_points=12544 if large else 256, oversample=3.0, importance=0.75,

@@ -212,7 +212,7 @@ class Trainer:
         model = nnx.merge(self.graphdef,
                           jax.tree.unflatten(self._p_def, jax.tree.leaves(params)),
                           jax.tree.unflatten(self._b_def, jax.tree.leaves(batch_stats)),
-                          rest)
+                          rest, copy=True)  # fresh Variables: the loss may advance RNG counts
         model.train()
         total, parts = model.loss(images, labels, key)
         new_bs = nnx.state(model, nnx.BatchStat).to_pure_dict()
