@@ -62,7 +62,8 @@ def mfuser_model_config(size="large", vlm="clip"):
     m.patch_size = 16
     m.dtype = "float32"                        # compute dtype: "float32" | "bfloat16"
     m.remat = False                            # rematerialise encoder blocks (saves memory)
-    m.pretrained = ""                          # folder of scripts/convert_weights.py output
+    # Folder written by scripts/convert_weights.py; "" trains from random encoders (demo).
+    m.pretrained = "pretrained/mfuser_clip_l" if large else ""
     m.dinov2 = ml_collections.ConfigDict(dict(
         embed_dim=1024 if large else 32, depth=24 if large else 4,
         num_heads=16 if large else 2, mlp_ratio=4.0, init_values=1e-5))

@@ -26,8 +26,17 @@ def user_error_types() -> tuple[type, ...]:
     return tuple(types)
 
 
+def quiet_logging():
+    """Library INFO logs (Orbax, XLA backends) drown the progress lines: show warnings and
+    up unless the user asked for a --verbosity."""
+    from absl import flags, logging
+    if "verbosity" in flags.FLAGS and not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+
+
 def run_main(fn, *args, **kwargs):
     """Runs fn; user errors end in 'error: <message>' on stderr and exit status 2."""
+    quiet_logging()
     from mfuser_jax.train import Preempted, TrainingDiverged
     try:
         return fn(*args, **kwargs)

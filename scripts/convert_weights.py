@@ -14,10 +14,9 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+import _cli  # noqa: F401  (puts the repo on sys.path)
+from absl import app, flags
+from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", "configs/gta2cs.py", "config whose model sizes to convert for")
 flags.DEFINE_string("dinov2", None, "DINOv2 ViT-L/14 weights (official .pth or HF)")
@@ -30,6 +29,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    _cli.quiet_logging()
     from mfuser_jax.convert import WeightFileError
     from mfuser_jax.convert.pretrained import convert_encoders
 
