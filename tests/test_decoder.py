@@ -26,7 +26,7 @@ from mfuser_jax.models.pixel_decoder import MultiheadAttention, sine_positional_
 TINY = dict(in_channels=(16, 16, 16, 16), feat_channels=32, out_channels=32, num_classes=5,
             num_queries=5, text_dim=24, num_groups=4, pixel_decoder_layers=2,
             pixel_decoder_heads=4, num_points=2, pixel_decoder_ffn_channels=64,
-            num_decoder_layers=4, decoder_heads=4, decoder_ffn_channels=64)
+            num_decoder_layers=3, decoder_heads=4, decoder_ffn_channels=64)
 
 # The released CLIP config (mfuser_clip_vit-l_1e-4_20k-g2c-512.py, decode_head). Both FFNs
 # are 2048 wide: mmcv's BaseTransformerLayer copies the layer's deprecated
@@ -319,9 +319,9 @@ def tiny_head():
     return TqdmHead(**TINY, rngs=nnx.Rngs(0))
 
 
-def test_tiny_forward_shapes_and_jit(tiny_head):
+def test_tiny_forward_shapes(tiny_head):
     feats, texts = _features()
-    cls_list, mask_list = tiny_head(feats, texts)
+    cls_list, mask_list = tiny_head(feats, texts)  # eager; the gradient test runs under jit
     assert len(cls_list) == len(mask_list) == TINY["num_decoder_layers"] + 1
     for c, m in zip(cls_list, mask_list):
         assert c.shape == (2, 5, 6) and c.dtype == jnp.float32
@@ -331,12 +331,11 @@ def test_tiny_forward_shapes_and_jit(tiny_head):
     assert mask_feature.shape == (2, 16, 24, 32)
     assert [x.shape for x in memories] == [(2, 2, 3, 32), (2, 4, 6, 32), (2, 8, 12, 32)]
 
-    jitted = nnx.jit(lambda m, f, t: m(f, t))
-    cj, mj = jitted(tiny_head, feats, texts)
-    np.testing.assert_allclose(np.asarray(mj[-1]), np.asarray(mask_list[-1]), rtol=1e-4,
-                               atol=1e-4)
     sem = tiny_head.predict(feats, texts)
     assert sem.shape == (2, 16, 24, 5)
+    np.testing.assert_allclose(np.asarray(sem),
+                               np.asarray(semantic_inference(cls_list[-1], mask_list[-1])),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_rejects_wrong_number_of_texts(tiny_head):
@@ -482,14 +481,17 @@ def test_sine_encoding_matches_original():
                                atol=1e-6)
 
 
-def test_gradients_reach_every_parameter(tiny_head):
-    feats, texts = _features(seed=7)
+def test_gradients_reach_every_parameter():
+    # One layer per stack keeps the compile small; every parameter kind is still present.
+    head = TqdmHead(**{**TINY, "pixel_decoder_layers": 1, "num_decoder_layers": 1},
+                    rngs=nnx.Rngs(1))
+    feats, texts = _features(seed=7, hw=(32, 32))
 
     def loss(model):
         cls_list, mask_list = model(feats, texts)
         return sum(jnp.mean(c ** 2) + jnp.mean(jnp.tanh(m)) for c, m in zip(cls_list, mask_list))
 
-    grads = nnx.grad(loss)(tiny_head)
+    grads = nnx.jit(nnx.grad(loss))(head)
     flat = jax.tree_util.tree_leaves_with_path(nnx.state(grads, nnx.Param))
     assert flat
     for path, g in flat:
@@ -498,11 +500,13 @@ def test_gradients_reach_every_parameter(tiny_head):
         assert np.abs(g).max() > 0, path
 
 
-def test_bfloat16_compute_close_to_float32(tiny_head):
-    feats, texts = _features(seed=8)
-    head16 = TqdmHead(**TINY, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-    nnx.update(head16, nnx.state(tiny_head, nnx.Param))
-    c32, _ = tiny_head(feats, texts)
+def test_bfloat16_compute_close_to_float32():
+    feats, texts = _features(seed=8, hw=(32, 32))
+    small = {**TINY, "pixel_decoder_layers": 1, "num_decoder_layers": 1}
+    head32 = TqdmHead(**small, rngs=nnx.Rngs(0))
+    head16 = TqdmHead(**small, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    nnx.update(head16, nnx.state(head32, nnx.Param))
+    c32, _ = head32(feats, texts)
     c16, m16 = head16(feats, texts)
     assert c16[0].dtype == jnp.float32 and m16[0].dtype == jnp.float32
     # The first prediction precedes any masked attention, so it is continuous in dtype.
