@@ -228,10 +228,10 @@ class MultiScaleDeformableAttention(nnx.Module):
         grid = grid / np.abs(grid).max(-1, keepdims=True)
         grid = np.tile(grid[:, None, None, :], (1, num_levels, num_points, 1))
         grid = grid * np.arange(1, num_points + 1, dtype=np.float32)[None, None, :, None]
-        grid = jnp.asarray(grid.reshape(-1), _F32)
         self.sampling_offsets = linear(
             embed_dims, num_heads * num_levels * num_points * 2, dtype=dtype, rngs=rngs,
-            kernel_init=nnx.initializers.zeros, bias_init=lambda *_: grid)
+            kernel_init=nnx.initializers.zeros, bias_init=nnx.initializers.zeros)
+        self.sampling_offsets.bias[...] = jnp.asarray(grid.reshape(-1), _F32)
         self.attention_weights = linear(
             embed_dims, num_heads * num_levels * num_points, dtype=dtype, rngs=rngs,
             kernel_init=nnx.initializers.zeros, bias_init=nnx.initializers.zeros)
