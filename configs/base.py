@@ -9,7 +9,8 @@ comma-separated list of key=value pairs:
   small_gpu=True          for GPUs with less than ~80 GB: gradient accumulation over two
                           micro-batches (optim.grad_accum=2), activation rematerialisation
                           (model.remat=True) and bfloat16 compute (model.dtype). Same
-                          global batch, so the recipe is unchanged, at about 1.3x the time.
+                          global batch, so the recipe is unchanged (the slowdown is not
+                          measured yet).
 
 Every field can also be overridden on the command line: `--config.total_steps=40000`,
 `--config.model.pretrained=weights/`, `--config.data_root=/data`.
