@@ -16,17 +16,17 @@ from configs import base
 def get_config(arg=None):
     args = base.parse_arg(arg, vlm="clip", size="tiny", small_gpu=False)
     c = base.get_base_config(args)
-    crop = c.model.image_size                      # 64
+    crop = c.model.image_size = 128                # 8x8 patches of 16 px
     c.data = base.data_config("synthetic", ("synthetic_real",), crop_size=crop)
     c.data.rcs.enabled = False                     # no class statistics for synthetic data
     c.data.synthetic.num_train = 512
     c.data.synthetic.num_eval = 16
-    c.data.synthetic.image_size = (64, 128)
-    c.total_steps = 300
+    c.data.synthetic.image_size = (128, 256)
+    c.total_steps = 600
     c.batch_size = 8
-    c.log_every = 10
-    c.checkpoint_every = 100
-    c.eval_every = 150
+    c.log_every = 20
+    c.checkpoint_every = 200
+    c.eval_every = 300
     # No pretrained encoders to preserve: a larger lr and a short warm-up.
     c.optim.lr = 1e-3
     c.optim.min_lr = 1e-5
