@@ -516,11 +516,11 @@ def train_and_evaluate(config: Any, workdir: str, *,
 
     pending: list[tuple[int, dict]] = []
     last: dict = {"step": state.step}
-    t_window, n_window = time.time(), 0
+    t_window, n_window, warmed_up = time.time(), 0, False
 
     def flush():
         """Fetches pending step metrics; stops on a non-finite step; logs the window mean."""
-        nonlocal t_window, n_window, last
+        nonlocal t_window, n_window, last, warmed_up
         if not pending:
             return
         fetched = [(s, {k: float(shd.to_host(v)) for k, v in m.items()}) for s, m in pending]
@@ -541,9 +541,12 @@ def train_and_evaluate(config: Any, workdir: str, *,
         ips = n_window * batch_size / max(dt, 1e-9)
         eta = (total_steps - end) * dt / max(n_window, 1)
         parts = " ".join(f"{k} {v:.4f}" for k, v in mean.items() if k != "loss")
+        # The first window after (re)start holds the step's compilation: no rate from it.
+        speed = (f"{ips:.1f} img/s | ETA {_fmt_time(eta)}" if warmed_up
+                 else "compiling, ETA after the next log line")
         log(f"step {end}/{total_steps} | loss {mean['loss']:.4f} ({parts}) | lr {lr:.3e} | "
-            f"{ips:.1f} img/s | ETA {_fmt_time(eta)}")
-        t_window, n_window = time.time(), 0
+            f"{speed}")
+        t_window, n_window, warmed_up = time.time(), 0, True
         last = record
 
     def evaluate(step):
