@@ -28,8 +28,9 @@ from flax import nnx
 from mfuser_jax.convert.state_dict import load_torch_state_dict
 from mfuser_jax.convert.torch_io import WeightFileError, _flatten, _import_torch
 
-__all__ = ["DROPPED_PREFIXES", "load_mfuser_checkpoint", "read_mfuser_checkpoint",
-           "frozen_encoder_tree"]
+__all__ = ["DROPPED_PREFIXES", "check_is_mfuser", "checkpoint_step", "convert_mfuser_checkpoint",
+           "frozen_encoder_tree", "load_mfuser_checkpoint", "read_mfuser_checkpoint",
+           "save_frozen_encoders"]
 
 # Keys of a released checkpoint that hold nothing the JAX model uses (see the docstring).
 DROPPED_PREFIXES = ("identity_head.",)
@@ -66,6 +67,16 @@ def read_mfuser_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarra
     return state, dict(meta)
 
 
+def check_is_mfuser(state_dict: Mapping[str, Any], source: str) -> None:
+    """A cheap early refusal of files that are not MFuser segmentors (before any build)."""
+    if not any(k.startswith("backbone.") for k in state_dict) or not any(
+            k.startswith("decode_head.") for k in state_dict):
+        raise WeightFileError(
+            f"{source}: no 'backbone.*' and 'decode_head.*' keys: not an MFuser segmentor "
+            "checkpoint (for the DINOv2 and CLIP encoder files use --dinov2/--clip instead "
+            "of --mfuser)")
+
+
 def load_mfuser_checkpoint(model: nnx.Module, state_dict: Mapping[str, Any], *,
                            source: str = "the MFuser checkpoint") -> dict[str, int]:
     """Strictly copy a released MFuser_CLIP state dict into ``model`` (an ``MFuser``).
@@ -75,12 +86,9 @@ def load_mfuser_checkpoint(model: nnx.Module, state_dict: Mapping[str, Any], *,
     and ``num_batches_tracked`` entries. Raises ``StateDictMismatchError`` listing all
     problems. Returns counts: {"loaded": n keys loaded, "dropped": n identity_head keys}.
     """
+    check_is_mfuser(state_dict, source)
     kept = {k: v for k, v in state_dict.items() if not k.startswith(DROPPED_PREFIXES)}
     dropped = len(state_dict) - len(kept)
-    if not any(k.startswith("backbone.") for k in kept):
-        raise WeightFileError(
-            f"{source}: no 'backbone.*' keys: not an MFuser segmentor checkpoint (for the "
-            "DINOv2 and CLIP encoder files use --dinov2/--clip instead of --mfuser)")
     load_torch_state_dict(model, kept, strict=True, module_name=f"MFuser from {source}")
     n_ignored = sum(k.endswith("num_batches_tracked") for k in kept)
     return {"loaded": len(kept) - n_ignored, "dropped": dropped}
@@ -151,12 +159,12 @@ def convert_mfuser_checkpoint(config: Any, path: str, out: str, *, progress=None
     ckpt_dir = os.path.join(out, "checkpoints")
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
         raise WeightFileError(f"{ckpt_dir} already holds checkpoints: choose an empty --out")
-    config = config.copy_and_resolve_references() if hasattr(
-        config, "copy_and_resolve_references") else config
-    config.unlock() if hasattr(config, "unlock") else None
+    config = config.copy_and_resolve_references()  # the caller's config stays as it was
+    config.unlock()
 
     step_cb(f"reading {path}")
     state_dict, meta = read_mfuser_checkpoint(path)
+    check_is_mfuser(state_dict, os.fspath(path))
     step_cb("building the model")
     config.model.pretrained = ""  # every weight comes from the release
     model = train.create_model(config)
