@@ -8,6 +8,21 @@
 takes OpenAI's TorchScript .pt or an HF CLIPModel file. The result is an Orbax checkpoint
 of the three frozen towers at the sizes of --config's model (default configs/gta2cs.py);
 point `config.model.pretrained` at it (the paper configs default to pretrained/mfuser_clip_l).
+
+    python scripts/convert_weights.py --mfuser mfuser_clip_gta2cs.pth \
+        --config configs/gta2cs.py --out runs/mfuser_release
+
+--mfuser converts a released MFuser (CLIP variant) mmseg checkpoint into a trainer workdir:
+W/checkpoints/<step>/ in the trainer's format, W/pretrained/ (the release's frozen towers)
+and W/config.json. Evaluate or predict with the same config, pointing the frozen towers at
+W/pretrained:
+
+    python scripts/eval.py --config configs/gta2cs.py --workdir W \
+        --config.model.pretrained=W/pretrained
+
+<step> is the release's iteration count (mmcv meta "iter" + 1; the config's total_steps
+when the file has no meta), so scripts/train.py on W sees a finished run and does not
+continue training it. A converted model is meant for evaluation.
 """
 
 import os
@@ -21,9 +36,10 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", "configs/gta2cs.py", "config whose model sizes to convert for")
 flags.DEFINE_string("dinov2", None, "DINOv2 ViT-L/14 weights (official .pth or HF)")
 flags.DEFINE_string("clip", None, "CLIP ViT-L/14-336 weights (OpenAI .pt or HF)")
-flags.DEFINE_string("mfuser", None, "a released MFuser checkpoint (not supported yet)")
+flags.DEFINE_string("mfuser", None, "a released MFuser (CLIP) mmseg checkpoint .pth; "
+                    "replaces --dinov2/--clip")
 flags.DEFINE_string("out", None, "output folder for the Orbax checkpoint")
-flags.mark_flags_as_required(["dinov2", "clip", "out"])
+flags.mark_flags_as_required(["out"])
 FLAGS = flags.FLAGS
 
 
@@ -33,11 +49,13 @@ def main(argv):
     from mfuser_jax.convert import WeightFileError
     from mfuser_jax.convert.pretrained import convert_encoders
 
-    if FLAGS.mfuser:
-        print("error: converting released MFuser checkpoints (--mfuser) is not implemented "
-              "yet; convert the encoders and train, or see the README", file=sys.stderr)
-        sys.exit(2)
     start = time.time()
+    if FLAGS.mfuser:
+        return convert_release(start)
+    if not (FLAGS.dinov2 and FLAGS.clip):
+        print("error: give --dinov2 and --clip (the encoder weights), or --mfuser (a released "
+              "MFuser checkpoint)", file=sys.stderr)
+        sys.exit(2)
     stages = 7
 
     def progress(stage, _count=[0]):  # noqa: B006 - a counter local to this run
@@ -53,6 +71,34 @@ def main(argv):
     for name, n in counts.items():
         print(f"  {name}: {n:,} parameters")
     print(f"wrote {os.path.abspath(FLAGS.out)} in {time.time() - start:.0f} s")
+
+
+def convert_release(start):
+    from mfuser_jax.convert import WeightFileError
+    from mfuser_jax.convert.mfuser import convert_mfuser_checkpoint
+
+    if FLAGS.dinov2 or FLAGS.clip:
+        print("error: --mfuser brings its own encoders; drop --dinov2/--clip", file=sys.stderr)
+        sys.exit(2)
+    stages = 5
+
+    def progress(stage, _count=[0]):  # noqa: B006 - a counter local to this run
+        _count[0] += 1
+        print(f"[{_count[0]}/{stages}] {stage} ({time.time() - start:.0f} s)", flush=True)
+
+    try:
+        info = convert_mfuser_checkpoint(FLAGS.config, FLAGS.mfuser, FLAGS.out,
+                                         progress=progress)
+    except (WeightFileError, ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"  {info['loaded']:,} tensors loaded ({info['dropped']} identity_head keys "
+          f"dropped); {info['trainable']:,} trainable of {info['total']:,} parameters")
+    print(f"wrote {info['checkpoints']}/{info['step']} and {info['pretrained']} in "
+          f"{time.time() - start:.0f} s")
+    out = os.path.abspath(FLAGS.out)
+    print(f"evaluate with: python scripts/eval.py --config <this config> --workdir {out} "
+          f"--config.model.pretrained={info['pretrained']}")
 
 
 if __name__ == "__main__":
