@@ -385,8 +385,15 @@ def create_model(config: Any) -> nnx.Module:
         return build()
 
 
-def build_and_load(config: Any) -> nnx.Module:
-    path = check_pretrained(config)
+WORKDIR_PRETRAINED = "pretrained"
+
+
+def build_and_load(config: Any, workdir: str | None = None) -> nnx.Module:
+    """The model with its frozen encoders loaded. A workdir holding its own converted
+    encoders (W/pretrained, written when a released MFuser checkpoint is converted) uses
+    them, so a converted model can never be evaluated with other frozen towers."""
+    own = os.path.join(workdir, WORKDIR_PRETRAINED) if workdir else None
+    path = own if own and os.path.isdir(own) else check_pretrained(config)
     model = create_model(config)
     load_pretrained(model, path)
     return model
@@ -485,7 +492,7 @@ def train_and_evaluate(config: Any, workdir: str, *,
         return {"step": latest}
 
     mesh = shd.make_mesh(config.get("mesh", None))
-    model = build_and_load(config)
+    model = build_and_load(config, workdir)
     trainer = Trainer(config, model, mesh)
     n_train, n_all = trainer.num_params()
     log(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, "
@@ -610,7 +617,7 @@ def restore_model(config: Any, workdir: str, step: int | None = None
             raise UserError(f"no checkpoint for step {step} in {ckpt_dir} "
                             f"(available: {', '.join(map(str, steps))})")
         mesh = shd.make_mesh(config.get("mesh", None))
-        model = build_and_load(config)
+        model = build_and_load(config, workdir)
         trainer = Trainer(config, model, mesh)
         state = restore_checkpoint(mngr, trainer, step)
     finally:

@@ -227,9 +227,10 @@ def test_convert_then_restore_gives_the_same_model(config, release, tmp_path, mo
     assert os.path.isfile(os.path.join(out, "config.json"))
     assert config.model.pretrained == ""  # the caller's config is left alone
 
-    # What scripts/eval.py and scripts/predict.py do, with the frozen towers from W.
+    # What scripts/eval.py and scripts/predict.py do: the frozen towers come from
+    # W/pretrained even though the user's config names none.
     cfg = experiment_config()
-    cfg.model.pretrained = info["pretrained"]
+    assert cfg.model.pretrained == "" and info["pretrained"] == os.path.join(out, "pretrained")
     restored, step = train.restore_model(cfg, out)
     assert step == 40
     want = _abstract_model(config)
