@@ -14,11 +14,10 @@ point `config.model.pretrained` at it (the paper configs default to pretrained/m
 
 --mfuser converts a released MFuser (CLIP variant) mmseg checkpoint into a trainer workdir:
 W/checkpoints/<step>/ in the trainer's format, W/pretrained/ (the release's frozen towers)
-and W/config.json. Evaluate or predict with the same config, pointing the frozen towers at
-W/pretrained:
+and W/config.json. Evaluate or predict with the same config (restoring a workdir uses its
+own W/pretrained):
 
-    python scripts/eval.py --config configs/gta2cs.py --workdir W \
-        --config.model.pretrained=W/pretrained
+    python scripts/eval.py --config configs/gta2cs.py --workdir W
 
 <step> is the release's iteration count (mmcv meta "iter" + 1; the config's total_steps
 when the file has no meta), so scripts/train.py on W sees a finished run and does not
