@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mfuser_jax.ops.resize import resize
+
 IGNORE_INDEX = 255
 
 
@@ -68,13 +70,6 @@ def sliding_window_scores(predict: Callable[[jax.Array], jax.Array], image: jax.
         total = total.at[y:y + ch, x:x + cw].add(scores[i])
         count[y:y + ch, x:x + cw] += 1
     return total / jnp.asarray(count)
-
-
-def resize_scores(scores: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """(h, w, K) -> (H, W, K) bilinear, half-pixel centres, no antialiasing."""
-    if tuple(scores.shape[:2]) == tuple(size):
-        return scores
-    return jax.image.resize(scores, (*size, scores.shape[-1]), "bilinear", antialias=False)
 
 
 def confusion_matrix(pred: jax.Array, label: jax.Array, num_classes: int,
@@ -158,7 +153,7 @@ class ImageEvaluator:
                                crop_sharding=crop_sharding)
 
         def run(state, image, label):
-            scores = resize_scores(scores_fn(state, image), label.shape[-2:])
+            scores = resize(scores_fn(state, image), label.shape[-2:], axes=(0, 1))
             pred = jnp.argmax(scores, axis=-1)
             return confusion_matrix(pred, label[0], num_classes)
 

@@ -51,9 +51,9 @@ import jax.numpy as jnp
 from mfuser_jax.ops.point_sample import (
     bilinear_corners,
     get_uncertain_point_coords_with_randomness,
-    interpolate_bilinear,
     point_sample,
 )
+from mfuser_jax.ops.resize import resize
 
 __all__ = [
     "Mask2FormerLossConfig",
@@ -348,7 +348,7 @@ def score_map_loss(
     if x.ndim != 4 or labels.ndim != 3 or labels.shape[0] != x.shape[0]:
         raise ValueError(f"score_map must be 4-D and labels (B, H, W); got {score_map.shape} "
                          f"and {labels.shape}")
-    x = interpolate_bilinear(x, labels.shape[1:])
+    x = resize(x, labels.shape[1:])
     logp = jax.nn.log_softmax(x, axis=1)
     valid = labels != ignore_index
     # Select the target log-prob by comparison rather than a gather: the gradient is then

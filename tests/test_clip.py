@@ -26,7 +26,6 @@ from mfuser_jax.models.clip import (  # noqa: E402
     CLIPTextEncoder,
     CLIPVisionTransformer,
     ResidualAttentionBlock,
-    resize_bilinear,
 )
 
 W, HEADS, LAYERS, PATCH, IMG, EMBED, VOCAB, CTX = 64, 4, 2, 8, 32, 48, 100, 16
@@ -284,24 +283,6 @@ def test_vision_matches_mfuser_restatement(openai_sd, hw):
     with torch.no_grad():
         expected = ref(pixels).numpy()
     assert rel_err(_call(ours, _nhwc(pixels)), expected) < 1e-4
-
-
-@pytest.mark.parametrize(
-    "shape,size,axes",
-    [((6, 3, 8, 8), (10, 10), (2, 3)), ((4, 4, 16), (6, 6), (0, 1)),
-     ((5, 5, 16), (3, 4), (0, 1)), ((7, 3, 5), (2, 9), (0, 1))],
-)
-def test_resize_bilinear_matches_torch(shape, size, axes):
-    x = np.random.default_rng(1).normal(size=shape).astype(np.float32)
-    t = torch.as_tensor(x)
-    perm = [i for i in range(x.ndim) if i not in axes] + list(axes)
-    t = t.permute(*perm)
-    lead = t.shape[:-2]
-    r = F.interpolate(t.reshape(1, -1, *t.shape[-2:]), size=size, mode="bilinear")
-    r = r.reshape(*lead, *size).permute(*np.argsort(perm)).numpy()
-    np.testing.assert_allclose(resize_bilinear(x, size, axes), r, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(resize_bilinear(jnp.asarray(x), size, axes)), r,
-                               rtol=1e-5, atol=1e-6)
 
 
 def torch_mfuser_init_resize(visual_sd, patch, res):

@@ -1,4 +1,4 @@
-"""Deformable attention, grid sampling and bilinear resizing against direct references."""
+"""Deformable attention and grid sampling against direct references."""
 
 import math
 
@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from mfuser_jax.ops.deform_attn import (
     grid_sample_bilinear,
     multi_scale_deformable_attention,
-    resize_bilinear,
 )
 
 
@@ -137,15 +136,3 @@ def test_grid_sample_matches_torch():
                          mode="bilinear", padding_mode="zeros", align_corners=False)
     got = np.asarray(grid_sample_bilinear(img, grid))
     np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("size", [(2, 3), (16, 12), (5, 5), (3, 17)])
-def test_resize_matches_torch_interpolate(size):
-    rng = np.random.default_rng(5)
-    x = rng.standard_normal((2, 3, 16, 10)).astype(np.float32)  # NCHW like mask logits
-    want = F.interpolate(torch.from_numpy(x), size=size, mode="bilinear",
-                         align_corners=False).numpy()
-    np.testing.assert_allclose(np.asarray(resize_bilinear(x, size, layout="NCHW")), want,
-                               rtol=1e-5, atol=1e-6)
-    nhwc = np.asarray(resize_bilinear(x.transpose(0, 2, 3, 1), size))
-    np.testing.assert_allclose(nhwc, want.transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-6)

@@ -1,5 +1,5 @@
-"""Sliding-window inference, resizing, confusion matrix and mIoU against independent
-restatements (numpy loops after mmseg's slide_inference, torch's F.interpolate)."""
+"""Sliding-window inference, confusion matrix and mIoU against independent
+restatements (numpy loops after mmseg's slide_inference)."""
 
 import json
 
@@ -7,8 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
 from mfuser_jax import evaluate as E
 
@@ -61,16 +59,6 @@ def test_window_positions_cover_reference_grid():
     assert len(pos) == 18
     assert pos[-1] == (512, 1536)
     assert pos[:3] == [(0, 0), (0, 341), (0, 682)]
-
-
-@pytest.mark.parametrize("src,dst", [((7, 9), (20, 23)), ((16, 16), (32, 32)),
-                                     ((10, 12), (10, 12))])
-def test_resize_matches_torch_bilinear(src, dst):
-    x = np.random.default_rng(1).normal(size=(*src, 4)).astype(np.float32)
-    got = np.asarray(E.resize_scores(jnp.asarray(x), dst))
-    want = F.interpolate(torch.from_numpy(x).permute(2, 0, 1)[None], size=dst,
-                         mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_confusion_matrix_and_miou_vs_numpy():

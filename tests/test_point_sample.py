@@ -1,4 +1,4 @@
-"""Point sampling, PointRend point selection and bilinear resize against torch and numpy."""
+"""Point sampling and PointRend point selection against torch and numpy."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from mfuser_jax.ops.point_sample import (
     get_uncertain_point_coords_with_randomness,
-    interpolate_bilinear,
     point_sample,
 )
 
@@ -75,16 +74,6 @@ def test_point_sample_gradient_matches_torch():
     out = F.grid_sample(t, torch.from_numpy(pts)[:, :, None] * 2 - 1, align_corners=False)[..., 0]
     (out * torch.from_numpy(cot)).sum().backward()
     assert _rel_err(g, t.grad.numpy()) < 1e-5
-
-
-@pytest.mark.parametrize("src,dst", [((4, 6), (16, 24)), ((5, 7), (13, 11)), ((9, 8), (4, 3))])
-def test_interpolate_bilinear_matches_torch(src, dst):
-    rng = np.random.default_rng(2)
-    x = rng.normal(size=(2, 3) + src).astype(np.float32)
-    got = interpolate_bilinear(jnp.asarray(x), dst)
-    ref = F.interpolate(torch.from_numpy(x), size=dst, mode="bilinear", align_corners=False)
-    assert got.shape == (2, 3) + dst
-    assert _rel_err(got, ref.numpy()) < 1e-5
 
 
 def _candidates(key, n, num_sampled):

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mfuser_jax.ops.resize import resize
+
 __all__ = [
     "CLIPTextContextEncoder",
     "CLIPTextEncoder",
@@ -29,59 +31,15 @@ __all__ = [
     "MultiheadAttention",
     "ResidualAttentionBlock",
     "Transformer",
-    "bilinear_matrix",
     "resize_bilinear",
 ]
 
 _LN_EPS = 1e-5
 
 
-# --------------------------------------------------------------------------------------
-# Resizing exactly as torch.nn.functional.interpolate(mode="bilinear", align_corners=False)
-
-
-def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """(out_size, in_size) float64 weights of torch's 1-D linear resize, align_corners=False.
-
-    Half-pixel centres, source coordinate clamped at 0 and the upper neighbour at the last
-    pixel, no antialiasing when shrinking (unlike ``jax.image.resize``'s default), with the
-    scale in/out that torch uses when only ``size`` is given.
-    """
-    scale = in_size / out_size
-    src = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
-    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-    i1 = np.minimum(i0 + 1, in_size - 1)
-    frac = src - i0
-    m = np.zeros((out_size, in_size))
-    rows = np.arange(out_size)
-    np.add.at(m, (rows, i0), 1.0 - frac)
-    np.add.at(m, (rows, i1), frac)
-    return m
-
-
-def resize_bilinear(x, size: Sequence[int], axes: Sequence[int] = (0, 1)):
-    """Resize two axes of ``x`` (numpy or jax array) like torch's bilinear interpolate.
-
-    Separable: a static (out, in) matrix per axis. numpy in -> numpy out (float64 math, cast
-    back), jax in -> jax out (float32 math, highest matmul precision).
-    """
-    is_np = isinstance(x, np.ndarray)
-    xp = np if is_np else jnp
-    out = x.astype(np.float64) if is_np else x.astype(jnp.float32)
-    for axis, new in zip(axes, size):
-        axis = axis % x.ndim
-        old = x.shape[axis]
-        if old == new:
-            continue
-        m = bilinear_matrix(old, new)
-        m = m if is_np else jnp.asarray(m, jnp.float32)
-        moved = xp.moveaxis(out, axis, -1)
-        if is_np:
-            moved = moved @ m.T
-        else:
-            moved = jnp.matmul(moved, m.T, precision=jax.lax.Precision.HIGHEST)
-        out = xp.moveaxis(moved, -1, axis)
-    return out.astype(x.dtype)
+# Kept for mfuser_jax.convert.clip (it resizes checkpoints bilinear); new code calls
+# mfuser_jax.ops.resize.resize directly.
+resize_bilinear = resize
 
 
 # --------------------------------------------------------------------------------------
@@ -321,7 +279,7 @@ class CLIPVisionTransformer(nnx.Module):
             cls_pos = cls_pos + self.class_embedding[...][None]
         spatial = pos[1:].reshape(*self.spatial_size, self.width)
         if tuple(grid) != self.spatial_size:
-            spatial = resize_bilinear(spatial, grid, axes=(0, 1))
+            spatial = resize(spatial, grid, axes=(0, 1))
         return jnp.concatenate([cls_pos, spatial.reshape(-1, self.width)], axis=0)
 
     def prepare_tokens(self, images: jax.Array) -> jax.Array:

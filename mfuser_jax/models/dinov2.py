@@ -17,6 +17,7 @@ Precision: parameters float32; the patch projection, qkv/proj and MLP matmuls ru
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -26,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mfuser_jax.ops.resize import resize
+
 __all__ = [
     "Attention",
     "Block",
@@ -34,109 +37,11 @@ __all__ = [
     "Mlp",
     "PatchEmbed",
     "torch_resize",
-    "torch_resize_matrix",
 ]
 
-# PyTorch's cubic convolution coefficient (upsample_bicubic2d); jax.image uses -0.5.
-_TORCH_CUBIC_A = -0.75
-
-
-def _torch_cubic_weights(t: np.ndarray) -> np.ndarray:
-    """Weights of taps at offsets -1, 0, 1, 2 for fractional positions t, shape (..., 4)."""
-    a = _TORCH_CUBIC_A
-
-    def near(x):  # |x| <= 1
-        return ((a + 2) * x - (a + 3)) * x * x + 1
-
-    def far(x):  # 1 < |x| < 2
-        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-
-    return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
-
-
-def torch_resize_matrix(
-    in_size: int,
-    out_size: int,
-    mode: str = "bicubic",
-    *,
-    scale_factor: float | None = None,
-    align_corners: bool = False,
-) -> np.ndarray:
-    """The (out_size, in_size) float64 matrix of ``torch.nn.functional.interpolate`` on one axis.
-
-    Reproduces PyTorch's non-antialiased 'bicubic' (A = -0.75, taps clamped at the border,
-    source coordinate not clamped) and 'bilinear' (source coordinate clamped at 0). As in
-    PyTorch, a given ``scale_factor`` (with ``recompute_scale_factor`` unset) maps coordinates
-    with ``1 / scale_factor`` rather than ``in_size / out_size``: DINOv2's run-time position
-    embedding interpolation depends on that. Both modes are separable, so a 2-D resize is
-    ``R_h @ X @ R_w.T``.
-    """
-    if mode not in ("bicubic", "bilinear"):
-        raise ValueError(f"mode must be 'bicubic' or 'bilinear', got {mode!r}")
-    dst = np.arange(out_size, dtype=np.float64)
-    if align_corners:
-        scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
-        src = dst * scale
-    else:
-        scale = 1.0 / scale_factor if scale_factor else in_size / out_size
-        src = scale * (dst + 0.5) - 0.5
-    matrix = np.zeros((out_size, in_size), dtype=np.float64)
-    rows = np.arange(out_size)
-    if mode == "bicubic":
-        base = np.floor(src)
-        weights = _torch_cubic_weights(src - base)
-        for tap in range(4):
-            idx = np.clip(base.astype(np.int64) - 1 + tap, 0, in_size - 1)
-            np.add.at(matrix, (rows, idx), weights[:, tap])
-    else:
-        if not align_corners:
-            src = np.maximum(src, 0.0)
-        i0 = np.floor(src).astype(np.int64)
-        i0 = np.minimum(i0, in_size - 1)
-        i1 = np.minimum(i0 + 1, in_size - 1)
-        lam = np.clip(src - i0, 0.0, 1.0)
-        np.add.at(matrix, (rows, i0), 1.0 - lam)
-        np.add.at(matrix, (rows, i1), lam)
-    return matrix
-
-
-def torch_resize(
-    x,
-    size: tuple[int, int],
-    axes: tuple[int, int],
-    mode: str = "bicubic",
-    *,
-    scale_factor: tuple[float, float] | None = None,
-    align_corners: bool = False,
-):
-    """Resize ``x`` (numpy or jax array) on two axes like ``F.interpolate`` (no antialias).
-
-    numpy input is computed in float64 and returned as float32; jax input is computed with
-    float32 matmuls at HIGHEST precision (no TF32 on GPU) and returned as float32.
-    """
-    mats = [
-        torch_resize_matrix(
-            x.shape[ax], n, mode,
-            scale_factor=None if scale_factor is None else scale_factor[i],
-            align_corners=align_corners,
-        )
-        for i, (ax, n) in enumerate(zip(axes, size))
-    ]
-    if isinstance(x, np.ndarray):
-        out = np.asarray(x, np.float64)
-        for ax, m in zip(axes, mats):
-            out = np.moveaxis(np.tensordot(m, out, axes=([1], [ax])), 0, ax)
-        return out.astype(np.float32)
-    out = x.astype(jnp.float32)
-    for ax, m in zip(axes, mats):
-        out = jnp.moveaxis(
-            jnp.tensordot(
-                jnp.asarray(m, jnp.float32), out, axes=([1], [ax]),
-                precision=jax.lax.Precision.HIGHEST,
-            ),
-            0, ax,
-        )
-    return out
+# Kept for mfuser_jax.convert.dinov2 (it resizes checkpoints bicubic); new code calls
+# mfuser_jax.ops.resize.resize directly.
+torch_resize = functools.partial(resize, mode="bicubic")
 
 
 def _pair(v) -> tuple[int, int]:
@@ -349,7 +254,7 @@ class DinoVisionTransformer(nnx.Module):
         if size != (h0, w0):
             raise ValueError(f"position embedding resized to {size}, expected {(h0, w0)}")
         grid = pos[0, 1:].reshape(m, m, -1)
-        grid = torch_resize(grid, size, axes=(0, 1), mode="bicubic", scale_factor=scales)
+        grid = resize(grid, size, axes=(0, 1), mode="bicubic", scale_factor=scales)
         return jnp.concatenate([pos[:, :1], grid.reshape(1, h0 * w0, -1)], axis=1)
 
     def prepare_tokens(self, images: jax.Array, masks: jax.Array | None = None) -> jax.Array:

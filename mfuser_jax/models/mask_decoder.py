@@ -36,7 +36,7 @@ from mfuser_jax.models.pixel_decoder import (
     linear,
     sine_positional_encoding,
 )
-from mfuser_jax.ops.deform_attn import resize_bilinear
+from mfuser_jax.ops.resize import resize
 
 __all__ = ["TqdmHead", "semantic_inference", "unmask_full_rows"]
 
@@ -173,7 +173,7 @@ class TqdmHead(nnx.Module):
         mask_pred = jnp.einsum("bqc,bhwc->bqhw", m.astype(self.dtype),
                                mask_feature.astype(self.dtype),
                                preferred_element_type=_F32)
-        attn_mask = resize_bilinear(mask_pred, attn_mask_target_size, layout="NCHW")
+        attn_mask = resize(mask_pred, attn_mask_target_size, axes=(2, 3))
         attn_mask = jax.nn.sigmoid(attn_mask.reshape(*attn_mask.shape[:2], -1)) < 0.5
         return cls_pred, mask_pred, jax.lax.stop_gradient(attn_mask)
 

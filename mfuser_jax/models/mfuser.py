@@ -26,7 +26,7 @@ from mfuser_jax.models.clip import CLIPTextContextEncoder
 from mfuser_jax.models.mask_decoder import TqdmHead, semantic_inference
 from mfuser_jax.models.text_enhancer import ContextDecoder
 from mfuser_jax.models.tokenizer import tokenize
-from mfuser_jax.ops.point_sample import interpolate_bilinear
+from mfuser_jax.ops.resize import resize
 
 __all__ = ["MFuser", "TRAINABLE_PREFIXES", "is_trainable_path"]
 
@@ -189,8 +189,7 @@ class MFuser(nnx.Module):
             texts, channels = self._query_texts(class_names)
         all_cls, all_masks, _ = self.forward(images, texts)
         seg = semantic_inference(all_cls[-1], all_masks[-1])  # (B, h, w, K)
-        seg = interpolate_bilinear(jnp.moveaxis(seg, -1, 1), images.shape[1:3])
-        seg = jnp.moveaxis(seg, 1, -1)
+        seg = resize(seg, images.shape[1:3], axes=(1, 2))
         return seg if channels is None else seg[..., jnp.asarray(channels)]
 
     def _query_texts(self, class_names):

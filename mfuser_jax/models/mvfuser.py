@@ -34,7 +34,7 @@ from flax import nnx
 
 from mfuser_jax.ops.selective_scan import selective_scan
 
-__all__ = ["MVFuser", "RMSNormGated", "torch_default_init"]
+__all__ = ["MVFuser", "RMSNormGated", "torch_default_init", "torch_linear"]
 
 # PyTorch's default Linear/Conv init, kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in)).
 torch_default_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -49,6 +49,22 @@ def _uniform_init(bound: float):
 
 def _torch_default_bias_init(fan_in: int):
     return _uniform_init(1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0)
+
+
+def torch_linear(din: int, dout: int, *, use_bias: bool = True, dtype=jnp.float32,
+                 rngs: nnx.Rngs) -> nnx.Linear:
+    """``nn.Linear(din, dout)`` with PyTorch's default init (weight and bias
+    U(+-1/sqrt(din))), float32 parameters, ``dtype`` compute."""
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=torch_default_init,
+        bias_init=_torch_default_bias_init(din),
+        rngs=rngs,
+    )
 
 
 class RMSNormGated(nnx.Module):
@@ -118,17 +134,8 @@ class MVFuser(nnx.Module):
         self.scan_backend = scan_backend
         self.dtype = dtype
 
-        def linear(din, dout, use_bias=False):
-            return nnx.Linear(
-                din,
-                dout,
-                use_bias=use_bias,
-                dtype=dtype,
-                param_dtype=jnp.float32,
-                kernel_init=torch_default_init,
-                bias_init=_torch_default_bias_init(din),
-                rngs=rngs,
-            )
+        def linear(din, dout):  # mamba's projections have no bias
+            return torch_linear(din, dout, use_bias=False, dtype=dtype, rngs=rngs)
 
         self.in_proj = linear(d_model, self.d_inner)
         self.x_proj = linear(half, self.dt_rank + 2 * d_state)

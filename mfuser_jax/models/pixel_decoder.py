@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mfuser_jax.ops.deform_attn import multi_scale_deformable_attention, resize_bilinear
+from mfuser_jax.ops.deform_attn import multi_scale_deformable_attention
+from mfuser_jax.ops.resize import resize
 
 __all__ = [
     "ConvModule",
@@ -470,7 +471,7 @@ class TqdmMSDeformAttnPixelDecoder(nnx.Module):
             start += h * w
         for i in range(self.num_input_levels - self.num_encoder_levels - 1, -1, -1):
             cur = self.lateral_convs[i](feats[i])
-            y = cur + resize_bilinear(outs[-1], cur.shape[1:3])
+            y = cur + resize(outs[-1], cur.shape[1:3], axes=(1, 2), dtype=outs[-1].dtype)
             outs.append(self.output_convs[i](y))
         mask_feature = self.mask_feature(outs[-1]).astype(_F32)
         return mask_feature, outs[: self.num_outs]

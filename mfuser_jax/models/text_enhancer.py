@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mfuser_jax.models.mvfuser import MVFuser, torch_default_init
+from mfuser_jax.models.mvfuser import MVFuser, torch_linear
 
 __all__ = ["Attention", "ContextDecoder", "MTEnhancer"]
 
@@ -26,18 +26,6 @@ __all__ = ["Attention", "ContextDecoder", "MTEnhancer"]
 def _layer_norm(dim: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
     # PyTorch's nn.LayerNorm eps is 1e-5 (flax's default is 1e-6); statistics in float32.
     return nnx.LayerNorm(dim, epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
-
-
-def _linear(din: int, dout: int, dtype, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
-    return nnx.Linear(
-        din,
-        dout,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=torch_default_init,
-        rngs=rngs,
-    )
 
 
 class GELU(nnx.Module):
@@ -69,10 +57,10 @@ class Attention(nnx.Module):
         self.num_heads = num_heads
         self.scale = qk_scale or (dim // num_heads) ** -0.5
         self.dtype = dtype
-        self.q_proj = _linear(dim, dim, dtype, rngs, use_bias=qkv_bias)
-        self.k_proj = _linear(dim, dim, dtype, rngs, use_bias=qkv_bias)
-        self.v_proj = _linear(dim, dim, dtype, rngs, use_bias=qkv_bias)
-        self.proj = _linear(dim, dim, dtype, rngs)
+        self.q_proj = torch_linear(dim, dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = torch_linear(dim, dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = torch_linear(dim, dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.proj = torch_linear(dim, dim, dtype=dtype, rngs=rngs)
         self.proj_drop = nnx.Dropout(proj_drop, rngs=rngs)
 
     def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -119,10 +107,10 @@ class MTEnhancer(nnx.Module):
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
         self.mlp = nnx.List(
             [
-                _linear(d_model, 4 * d_model, dtype, rngs),
+                torch_linear(d_model, 4 * d_model, dtype=dtype, rngs=rngs),
                 GELU(),
                 nnx.Dropout(dropout, rngs=rngs),
-                _linear(4 * d_model, d_model, dtype, rngs),
+                torch_linear(4 * d_model, d_model, dtype=dtype, rngs=rngs),
             ]
         )
 
@@ -169,12 +157,15 @@ class ContextDecoder(nnx.Module):
         self.memory_proj = nnx.List(
             [
                 _layer_norm(visual_dim, rngs),
-                _linear(visual_dim, transformer_width, dtype, rngs),
+                torch_linear(visual_dim, transformer_width, dtype=dtype, rngs=rngs),
                 _layer_norm(transformer_width, rngs),
             ]
         )
         self.text_proj = nnx.List(
-            [_layer_norm(visual_dim, rngs), _linear(visual_dim, transformer_width, dtype, rngs)]
+            [
+                _layer_norm(visual_dim, rngs),
+                torch_linear(visual_dim, transformer_width, dtype=dtype, rngs=rngs),
+            ]
         )
         self.decoder = nnx.List(
             [
@@ -190,7 +181,10 @@ class ContextDecoder(nnx.Module):
             ]
         )
         self.out_proj = nnx.List(
-            [_layer_norm(transformer_width, rngs), _linear(transformer_width, visual_dim, dtype, rngs)]
+            [
+                _layer_norm(transformer_width, rngs),
+                torch_linear(transformer_width, visual_dim, dtype=dtype, rngs=rngs),
+            ]
         )
         self._init_weights(rngs)
 

@@ -7,10 +7,6 @@ one grid_sample per level and head we gather the four neighbours of every sampli
 from the flattened value directly (one ``take_along_axis`` per corner), so the whole op is
 a handful of vectorised gathers that XLA fuses; its gradient w.r.t. ``value`` is a
 scatter-add and w.r.t. the locations flows through the bilinear weights, as in PyTorch.
-
-``resize_bilinear`` restates ``F.interpolate(mode='bilinear', align_corners=False)``
-without antialiasing: ``jax.image.resize`` antialiases when downsampling, which would
-change the Mask2Former attention masks (1/4 -> 1/32 is an 8x reduction).
 """
 
 from __future__ import annotations
@@ -24,7 +20,6 @@ __all__ = [
     "bilinear_gather",
     "grid_sample_bilinear",
     "multi_scale_deformable_attention",
-    "resize_bilinear",
 ]
 
 
@@ -131,43 +126,3 @@ def multi_scale_deformable_attention(
         )
     out = out.reshape(b, heads, q, head_dim).transpose(0, 2, 1, 3)
     return out.reshape(b, q, heads * head_dim).astype(value.dtype)
-
-
-def _linear_source_index(in_size: int, out_size: int):
-    # PyTorch's area_pixel_compute_source_index for align_corners=False, with the
-    # negative clamp that linear modes apply.
-    scale = in_size / out_size
-    src = (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * scale - 0.5
-    src = jnp.maximum(src, 0.0)
-    i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), in_size - 1)
-    i1 = jnp.minimum(i0 + 1, in_size - 1)
-    frac = src - i0.astype(jnp.float32)
-    return i0, i1, frac
-
-
-def resize_bilinear(x: jax.Array, size: tuple[int, int], *, layout: str = "NHWC") -> jax.Array:
-    """``F.interpolate(x, size, mode='bilinear', align_corners=False)`` (no antialiasing).
-
-    ``layout`` names where the two spatial axes are: "NHWC" (axes 1, 2) or "NCHW"
-    (axes 2, 3, e.g. (B, queries, h, w) mask logits). Interpolates in float32 and returns
-    x's dtype.
-    """
-    if layout == "NHWC":
-        ax_h, ax_w = 1, 2
-    elif layout == "NCHW":
-        ax_h, ax_w = 2, 3
-    else:
-        raise ValueError(f"layout must be 'NHWC' or 'NCHW', got {layout!r}")
-    out_h, out_w = int(size[0]), int(size[1])
-    dtype = x.dtype
-    y = x.astype(jnp.float32)
-    for axis, out_size in ((ax_h, out_h), (ax_w, out_w)):
-        in_size = y.shape[axis]
-        if in_size == out_size:
-            continue
-        i0, i1, frac = _linear_source_index(in_size, out_size)
-        shape = [1] * y.ndim
-        shape[axis] = out_size
-        frac = frac.reshape(shape)
-        y = jnp.take(y, i0, axis=axis) * (1.0 - frac) + jnp.take(y, i1, axis=axis) * frac
-    return y.astype(dtype)

@@ -1,4 +1,4 @@
-"""Bilinear point sampling and resizing with PyTorch's semantics, in pure JAX.
+"""Bilinear point sampling with PyTorch's semantics, in pure JAX.
 
 Layout: channels first, as the original's masks, (N, C, H, W); points (N, P, 2) hold
 normalised (x, y) in [0, 1] x [0, 1] (x along W, y along H).
@@ -8,18 +8,13 @@ normalised (x, y) in [0, 1] x [0, 1] (x along W, y along H).
 * ``get_uncertain_point_coords_with_randomness`` is mmdet/detectron2's PointRend-style
   sampler used by Mask2Former's loss (ported from devinxzhang/MFuser,
   mmseg/models/utils/point_sample.py).
-* ``interpolate_bilinear`` is ``F.interpolate(x, size, mode="bilinear",
-  align_corners=False)`` without antialiasing (``jax.image.resize`` antialiases when
-  shrinking, torch does not), written as two small interpolation matrices.
 
-Everything is gather/matmul based with static shapes, so it jits and differentiates
+Everything is gather based with static shapes, so it jits and differentiates
 with respect to the sampled values (coordinates carry no gradient here, as in the
 original where they are drawn under ``torch.no_grad``).
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +24,6 @@ __all__ = [
     "bilinear_corners",
     "point_sample",
     "get_uncertain_point_coords_with_randomness",
-    "interpolate_bilinear",
 ]
 
 
@@ -124,33 +118,3 @@ def get_uncertain_point_coords_with_randomness(
         parts.append(jax.random.uniform(key_random, (n, num_random, 2), jnp.float32))
     coords = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
     return jax.lax.stop_gradient(coords).reshape(*lead, num_points, 2)
-
-
-def _interp_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """(out, in) weights of torch's 1-D linear resize with align_corners=False."""
-    scale = in_size / out_size
-    dst = np.arange(out_size, dtype=np.float64)
-    src = np.maximum(scale * (dst + 0.5) - 0.5, 0.0)
-    i0 = np.floor(src).astype(np.int64)
-    i0 = np.minimum(i0, in_size - 1)
-    i1 = np.minimum(i0 + 1, in_size - 1)
-    l1 = src - i0
-    m = np.zeros((out_size, in_size), np.float64)
-    np.add.at(m, (np.arange(out_size), i0), 1.0 - l1)
-    np.add.at(m, (np.arange(out_size), i1), l1)
-    return m.astype(np.float32)
-
-
-def interpolate_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
-    """Resize the last two axes of ``x`` (..., H, W) to ``size`` = (H', W').
-
-    Same as ``F.interpolate(x, size, mode="bilinear", align_corners=False)`` (no
-    antialiasing), computed in float32 at full matmul precision.
-    """
-    out_h, out_w = (int(s) for s in size)
-    in_h, in_w = x.shape[-2:]
-    mh = jnp.asarray(_interp_matrix(in_h, out_h))
-    mw = jnp.asarray(_interp_matrix(in_w, out_w))
-    hi = jax.lax.Precision.HIGHEST  # keep TF32 out of a loss-path resize on GPU
-    y = jnp.einsum("...hw,Ww->...hW", x.astype(jnp.float32), mw, precision=hi)
-    return jnp.einsum("...hW,Hh->...HW", y, mh, precision=hi)
