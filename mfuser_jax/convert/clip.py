@@ -25,7 +25,7 @@ import numpy as np
 
 from mfuser_jax.convert.state_dict import _to_numpy
 from mfuser_jax.convert.torch_io import WeightFileError
-from mfuser_jax.models.clip import resize_bilinear
+from mfuser_jax.ops.resize import resize
 
 __all__ = [
     "check_openai_clip",
@@ -207,7 +207,7 @@ def resize_for_mfuser(
     grid = (int(h) // patch_size, int(w) // patch_size)
     conv = out["conv1.weight"]
     if conv.shape[-2:] != (patch_size, patch_size):
-        out["conv1.weight"] = resize_bilinear(conv, (patch_size, patch_size), axes=(2, 3))
+        out["conv1.weight"] = resize(conv, (patch_size, patch_size), axes=(2, 3))
     pos = out["positional_embedding"]
     n_spatial = pos.shape[0] - 1
     orig = int(math.isqrt(n_spatial))
@@ -215,7 +215,7 @@ def resize_for_mfuser(
         raise WeightFileError(f"positional_embedding has {n_spatial} spatial rows, not a square grid")
     if (orig, orig) != grid:
         spatial = pos[1:].reshape(orig, orig, pos.shape[1])
-        spatial = resize_bilinear(spatial, grid, axes=(0, 1)).reshape(-1, pos.shape[1])
+        spatial = resize(spatial, grid, axes=(0, 1)).reshape(-1, pos.shape[1])
         out["positional_embedding"] = np.concatenate([pos[:1], spatial], axis=0)
     return out
 

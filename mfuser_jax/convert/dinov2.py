@@ -21,7 +21,7 @@ import numpy as np
 
 from mfuser_jax.convert.state_dict import _to_numpy
 from mfuser_jax.convert.torch_io import WeightFileError
-from mfuser_jax.models.dinov2 import torch_resize
+from mfuser_jax.ops.resize import resize
 
 __all__ = [
     "REQUIRED_KEYS",
@@ -199,12 +199,12 @@ def resize_for_mfuser(
     new = img_size // patch_size
     if old != new:
         grid = pos[0, n_extra:].reshape(old, old, -1)
-        grid = torch_resize(grid, (new, new), axes=(0, 1), mode="bicubic")
+        grid = resize(grid, (new, new), axes=(0, 1), mode="bicubic")
         sd["pos_embed"] = np.concatenate(
             [pos[:, :n_extra].astype(np.float32), grid.reshape(1, new * new, -1)], axis=1)
     kernel = _to_numpy(sd["patch_embed.proj.weight"])
     if kernel.shape[-2:] != (patch_size, patch_size):
-        sd["patch_embed.proj.weight"] = torch_resize(
+        sd["patch_embed.proj.weight"] = resize(
             kernel, (patch_size, patch_size), axes=(2, 3), mode="bicubic")
     return sd
 

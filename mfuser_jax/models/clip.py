@@ -31,15 +31,9 @@ __all__ = [
     "MultiheadAttention",
     "ResidualAttentionBlock",
     "Transformer",
-    "resize_bilinear",
 ]
 
 _LN_EPS = 1e-5
-
-
-# Kept for mfuser_jax.convert.clip (it resizes checkpoints bilinear); new code calls
-# mfuser_jax.ops.resize.resize directly.
-resize_bilinear = resize
 
 
 # --------------------------------------------------------------------------------------

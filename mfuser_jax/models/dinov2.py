@@ -17,7 +17,6 @@ Precision: parameters float32; the patch projection, qkv/proj and MLP matmuls ru
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 
@@ -36,12 +35,7 @@ __all__ = [
     "LayerScale",
     "Mlp",
     "PatchEmbed",
-    "torch_resize",
 ]
-
-# Kept for mfuser_jax.convert.dinov2 (it resizes checkpoints bicubic); new code calls
-# mfuser_jax.ops.resize.resize directly.
-torch_resize = functools.partial(resize, mode="bicubic")
 
 
 def _pair(v) -> tuple[int, int]:
