@@ -5,10 +5,24 @@
     python scripts/benchmark.py --smoke            # tiny shapes, a CPU sanity run
     python scripts/benchmark.py --sections scan --out results/
 
-Every section is a function ``(args, env) -> list[dict]`` registered in SECTIONS; each dict is
-one table row (a "section" and "case" key plus measurements). New sections (MVFuser vs
-attention, the training step, sliding-window evaluation) plug in the same way.
+Sections (SECTIONS registry; each is ``(args, env) -> list[dict]``, one dict per table row):
+
+* ``scan``: every selective-scan backend vs the lax.scan reference (time, temporaries, error).
+* ``mvfuser_vs_attention``: MVFuser vs one self-attention layer of the same width over the same
+  concatenated DINOv2 + CLIP tokens, 512..1024 px crops (L = 2050..8194): time and compiled
+  temporaries; growth rows compare the largest to the smallest crop.
+* ``train_step``: the full MFuser-CLIP-L training step (random weights, bfloat16, AdamW) at
+  512 px for ``--train-cases`` batch:remat pairs: step time, images/s, MFU (analytic model
+  FLOPs from mfuser_jax.flops / time / the bf16 matmul peak measured here), HFU (with remat's
+  recomputation), compiled temporaries, peak device memory, analytic vs XLA FLOPs.
+* ``sliding_window``: 2048x1024 images/s with mfuser_jax.evaluate.SlidingWindowPredictor
+  (crop 512, stride 341).
+
+``--budget-s`` caps each section (remaining cases are listed as skipped); an interrupt
+(SIGINT, e.g. ``timeout -s INT``) ends the run but keeps and writes the rows measured so far.
 Timings are device-synchronised (block_until_ready), warmed up, and the median of many runs.
+The import path avoids grain / ml_collections / tensorflow_datasets (absent on the GPU image):
+the model config is a plain AttrDict (mfuser_jax.flops.plain_model_config).
 """
 
 from __future__ import annotations
@@ -117,7 +131,7 @@ def bench_scan(args, env):
         batches, lengths, d, n = (2, 8), (2050, 8194), 512, 16
     bw = env["copy_bandwidth_Bps"]
     deadline = _deadline(args)
-    rows = []
+    rows = args.rows
     for b in batches:
         for l in lengths:
             if time.perf_counter() > deadline:
@@ -204,7 +218,7 @@ def bench_mvfuser_vs_attention(args, env):
     deadline = _deadline(args)
     models = {"mvfuser": MVFuser(width, scan_backend=args.scan_backend, dtype=dtype, rngs=nnx.Rngs(0)),
               "attention": _SelfAttention(width, heads, dtype=dtype, rngs=nnx.Rngs(0))}
-    rows = []
+    rows = args.rows
     for crop in crops:
         length = 2 * ((crop // 16) ** 2 + 1)  # DINOv2 + CLIP tokens, class token each
         x = jax.random.normal(jax.random.key(1), (batch, length, width), dtype)
@@ -330,7 +344,7 @@ def bench_train_step(args, env):
         return step
 
     deadline = _deadline(args)
-    rows = []
+    rows = args.rows
     for batch, remat in cases:
         case = f"MFuser-CLIP {size}px {cfg.dtype} B={batch} remat={remat}"
         if time.perf_counter() > deadline:
@@ -384,6 +398,7 @@ def bench_sliding_window(args, env):
     stride = crop * 2 // 3 if args.smoke else 341
     row = dict(section="sliding_window", case=f"{h}x{w} crop={crop} stride={stride} "
                f"crop_batch={args.crop_batch} {cfg.dtype}")
+    args.rows.append(row)  # filled in place: an interrupted run keeps the compile time
     try:
         predictor = SlidingWindowPredictor(model, crop=crop, stride=stride, crop_batch=args.crop_batch)
         image = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
@@ -401,9 +416,8 @@ def bench_sliding_window(args, env):
         row["runs"] = len(times)
     except Exception as e:
         row["error"] = _err(e)
-    rows = [row]
     print(f"  {row['case']}: {row.get('images_per_s', float('nan')):.3f} images/s", flush=True)
-    return rows
+    return args.rows
 
 
 SECTIONS = {"scan": bench_scan, "mvfuser_vs_attention": bench_mvfuser_vs_attention,
@@ -457,12 +471,20 @@ def main(argv=None):
         if name not in SECTIONS:
             parser.error(f"unknown section {name!r}; choose from {list(SECTIONS)}")
         print(f"[{name}]", flush=True)
-        rows = SECTIONS[name](args, env)
+        args.rows = []  # sections append here, so an interrupted section keeps its rows
+        interrupted = False
+        try:
+            rows = SECTIONS[name](args, env)
+        except KeyboardInterrupt:  # `timeout -s INT` in scripts/gpu_check.sh: keep what we have
+            rows, interrupted = args.rows, True
+            rows.append(dict(section=name, case="(interrupted)", error="interrupted: time limit"))
         all_rows += rows
         if args.out:
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, f"{name}.json"), "w") as f:
                 json.dump(dict(env=env, smoke=args.smoke, rows=rows), f, indent=1)
+        if interrupted:
+            break
     print()
     print_table(all_rows)
 
