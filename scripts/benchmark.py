@@ -319,6 +319,7 @@ def bench_train_step(args, env):
 
     from mfuser_jax.flops import train_step_flops
 
+    deadline = _deadline(args)  # the model build and the peak measurement count too
     cfg, model = _build_model(args)
     size = int(cfg.image_size)
     peak = env.setdefault("bf16_matmul_peak_FLOPs", matmul_peak(512 if args.smoke else 8192))
@@ -343,7 +344,6 @@ def bench_train_step(args, env):
             return optax.apply_updates(params, updates), new_bs, new_opt, total
         return step
 
-    deadline = _deadline(args)
     rows = args.rows
     for batch, remat in cases:
         case = f"MFuser-CLIP {size}px {cfg.dtype} B={batch} remat={remat}"
