@@ -55,11 +55,7 @@ def main(argv):
         print("error: give --dinov2 and --clip (the encoder weights), or --mfuser (a released "
               "MFuser checkpoint)", file=sys.stderr)
         sys.exit(2)
-    stages = 7
-
-    def progress(stage, _count=[0]):  # noqa: B006 - a counter local to this run
-        _count[0] += 1
-        print(f"[{_count[0]}/{stages}] {stage} ({time.time() - start:.0f} s)", flush=True)
+    progress = stage_printer(6, start)
 
     try:
         counts = convert_encoders(FLAGS.config.model, FLAGS.out, dinov2_path=FLAGS.dinov2,
@@ -72,6 +68,18 @@ def main(argv):
     print(f"wrote {os.path.abspath(FLAGS.out)} in {time.time() - start:.0f} s")
 
 
+def stage_printer(stages, start):
+    """progress(stage) callback: '[i/stages] stage (elapsed s)', one line per stage."""
+    count = 0
+
+    def progress(stage):
+        nonlocal count
+        count += 1
+        print(f"[{count}/{stages}] {stage} ({time.time() - start:.0f} s)", flush=True)
+
+    return progress
+
+
 def convert_release(start):
     from mfuser_jax.convert import WeightFileError
     from mfuser_jax.convert.mfuser import convert_mfuser_checkpoint
@@ -79,11 +87,7 @@ def convert_release(start):
     if FLAGS.dinov2 or FLAGS.clip:
         print("error: --mfuser brings its own encoders; drop --dinov2/--clip", file=sys.stderr)
         sys.exit(2)
-    stages = 5
-
-    def progress(stage, _count=[0]):  # noqa: B006 - a counter local to this run
-        _count[0] += 1
-        print(f"[{_count[0]}/{stages}] {stage} ({time.time() - start:.0f} s)", flush=True)
+    progress = stage_printer(5, start)
 
     try:
         info = convert_mfuser_checkpoint(FLAGS.config, FLAGS.mfuser, FLAGS.out,
