@@ -12,7 +12,8 @@ import torch
 from flax import nnx
 
 from mfuser_jax.convert.state_dict import load_torch_state_dict, torch_state_dict_of
-from mfuser_jax.models.text_enhancer import GELU, ContextDecoder
+from mfuser_jax.models.layers import GELU
+from mfuser_jax.models.text_enhancer import ContextDecoder
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_mvfuser import TorchMVFuser, randomize_mvfuser_, rel_err  # noqa: E402

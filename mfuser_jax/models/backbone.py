@@ -17,6 +17,7 @@ from flax import nnx
 
 from mfuser_jax.models.clip import CLIPVisionTransformer
 from mfuser_jax.models.dinov2 import DinoVisionTransformer
+from mfuser_jax.models.layers import GELU
 from mfuser_jax.models.mvfuser import MVFuser
 
 __all__ = ["FPN_OUTPUT_STRIDES", "MFuserBackbone", "normalize_for_clip", "normalize_for_dinov2"]
@@ -39,13 +40,6 @@ def normalize_for_dinov2(clip_normalized: jax.Array) -> jax.Array:
     """Re-normalise a CLIP-normalised input with ImageNet statistics, as the reference does."""
     pixels = clip_normalized * jnp.asarray(CLIP_STD) + jnp.asarray(CLIP_MEAN)
     return (pixels - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
-
-
-class _Gelu(nnx.Module):
-    """nn.GELU() in PyTorch is the exact erf form; jax.nn.gelu defaults to tanh."""
-
-    def __call__(self, x):
-        return jax.nn.gelu(x, approximate=False)
 
 
 class _MaxPool2x2(nnx.Module):
@@ -123,7 +117,7 @@ class MFuserBackbone(CLIPVisionTransformer):
         # globally, so plain BatchNorm here has SyncBN's statistics. PyTorch momentum 0.1.
         self.fpn1 = nnx.List([
             up(), nnx.BatchNorm(fpn_dim, momentum=0.9, epsilon=1e-5, dtype=jnp.float32, rngs=rngs),
-            _Gelu(), up(),
+            GELU(), up(),
         ])
         self.fpn2 = nnx.List([up()])
         self.fpn3 = _Identity()

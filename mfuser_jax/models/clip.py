@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mfuser_jax.models.layers import torch_layer_norm
 from mfuser_jax.ops.resize import resize
 
 __all__ = [
@@ -33,7 +34,6 @@ __all__ = [
     "Transformer",
 ]
 
-_LN_EPS = 1e-5
 
 
 # --------------------------------------------------------------------------------------
@@ -43,12 +43,6 @@ _LN_EPS = 1e-5
 def _layer_norm(ln: nnx.LayerNorm, x: jax.Array) -> jax.Array:
     # CLIP's LayerNorm subclass: normalise in float32, hand back the input dtype
     return ln(x.astype(jnp.float32)).astype(x.dtype)
-
-
-def _ln(width: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(
-        width, epsilon=_LN_EPS, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs
-    )
 
 
 class MultiheadAttention(nnx.Module):
@@ -139,11 +133,11 @@ class ResidualAttentionBlock(nnx.Module):
         *, attn_implementation: str | None = None, dtype=jnp.float32, rngs: nnx.Rngs,
     ):
         self.causal = causal
-        self.ln_1 = _ln(width, rngs)
+        self.ln_1 = torch_layer_norm(width, rngs)
         self.attn = MultiheadAttention(
             width, heads, attn_implementation=attn_implementation, dtype=dtype, rngs=rngs
         )
-        self.ln_2 = _ln(width, rngs)
+        self.ln_2 = torch_layer_norm(width, rngs)
         self.mlp = MLP(width, dtype=dtype, rngs=rngs)
         # rate 0 (frozen towers, text tower): no dropout module, so no RNG state to carry
         self.drop_path = (
@@ -249,12 +243,12 @@ class CLIPVisionTransformer(nnx.Module):
         self.positional_embedding = nnx.Param(
             scale * jax.random.normal(rngs.params(), (n_pos, width))
         )
-        self.ln_pre = _ln(width, rngs)
+        self.ln_pre = torch_layer_norm(width, rngs)
         self.transformer = Transformer(
             width, layers, heads, causal=False, drop_path_rate=drop_path_rate,
             attn_implementation=attn_implementation, dtype=dtype, rngs=rngs,
         )
-        self.ln_post = _ln(width, rngs)
+        self.ln_post = torch_layer_norm(width, rngs)
         self.proj = nnx.Param(scale * jax.random.normal(rngs.params(), (width, output_dim)))
 
     @property
@@ -349,7 +343,7 @@ class CLIPTextEncoder(nnx.Module):
             width, layers, heads, causal=True, attn_implementation=attn_implementation,
             dtype=dtype, rngs=rngs,
         )
-        self.ln_final = _ln(width, rngs)
+        self.ln_final = torch_layer_norm(width, rngs)
         self.text_projection = nnx.Param(
             width**-0.5 * jax.random.normal(rngs.params(), (width, embed_dim))
         )

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mfuser_jax.models.layers import torch_linear
 from mfuser_jax.models.pixel_decoder import (
     DetrTransformerDecoder,
     DetrTransformerDecoderLayer,
@@ -33,7 +34,6 @@ from mfuser_jax.models.pixel_decoder import (
     TqdmMSDeformAttnPixelDecoder,
     caffe2_xavier,
     embedding_normal,
-    linear,
     sine_positional_encoding,
 )
 from mfuser_jax.ops.resize import resize
@@ -143,20 +143,20 @@ class TqdmHead(nnx.Module):
         self.query_embed = nnx.Embed(num_queries, feat_channels, param_dtype=_F32,
                                      embedding_init=embedding_normal, rngs=rngs)
         self.text_proj = nnx.List([
-            linear(text_dim, feat_channels, dtype=dtype, rngs=rngs),
+            torch_linear(text_dim, feat_channels, dtype=dtype, rngs=rngs),
             None,  # ReLU
-            linear(feat_channels, feat_channels, dtype=dtype, rngs=rngs),
+            torch_linear(feat_channels, feat_channels, dtype=dtype, rngs=rngs),
         ])
         self.level_embed = nnx.Embed(num_transformer_feat_level, feat_channels,
                                      param_dtype=_F32, embedding_init=embedding_normal,
                                      rngs=rngs)
-        self.cls_embed = linear(feat_channels, num_classes + 1, dtype=dtype, rngs=rngs)
+        self.cls_embed = torch_linear(feat_channels, num_classes + 1, dtype=dtype, rngs=rngs)
         self.mask_embed = nnx.List([
-            linear(feat_channels, feat_channels, dtype=dtype, rngs=rngs),
+            torch_linear(feat_channels, feat_channels, dtype=dtype, rngs=rngs),
             None,  # ReLU
-            linear(feat_channels, feat_channels, dtype=dtype, rngs=rngs),
+            torch_linear(feat_channels, feat_channels, dtype=dtype, rngs=rngs),
             None,  # ReLU
-            linear(feat_channels, out_channels, dtype=dtype, rngs=rngs),
+            torch_linear(feat_channels, out_channels, dtype=dtype, rngs=rngs),
         ])
 
     def forward_head(self, decoder_out, mask_feature, attn_mask_target_size):

@@ -32,40 +32,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mfuser_jax.models.layers import torch_default_init, torch_linear, uniform_init
 from mfuser_jax.ops.selective_scan import selective_scan
 
-__all__ = ["MVFuser", "RMSNormGated", "torch_default_init", "torch_linear"]
-
-# PyTorch's default Linear/Conv init, kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in)).
-torch_default_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
-
-def _uniform_init(bound: float):
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
-def _torch_default_bias_init(fan_in: int):
-    return _uniform_init(1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0)
-
-
-def torch_linear(din: int, dout: int, *, use_bias: bool = True, dtype=jnp.float32,
-                 rngs: nnx.Rngs) -> nnx.Linear:
-    """``nn.Linear(din, dout)`` with PyTorch's default init (weight and bias
-    U(+-1/sqrt(din))), float32 parameters, ``dtype`` compute."""
-    return nnx.Linear(
-        din,
-        dout,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=torch_default_init,
-        bias_init=_torch_default_bias_init(din),
-        rngs=rngs,
-    )
-
+__all__ = ["MVFuser", "RMSNormGated"]
 
 class RMSNormGated(nnx.Module):
     """mamba_ssm's gated RMSNorm (group_size=None, norm_before_gate=True, no bias):
@@ -154,7 +124,7 @@ class MVFuser(nnx.Module):
             use_bias=True,
             dtype=dtype,
             param_dtype=jnp.float32,
-            kernel_init=_uniform_init(self.dt_rank**-0.5),
+            kernel_init=uniform_init(self.dt_rank**-0.5),
             bias_init=dt_bias_init,
             rngs=rngs,
         )

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mfuser_jax.models.layers import torch_layer_norm, torch_linear
 from mfuser_jax.ops.deform_attn import multi_scale_deformable_attention
 from mfuser_jax.ops.resize import resize
 
@@ -56,37 +57,7 @@ _F32 = jnp.float32
 xavier_uniform = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 xavier_normal = nnx.initializers.variance_scaling(1.0, "fan_avg", "normal")
 caffe2_xavier = nnx.initializers.variance_scaling(1.0, "fan_in", "uniform")  # kaiming a=1
-torch_linear_kernel = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 embedding_normal = nnx.initializers.normal(1.0)
-
-
-def torch_linear_bias(fan_in: int):
-    """nn.Linear's default bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-
-    def init(key, shape, dtype=_F32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
-def linear(in_f, out_f, *, dtype, rngs, kernel_init=None, bias_init=None, use_bias=True):
-    """nnx.Linear with float32 parameters and PyTorch's default init unless told."""
-    return nnx.Linear(
-        in_f,
-        out_f,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=_F32,
-        kernel_init=kernel_init or torch_linear_kernel,
-        bias_init=bias_init or torch_linear_bias(in_f),
-        rngs=rngs,
-    )
-
-
-def layer_norm(dim, *, rngs):
-    # PyTorch eps; float32 in and out.
-    return nnx.LayerNorm(dim, epsilon=1e-5, dtype=_F32, param_dtype=_F32, rngs=rngs)
 
 
 def sine_positional_encoding(
@@ -166,7 +137,7 @@ class TorchMultiheadAttentionCore(nnx.Module):
         init = nnx.initializers.variance_scaling(1.0, "fan_avg", "normal", in_axis=1, out_axis=0)
         self.in_proj_weight = nnx.Param(init(rngs.params(), (3 * embed_dims, embed_dims), _F32))
         self.in_proj_bias = nnx.Param(jnp.zeros((3 * embed_dims,), _F32))
-        self.out_proj = linear(embed_dims, embed_dims, dtype=dtype, rngs=rngs,
+        self.out_proj = torch_linear(embed_dims, embed_dims, dtype=dtype, rngs=rngs,
                                kernel_init=xavier_normal, bias_init=nnx.initializers.zeros)
         self.attn_drop = nnx.Dropout(attn_drop, rngs=rngs)
 
@@ -229,16 +200,16 @@ class MultiScaleDeformableAttention(nnx.Module):
         grid = grid / np.abs(grid).max(-1, keepdims=True)
         grid = np.tile(grid[:, None, None, :], (1, num_levels, num_points, 1))
         grid = grid * np.arange(1, num_points + 1, dtype=np.float32)[None, None, :, None]
-        self.sampling_offsets = linear(
+        self.sampling_offsets = torch_linear(
             embed_dims, num_heads * num_levels * num_points * 2, dtype=dtype, rngs=rngs,
             kernel_init=nnx.initializers.zeros, bias_init=nnx.initializers.zeros)
         self.sampling_offsets.bias[...] = jnp.asarray(grid.reshape(-1), _F32)
-        self.attention_weights = linear(
+        self.attention_weights = torch_linear(
             embed_dims, num_heads * num_levels * num_points, dtype=dtype, rngs=rngs,
             kernel_init=nnx.initializers.zeros, bias_init=nnx.initializers.zeros)
-        self.value_proj = linear(embed_dims, embed_dims, dtype=dtype, rngs=rngs,
+        self.value_proj = torch_linear(embed_dims, embed_dims, dtype=dtype, rngs=rngs,
                                  kernel_init=xavier_uniform, bias_init=nnx.initializers.zeros)
-        self.output_proj = linear(embed_dims, embed_dims, dtype=dtype, rngs=rngs,
+        self.output_proj = torch_linear(embed_dims, embed_dims, dtype=dtype, rngs=rngs,
                                   kernel_init=xavier_uniform, bias_init=nnx.initializers.zeros)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
@@ -273,12 +244,12 @@ class FFN(nnx.Module):
                  rngs: nnx.Rngs):
         self.layers = nnx.List([
             nnx.List([
-                linear(embed_dims, feedforward_channels, dtype=dtype, rngs=rngs,
+                torch_linear(embed_dims, feedforward_channels, dtype=dtype, rngs=rngs,
                        kernel_init=xavier_normal),
                 None,  # ReLU
                 nnx.Dropout(ffn_drop, rngs=rngs),
             ]),
-            linear(feedforward_channels, embed_dims, dtype=dtype, rngs=rngs,
+            torch_linear(feedforward_channels, embed_dims, dtype=dtype, rngs=rngs,
                    kernel_init=xavier_normal),
             nnx.Dropout(ffn_drop, rngs=rngs),
         ])
@@ -303,7 +274,7 @@ class DetrTransformerDecoderLayer(nnx.Module):
         self.attentions = nnx.List(list(attentions))
         self.ffns = nnx.List([FFN(embed_dims, feedforward_channels, ffn_drop, dtype=dtype,
                                   rngs=rngs)])
-        self.norms = nnx.List([layer_norm(embed_dims, rngs=rngs)
+        self.norms = nnx.List([torch_layer_norm(embed_dims, rngs)
                                for op in operation_order if op == "norm"])
 
     def __call__(self, query, key, value, *, query_pos=None, key_pos=None, attn_masks=None,
@@ -336,7 +307,7 @@ class DetrTransformerDecoder(nnx.Module):
     def __init__(self, layers: Sequence[DetrTransformerDecoderLayer], embed_dims, *,
                  rngs: nnx.Rngs):
         self.layers = nnx.List(list(layers))
-        self.post_norm = layer_norm(embed_dims, rngs=rngs)
+        self.post_norm = torch_layer_norm(embed_dims, rngs)
 
 
 class TqdmMSDeformAttnPixelDecoder(nnx.Module):
@@ -423,7 +394,7 @@ class TqdmMSDeformAttnPixelDecoder(nnx.Module):
         self.mask_feature = nnx.Conv(feat_channels, out_channels, (1, 1), dtype=dtype,
                                      param_dtype=_F32, kernel_init=caffe2_xavier,
                                      bias_init=nnx.initializers.zeros, rngs=rngs)
-        self.text_proj = linear(text_dim, feat_channels, dtype=dtype, rngs=rngs)
+        self.text_proj = torch_linear(text_dim, feat_channels, dtype=dtype, rngs=rngs)
         self.text_pos_embed = nnx.Embed(num_text_embeds, feat_channels, param_dtype=_F32,
                                         embedding_init=embedding_normal, rngs=rngs)
 

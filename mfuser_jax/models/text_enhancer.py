@@ -18,21 +18,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mfuser_jax.models.mvfuser import MVFuser, torch_linear
+from mfuser_jax.models.layers import GELU, torch_layer_norm, torch_linear
+from mfuser_jax.models.mvfuser import MVFuser
 
 __all__ = ["Attention", "ContextDecoder", "MTEnhancer"]
-
-
-def _layer_norm(dim: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    # PyTorch's nn.LayerNorm eps is 1e-5 (flax's default is 1e-6); statistics in float32.
-    return nnx.LayerNorm(dim, epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
-
-
-class GELU(nnx.Module):
-    """Exact (erf) GELU, as torch's nn.GELU(); a module so it can hold a Sequential slot."""
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return jax.nn.gelu(x, approximate=False)
 
 
 class Attention(nnx.Module):
@@ -101,9 +90,9 @@ class MTEnhancer(nnx.Module):
     ):
         self.self_attn = Attention(d_model, nhead, proj_drop=dropout, dtype=dtype, rngs=rngs)
         self.cross_attn = MVFuser(d_model, d_state=16, scan_backend=scan_backend, dtype=dtype, rngs=rngs)
-        self.norm1 = _layer_norm(d_model, rngs)
-        self.norm2 = _layer_norm(d_model, rngs)
-        self.norm3 = _layer_norm(d_model, rngs)
+        self.norm1 = torch_layer_norm(d_model, rngs)
+        self.norm2 = torch_layer_norm(d_model, rngs)
+        self.norm3 = torch_layer_norm(d_model, rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
         self.mlp = nnx.List(
             [
@@ -156,14 +145,14 @@ class ContextDecoder(nnx.Module):
         self.visual_dim = visual_dim
         self.memory_proj = nnx.List(
             [
-                _layer_norm(visual_dim, rngs),
+                torch_layer_norm(visual_dim, rngs),
                 torch_linear(visual_dim, transformer_width, dtype=dtype, rngs=rngs),
-                _layer_norm(transformer_width, rngs),
+                torch_layer_norm(transformer_width, rngs),
             ]
         )
         self.text_proj = nnx.List(
             [
-                _layer_norm(visual_dim, rngs),
+                torch_layer_norm(visual_dim, rngs),
                 torch_linear(visual_dim, transformer_width, dtype=dtype, rngs=rngs),
             ]
         )
@@ -182,7 +171,7 @@ class ContextDecoder(nnx.Module):
         )
         self.out_proj = nnx.List(
             [
-                _layer_norm(transformer_width, rngs),
+                torch_layer_norm(transformer_width, rngs),
                 torch_linear(transformer_width, visual_dim, dtype=dtype, rngs=rngs),
             ]
         )

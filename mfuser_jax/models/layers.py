@@ -1,0 +1,62 @@
+"""Building blocks with PyTorch's defaults, shared by the ported modules.
+
+Each port mirrors a PyTorch original, so its layers need torch's initialisations and
+epsilons rather than Flax's: nn.Linear's kaiming_uniform(a=sqrt(5)) weight and
+U(+-1/sqrt(fan_in)) bias, nn.LayerNorm's eps 1e-5, nn.GELU's exact erf form.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+__all__ = ["GELU", "torch_default_bias_init", "torch_default_init", "torch_layer_norm",
+           "torch_linear", "uniform_init"]
+
+# PyTorch's default Linear/Conv weight init, kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in)).
+torch_default_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def uniform_init(bound: float):
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def torch_default_bias_init(fan_in: int):
+    """nn.Linear's default bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    return uniform_init(1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0)
+
+
+def torch_linear(din: int, dout: int, *, use_bias: bool = True, dtype=jnp.float32,
+                 rngs: nnx.Rngs, kernel_init=None, bias_init=None) -> nnx.Linear:
+    """``nn.Linear(din, dout)``: PyTorch's default init unless told, float32 parameters,
+    ``dtype`` compute."""
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=kernel_init or torch_default_init,
+        bias_init=bias_init or torch_default_bias_init(din),
+        rngs=rngs,
+    )
+
+
+def torch_layer_norm(dim: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """nn.LayerNorm(dim): eps 1e-5 (flax's default is 1e-6); float32 in and out."""
+    return nnx.LayerNorm(dim, epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32,
+                         rngs=rngs)
+
+
+class GELU(nnx.Module):
+    """Exact (erf) GELU, as torch's nn.GELU(); jax.nn.gelu defaults to the tanh form.
+    A module so it can fill a Sequential slot."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.nn.gelu(x, approximate=False)
