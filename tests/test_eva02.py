@@ -493,6 +493,24 @@ def test_convert_patch_size_and_errors():
         eva02_state_dicts({**sd, "extra.weight": np.zeros(2)}, img_size=IMG, context_length=8)
 
 
+def test_float16_file_pos_embed_rounded_like_original(tmp_path):
+    # The released file is float16; the original resizes pos_embed in float16 on the GPU
+    # (float accumulation, one final rounding) before copying it into float32.
+    sd = {k: (v.half() if v.is_floating_point() else v)
+          for k, v in _fake_clip_sd(_torch_tower(17), _torch_text(18)).items()}
+    path = tmp_path / "eva02_fp16.pt"
+    torch.save({"state_dict": sd}, path)
+    visual, text = read_eva02_clip(path, img_size=84, context_length=8)
+    assert visual["pos_embed"].dtype == np.float32 and text["text_projection"].dtype == np.float32
+    exact = t_resize_evaclip_pos_embed(sd["visual.pos_embed"].float(), 6)
+    ref = exact.half().float().numpy()
+    got = visual["pos_embed"]
+    np.testing.assert_array_equal(got.astype(np.float16).astype(np.float32), got)
+    assert np.mean(got == ref) > 0.99  # rounding ties aside, bit-equal
+    np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3)
+    assert not np.array_equal(got, exact.numpy())
+
+
 # --------------------------------------------------------------------------------------
 # Full size
 

@@ -105,7 +105,8 @@ def eva02_state_dicts(
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(visual_sd, text_sd) for EVAVisionTransformer and CLIPTextContextEncoder.
 
-    Prefixes are stripped, floating arrays become float32 (before resizing), the rotary
+    Prefixes are stripped, floating arrays become float32 (before resizing; a float16
+    ``pos_embed`` is rounded back to float16 after its resize, as the original's is), the rotary
     buffers and logit scales dropped, ``pos_embed`` and the patch kernel resized to
     ``img_size // patch_size`` / ``patch_size`` (bicubic, align_corners=False, class position
     kept) and the text positions cut to ``context_length``. WeightFileError if ``sd`` is not
@@ -114,6 +115,7 @@ def eva02_state_dicts(
     sd = _unwrap(sd)
     if not all(k in sd for k in _REQUIRED):
         raise WeightFileError(_describe_mismatch(sd))
+    pos_dtype = _to_numpy(sd["visual.pos_embed"]).dtype
     visual: dict[str, np.ndarray] = {}
     text: dict[str, np.ndarray] = {}
     unknown = []
@@ -144,6 +146,11 @@ def eva02_state_dicts(
     if (orig, orig) != grid:
         spatial = pos[0, 1:].reshape(orig, orig, pos.shape[2])
         spatial = resize(spatial, grid, axes=(0, 1), mode="bicubic").reshape(-1, pos.shape[2])
+        if pos_dtype == np.float16:
+            # The original interpolates the tensor as stored (float16 in the released file;
+            # on the GPU, float accumulation, one rounding at the end), then copies it into
+            # the float32 parameter: round the same way.
+            spatial = spatial.astype(np.float16).astype(np.float32)
         visual["pos_embed"] = np.concatenate([pos[0, :1], spatial], axis=0)[None]
     kernel = visual["patch_embed.proj.weight"]
     if kernel.shape[-2:] != (patch_size, patch_size):
