@@ -494,8 +494,8 @@ def test_convert_patch_size_and_errors():
 
 
 def test_float16_file_pos_embed_rounded_like_original(tmp_path):
-    # The released file is float16; the original resizes pos_embed in float16 on the GPU
-    # (float accumulation, one final rounding) before copying it into float32.
+    # For a float16 file the original resizes pos_embed in float16 on the GPU (float
+    # accumulation, one final rounding) before copying it into float32.
     sd = {k: (v.half() if v.is_floating_point() else v)
           for k, v in _fake_clip_sd(_torch_tower(17), _torch_text(18)).items()}
     path = tmp_path / "eva02_fp16.pt"

@@ -147,9 +147,9 @@ def eva02_state_dicts(
         spatial = pos[0, 1:].reshape(orig, orig, pos.shape[2])
         spatial = resize(spatial, grid, axes=(0, 1), mode="bicubic").reshape(-1, pos.shape[2])
         if pos_dtype == np.float16:
-            # The original interpolates the tensor as stored (float16 in the released file;
-            # on the GPU, float accumulation, one rounding at the end), then copies it into
-            # the float32 parameter: round the same way.
+            # The original interpolates the tensor as stored (the EVA-CLIP releases appear
+            # to be float16; MFuser loads onto the GPU: float accumulation, one rounding at
+            # the end), then copies it into the float32 parameter: round the same way.
             spatial = spatial.astype(np.float16).astype(np.float32)
         visual["pos_embed"] = np.concatenate([pos[0, :1], spatial], axis=0)[None]
     kernel = visual["patch_embed.proj.weight"]
