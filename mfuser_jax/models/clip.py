@@ -103,17 +103,32 @@ class MultiheadAttention(nnx.Module):
         return self.out_proj(out)
 
 
-class MLP(nnx.Module):
-    """c_fc -> QuickGELU -> c_proj."""
+_ACTIVATIONS = ("quick_gelu", "gelu")
 
-    def __init__(self, width: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+
+class MLP(nnx.Module):
+    """c_fc -> activation -> c_proj.
+
+    ``activation``: "quick_gelu" (OpenAI CLIP was trained with it) or "gelu", torch's exact
+    erf nn.GELU (open_clip / EVA-CLIP text towers).
+    """
+
+    def __init__(
+        self, width: int, *, activation: str = "quick_gelu", dtype=jnp.float32, rngs: nnx.Rngs
+    ):
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+        self.activation = activation
         kw = dict(dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         self.c_fc = nnx.Linear(width, 4 * width, **kw)
         self.c_proj = nnx.Linear(4 * width, width, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.c_fc(x)
-        x = x * jax.nn.sigmoid(1.702 * x)  # QuickGELU, as CLIP was trained
+        if self.activation == "gelu":
+            x = jax.nn.gelu(x, approximate=False)
+        else:
+            x = x * jax.nn.sigmoid(1.702 * x)  # QuickGELU
         return self.c_proj(x)
 
 
@@ -130,7 +145,8 @@ class ResidualAttentionBlock(nnx.Module):
 
     def __init__(
         self, width: int, heads: int, drop_path: float = 0.0, causal: bool = False,
-        *, attn_implementation: str | None = None, dtype=jnp.float32, rngs: nnx.Rngs,
+        *, attn_implementation: str | None = None, activation: str = "quick_gelu",
+        dtype=jnp.float32, rngs: nnx.Rngs,
     ):
         self.causal = causal
         self.ln_1 = torch_layer_norm(width, rngs)
@@ -138,7 +154,7 @@ class ResidualAttentionBlock(nnx.Module):
             width, heads, attn_implementation=attn_implementation, dtype=dtype, rngs=rngs
         )
         self.ln_2 = torch_layer_norm(width, rngs)
-        self.mlp = MLP(width, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(width, activation=activation, dtype=dtype, rngs=rngs)
         # rate 0 (frozen towers, text tower): no dropout module, so no RNG state to carry
         self.drop_path = (
             nnx.Dropout(float(drop_path), broadcast_dims=(0, 2), rngs=rngs)
@@ -161,7 +177,7 @@ class Transformer(nnx.Module):
     def __init__(
         self, width: int, layers: int, heads: int, causal: bool = False,
         drop_path_rate: float = 0.0, *, attn_implementation: str | None = None,
-        dtype=jnp.float32, rngs: nnx.Rngs,
+        activation: str = "quick_gelu", dtype=jnp.float32, rngs: nnx.Rngs,
     ):
         self.width = width
         self.layers = layers
@@ -170,7 +186,7 @@ class Transformer(nnx.Module):
             [
                 ResidualAttentionBlock(
                     width, heads, float(r), causal, attn_implementation=attn_implementation,
-                    dtype=dtype, rngs=rngs,
+                    activation=activation, dtype=dtype, rngs=rngs,
                 )
                 for r in rates
             ]
@@ -312,6 +328,7 @@ class CLIPTextEncoder(nnx.Module):
 
     ``positional_embedding`` is (context_length, width); inputs may be shorter (the first
     positions are used), as MFuser truncates OpenAI's 77 positions to its context length.
+    ``activation="gelu"`` gives the open_clip / EVA02-CLIP text tower (exact nn.GELU).
     """
 
     def __init__(
@@ -324,6 +341,7 @@ class CLIPTextEncoder(nnx.Module):
         embed_dim: int = 768,
         *,
         attn_implementation: str | None = None,
+        activation: str = "quick_gelu",
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -341,7 +359,7 @@ class CLIPTextEncoder(nnx.Module):
         )
         self.transformer = Transformer(
             width, layers, heads, causal=True, attn_implementation=attn_implementation,
-            dtype=dtype, rngs=rngs,
+            activation=activation, dtype=dtype, rngs=rngs,
         )
         self.ln_final = torch_layer_norm(width, rngs)
         self.text_projection = nnx.Param(
