@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["GELU", "torch_default_bias_init", "torch_default_init", "torch_layer_norm",
+__all__ = ["GELU", "check_attn_implementation", "dot_product_attention", "torch_default_bias_init", "torch_default_init", "torch_layer_norm",
            "torch_linear", "uniform_init"]
 
 # PyTorch's default Linear/Conv weight init, kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in)).
@@ -60,3 +60,32 @@ class GELU(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return jax.nn.gelu(x, approximate=False)
+
+
+ATTN_IMPLEMENTATIONS = (None, "xla", "cudnn")
+
+
+def check_attn_implementation(implementation) -> None:
+    if implementation not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attn_implementation must be None, 'xla' or 'cudnn', got {implementation!r}")
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                          implementation: str | None = None, causal: bool = False) -> jax.Array:
+    """softmax(q k^T / sqrt(d)) v for q (B, Lq, H, d), k and v (B, Lk, H, d).
+
+    ``implementation`` None: explicit einsums with float32 logits and softmax (the numerics
+    of the PyTorch originals in float32, and the safe choice in bfloat16); "xla" or "cudnn":
+    ``jax.nn.dot_product_attention`` with that implementation (same math, fused).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if implementation is not None:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
+                                            implementation=implementation)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if causal:
+        keep = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), dtype=bool))
+        logits = jnp.where(keep, logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
