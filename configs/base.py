@@ -4,7 +4,8 @@ Each experiment file (gta2cs.py, ...) calls `make_config(train, eval, arg)`. The
 argument after the file name, `--config configs/gta2cs.py:vlm=clip,small_gpu=True`, is a
 comma-separated list of key=value pairs:
 
-  vlm=clip|eva02|siglip   the vision-language tower (only clip is implemented so far)
+  vlm=clip|eva02|siglip   the vision-language tower: CLIP ViT-L/14-336 (default),
+                          EVA02-CLIP-L/14-336 (patch 14) or SigLIP-L/16-384
   size=large|tiny         model size (tiny: a few-layer model for smoke runs)
   small_gpu=True          for GPUs with less than ~80 GB: gradient accumulation over two
                           micro-batches (optim.grad_accum=2), activation rematerialisation
@@ -44,13 +45,34 @@ def parse_arg(arg, **defaults):
     return out
 
 
+def _vlm_config(vlm, large):
+    """The tower section config.model[vlm]: image tower, text tower and prompt lengths."""
+    pick = lambda big, tiny: big if large else tiny  # noqa: E731
+    if vlm == "clip":  # OpenAI ViT-L/14-336; text: QuickGELU, 5 name tokens + 5 contexts
+        return dict(
+            width=pick(1024, 32), layers=pick(24, 4), heads=pick(16, 2),
+            output_dim=pick(768, 32), drop_path_rate=0.1,
+            text_width=pick(768, 32), text_heads=pick(12, 2), text_layers=pick(12, 2),
+            text_activation="quick_gelu", vocab_size=49408, token_length=5, n_ctx=5)
+    if vlm == "eva02":  # EVA02-CLIP-L/14-336 (rotary, SwiGLU, sub-LN); text: exact GELU, 8 contexts
+        return dict(
+            width=pick(1024, 32), layers=pick(24, 4), heads=pick(16, 2), mlp_ratio=2.6667,
+            output_dim=pick(768, 32), pt_hw_seq_len=16,
+            text_width=pick(768, 32), text_heads=pick(12, 2), text_layers=pick(12, 2),
+            text_activation="gelu", vocab_size=49408, token_length=5, n_ctx=8)
+    # SigLIP-L/16-384: no projections (embedding dim = width); SentencePiece tokenizer
+    return dict(
+        width=pick(1024, 32), layers=pick(24, 4), heads=pick(16, 2),
+        intermediate_size=pick(4096, 64), output_dim=pick(1024, 32),
+        text_width=pick(1024, 32), text_heads=pick(16, 2), text_layers=pick(24, 2),
+        text_intermediate_size=pick(4096, 64), vocab_size=32000, token_length=5, n_ctx=5,
+        tokenizer="")  # spiece.model; "" = <model.pretrained>/spiece.model
+
+
 def mfuser_model_config(size="large", vlm="clip"):
     """config.model for MFuser (the fields mfuser_jax.models.mfuser.MFuser reads)."""
     if vlm not in VLMS:
         raise ValueError(f"vlm={vlm!r}: choose one of {VLMS}")
-    if vlm != "clip":
-        raise NotImplementedError(
-            f"vlm={vlm!r} is not implemented yet: only the CLIP variant (vlm=clip) exists")
     if size not in ("large", "tiny"):
         raise ValueError(f"size={size!r}: choose 'large' or 'tiny'")
     large = size == "large"
@@ -59,20 +81,17 @@ def mfuser_model_config(size="large", vlm="clip"):
     m.vlm = vlm
     m.num_classes = 19
     m.class_names = CLASSES
-    m.image_size = 512 if large else 64       # training crop; position embeddings fit it
-    m.patch_size = 16
+    # EVA02 keeps patch 14 in both towers (36 x 36 tokens at 512 px); the others use 16.
+    m.patch_size = 14 if vlm == "eva02" else 16
+    m.image_size = 512 if large else 4 * m.patch_size  # training crop; position tables fit it
     m.dtype = "float32"                        # compute dtype: "float32" | "bfloat16"
     m.remat = False                            # rematerialise encoder blocks (saves memory)
     # Folder written by scripts/convert_weights.py; "" trains from random encoders (demo).
-    m.pretrained = "pretrained/mfuser_clip_l" if large else ""
+    m.pretrained = f"pretrained/mfuser_{vlm}_l" if large else ""
     m.dinov2 = ml_collections.ConfigDict(dict(
         embed_dim=1024 if large else 32, depth=24 if large else 4,
         num_heads=16 if large else 2, mlp_ratio=4.0, init_values=1e-5))
-    m.clip = ml_collections.ConfigDict(dict(
-        width=1024 if large else 32, layers=24 if large else 4, heads=16 if large else 2,
-        output_dim=768 if large else 32, drop_path_rate=0.1,
-        text_width=768 if large else 32, text_heads=12 if large else 2,
-        text_layers=12 if large else 2, vocab_size=49408, token_length=5, n_ctx=5))
+    m[vlm] = ml_collections.ConfigDict(_vlm_config(vlm, large))
     m.out_indices = (7, 11, 15, 23) if large else (0, 1, 2, 3)
     m.mvfuser = ml_collections.ConfigDict(dict(d_state=16, d_conv=3, expand=1,
                                                scan_backend="auto"))
@@ -132,7 +151,8 @@ def get_base_config(args):
         enabled="auto",                # auto: jax.distributed when SLURM/MPI/TPU is detected
         coordinator_address="", num_processes=1, process_id=0))
     c.optim = ml_collections.ConfigDict(dict(
-        lr=1e-4, min_lr=1e-6, weight_decay=1e-4, power=0.9, warmup_steps=1500,
+        # the reference's EVA02 and SigLIP configs use 1e-5, its CLIP config 1e-4
+        lr=1e-4, min_lr=1e-6, weight_decay=1e-4 if args.vlm == "clip" else 1e-5, power=0.9, warmup_steps=1500,
         warmup_ratio=1e-6, b1=0.9, b2=0.999, eps=1e-8,
         grad_accum=1,                  # micro-batches per step (same global batch)
         grad_clip=0.0,                 # > 0: clip by global norm

@@ -16,7 +16,7 @@ from configs import base
 def get_config(arg=None):
     args = base.parse_arg(arg, vlm="clip", size="tiny", small_gpu=False)
     c = base.get_base_config(args)
-    crop = c.model.image_size = 128                # 8x8 patches of 16 px
+    crop = c.model.image_size = 8 * c.model.patch_size  # 8x8 patches (128 px at patch 16)
     c.data = base.data_config("synthetic", ("synthetic_real",), crop_size=crop)
     c.data.rcs.enabled = False                     # no class statistics for synthetic data
     c.data.synthetic.num_train = 512

@@ -69,13 +69,21 @@ def mvfuser_flops(length: int, d_model: int, d_state: int = 16, d_conv: int = 3,
     return {"matmul": mm, "scan": 9 * length * half * d_state}
 
 
+def _clip(model_cfg: Any):
+    """The tower section; the counts below are written for the CLIP variant's towers."""
+    vlm = model_cfg.get("vlm", "clip")
+    if vlm != "clip":
+        raise ValueError(f"analytic FLOPs cover the CLIP variant only, not vlm={vlm!r}")
+    return model_cfg.clip
+
+
 def _grid(image_hw, patch):
     return image_hw[0] // patch, image_hw[1] // patch
 
 
 def backbone_flops(model_cfg: Any, batch: int, image_hw: tuple[int, int]) -> dict[str, int]:
     """Forward FLOPs of the fused backbone, split by what training does with them."""
-    c, d, m = model_cfg.clip, model_cfg.dinov2, model_cfg.mvfuser
+    c, d, m = _clip(model_cfg), model_cfg.dinov2, model_cfg.mvfuser
     p = int(model_cfg.patch_size)
     gh, gw = _grid(image_hw, p)
     n_patch = gh * gw
@@ -107,7 +115,7 @@ def backbone_flops(model_cfg: Any, batch: int, image_hw: tuple[int, int]) -> dic
 
 def text_flops(model_cfg: Any, batch: int, image_hw: tuple[int, int]) -> dict[str, int]:
     """Frozen text tower (once per forward, K class prompts) and the context decoder."""
-    c, cd = model_cfg.clip, model_cfg.context_decoder
+    c, cd = _clip(model_cfg), model_cfg.context_decoder
     k = int(model_cfg.num_classes)
     s = int(c.token_length) + int(c.n_ctx)
     wt, e = int(c.text_width), int(c.output_dim)
@@ -131,7 +139,7 @@ def _mha(q_len, kv_len, width):
 
 def decoder_flops(model_cfg: Any, batch: int, image_hw: tuple[int, int]) -> int:
     """TqdmHead forward: MSDeformAttn pixel decoder with text cross-attention + mask decoder."""
-    c, d, dec = model_cfg.clip, model_cfg.dinov2, model_cfg.decoder
+    c, d, dec = _clip(model_cfg), model_cfg.dinov2, model_cfg.decoder
     gh, gw = _grid(image_hw, int(model_cfg.patch_size))
     cin = int(c.width) + int(d.embed_dim)
     f, e = int(dec.feat_channels), int(c.output_dim)

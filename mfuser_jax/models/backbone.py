@@ -1,14 +1,30 @@
-"""The fused backbone: CLIP block i, DINOv2 block i, MVFuser i, layer by layer, then an FPN.
+"""The fused backbone: VLM block i, DINOv2 block i, MVFuser i, layer by layer, then an FPN.
 
-Ported from MFuser's ``CLIPVisionTransformer`` (devinxzhang/MFuser,
-models/backbones/clip/models.py), which owns the CLIP tower's own parameters at top level
-(conv1, transformer.resblocks, ln_post, proj, ...) next to ``dinov2``, ``adapter``,
-``adapter_proj{1,2,3}`` and ``fpn{1,2,3,4}``. Subclassing our CLIP tower keeps exactly those
-parameter names, so a released checkpoint's ``backbone.*`` keys load by rule.
+One class per vision-language tower, each subclassing that tower so its parameters keep the
+original's names next to ``dinov2``, ``adapter`` and ``fpn{1,2,3,4}`` — a released
+checkpoint's ``backbone.*`` keys then load by rule:
+
+* ``MFuserBackbone`` (CLIP ViT-L/14-336): devinxzhang/MFuser models/backbones/clip/models.py
+  ``CLIPVisionTransformer``. The only variant with ``adapter_proj{1,2,3}``: DINOv2 tokens go
+  through proj1 into the fuser, its DINOv2 half back through proj2, and proj3 maps the last
+  DINOv2 tokens onto CLIP's before ``ln_post``/``proj``.
+* ``MFuserEVABackbone`` (EVA02-CLIP-L/14-336): models/backbones/eva_clip/eva_vit_model.py
+  ``EVAVisionTransformer.extract_feats``. Patch 14 for both towers (2 x 1297 tokens at 512
+  px), no projections; the embeddings are ``head(norm(eva) + dinov2.norm(dino))``.
+* ``MFuserSiglipBackbone`` (SigLIP-L/16-384): models/backbones/siglip/modeling_siglip.py
+  ``SiglipVisionTransformer.forward``. No class token on the SigLIP side (1025 + 1024
+  tokens), no projections (the original builds adapter_proj1/2/3 but never calls them), and
+  the modified attention-pooling head gives the global and per-pixel embeddings.
+
+Every variant returns ``(features, global_embedding, pixel_embeddings)``: four NHWC maps
+(patch strides / 4, 2, 1, x2 — pixel strides 4, 8, 16, 32 at patch 16) with
+``vlm_width + dino_dim`` channels, the global embedding (B, 1, E) and the pixel embeddings
+(B, h, w, E) that are aligned with the text embeddings.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -17,29 +33,44 @@ from flax import nnx
 
 from mfuser_jax.models.clip import CLIPVisionTransformer
 from mfuser_jax.models.dinov2 import DinoVisionTransformer
+from mfuser_jax.models.eva02 import EVAVisionTransformer
 from mfuser_jax.models.layers import GELU
 from mfuser_jax.models.mvfuser import MVFuser
+from mfuser_jax.models.siglip import SiglipVisionTransformer
 
-__all__ = ["FPN_OUTPUT_STRIDES", "MFuserBackbone", "normalize_for_clip", "normalize_for_dinov2"]
+__all__ = ["FPN_OUTPUT_STRIDES", "MFuserBackbone", "MFuserEVABackbone", "MFuserSiglipBackbone",
+           "normalize_for_clip", "normalize_for_dinov2", "normalize_for_siglip"]
 
-# Pixel statistics in 0..255 units, as the reference's data pipeline and backbone use them.
+# Pixel statistics in 0..255 units, as the reference's data pipeline and backbones use them.
 CLIP_MEAN = (0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255)
 CLIP_STD = (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-FPN_OUTPUT_STRIDES = (4, 8, 16, 32)
+SIGLIP_MEAN = SIGLIP_STD = (0.5 * 255,) * 3
+FPN_OUTPUT_STRIDES = (4, 8, 16, 32)  # in pixels, for patch 16
 
 
 def normalize_for_clip(images: jax.Array) -> jax.Array:
-    """uint8/float pixels in 0..255 (NHWC) -> CLIP-normalised float32."""
+    """uint8/float pixels in 0..255 (NHWC) -> CLIP-normalised float32 (the data pipeline's
+    normalisation in the reference; EVA02-CLIP uses the same statistics)."""
     x = images.astype(jnp.float32)
     return (x - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
 
 
+def _renormalize(clip_normalized: jax.Array, mean, std) -> jax.Array:
+    # The reference un-normalises the CLIP-normalised batch and normalises it again per tower.
+    pixels = clip_normalized * jnp.asarray(CLIP_STD) + jnp.asarray(CLIP_MEAN)
+    return (pixels - jnp.asarray(mean)) / jnp.asarray(std)
+
+
 def normalize_for_dinov2(clip_normalized: jax.Array) -> jax.Array:
     """Re-normalise a CLIP-normalised input with ImageNet statistics, as the reference does."""
-    pixels = clip_normalized * jnp.asarray(CLIP_STD) + jnp.asarray(CLIP_MEAN)
-    return (pixels - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+    return _renormalize(clip_normalized, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def normalize_for_siglip(clip_normalized: jax.Array) -> jax.Array:
+    """Re-normalise a CLIP-normalised input with SigLIP's mean = std = 0.5."""
+    return _renormalize(clip_normalized, SIGLIP_MEAN, SIGLIP_STD)
 
 
 class _MaxPool2x2(nnx.Module):
@@ -52,43 +83,13 @@ class _Identity(nnx.Module):
         return x
 
 
-class MFuserBackbone(CLIPVisionTransformer):
-    """Two frozen towers fused by per-layer MVFusers; returns FPN maps and CLIP embeddings.
+class _Fusion:
+    """What the three backbones share: the DINOv2 tower, one MVFuser per layer, the FPN and
+    the layer loop. Mixed into each tower subclass (plain methods, no state of its own)."""
 
-    ``__call__(images)`` with CLIP-normalised NHWC images returns ``(features, global_embedding,
-    pixel_embeddings)``: four NHWC maps at strides 4, 8, 16, 32 with
-    ``clip_width + dino_dim`` channels, the CLS embedding (B, 1, output_dim) and the pixel
-    embeddings (B, h, w, output_dim) used for text alignment.
-    """
-
-    def __init__(
-        self,
-        *,
-        image_size: int = 512,
-        patch_size: int = 16,
-        width: int = 1024,
-        layers: int = 24,
-        heads: int = 16,
-        output_dim: int = 768,
-        drop_path_rate: float = 0.1,
-        dino_dim: int = 1024,
-        dino_heads: int = 16,
-        dino_mlp_ratio: float = 4.0,
-        dino_init_values: float = 1e-5,
-        out_indices: Sequence[int] = (7, 11, 15, 23),
-        d_state: int = 16,
-        d_conv: int = 3,
-        expand: int = 1,
-        scan_backend: str = "auto",
-        remat: bool = False,
-        dtype=jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        super().__init__(
-            input_resolution=image_size, patch_size=patch_size, width=width, layers=layers,
-            heads=heads, output_dim=output_dim, drop_path_rate=drop_path_rate,
-            dtype=dtype, rngs=rngs,
-        )
+    def _init_fusion(self, *, image_size, patch_size, layers, width, dino_dim, dino_heads,
+                     dino_mlp_ratio, dino_init_values, out_indices, d_state, d_conv, expand,
+                     scan_backend, remat, dtype, rngs):
         if len(out_indices) != 4 or max(out_indices) >= layers:
             raise ValueError(f"out_indices {tuple(out_indices)} must name 4 of the {layers} layers")
         self.out_indices = tuple(int(i) for i in out_indices)
@@ -98,16 +99,11 @@ class MFuserBackbone(CLIPVisionTransformer):
             num_heads=dino_heads, mlp_ratio=dino_mlp_ratio, init_values=dino_init_values,
             dtype=dtype, rngs=rngs,
         )
-        linear = lambda i, o: nnx.Linear(i, o, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)  # noqa: E731
         self.adapter = nnx.List([
             MVFuser(width, d_state=d_state, d_conv=d_conv, expand=expand,
                     scan_backend=scan_backend, dtype=dtype, rngs=rngs)
             for _ in range(layers)
         ])
-        self.adapter_proj1 = nnx.List([linear(dino_dim, width) for _ in range(layers)])
-        self.adapter_proj2 = nnx.List([linear(width, dino_dim) for _ in range(layers)])
-        self.adapter_proj3 = linear(dino_dim, width)
-
         fpn_dim = width + dino_dim
         up = lambda: nnx.ConvTranspose(  # noqa: E731
             fpn_dim, fpn_dim, (2, 2), strides=(2, 2), padding="VALID", dtype=dtype,
@@ -123,6 +119,79 @@ class MFuserBackbone(CLIPVisionTransformer):
         self.fpn3 = _Identity()
         self.fpn4 = _MaxPool2x2()
 
+    def _fuse(self, index: int, vlm_x: jax.Array, dino_x: jax.Array):
+        """MVFuser ``index`` over [DINOv2 tokens, VLM tokens]; each half added back to its
+        stream (the variants without projections)."""
+        n_dino = dino_x.shape[1]
+        fused = self.adapter[index](jnp.concatenate([dino_x.astype(vlm_x.dtype), vlm_x], axis=1))
+        return vlm_x + fused[:, n_dino:].astype(vlm_x.dtype), dino_x + fused[:, :n_dino].astype(
+            dino_x.dtype)
+
+    def _run_layers(self, vlm_x, dino_x, grid, *aux):
+        """All fused layers; returns the last tokens of both towers and the four maps
+        [DINOv2 patches, VLM patches] (channels-last) taken after the ``out_indices`` layers."""
+        b = vlm_x.shape[0]
+        layer = type(self)._fused_layer
+        if self.remat:
+            layer = nnx.remat(layer, static_argnums=(1,))
+        maps = []
+        for i in range(len(self.adapter)):
+            vlm_x, dino_x = layer(self, i, vlm_x, dino_x, *aux)
+            if i in self.out_indices:
+                vlm_patches = vlm_x[:, vlm_x.shape[1] - grid[0] * grid[1]:]
+                maps.append(jnp.concatenate([
+                    dino_x[:, 1:].reshape(b, *grid, -1),
+                    vlm_patches.reshape(b, *grid, -1).astype(dino_x.dtype),
+                ], axis=-1))
+        return vlm_x, dino_x, maps
+
+    def _fpn(self, maps):
+        features = []
+        for stage, x in zip((self.fpn1, self.fpn2, [self.fpn3], [self.fpn4]), maps):
+            for op in stage:
+                x = op(x)
+            features.append(x)
+        return features
+
+
+_FUSION_DEFAULTS = dict(
+    dino_dim=1024, dino_heads=16, dino_mlp_ratio=4.0, dino_init_values=1e-5,
+    out_indices=(7, 11, 15, 23), d_state=16, d_conv=3, expand=1, scan_backend="auto",
+    remat=False,
+)
+
+
+def _fusion_kwargs(kwargs: dict) -> dict:
+    unknown = set(kwargs) - set(_FUSION_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unexpected arguments {sorted(unknown)}")
+    return {**_FUSION_DEFAULTS, **kwargs}
+
+
+class MFuserBackbone(_Fusion, CLIPVisionTransformer):
+    """DINOv2-L + CLIP ViT-L fused by per-layer MVFusers (the CLIP variant).
+
+    ``__call__(images)`` takes CLIP-normalised NHWC images; see the module docstring for
+    the outputs (embedding dim ``output_dim``, from CLIP's ``ln_post``/``proj``).
+    """
+
+    def __init__(self, *, image_size: int = 512, patch_size: int = 16, width: int = 1024,
+                 layers: int = 24, heads: int = 16, output_dim: int = 768,
+                 drop_path_rate: float = 0.1, dtype=jnp.float32, rngs: nnx.Rngs, **fusion):
+        super().__init__(
+            input_resolution=image_size, patch_size=patch_size, width=width, layers=layers,
+            heads=heads, output_dim=output_dim, drop_path_rate=drop_path_rate,
+            dtype=dtype, rngs=rngs,
+        )
+        fusion = _fusion_kwargs(fusion)
+        self._init_fusion(image_size=image_size, patch_size=patch_size, layers=layers,
+                          width=width, dtype=dtype, rngs=rngs, **fusion)
+        dino_dim = fusion["dino_dim"]
+        linear = lambda i, o: nnx.Linear(i, o, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)  # noqa: E731
+        self.adapter_proj1 = nnx.List([linear(dino_dim, width) for _ in range(layers)])
+        self.adapter_proj2 = nnx.List([linear(width, dino_dim) for _ in range(layers)])
+        self.adapter_proj3 = linear(dino_dim, width)
+
     def _fused_layer(self, index: int, clip_x: jax.Array, dino_x: jax.Array):
         clip_x = self.block(index, clip_x)
         dino_x = self.dinov2.blocks[index](dino_x)
@@ -136,30 +205,92 @@ class MFuserBackbone(CLIPVisionTransformer):
 
     def __call__(self, images: jax.Array):
         b, height, width_px, _ = images.shape
-        gh, gw = self.grid_size(height, width_px)
+        grid = self.grid_size(height, width_px)
         dino_x = self.dinov2.prepare_tokens(normalize_for_dinov2(images))
-        clip_x = self.prepare_tokens(images)
-
-        layer = type(self)._fused_layer
-        if self.remat:
-            layer = nnx.remat(layer, static_argnums=(1,))
-        maps = []
-        for i in range(len(self.adapter)):
-            clip_x, dino_x = layer(self, i, clip_x, dino_x)
-            if i in self.out_indices:
-                maps.append(jnp.concatenate([
-                    dino_x[:, 1:].reshape(b, gh, gw, -1),
-                    clip_x[:, 1:].reshape(b, gh, gw, -1).astype(dino_x.dtype),
-                ], axis=-1))
-
-        features = []
-        for stage, x in zip((self.fpn1, self.fpn2, [self.fpn3], [self.fpn4]), maps):
-            for op in stage:
-                x = op(x)
-            features.append(x)
-
+        clip_x, dino_x, maps = self._run_layers(self.prepare_tokens(images), dino_x, grid)
         tokens = clip_x.astype(jnp.float32) + self.adapter_proj3(dino_x).astype(jnp.float32)
         embeddings = self.embed(tokens)  # ln_post, proj
-        global_embedding = embeddings[:, :1]
-        pixel_embeddings = embeddings[:, 1:].reshape(b, gh, gw, -1)
-        return features, global_embedding, pixel_embeddings
+        return self._fpn(maps), embeddings[:, :1], embeddings[:, 1:].reshape(b, *grid, -1)
+
+
+class MFuserEVABackbone(_Fusion, EVAVisionTransformer):
+    """DINOv2-L/14 + EVA02-CLIP-L/14 fused by per-layer MVFusers (the EVA02 variant).
+
+    Both towers keep patch 14 (the DINOv2 kernel is not resized): at 512 px a 36 x 36 grid,
+    1297 tokens each. Images CLIP-normalised NHWC; embedding dim ``output_dim`` (EVA's head).
+    """
+
+    def __init__(self, *, image_size: int = 512, patch_size: int = 14, width: int = 1024,
+                 layers: int = 24, heads: int = 16, mlp_ratio: float = 2.6667,
+                 output_dim: int = 768, pt_hw_seq_len: int = 16, dtype=jnp.float32,
+                 rngs: nnx.Rngs, **fusion):
+        super().__init__(
+            img_size=image_size, patch_size=patch_size, embed_dim=width, depth=layers,
+            num_heads=heads, mlp_ratio=mlp_ratio, output_dim=output_dim,
+            pt_hw_seq_len=pt_hw_seq_len, dtype=dtype, rngs=rngs,
+        )
+        self._init_fusion(image_size=image_size, patch_size=patch_size, layers=layers,
+                          width=width, dtype=dtype, rngs=rngs, **_fusion_kwargs(fusion))
+
+    def _fused_layer(self, index: int, eva_x: jax.Array, dino_x: jax.Array, cos, sin):
+        eva_x = self.block(index, eva_x, (cos, sin))
+        dino_x = self.dinov2.blocks[index](dino_x)
+        return self._fuse(index, eva_x, dino_x)
+
+    def __call__(self, images: jax.Array):
+        b, height, width_px, _ = images.shape
+        grid = self.grid_size(height, width_px)
+        dino_x = self.dinov2.prepare_tokens(normalize_for_dinov2(images))
+        cos, sin = self.rope(grid)
+        eva_x, dino_x, maps = self._run_layers(self.prepare_tokens(images), dino_x, grid,
+                                               cos, sin)
+        tokens = (self.norm(eva_x.astype(jnp.float32))
+                  + self.dinov2.norm(dino_x.astype(jnp.float32)))
+        embeddings = self.head(tokens.astype(self.head.dtype)).astype(jnp.float32)
+        return self._fpn(maps), embeddings[:, :1], embeddings[:, 1:].reshape(b, *grid, -1)
+
+
+class MFuserSiglipBackbone(_Fusion, SiglipVisionTransformer):
+    """DINOv2-L + SigLIP-L/16 fused by per-layer MVFusers (the SigLIP variant).
+
+    Images CLIP-normalised NHWC (re-normalised per tower); embedding dim ``width`` (SigLIP
+    has no projection). ``logit_scale`` and ``logit_bias`` are SigLIP's frozen scalars: the
+    reference reads them from the SigLIP checkpoint (not from its own state dict) to turn
+    the score map into logits for the score-map loss.
+    """
+
+    def __init__(self, *, image_size: int = 512, patch_size: int = 16, width: int = 1024,
+                 layers: int = 24, heads: int = 16, intermediate_size: int = 4096,
+                 dtype=jnp.float32, rngs: nnx.Rngs, **fusion):
+        super().__init__(
+            image_size=image_size, patch_size=patch_size, hidden_size=width,
+            num_hidden_layers=layers, num_attention_heads=heads,
+            intermediate_size=intermediate_size, dtype=dtype, rngs=rngs,
+        )
+        self._init_fusion(image_size=image_size, patch_size=patch_size, layers=layers,
+                          width=width, dtype=dtype, rngs=rngs, **_fusion_kwargs(fusion))
+        # HF SiglipModel's initial values; the converted SigLIP weights overwrite them.
+        self.logit_scale = nnx.Param(jnp.full((1,), math.log(10.0), jnp.float32))
+        self.logit_bias = nnx.Param(jnp.full((1,), -10.0, jnp.float32))
+
+    def _fused_layer(self, index: int, siglip_x: jax.Array, dino_x: jax.Array):
+        siglip_x = self.block(index, siglip_x)
+        dino_x = self.dinov2.blocks[index](dino_x)
+        return self._fuse(index, siglip_x, dino_x)
+
+    def __call__(self, images: jax.Array):
+        b, height, width_px, _ = images.shape
+        grid = self.grid_size(height, width_px)
+        dino_x = self.dinov2.prepare_tokens(normalize_for_dinov2(images))
+        siglip_x = self.prepare_tokens(normalize_for_siglip(images))
+        siglip_x, dino_x, maps = self._run_layers(siglip_x, dino_x, grid)
+        tokens = (self.post_layernorm(siglip_x.astype(jnp.float32))
+                  + self.dinov2.norm(dino_x[:, 1:].astype(jnp.float32)))
+        global_embedding, local = self.head(tokens)
+        return (self._fpn(maps), global_embedding.astype(jnp.float32),
+                local.astype(jnp.float32).reshape(b, *grid, -1))
+
+    def score_logits(self, score_map: jax.Array) -> jax.Array:
+        """Cosine score map -> logits, ``score * exp(logit_scale) + logit_bias``."""
+        return (score_map.astype(jnp.float32) * jnp.exp(self.logit_scale[...][0])
+                + self.logit_bias[...][0])

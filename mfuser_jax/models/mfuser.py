@@ -1,8 +1,12 @@
-"""MFuser (CLIP variant): fused DINOv2 + CLIP backbone, CoOp text, MTEnhancer, tqdm head.
+"""MFuser: fused DINOv2 + VLM backbone, CoOp text, MTEnhancer, tqdm head.
 
-Ported from devinxzhang/MFuser models/segmentors/mfuser_clip.py (MFuser_CLIP). Attribute
-names follow it (backbone, text_encoder, context_decoder, contexts, gamma, decode_head), so
-a released checkpoint's keys map by rule. The model protocol the trainer relies on:
+Ported from devinxzhang/MFuser models/segmentors/mfuser_clip.py, mfuser_eva_clip.py and
+mfuser_siglip.py (MFuser_CLIP, MFuser_EVA_CLIP, MFuser_SIGLIP), which differ only in the
+towers (``config.vlm``: "clip", "eva02", "siglip"; see ``models/backbone.py``), the
+tokenizer, and how the score map becomes logits (cosine / 0.07; SigLIP: cosine *
+exp(logit_scale) + logit_bias). Attribute names follow the originals (backbone,
+text_encoder, context_decoder, contexts, gamma, decode_head), so a released checkpoint's
+keys map by rule. The model protocol the trainer relies on:
 
 * ``loss(images, labels, key) -> (total, parts)``: train-mode forward and every loss term.
 * ``predict(images, class_names=None) -> (B, H, W, K)`` semantic scores at input size.
@@ -21,8 +25,16 @@ import numpy as np
 from flax import nnx
 
 from mfuser_jax import losses
-from mfuser_jax.models.backbone import MFuserBackbone, normalize_for_clip
+from mfuser_jax.jax_compat import quiet_tracer_origins
+from mfuser_jax.models.backbone import (
+    MFuserBackbone,
+    MFuserEVABackbone,
+    MFuserSiglipBackbone,
+    normalize_for_clip,
+)
 from mfuser_jax.models.clip import CLIPTextContextEncoder
+from mfuser_jax.models.siglip import SiglipTextTransformer
+from mfuser_jax.models.siglip_tokenizer import SiglipTokenizer
 from mfuser_jax.models.mask_decoder import TqdmHead, semantic_inference
 from mfuser_jax.models.text_enhancer import ContextDecoder
 from mfuser_jax.models.tokenizer import tokenize
@@ -75,39 +87,83 @@ def _l2_normalize(x, axis=-1, eps=1e-12):
     return x / jnp.maximum(norm, eps)  # F.normalize semantics
 
 
+def _build_towers(config, dtype, rngs):
+    """(fused backbone, text tower, tokenize(names) -> (K, token_length) ids) for config.vlm."""
+    vlm = config.get("vlm", "clip")
+    c, d, mv = config[vlm], config.dinov2, config.mvfuser
+    fusion = dict(
+        image_size=config.image_size, patch_size=config.patch_size, width=c.width,
+        layers=c.layers, heads=c.heads, dino_dim=d.embed_dim, dino_heads=d.num_heads,
+        dino_mlp_ratio=d.mlp_ratio, dino_init_values=d.init_values,
+        out_indices=config.out_indices, d_state=mv.d_state, d_conv=mv.d_conv,
+        expand=mv.expand, scan_backend=mv.scan_backend,
+        remat=bool(config.get("remat", False)), dtype=dtype, rngs=rngs,
+    )
+    context_length = c.token_length + c.n_ctx
+    if vlm in ("clip", "eva02"):
+        if vlm == "clip":
+            backbone = MFuserBackbone(output_dim=c.output_dim, drop_path_rate=c.drop_path_rate,
+                                      **fusion)
+        else:
+            backbone = MFuserEVABackbone(output_dim=c.output_dim, mlp_ratio=c.mlp_ratio,
+                                         pt_hw_seq_len=c.pt_hw_seq_len, **fusion)
+        text = CLIPTextContextEncoder(
+            context_length=context_length, vocab_size=c.vocab_size, width=c.text_width,
+            heads=c.text_heads, layers=c.text_layers, embed_dim=c.output_dim,
+            activation=c.text_activation, dtype=dtype, rngs=rngs,
+        )
+        def tokenizer(names):
+            return np.asarray(tokenize(names, context_length=c.token_length))
+    elif vlm == "siglip":
+        backbone = MFuserSiglipBackbone(intermediate_size=c.intermediate_size, **fusion)
+        text = SiglipTextTransformer(
+            context_length=context_length, vocab_size=c.vocab_size, hidden_size=c.text_width,
+            num_hidden_layers=c.text_layers, num_attention_heads=c.text_heads,
+            intermediate_size=c.text_intermediate_size, dtype=dtype, rngs=rngs,
+        )
+        spm = SiglipTokenizer(_siglip_tokenizer_path(config))
+        def tokenizer(names):
+            return np.asarray(spm.tokenize(names, c.token_length))
+    else:
+        raise ValueError(f"vlm={vlm!r}: choose 'clip', 'eva02' or 'siglip'")
+    return backbone, text, tokenizer
+
+
+def _siglip_tokenizer_path(config) -> str:
+    """SigLIP's SentencePiece model: config.siglip.tokenizer, else <pretrained>/spiece.model
+    (scripts/convert_weights.py copies it there)."""
+    path = config.siglip.get("tokenizer", "") or (
+        os.path.join(config.pretrained, "spiece.model") if config.get("pretrained") else "")
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(
+            "the SigLIP variant needs SigLIP's SentencePiece vocabulary (spiece.model from "
+            "google/siglip-large-patch16-384): pass it to scripts/convert_weights.py "
+            "--siglip_tokenizer, or set --config.model.siglip.tokenizer=PATH"
+            + (f" (looked for {path})" if path else ""))
+    return path
+
+
 class MFuser(nnx.Module):
     trainable_filter = staticmethod(_trainable)
     no_decay_filter = staticmethod(_no_decay)
 
     def __init__(self, config, *, rngs: nnx.Rngs):
-        if config.get("vlm", "clip") != "clip":
-            raise NotImplementedError(f"vlm={config.vlm!r}: only the CLIP variant is implemented")
+        with quiet_tracer_origins():  # traced construction is quadratic without it
+            self._build(config, rngs)
+
+    def _build(self, config, rngs: nnx.Rngs):
         self.config = config
+        self.vlm = config.get("vlm", "clip")
         dtype = jnp.dtype(config.get("dtype", "float32"))
         self.dtype = dtype
         self.class_names = tuple(config.class_names)
         self.num_classes = int(config.num_classes)
         if len(self.class_names) != self.num_classes:
             raise ValueError(f"{len(self.class_names)} class_names for num_classes={self.num_classes}")
-        c, d = config.clip, config.dinov2
+        c = config[self.vlm]
         self.tau = float(config.loss.temperature)
         self.token_length = int(c.token_length)
-
-        self.backbone = MFuserBackbone(
-            image_size=config.image_size, patch_size=config.patch_size, width=c.width,
-            layers=c.layers, heads=c.heads, output_dim=c.output_dim,
-            drop_path_rate=c.drop_path_rate, dino_dim=d.embed_dim, dino_heads=d.num_heads,
-            dino_mlp_ratio=d.mlp_ratio, dino_init_values=d.init_values,
-            out_indices=config.out_indices, d_state=config.mvfuser.d_state,
-            d_conv=config.mvfuser.d_conv, expand=config.mvfuser.expand,
-            scan_backend=config.mvfuser.scan_backend, remat=bool(config.get("remat", False)),
-            dtype=dtype, rngs=rngs,
-        )
-        self.text_encoder = CLIPTextContextEncoder(
-            context_length=c.token_length + c.n_ctx, vocab_size=c.vocab_size,
-            width=c.text_width, heads=c.text_heads, layers=c.text_layers,
-            embed_dim=c.output_dim, dtype=dtype, rngs=rngs,
-        )
+        self.backbone, self.text_encoder, self._tokenize = _build_towers(config, dtype, rngs)
         cd = config.context_decoder
         self.context_decoder = ContextDecoder(
             cd.width, cd.heads, cd.layers, c.output_dim, cd.dropout,
@@ -117,7 +173,7 @@ class MFuser(nnx.Module):
         # The reference initialises gamma to 1e-4 and then overwrites it with trunc_normal_.
         self.gamma = nnx.Param(_trunc_normal(rngs.params(), (c.output_dim,)))
         dec = config.decoder
-        fpn_dim = c.width + d.embed_dim
+        fpn_dim = c.width + config.dinov2.embed_dim
         self.decode_head = TqdmHead(
             in_channels=(fpn_dim,) * 4, feat_channels=dec.feat_channels,
             out_channels=dec.feat_channels, num_classes=self.num_classes,
@@ -128,7 +184,7 @@ class MFuser(nnx.Module):
             decoder_ffn_channels=dec.ffn, num_groups=min(32, dec.feat_channels),
             dtype=dtype, rngs=rngs,
         )
-        self.texts = np.asarray(tokenize(list(self.class_names), context_length=c.token_length))
+        self.texts = self._tokenize(list(self.class_names))
         lc = config.loss
         self.loss_config = losses.Mask2FormerLossConfig(
             num_points=int(lc.num_points), oversample_ratio=float(lc.oversample),
@@ -170,8 +226,12 @@ class MFuser(nnx.Module):
             for k, v in losses.mask2former_loss(
                 all_cls, all_masks, labels, point_key, self.loss_config).items()
         }
+        if self.vlm == "siglip":  # the reference's SigLIP loss: sigmoid-calibrated logits
+            logits, temperature = self.backbone.score_logits(score_map), 1.0
+        else:
+            logits, temperature = score_map, self.tau
         parts["scr_map.loss_seg"] = self.score_map_weight * losses.score_map_loss(
-            score_map, labels, temperature=self.tau)
+            logits, labels, temperature=temperature)
         total = sum(parts.values())
         return total, parts
 
@@ -206,7 +266,7 @@ class MFuser(nnx.Module):
                 slot = free.pop(0)
                 slots[slot] = name
                 channels.append(slot)
-        return np.asarray(tokenize(slots, context_length=self.token_length)), channels
+        return self._tokenize(slots), channels
 
     # ------------------------------------------------------------------ weights
     def load_pretrained(self, path: str) -> None:

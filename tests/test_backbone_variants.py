@@ -1,0 +1,273 @@
+"""The fused backbones of all three variants against PyTorch restatements of the originals'
+fused forward passes (clip/models.py ``CLIPVisionTransformer.forward``, eva_vit_model.py
+``EVAVisionTransformer.extract_feats`` and modeling_siglip.py
+``SiglipVisionTransformer.forward``), written here from the original code: towers from the
+tower tests (CLIP and EVA restatements, HF's SigLIP), DINOv2 from HF, the original MVFuser
+restated in tests/test_mvfuser.py, the FPN as the originals build it.
+Random tiny weights; everything is compared: the four FPN maps, the global and the
+per-pixel embeddings.
+"""
+
+import os
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+import torch.nn as tnn  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_clip import TVisual  # noqa: E402
+from test_eva02 import TEVA, _visual_sd  # noqa: E402
+from test_eva02 import _randomize as eva_randomize  # noqa: E402
+from test_mvfuser import TorchMVFuser  # noqa: E402
+
+from mfuser_jax.convert.dinov2 import hf_to_official  # noqa: E402
+from mfuser_jax.convert.state_dict import load_torch_state_dict  # noqa: E402
+from mfuser_jax.models.backbone import (  # noqa: E402
+    CLIP_MEAN,
+    CLIP_STD,
+    MFuserBackbone,
+    MFuserEVABackbone,
+    MFuserSiglipBackbone,
+)
+
+WIDTH, LAYERS, HEADS, OUT = 32, 4, 2, (0, 1, 2, 3)
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def _first(out):  # HF layers return a tensor or a tuple depending on the version
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _randomize(module, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim == 1 and ("norm" in name or "ln" in name) and name.endswith("weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+
+
+class TorchFPN(tnn.Module):
+    """fpn1/fpn2 as the originals build them (fpn3 identity, fpn4 max-pool)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.fpn1 = tnn.Sequential(tnn.ConvTranspose2d(dim, dim, 2, 2), tnn.BatchNorm2d(dim),
+                                   tnn.GELU(), tnn.ConvTranspose2d(dim, dim, 2, 2))
+        self.fpn2 = tnn.Sequential(tnn.ConvTranspose2d(dim, dim, 2, 2))
+        with torch.no_grad():
+            self.fpn1[1].running_mean.normal_(0.0, 0.5)
+            self.fpn1[1].running_var.uniform_(0.5, 2.0)
+
+    def forward(self, maps):
+        ops = [self.fpn1, self.fpn2, tnn.Identity(), tnn.MaxPool2d(2, 2)]
+        return [op(m) for op, m in zip(ops, maps)]
+
+
+def _dino(image, patch, seed):
+    torch.manual_seed(seed)
+    model = transformers.Dinov2Model(transformers.Dinov2Config(
+        hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        intermediate_size=4 * WIDTH, image_size=image, patch_size=patch,
+        layerscale_value=0.5, layer_norm_eps=1e-6)).eval()
+    _randomize(model, seed)
+    return model
+
+
+def _renorm(x, mean, std):
+    m = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    s = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x * s + m - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+IMAGENET = ((0.485 * 255, 0.456 * 255, 0.406 * 255), (0.229 * 255, 0.224 * 255, 0.225 * 255))
+
+
+def _fused_layers(vlm_block, dino, adapters, vlm_x, dino_x, grid):
+    """The shared loop of both originals: block i of each tower, MVFuser i over
+    [DINOv2 tokens, VLM tokens], each half added back; maps after the out_indices layers."""
+    b, maps = vlm_x.shape[0], []
+    for i in range(LAYERS):
+        vlm_x = vlm_block(i, vlm_x)
+        dino_x = _first(dino.encoder.layer[i](dino_x))
+        fused = adapters[i](torch.cat((dino_x, vlm_x), dim=1))
+        n = dino_x.shape[1]
+        dino_x = dino_x + fused[:, :n]
+        vlm_x = vlm_x + fused[:, n:]
+        if i in OUT:
+            vlm_patches = vlm_x[:, vlm_x.shape[1] - grid * grid:]
+            maps.append(torch.cat([
+                dino_x[:, 1:].permute(0, 2, 1).reshape(b, -1, grid, grid),
+                vlm_patches.permute(0, 2, 1).reshape(b, -1, grid, grid)], dim=1))
+    return vlm_x, dino_x, maps
+
+
+def _common_state(dino, adapters, fpn):
+    sd = {f"dinov2.{k}": v for k, v in hf_to_official(dino.state_dict()).items()}
+    sd.update({f"adapter.{k}": v for k, v in adapters.state_dict().items()})
+    sd.update(fpn.state_dict())
+    return sd
+
+
+def _compare(ours, theirs, tol=1e-5):
+    feats, glob, pix = ours
+    t_feats, t_glob, t_pix = theirs
+    assert len(feats) == 4
+    for f, t in zip(feats, t_feats):
+        t = t.detach().numpy().transpose(0, 2, 3, 1)
+        assert f.shape == t.shape
+        assert rel_err(f, t) < tol
+    assert rel_err(glob, t_glob.detach().numpy()) < tol
+    assert rel_err(pix, t_pix.detach().numpy()) < tol
+
+
+# ------------------------------------------------------------------------------ SigLIP
+
+def _siglip_head(head, x):
+    """MFuser's modified attention-pooling head: the probe branch and a per-token branch
+    through the same attention, layernorm and MLP."""
+    probe = head.probe.repeat(x.shape[0], 1, 1)
+    g = head.attention(probe, x, x)[0]
+    g = g + head.mlp(head.layernorm(g))
+    loc = head.attention(x, x, x)[0]
+    loc = loc + head.mlp(head.layernorm(loc))
+    return g, loc
+
+
+def test_siglip_backbone_matches_the_original_forward():
+    image, patch = 64, 16
+    grid = image // patch
+    torch.manual_seed(0)
+    siglip = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+        hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        intermediate_size=2 * WIDTH, image_size=image, patch_size=patch))
+    siglip = getattr(siglip, "vision_model", siglip).eval()  # transformers 4 nests it
+    _randomize(siglip, 1)
+    dino = _dino(image, patch, 2)
+    adapters = tnn.Sequential(*[TorchMVFuser(WIDTH, 16, 3, 1) for _ in range(LAYERS)]).eval()
+    _randomize(adapters, 3)
+    fpn = TorchFPN(2 * WIDTH).eval()
+    x = torch.randn(2, 3, image, image)
+
+    with torch.no_grad():
+        dino_x = dino.embeddings(_renorm(x, *IMAGENET))
+        h = siglip.embeddings(_renorm(x, (127.5,) * 3, (127.5,) * 3))
+        block = lambda i, t: _first(siglip.encoder.layers[i](t, None))  # noqa: E731
+        h, dino_x, maps = _fused_layers(block, dino, adapters, h, dino_x, grid)
+        last = siglip.post_layernorm(h) + dino.layernorm(dino_x[:, 1:])
+        glob, loc = _siglip_head(siglip.head, last)
+        want = (fpn(maps), glob, loc.reshape(2, grid, grid, -1))
+
+    ours = MFuserSiglipBackbone(image_size=image, patch_size=patch, width=WIDTH, layers=LAYERS,
+                                heads=HEADS, intermediate_size=2 * WIDTH, dino_dim=WIDTH,
+                                dino_heads=HEADS, dino_init_values=0.5, out_indices=OUT,
+                                scan_backend="reference", rngs=nnx.Rngs(0))
+    sd = _common_state(dino, adapters, fpn)
+    sd.update(siglip.state_dict())
+    sd.update({"logit_scale": np.array([2.3], np.float32), "logit_bias": np.array([-7.0], np.float32)})
+    load_torch_state_dict(ours, sd)
+    ours.eval()
+    got = ours(jnp.asarray(x.numpy().transpose(0, 2, 3, 1)))
+    _compare(got, want)
+    # SigLIP's score logits: cosine * exp(logit_scale) + logit_bias
+    s = jnp.asarray([[0.5, -0.25]])
+    np.testing.assert_allclose(ours.score_logits(s), np.asarray(s) * np.exp(2.3) - 7.0,
+                               rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------ EVA02
+
+def test_eva02_backbone_matches_the_original_forward():
+    """extract_feats: patch 14 in both towers, no projections, head(norm(eva) + dino.norm(dino))."""
+    image, patch, out_dim = 56, 14, 24
+    grid = image // patch
+    eva = eva_randomize(TEVA(img=image, patch=patch, dim=WIDTH, heads=HEADS, depth=LAYERS,
+                             ratio=2.6667, out=out_dim), 1).eval()
+    dino = _dino(image, patch, 2)
+    adapters = tnn.Sequential(*[TorchMVFuser(WIDTH, 16, 3, 1) for _ in range(LAYERS)]).eval()
+    _randomize(adapters, 3)
+    fpn = TorchFPN(2 * WIDTH).eval()
+    x = torch.randn(2, 3, image, image)
+
+    with torch.no_grad():
+        dino_x = dino.embeddings(_renorm(x, *IMAGENET))
+        t = eva.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        t = torch.cat((eva.cls_token.expand(2, -1, -1), t), dim=1) + eva.pos_embed
+        block = lambda i, t: eva.blocks[i](t)  # noqa: E731
+        t, dino_x, maps = _fused_layers(block, dino, adapters, t, dino_x, grid)
+        emb = eva.head(eva.norm(t) + dino.layernorm(dino_x))
+        want = (fpn(maps), emb[:, :1], emb[:, 1:].reshape(2, grid, grid, -1))
+
+    ours = MFuserEVABackbone(image_size=image, patch_size=patch, width=WIDTH, layers=LAYERS,
+                             heads=HEADS, mlp_ratio=2.6667, output_dim=out_dim, dino_dim=WIDTH,
+                             dino_heads=HEADS, dino_init_values=0.5, out_indices=OUT,
+                             scan_backend="reference", rngs=nnx.Rngs(0))
+    sd = _common_state(dino, adapters, fpn)
+    sd.update(_visual_sd(eva))
+    load_torch_state_dict(ours, sd)
+    ours.eval()
+    _compare(ours(jnp.asarray(x.numpy().transpose(0, 2, 3, 1))), want)
+
+
+# ------------------------------------------------------------------------------ CLIP
+
+def test_clip_backbone_matches_the_original_forward():
+    """The only variant with projections: proj1(dino) into the fuser, proj2 on the way
+    back, clip + proj3(dino) before ln_post/proj (no DINOv2 norm)."""
+    image, patch, out_dim = 64, 16, 24
+    grid = image // patch
+    clip = TVisual(image, patch, WIDTH, LAYERS, HEADS, out_dim).eval()
+    _randomize(clip, 1)
+    dino = _dino(image, patch, 2)
+    adapters = tnn.Sequential(*[TorchMVFuser(WIDTH, 16, 3, 1) for _ in range(LAYERS)]).eval()
+    proj1 = tnn.Sequential(*[tnn.Linear(WIDTH, WIDTH) for _ in range(LAYERS)])
+    proj2 = tnn.Sequential(*[tnn.Linear(WIDTH, WIDTH) for _ in range(LAYERS)])
+    proj3 = tnn.Linear(WIDTH, WIDTH)
+    for i, m in enumerate((adapters, proj1, proj2, proj3)):
+        _randomize(m, 3 + i)
+    fpn = TorchFPN(2 * WIDTH).eval()
+    x = torch.randn(2, 3, image, image)
+
+    with torch.no_grad():
+        dino_x = dino.embeddings(_renorm(x, *IMAGENET))
+        t = clip.conv1(x).flatten(2).transpose(1, 2)
+        c = t.shape[-1]
+        t = torch.cat([clip.class_embedding + torch.zeros(2, 1, c), t], dim=1)
+        pos = clip.positional_embedding
+        t = t + torch.cat([(pos[0] + clip.class_embedding).reshape(1, 1, c), pos[1:][None]], 1)
+        t = clip.ln_pre(t)
+        b, maps = 2, []
+        for i in range(LAYERS):
+            t = clip.transformer.resblocks[i](t.permute(1, 0, 2)).permute(1, 0, 2)
+            dino_x = _first(dino.encoder.layer[i](dino_x))
+            fused = adapters[i](torch.cat((proj1[i](dino_x), t), dim=1))
+            n = dino_x.shape[1]
+            dino_x = dino_x + proj2[i](fused[:, :n])
+            t = t + fused[:, n:]
+            maps.append(torch.cat([dino_x[:, 1:].permute(0, 2, 1).reshape(b, -1, grid, grid),
+                                   t[:, 1:].permute(0, 2, 1).reshape(b, -1, grid, grid)], 1))
+        emb = clip.ln_post(t + proj3(dino_x)) @ clip.proj
+        want = (fpn(maps), emb[:, :1], emb[:, 1:].reshape(2, grid, grid, -1))
+
+    ours = MFuserBackbone(image_size=image, patch_size=patch, width=WIDTH, layers=LAYERS,
+                          heads=HEADS, output_dim=out_dim, dino_dim=WIDTH, dino_heads=HEADS,
+                          dino_init_values=0.5, out_indices=OUT, scan_backend="reference",
+                          rngs=nnx.Rngs(0))
+    sd = _common_state(dino, adapters, fpn)
+    sd.update(clip.state_dict())
+    for name, m in (("adapter_proj1.", proj1), ("adapter_proj2.", proj2), ("adapter_proj3.", proj3)):
+        sd.update({name + k: v for k, v in m.state_dict().items()})
+    load_torch_state_dict(ours, sd)
+    ours.eval()
+    _compare(ours(jnp.asarray(x.numpy().transpose(0, 2, 3, 1))), want)

@@ -1,0 +1,190 @@
+"""MFuser's EVA02 and SigLIP variants: the trainable split, inference, and the full-size
+parameter count against the original segmentor restated module by module on torch's
+'meta' device (what MFuser_EVA_CLIP / MFuser_SIGLIP build, unused parameters included)."""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+import torch.nn as tnn  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_decoder import FULL_TORCH, THead  # noqa: E402
+from test_eva02 import TEVA, TTextTransformer  # noqa: E402
+from test_mvfuser import TorchMVFuser  # noqa: E402
+from test_siglip import spiece  # noqa: E402,F401  (a tiny SentencePiece model fixture)
+from test_text_enhancer import TorchContextDecoder  # noqa: E402
+
+from configs.base import mfuser_model_config  # noqa: E402
+from mfuser_jax.models.mfuser import MFuser, is_trainable_path  # noqa: E402
+
+
+def tiny_config(vlm, **tower):
+    cfg = mfuser_model_config("tiny", vlm)
+    cfg.mvfuser.scan_backend = "reference"
+    cfg.loss.num_points = 64
+    cfg[vlm].update(tower)
+    return cfg
+
+
+def _batch(size, b=2, seed=0):
+    rng = np.random.default_rng(seed)
+    images = jnp.asarray(rng.integers(0, 256, (b, size, size, 3)), jnp.uint8)
+    labels = rng.integers(0, 6, (b, size, size)).astype(np.int32)
+    labels[:, :4] = 255
+    return images, jnp.asarray(labels)
+
+
+def _paths(state):
+    return {tuple(str(p) for p in path) for path, _ in nnx.to_flat_state(state)}
+
+
+def check_trainable_split(model, frozen_towers):
+    """Gradients reach every trainable parameter (none is dead) and no frozen one; the loss
+    has all its terms; predict gives finite per-class scores at the input size."""
+    size = model.config.image_size
+    images, labels = _batch(size)
+    graphdef, trainable, rest = nnx.split(model, model.trainable_filter, ...)
+
+    @jax.jit
+    def grads(trainable, rest):
+        def loss(trainable):
+            m = nnx.merge(graphdef, trainable, rest, copy=True)
+            return m.loss(images, labels, jax.random.key(1))
+        return jax.grad(loss, has_aux=True)(trainable)
+
+    g, parts = grads(trainable, rest)
+    assert "scr_map.loss_seg" in parts and len(parts) == 10
+    assert all(np.isfinite(float(v)) for v in parts.values())
+    grad_paths = _paths(g)
+    assert grad_paths == _paths(trainable) and all(is_trainable_path(p) for p in grad_paths)
+    dead = [".".join(p) for p, v in nnx.to_flat_state(g) if not np.any(np.asarray(v[...]))]
+    assert dead == [], f"parameters without gradient: {dead}"
+    frozen = _paths(nnx.state(model, nnx.Param)) - grad_paths
+    for tower in frozen_towers:
+        assert any(p[:2] == ("backbone", tower) for p in frozen), tower
+    assert any(p[0] == "text_encoder" for p in frozen)
+    scores = nnx.jit(lambda m, x: m.predict(x))(model, images[:1])
+    assert scores.shape == (1, size, size, 19) and np.all(np.isfinite(np.asarray(scores)))
+    return parts
+
+
+def test_eva02_tiny_trains_only_what_the_original_trains():
+    model = MFuser(tiny_config("eva02"), rngs=nnx.Rngs(0))
+    assert model.config.patch_size == 14 and model.config.image_size == 56
+    assert not hasattr(model.backbone, "adapter_proj1")  # EVA02 fuses without projections
+    assert model.contexts.shape == (1, 8, 32)  # 13 text positions = 5 name tokens + 8
+    check_trainable_split(model, ("dinov2", "blocks", "patch_embed", "norm", "head"))
+
+
+def test_siglip_tiny_trains_only_what_the_original_trains(spiece):
+    model = MFuser(tiny_config("siglip", tokenizer=spiece), rngs=nnx.Rngs(0))
+    assert not hasattr(model.backbone, "adapter_proj1")  # built but never called originally
+    assert model.contexts.shape == (1, 5, 32) and model.texts.shape == (19, 5)
+    parts = check_trainable_split(model, ("dinov2", "encoder", "embeddings", "head",
+                                          "post_layernorm", "logit_scale"))
+    # the score map becomes logits through SigLIP's frozen scale and bias: changing them
+    # changes the score-map loss and nothing else
+    images, labels = _batch(model.config.image_size)
+    loss_parts = nnx.jit(lambda m: m.loss(images, labels, jax.random.key(1))[1])
+    before = loss_parts(model)
+    model.backbone.logit_bias[...] = model.backbone.logit_bias[...] + 3.0
+    after = loss_parts(model)
+    assert float(after["scr_map.loss_seg"]) != pytest.approx(float(before["scr_map.loss_seg"]))
+    assert float(after["decode.loss_dice"]) == pytest.approx(float(before["decode.loss_dice"]),
+                                                             rel=1e-3)
+    assert set(parts) == set(after)
+
+
+def test_siglip_needs_its_tokenizer():
+    with pytest.raises(FileNotFoundError, match="spiece.model"):
+        MFuser(tiny_config("siglip"), rngs=nnx.Rngs(0))
+
+
+def _count(tree):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _torch_count(*modules):
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+def _original_shared(text_dim):
+    """DINOv2 is built per variant; these are the same modules in every segmentor."""
+    cfg = dict(FULL_TORCH, text_dim=text_dim)
+    fpn = 2048
+    return (
+        tnn.Sequential(*[TorchMVFuser(1024, 16, 3, 1) for _ in range(24)]),
+        tnn.Sequential(tnn.ConvTranspose2d(fpn, fpn, 2, 2), tnn.BatchNorm2d(fpn), tnn.GELU(),
+                       tnn.ConvTranspose2d(fpn, fpn, 2, 2)),
+        tnn.ConvTranspose2d(fpn, fpn, 2, 2),
+        TorchContextDecoder(256, 4, 1, text_dim, 0.1),
+        THead(cfg),
+    )
+
+
+def _dinov2(patch):
+    return transformers.Dinov2Model(transformers.Dinov2Config(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+        intermediate_size=4096, image_size=512, patch_size=patch))
+
+
+def test_eva02_full_size_parameter_count_equals_the_original():
+    model = nnx.eval_shape(lambda: MFuser(mfuser_model_config("large", "eva02"),
+                                          rngs=nnx.Rngs(0)))
+    params = nnx.state(model, nnx.Param)
+    with torch.device("meta"):
+        eva = TEVA(img=512, patch=14, dim=1024, heads=16, depth=24, ratio=2.6667, out=768)
+        text = TTextTransformer(13, vocab=49408, width=768, heads=12, layers=12, out=768)
+        dino = _dinov2(14)
+        shared = _original_shared(768)
+    contexts, gamma, random_text = 8 * 768, 768, 19 * 768
+    original = _torch_count(eva, text, dino, *shared) + contexts + gamma + random_text
+    # Everything but random_text, which MFuser_EVA_CLIP creates and never reads.
+    assert _count(params) == original - random_text
+    bb = params["backbone"]
+    assert _count(bb["dinov2"]) == _torch_count(dino) == 304_293_888  # patch 14, 37->36 grid
+    assert _count(params["text_encoder"]) == _torch_count(text) == 123_601_152
+    eva_tower = {k: v for k, v in bb.items()
+                 if not str(k).startswith(("dinov2", "adapter", "fpn"))}
+    assert _count(eva_tower) == _torch_count(eva) == 305_170_112
+    print(f"MFuser EVA02-L: {_count(params):,} parameters (original {original:,} incl. "
+          f"random_text)")
+
+
+def test_siglip_full_size_parameter_count_equals_the_original(spiece):
+    cfg = mfuser_model_config("large", "siglip")
+    cfg.siglip.tokenizer = spiece
+    model = nnx.eval_shape(lambda: MFuser(cfg, rngs=nnx.Rngs(0)))
+    params = nnx.state(model, nnx.Param)
+    full = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                num_attention_heads=16)
+    with torch.device("meta"):
+        vision = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+            image_size=512, patch_size=16, **full))
+        text = transformers.SiglipTextModel(transformers.SiglipTextConfig(
+            vocab_size=32000, max_position_embeddings=10, **full))
+        dino = _dinov2(16)
+        shared = _original_shared(1024)
+        unused_proj = (tnn.Sequential(*[tnn.Linear(1024, 1024) for _ in range(48)]),
+                       tnn.Linear(1024, 1024))
+    contexts, gamma = 5 * 1024, 1024
+    original = (_torch_count(vision, text, dino, *shared, *unused_proj) + contexts + gamma)
+    # The original builds adapter_proj1/2/3 and never calls them; it keeps SigLIP's
+    # logit_scale/logit_bias as plain tensors outside its state dict (ours: 2 frozen Params).
+    assert _count(params) == original - _torch_count(*unused_proj) + 2
+    bb = params["backbone"]
+    assert _count(bb["dinov2"]) == _torch_count(dino) == 304_199_680
+    assert _count(params["text_encoder"]) == _torch_count(text)
+    tower = {k: v for k, v in bb.items() if not str(k).startswith(
+        ("dinov2", "adapter", "fpn", "logit_"))}
+    assert _count(tower) == _torch_count(vision)
+    print(f"MFuser SigLIP-L: {_count(params):,} parameters (vision {_count(tower):,}, text "
+          f"{_count(params['text_encoder']):,}); original {original:,} incl. unused projections")
