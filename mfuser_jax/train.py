@@ -353,11 +353,16 @@ def check_pretrained(config: Any) -> str | None:
         return None
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
+        vlm = config.model.get("vlm", "clip")
+        vlm_file = {"clip": "--clip ViT-L-14-336px.pt",
+                    "eva02": "--eva02 EVA02_CLIP_L_336_psz14_s6B.pt",
+                    "siglip": "--siglip siglip_vitl16_384.pth --siglip_tokenizer spiece.model",
+                    }.get(vlm, f"--{vlm} FILE")
         raise UserError(
             f"pretrained weights not found: {path}\n"
-            "convert the original DINOv2 and CLIP checkpoints first:\n"
-            "  python scripts/convert_weights.py --dinov2 dinov2_vitl14_pretrain.pth "
-            "--clip ViT-L-14-336px.pt --out DIR\n"
+            f"convert the original DINOv2 and {vlm} checkpoints first:\n"
+            "  python scripts/convert_weights.py --config <this config> --dinov2 "
+            f"dinov2_vitl14_pretrain.pth {vlm_file} --out DIR\n"
             "then pass --config.model.pretrained=DIR (or '' to train from random weights)")
     return path
 
@@ -394,9 +399,24 @@ def build_and_load(config: Any, workdir: str | None = None) -> nnx.Module:
     them, so a converted model can never be evaluated with other frozen towers."""
     own = os.path.join(workdir, WORKDIR_PRETRAINED) if workdir else None
     path = own if own and os.path.isdir(own) else check_pretrained(config)
+    if path is not None and path != config.model.get("pretrained"):
+        # the model reads files beside its weights from there (SigLIP's spiece.model)
+        config = config.copy_and_resolve_references()
+        config.model.pretrained = path
     model = create_model(config)
     load_pretrained(model, path)
     return model
+
+
+def check_trainable_from(model: nnx.Module) -> None:
+    """Refuse to train a model whose frozen SigLIP logit scalars are unknown (a converted
+    release without the SigLIP weights): the score-map loss would be NaN from step 1."""
+    backbone = getattr(model, "backbone", None)
+    scalars = [getattr(backbone, n, None) for n in ("logit_scale", "logit_bias")]
+    if any(v is not None and not np.all(np.isfinite(np.asarray(v[...]))) for v in scalars):
+        raise UserError("SigLIP's logit_scale/logit_bias are unset in these weights (a "
+                        "release converted without --siglip): reconvert with --siglip "
+                        "siglip_vitl16_384.pth to train; evaluation does not need them")
 
 
 # --------------------------------------------------------------------------- logging
@@ -502,6 +522,8 @@ def train_and_evaluate(config: Any, workdir: str, *,
         log(f"resumed from {workdir}/checkpoints/{latest}")
     else:
         state = trainer.init_state()
+    if state.step < total_steps:
+        check_trainable_from(model)
 
     writer = MetricWriter(workdir, state.step)
     train_iter_fn = train_iter_fn or _default_train_iter

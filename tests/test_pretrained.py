@@ -50,7 +50,7 @@ def weight_files(tmp_path_factory):
     for model, path in ((dino, paths["dinov2"]), (clip, paths["clip"])):
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
     out = str(folder / "converted")
-    counts = convert_encoders(cfg, out, dinov2_path=paths["dinov2"], clip_path=paths["clip"])
+    counts = convert_encoders(cfg, out, dinov2_path=paths["dinov2"], vlm_path=paths["clip"])
     return paths, out, counts
 
 

@@ -1,16 +1,27 @@
-"""Released MFuser (CLIP variant) checkpoints -> the JAX ``MFuser``.
+"""Released MFuser checkpoints (CLIP, EVA02 and SigLIP variants) -> the JAX ``MFuser``.
 
-The original (devinxzhang/MFuser, models/segmentors/mfuser_clip.py) is an mmseg segmentor
-saved by mmcv as ``{"state_dict": {...}, "meta": {...}}``. Its top-level attributes are
-backbone (CLIP image tower + ``dinov2`` + MVFuser adapters + FPN), text_encoder,
-context_decoder, contexts, gamma and decode_head — the same names as ``MFuser``, so every
-key maps by the generic rule of ``load_torch_state_dict``. Two groups of keys carry no
-state for us and are dropped explicitly:
+The originals (devinxzhang/MFuser, models/segmentors/mfuser_{clip,eva_clip,siglip}.py) are
+mmseg segmentors saved by mmcv as ``{"state_dict": {...}, "meta": {...}}``. Their top-level
+attributes are backbone (VLM image tower + ``dinov2`` + MVFuser adapters + FPN),
+text_encoder, context_decoder, contexts, gamma and decode_head — the same names as
+``MFuser``, so every key maps by the generic rule of ``load_torch_state_dict``. Keys that
+carry no state for us are dropped by name, each for a stated reason (``UNUSED_KEYS``):
 
-* ``identity_head.*``: mmseg's IdentityHead passes the score map through; its ``conv_seg``
-  (a 1x1 conv of a 1-channel map, only present in mmseg versions that do not set it to
-  None) never runs. ``identity_head.loss_decode.*`` would be loss buffers.
+* ``identity_head.*`` (all variants): mmseg's IdentityHead passes the score map through;
+  its ``conv_seg`` (a 1x1 conv of a 1-channel map, only present in mmseg versions that do
+  not set it to None) never runs.
+* ``random_text`` (EVA02): MFuser_EVA_CLIP creates this (num_classes, 768) parameter and
+  never reads it.
+* ``backbone.adapter_proj{1,2,3}.*`` (SigLIP): the SigLIP backbone builds the CLIP
+  variant's projections but its forward never calls them.
 * ``*.num_batches_tracked``: BatchNorm's step counter (momentum is fixed in both codes).
+
+EVA02's rotary tables (``backbone.rope.freqs_*`` and one copy per block, persistent
+buffers in PyTorch) are not weights: they are compared with the tables the JAX model
+computes and then dropped. SigLIP's ``logit_scale``/``logit_bias`` are not in a release at
+all (the original reads them from the SigLIP file at build time); they come from the
+SigLIP weights when given, else they are NaN so that training from such a workdir stops
+with a clear message (evaluation does not use them).
 
 Anything else that does not fit is reported, with every missing, unexpected and mis-shaped
 key in one ``StateDictMismatchError``.
@@ -19,6 +30,7 @@ key in one ``StateDictMismatchError``.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,12 +40,20 @@ from flax import nnx
 from mfuser_jax.convert.state_dict import load_torch_state_dict
 from mfuser_jax.convert.torch_io import WeightFileError, _flatten, _import_torch
 
-__all__ = ["DROPPED_PREFIXES", "check_is_mfuser", "checkpoint_step", "convert_mfuser_checkpoint",
+__all__ = ["UNUSED_KEYS", "check_is_mfuser", "checkpoint_step", "convert_mfuser_checkpoint",
            "frozen_encoder_tree", "load_mfuser_checkpoint", "read_mfuser_checkpoint",
            "save_frozen_encoders"]
 
-# Keys of a released checkpoint that hold nothing the JAX model uses (see the docstring).
-DROPPED_PREFIXES = ("identity_head.",)
+# Keys of a released checkpoint that hold nothing the JAX model uses (see the docstring):
+# variant -> key regexes.
+_IDENTITY_HEAD = r"identity_head\."
+UNUSED_KEYS = {
+    "clip": (_IDENTITY_HEAD,),
+    "eva02": (_IDENTITY_HEAD, r"random_text$"),
+    "siglip": (_IDENTITY_HEAD, r"backbone\.adapter_proj[123]\."),
+}
+_EVA_ROPE_KEY = re.compile(r"^backbone\.(?:blocks\.\d+\.attn\.)?rope\.freqs_(cos|sin)$")
+SIGLIP_SCALARS = ("backbone.logit_scale", "backbone.logit_bias")
 
 
 def read_mfuser_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
@@ -77,21 +97,77 @@ def check_is_mfuser(state_dict: Mapping[str, Any], source: str) -> None:
             "of --mfuser)")
 
 
+def _check_rope_tables(model: nnx.Module, tables: Mapping[str, Any], source: str) -> None:
+    """EVA02's persistent rotary buffers must equal what the model computes at its size."""
+    grid = model.backbone.grid_size(int(model.config.image_size), int(model.config.image_size))
+    cos, sin = (np.asarray(t) for t in model.backbone.rope(grid))
+    for key, value in tables.items():
+        want = cos if key.endswith("cos") else sin
+        value = np.asarray(value, np.float32)
+        if value.shape != want.shape or not np.allclose(value, want, atol=1e-5):
+            raise WeightFileError(
+                f"{source}: {key} {tuple(value.shape)} is not the rotary table of a "
+                f"{grid[0]}x{grid[1]} patch grid: was the checkpoint trained at another "
+                "image size than config.model.image_size?")
+
+
+# A key only each variant's backbone has.
+_VARIANT_KEYS = {
+    "clip": "backbone.conv1.weight",
+    "eva02": "backbone.patch_embed.proj.weight",
+    "siglip": "backbone.embeddings.patch_embedding.weight",
+}
+
+
+def release_variant(state_dict: Mapping[str, Any]) -> str | None:
+    """'clip', 'eva02' or 'siglip' for a released MFuser state dict (None if unknown)."""
+    found = [vlm for vlm, key in _VARIANT_KEYS.items() if key in state_dict]
+    return found[0] if len(found) == 1 else None
+
+
+def check_variant(state_dict: Mapping[str, Any], vlm: str, source: str) -> None:
+    """Refuse a release of another variant than the config's, naming the right argument."""
+    found = release_variant(state_dict)
+    if found is not None and found != vlm:
+        raise WeightFileError(
+            f"{source} is an MFuser {found} checkpoint but the config builds vlm={vlm!r}: "
+            f"append ':vlm={found}' to the config file name (e.g. --config "
+            f"configs/gta2cs.py:vlm={found})")
+
+
 def load_mfuser_checkpoint(model: nnx.Module, state_dict: Mapping[str, Any], *,
-                           source: str = "the MFuser checkpoint") -> dict[str, int]:
-    """Strictly copy a released MFuser_CLIP state dict into ``model`` (an ``MFuser``).
+                           source: str = "the MFuser checkpoint",
+                           siglip_scalars: Mapping[str, Any] | None = None) -> dict[str, int]:
+    """Strictly copy a released MFuser state dict into ``model`` (an ``MFuser`` of the same
+    variant, ``model.vlm``).
 
     Every parameter and BatchNorm statistic of the model must be present with the original
-    PyTorch shape and every key must be consumed, except the documented ``identity_head.*``
-    and ``num_batches_tracked`` entries. Raises ``StateDictMismatchError`` listing all
-    problems. Returns counts: {"loaded": n keys loaded, "dropped": n identity_head keys}.
+    PyTorch shape and every key must be consumed, except the documented ``UNUSED_KEYS``,
+    EVA02's rotary tables (checked, then dropped) and ``num_batches_tracked``. Raises
+    ``StateDictMismatchError`` listing all problems. ``siglip_scalars``: SigLIP's
+    {"logit_scale", "logit_bias"} from its weight file (NaN when not given). Returns counts:
+    {"loaded": keys loaded, "dropped": unused keys dropped, "recomputed": rope tables checked}.
     """
     check_is_mfuser(state_dict, source)
-    kept = {k: v for k, v in state_dict.items() if not k.startswith(DROPPED_PREFIXES)}
+    vlm = getattr(model, "vlm", "clip")
+    check_variant(state_dict, vlm, source)
+    unused = re.compile("|".join(f"(?:{p})" for p in UNUSED_KEYS[vlm]))
+    kept = {k: v for k, v in state_dict.items() if not unused.match(k)}
     dropped = len(state_dict) - len(kept)
+    rope = {k: kept.pop(k) for k in list(kept) if vlm == "eva02" and _EVA_ROPE_KEY.match(k)}
+    if rope:
+        _check_rope_tables(model, rope, source)
+    if vlm == "siglip":
+        scalars = siglip_scalars or {}
+        for key in SIGLIP_SCALARS:
+            name = key.split(".")[-1]
+            kept[key] = np.asarray(scalars[name], np.float32).reshape(1) if name in scalars \
+                else np.full((1,), np.nan, np.float32)
     load_torch_state_dict(model, kept, strict=True, module_name=f"MFuser from {source}")
     n_ignored = sum(k.endswith("num_batches_tracked") for k in kept)
-    return {"loaded": len(kept) - n_ignored, "dropped": dropped}
+    n_added = len(SIGLIP_SCALARS) if vlm == "siglip" else 0
+    return {"loaded": len(kept) - n_ignored - n_added, "dropped": dropped,
+            "recomputed": len(rope)}
 
 
 def frozen_encoder_tree(model: nnx.Module) -> dict:
@@ -138,7 +214,8 @@ def checkpoint_step(meta: Mapping, total_steps: int) -> int:
     return int(total_steps)
 
 
-def convert_mfuser_checkpoint(config: Any, path: str, out: str, *, progress=None) -> dict:
+def convert_mfuser_checkpoint(config: Any, path: str, out: str, *, siglip_weights=None,
+                              siglip_tokenizer=None, progress=None) -> dict:
     """A released MFuser .pth -> a trainer workdir ``out`` that eval/predict restore.
 
     Writes ``out/checkpoints/<step>/`` with the trainer's own ``save_checkpoint`` (trainable
@@ -146,10 +223,14 @@ def convert_mfuser_checkpoint(config: Any, path: str, out: str, *, progress=None
     checkpoint's frozen towers as ``out/pretrained/`` (the trainer checkpoints hold only the
     trainable part; restore_model takes the frozen one from ``config.model.pretrained``),
     and ``out/config.json`` with ``model.pretrained`` pointing there. ``config`` is an
-    experiment config (configs/*.py); it is not modified. Returns a summary dict.
+    experiment config (configs/*.py) of the release's variant; it is not modified.
+    SigLIP releases need SigLIP's SentencePiece file (``siglip_tokenizer``, copied to
+    ``out/pretrained/spiece.model``) and take ``logit_scale``/``logit_bias`` from
+    ``siglip_weights`` (the SigLIP .pth/HF file) when given. Returns a summary dict.
     """
     import dataclasses
     import json
+    import shutil
 
     from mfuser_jax import sharding as shd
     from mfuser_jax import train
@@ -161,15 +242,35 @@ def convert_mfuser_checkpoint(config: Any, path: str, out: str, *, progress=None
         raise WeightFileError(f"{ckpt_dir} already holds checkpoints: choose an empty --out")
     config = config.copy_and_resolve_references()  # the caller's config stays as it was
     config.unlock()
+    vlm = config.model.get("vlm", "clip")
+    tokenizer, scalars = None, None
+    if vlm == "siglip":
+        tokenizer = siglip_tokenizer or config.model.siglip.get("tokenizer", "")
+        if not tokenizer or not os.path.isfile(tokenizer):
+            raise WeightFileError(
+                "a SigLIP release needs SigLIP's SentencePiece vocabulary: pass "
+                "--siglip_tokenizer spiece.model (from google/siglip-large-patch16-384)")
+        config.model.siglip.tokenizer = os.path.abspath(tokenizer)
+    elif siglip_weights or siglip_tokenizer:
+        raise WeightFileError(f"--siglip/--siglip_tokenizer are for SigLIP releases; the "
+                              f"config builds vlm={vlm!r}")
 
     step_cb(f"reading {path}")
     state_dict, meta = read_mfuser_checkpoint(path)
     check_is_mfuser(state_dict, os.fspath(path))
+    check_variant(state_dict, vlm, os.fspath(path))
+    if siglip_weights:
+        from mfuser_jax.convert.siglip import siglip_state_dicts
+        from mfuser_jax.convert.torch_io import read_state_dict
+
+        step_cb(f"reading logit_scale/logit_bias from {siglip_weights}")
+        scalars = siglip_state_dicts(read_state_dict(siglip_weights))[2]
     step_cb("building the model")
     config.model.pretrained = ""  # every weight comes from the release
     model = train.create_model(config)
     step_cb("loading the weights")
-    counts = load_mfuser_checkpoint(model, state_dict, source=os.fspath(path))
+    counts = load_mfuser_checkpoint(model, state_dict, source=os.fspath(path),
+                                    siglip_scalars=scalars)
     del state_dict
     step = checkpoint_step(meta, int(config.total_steps))
 
@@ -177,6 +278,9 @@ def convert_mfuser_checkpoint(config: Any, path: str, out: str, *, progress=None
     os.makedirs(out, exist_ok=True)
     pretrained = os.path.join(out, "pretrained")
     save_frozen_encoders(model, pretrained)
+    if tokenizer:  # found as <pretrained>/spiece.model from now on
+        shutil.copyfile(tokenizer, os.path.join(pretrained, "spiece.model"))
+        config.model.siglip.tokenizer = ""
     config.model.pretrained = pretrained
     with open(os.path.join(out, "config.json"), "w") as f:  # as train_and_evaluate writes it
         f.write(config.to_json_best_effort(indent=1) if hasattr(
@@ -192,6 +296,7 @@ def convert_mfuser_checkpoint(config: Any, path: str, out: str, *, progress=None
     finally:
         mngr.close()
     n_train, n_all = trainer.num_params()
-    return {"step": step, "loaded": counts["loaded"], "dropped": counts["dropped"],
-            "trainable": n_train, "total": n_all, "pretrained": pretrained,
-            "checkpoints": ckpt_dir}
+    return {"step": step, "vlm": vlm, "loaded": counts["loaded"], "dropped": counts["dropped"],
+            "recomputed": counts["recomputed"], "trainable": n_train, "total": n_all,
+            "pretrained": pretrained, "checkpoints": ckpt_dir,
+            "logit_scalars": vlm != "siglip" or scalars is not None}

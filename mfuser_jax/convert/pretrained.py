@@ -1,10 +1,11 @@
-"""The converted-encoder checkpoint: frozen DINOv2, CLIP image and CLIP text weights.
+"""The converted-encoder checkpoint: frozen DINOv2 and VLM (image and text) weights.
 
-``scripts/convert_weights.py`` builds the three towers at MFuser's sizes, loads the
-official (or HF) weights into them and saves their parameters with Orbax as the nested
-tree ``{"backbone": {CLIP image tower..., "dinov2": {...}}, "text_encoder": {...}}`` — the
-paths they have inside ``MFuser``. ``load_pretrained_encoders`` copies that tree into a
-model, checking every path and shape.
+``scripts/convert_weights.py`` builds the three towers at MFuser's sizes (the VLM named by
+``config.model.vlm``: CLIP, EVA02-CLIP or SigLIP), loads the official (or HF) weights into
+them and saves their parameters with Orbax as the nested tree
+``{"backbone": {VLM image tower..., "dinov2": {...}}, "text_encoder": {...}}`` — the paths
+they have inside ``MFuser``. ``load_pretrained_encoders`` copies that tree into a model,
+checking every path and shape. A SigLIP folder also holds the tokenizer, ``spiece.model``.
 """
 
 from __future__ import annotations
@@ -45,12 +46,14 @@ def _model_params(model: nnx.Module) -> dict[tuple, nnx.Variable]:
     return out
 
 
-def save_pretrained_encoders(path: str, *, clip_visual: nnx.Module, dinov2: nnx.Module,
-                             text_encoder: nnx.Module) -> None:
+def save_pretrained_encoders(path: str, *, visual: nnx.Module, dinov2: nnx.Module,
+                             text_encoder: nnx.Module, extra: dict | None = None) -> None:
+    """``extra``: more frozen backbone arrays by name (SigLIP's logit_scale/logit_bias)."""
     import orbax.checkpoint as ocp
 
-    backbone = nnx.state(clip_visual, nnx.Param).to_pure_dict()
+    backbone = nnx.state(visual, nnx.Param).to_pure_dict()
     backbone["dinov2"] = nnx.state(dinov2, nnx.Param).to_pure_dict()
+    backbone.update(extra or {})
     tree = {"backbone": backbone, "text_encoder": nnx.state(text_encoder, nnx.Param).to_pure_dict()}
     tree = {"params": _stringify(tree)}
     checkpointer = ocp.StandardCheckpointer()
@@ -106,23 +109,28 @@ def load_pretrained_encoders(model: nnx.Module, path: str) -> None:
 
 
 
-def convert_encoders(model_config, out: str, *, dinov2_path: str, clip_path: str,
-                     progress=None) -> dict[str, int]:
-    """Official/HF DINOv2 and CLIP files -> the converted-encoder checkpoint at ``out``.
+def convert_encoders(model_config, out: str, *, dinov2_path: str, vlm_path: str,
+                     tokenizer_path: str | None = None, progress=None) -> dict[str, int]:
+    """Official/HF DINOv2 and VLM files -> the converted-encoder checkpoint at ``out``.
 
-    Towers are built at the sizes ``model_config`` asks for (MFuser: 512 px, patch 16,
+    Towers are built at the sizes ``model_config`` asks for (e.g. CLIP: 512 px, patch 16,
     10 text positions), the weights resized as the reference does, loaded strictly, and
-    saved. Returns the parameter count of each tower. ``progress(stage)`` is called per step.
+    saved. ``vlm_path`` is the file of ``model_config.vlm`` (OpenAI/HF CLIP, EVA02-CLIP
+    .pt, SigLIP .pth/HF); SigLIP also needs ``tokenizer_path`` (its spiece.model), copied
+    into ``out``. Returns the parameter count of each tower. ``progress(stage)`` is called
+    per step (6 steps).
     """
-    from mfuser_jax.convert.clip import mfuser_clip_state_dicts
     from mfuser_jax.convert.dinov2 import load_dinov2_state_dict
     from mfuser_jax.convert.state_dict import load_torch_state_dict
     from mfuser_jax.convert.torch_io import read_state_dict
-    from mfuser_jax.models.clip import CLIPTextContextEncoder, CLIPVisionTransformer
     from mfuser_jax.models.dinov2 import DinoVisionTransformer
 
     step = progress or (lambda stage: None)
-    c, d = model_config.clip, model_config.dinov2
+    vlm = model_config.get("vlm", "clip")
+    if vlm == "siglip" and not (tokenizer_path and os.path.isfile(tokenizer_path)):
+        raise WeightFileError("SigLIP needs its SentencePiece vocabulary too: --siglip_tokenizer "
+                              "spiece.model (from google/siglip-large-patch16-384)")
+    c, d = model_config[vlm], model_config.dinov2
     size, patch = model_config.image_size, model_config.patch_size
     rngs = nnx.Rngs(0)
 
@@ -135,22 +143,72 @@ def convert_encoders(model_config, out: str, *, dinov2_path: str, clip_path: str
     load_torch_state_dict(dinov2, dino_sd, module_name=f"DINOv2 from {dinov2_path}")
     del dino_sd
 
-    step(f"reading {clip_path}")
-    visual_sd, text_sd = mfuser_clip_state_dicts(
-        read_state_dict(clip_path), patch_size=patch, img_size=size,
-        context_length=c.token_length + c.n_ctx)
-    step("loading the CLIP image tower")
-    clip_visual = CLIPVisionTransformer(size, patch, c.width, c.layers, c.heads, c.output_dim,
-                                        rngs=rngs)
-    load_torch_state_dict(clip_visual, visual_sd, module_name=f"CLIP image tower from {clip_path}")
-    step("loading the CLIP text tower")
-    text_encoder = CLIPTextContextEncoder(
-        context_length=c.token_length + c.n_ctx, vocab_size=c.vocab_size, width=c.text_width,
-        heads=c.text_heads, layers=c.text_layers, embed_dim=c.output_dim, rngs=rngs)
-    load_torch_state_dict(text_encoder, text_sd, module_name=f"CLIP text tower from {clip_path}")
+    step(f"reading {vlm_path}")
+    visual, text_encoder, visual_sd, text_sd, extra = _vlm_towers(
+        vlm, model_config, read_state_dict(vlm_path), rngs)
+    step(f"loading the {vlm} image tower")
+    load_torch_state_dict(visual, visual_sd, module_name=f"{vlm} image tower from {vlm_path}")
+    step(f"loading the {vlm} text tower")
+    load_torch_state_dict(text_encoder, text_sd, module_name=f"{vlm} text tower from {vlm_path}")
 
     step(f"writing {out}")
-    save_pretrained_encoders(out, clip_visual=clip_visual, dinov2=dinov2, text_encoder=text_encoder)
+    save_pretrained_encoders(out, visual=visual, dinov2=dinov2, text_encoder=text_encoder,
+                             extra=extra)
+    if vlm == "siglip":
+        import shutil
+
+        shutil.copyfile(tokenizer_path, os.path.join(out, "spiece.model"))
     count = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))  # noqa: E731
-    return {"dinov2": count(dinov2), "clip_visual": count(clip_visual),
-            "clip_text": count(text_encoder)}
+    return {"dinov2": count(dinov2), f"{vlm}_visual": count(visual),
+            f"{vlm}_text": count(text_encoder)}
+
+
+def _vlm_towers(vlm, model_config, state_dict, rngs):
+    """(image tower, text tower, their state dicts, extra backbone arrays) for ``vlm``,
+    built at ``model_config``'s sizes with the weights renamed/resized as the reference."""
+    c = model_config[vlm]
+    size, patch = model_config.image_size, model_config.patch_size
+    context_length = c.token_length + c.n_ctx
+    if vlm == "clip":
+        from mfuser_jax.convert.clip import mfuser_clip_state_dicts
+        from mfuser_jax.models.clip import CLIPTextContextEncoder, CLIPVisionTransformer
+
+        visual_sd, text_sd = mfuser_clip_state_dicts(
+            state_dict, patch_size=patch, img_size=size, context_length=context_length)
+        visual = CLIPVisionTransformer(size, patch, c.width, c.layers, c.heads, c.output_dim,
+                                       rngs=rngs)
+        extra = {}
+    elif vlm == "eva02":
+        from mfuser_jax.convert.eva02 import eva02_state_dicts
+        from mfuser_jax.models.clip import CLIPTextContextEncoder
+        from mfuser_jax.models.eva02 import EVAVisionTransformer
+
+        visual_sd, text_sd = eva02_state_dicts(
+            state_dict, img_size=size, patch_size=patch, context_length=context_length)
+        visual = EVAVisionTransformer(
+            img_size=size, patch_size=patch, embed_dim=c.width, depth=c.layers,
+            num_heads=c.heads, mlp_ratio=c.mlp_ratio, output_dim=c.output_dim,
+            pt_hw_seq_len=c.pt_hw_seq_len, rngs=rngs)
+        extra = {}
+    elif vlm == "siglip":
+        from mfuser_jax.convert.siglip import siglip_state_dicts
+        from mfuser_jax.models.siglip import SiglipTextTransformer, SiglipVisionTransformer
+
+        visual_sd, text_sd, scalars = siglip_state_dicts(
+            state_dict, img_size=size, patch_size=patch, context_length=context_length)
+        visual = SiglipVisionTransformer(
+            image_size=size, patch_size=patch, hidden_size=c.width, num_hidden_layers=c.layers,
+            num_attention_heads=c.heads, intermediate_size=c.intermediate_size, rngs=rngs)
+        text = SiglipTextTransformer(
+            context_length=context_length, vocab_size=c.vocab_size, hidden_size=c.text_width,
+            num_hidden_layers=c.text_layers, num_attention_heads=c.text_heads,
+            intermediate_size=c.text_intermediate_size, rngs=rngs)
+        extra = {k: np.asarray(v, np.float32).reshape(1) for k, v in scalars.items()}
+        return visual, text, visual_sd, text_sd, extra
+    else:
+        raise ValueError(f"vlm={vlm!r}: choose 'clip', 'eva02' or 'siglip'")
+    text = CLIPTextContextEncoder(
+        context_length=context_length, vocab_size=c.vocab_size, width=c.text_width,
+        heads=c.text_heads, layers=c.text_layers, embed_dim=c.output_dim,
+        activation=c.text_activation, rngs=rngs)
+    return visual, text, visual_sd, text_sd, extra
