@@ -26,6 +26,11 @@ CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic lig
 VLMS = ("clip", "eva02", "siglip")
 
 
+class ConfigError(Exception):
+    """A bad config argument. Not a ValueError on purpose: ml_collections re-raises those
+    from config files with a traceback appended; the CLIs print this as one line."""
+
+
 def parse_arg(arg, **defaults):
     """'a=1,b=x' -> ConfigDict with the defaults' keys and types (unknown keys: error)."""
     out = ml_collections.ConfigDict(defaults)
@@ -35,7 +40,7 @@ def parse_arg(arg, **defaults):
         key, sep, value = item.partition("=")
         key = key.strip()
         if key not in defaults:
-            raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+            raise ConfigError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
         default = defaults[key]
         if isinstance(default, bool):
             value = value.strip().lower() in ("1", "true", "yes", "") if sep else True
@@ -72,9 +77,9 @@ def _vlm_config(vlm, large):
 def mfuser_model_config(size="large", vlm="clip"):
     """config.model for MFuser (the fields mfuser_jax.models.mfuser.MFuser reads)."""
     if vlm not in VLMS:
-        raise ValueError(f"vlm={vlm!r}: choose one of {VLMS}")
+        raise ConfigError(f"vlm={vlm!r}: choose one of {VLMS}")
     if size not in ("large", "tiny"):
-        raise ValueError(f"size={size!r}: choose 'large' or 'tiny'")
+        raise ConfigError(f"size={size!r}: choose 'large' or 'tiny'")
     large = size == "large"
     m = ml_collections.ConfigDict()
     m.name = "mfuser"

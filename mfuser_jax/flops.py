@@ -243,7 +243,7 @@ def plain_model_config(*, width=1024, layers=24, heads=16, output_dim=768, text_
                  mlp_ratio=4.0, init_values=1e-5),
         clip=A(width=width, layers=layers, heads=heads, output_dim=output_dim, drop_path_rate=0.1,
                text_width=text_width, text_heads=text_heads, text_layers=text_layers,
-               vocab_size=49408, token_length=5, n_ctx=5),
+               text_activation="quick_gelu", vocab_size=49408, token_length=5, n_ctx=5),
         out_indices=tuple(out_indices),
         mvfuser=A(d_state=16, d_conv=3, expand=1, scan_backend=scan_backend),
         context_decoder=A(width=context_width, heads=context_heads, layers=1, dropout=0.1),

@@ -56,8 +56,10 @@ def run_main(fn, *args, **kwargs):
 def run_app(main):
     """absl's app.run, with config-file errors (raised while parsing --config) kept short."""
     from absl import app
+
+    from configs.base import ConfigError
     try:
         app.run(main)
-    except (ValueError, NotImplementedError) as e:
+    except (ConfigError, ValueError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

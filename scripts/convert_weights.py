@@ -39,7 +39,7 @@ import sys
 import time
 
 import _cli  # noqa: F401  (puts the repo on sys.path)
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", "configs/gta2cs.py", "config whose model sizes to convert for")
@@ -132,4 +132,4 @@ def convert_release(start):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _cli.run_app(main)

@@ -113,6 +113,14 @@ def _fused_layers(vlm_block, dino, adapters, vlm_x, dino_x, grid):
     return vlm_x, dino_x, maps
 
 
+def _torch_fusion(image, patch):
+    """DINOv2 (HF), the per-layer MVFusers and the FPN with random weights, and an input."""
+    dino = _dino(image, patch, 2)
+    adapters = tnn.Sequential(*[TorchMVFuser(WIDTH, 16, 3, 1) for _ in range(LAYERS)]).eval()
+    _randomize(adapters, 3)
+    return dino, adapters, TorchFPN(2 * WIDTH).eval(), torch.randn(2, 3, image, image)
+
+
 def _common_state(dino, adapters, fpn):
     sd = {f"dinov2.{k}": v for k, v in hf_to_official(dino.state_dict()).items()}
     sd.update({f"adapter.{k}": v for k, v in adapters.state_dict().items()})
@@ -154,11 +162,7 @@ def test_siglip_backbone_matches_the_original_forward():
         intermediate_size=2 * WIDTH, image_size=image, patch_size=patch))
     siglip = getattr(siglip, "vision_model", siglip).eval()  # transformers 4 nests it
     _randomize(siglip, 1)
-    dino = _dino(image, patch, 2)
-    adapters = tnn.Sequential(*[TorchMVFuser(WIDTH, 16, 3, 1) for _ in range(LAYERS)]).eval()
-    _randomize(adapters, 3)
-    fpn = TorchFPN(2 * WIDTH).eval()
-    x = torch.randn(2, 3, image, image)
+    dino, adapters, fpn, x = _torch_fusion(image, patch)
 
     with torch.no_grad():
         dino_x = dino.embeddings(_renorm(x, *IMAGENET))
@@ -194,11 +198,7 @@ def test_eva02_backbone_matches_the_original_forward():
     grid = image // patch
     eva = eva_randomize(TEVA(img=image, patch=patch, dim=WIDTH, heads=HEADS, depth=LAYERS,
                              ratio=2.6667, out=out_dim), 1).eval()
-    dino = _dino(image, patch, 2)
-    adapters = tnn.Sequential(*[TorchMVFuser(WIDTH, 16, 3, 1) for _ in range(LAYERS)]).eval()
-    _randomize(adapters, 3)
-    fpn = TorchFPN(2 * WIDTH).eval()
-    x = torch.randn(2, 3, image, image)
+    dino, adapters, fpn, x = _torch_fusion(image, patch)
 
     with torch.no_grad():
         dino_x = dino.embeddings(_renorm(x, *IMAGENET))
@@ -229,15 +229,12 @@ def test_clip_backbone_matches_the_original_forward():
     grid = image // patch
     clip = TVisual(image, patch, WIDTH, LAYERS, HEADS, out_dim).eval()
     _randomize(clip, 1)
-    dino = _dino(image, patch, 2)
-    adapters = tnn.Sequential(*[TorchMVFuser(WIDTH, 16, 3, 1) for _ in range(LAYERS)]).eval()
+    dino, adapters, fpn, x = _torch_fusion(image, patch)
     proj1 = tnn.Sequential(*[tnn.Linear(WIDTH, WIDTH) for _ in range(LAYERS)])
     proj2 = tnn.Sequential(*[tnn.Linear(WIDTH, WIDTH) for _ in range(LAYERS)])
     proj3 = tnn.Linear(WIDTH, WIDTH)
-    for i, m in enumerate((adapters, proj1, proj2, proj3)):
-        _randomize(m, 3 + i)
-    fpn = TorchFPN(2 * WIDTH).eval()
-    x = torch.randn(2, 3, image, image)
+    for i, m in enumerate((proj1, proj2, proj3)):
+        _randomize(m, 4 + i)
 
     with torch.no_grad():
         dino_x = dino.embeddings(_renorm(x, *IMAGENET))

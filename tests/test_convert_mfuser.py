@@ -67,32 +67,21 @@ def _prefixed(prefix, module):
     return {f"{prefix}{k}": v.detach().numpy().copy() for k, v in module.state_dict().items()}
 
 
-def original_state_dict(m, seed=0):
-    """The state dict MFuser_CLIP(config m) saves, at m's (tiny) sizes, random values."""
-    torch.manual_seed(seed)
-    c, d, mv, cd, dec = m.clip, m.dinov2, m.mvfuser, m.context_decoder, m.decoder
-    w, dd, layers = c.width, d.embed_dim, c.layers
+def _shared_parts(m, vlm_width, text_dim, fpn_seed=0):
+    """What every variant's checkpoint has besides the VLM towers: DINOv2, MVFusers, FPN,
+    ContextDecoder, tqdm head, contexts, gamma, identity_head.conv_seg."""
+    c, d, mv, cd, dec = m[m.vlm], m.dinov2, m.mvfuser, m.context_decoder, m.decoder
+    layers, dd = c.layers, d.embed_dim
     sd = {}
-    # backbone: the CLIP image tower at the top level (CLIPVisionTransformer) ...
-    sd.update(_prefixed("backbone.", TVisual(m.image_size, m.patch_size, w, layers, c.heads,
-                                             c.output_dim)))
-    # ... DINOv2 (official names, as the original loads dinov2_vitl14_pretrain.pth) ...
     hf = transformers.Dinov2Model(transformers.Dinov2Config(
         hidden_size=dd, num_hidden_layers=layers, num_attention_heads=d.num_heads,
         intermediate_size=int(d.mlp_ratio * dd), image_size=m.image_size,
         patch_size=m.patch_size, layerscale_value=d.init_values))
     sd.update({f"backbone.dinov2.{k}": np.asarray(v)
                for k, v in hf_to_official(hf.state_dict()).items()})
-    # ... one MVFuser and three projections per layer, and the FPN.
-    adapter = tnn.Sequential(*[TorchMVFuser(w, mv.d_state, mv.d_conv, mv.expand)
-                               for _ in range(layers)])
-    sd.update(_prefixed("backbone.adapter.", adapter))
-    sd.update(_prefixed("backbone.adapter_proj1.",
-                        tnn.Sequential(*[tnn.Linear(dd, w) for _ in range(layers)])))
-    sd.update(_prefixed("backbone.adapter_proj2.",
-                        tnn.Sequential(*[tnn.Linear(w, dd) for _ in range(layers)])))
-    sd.update(_prefixed("backbone.adapter_proj3.", tnn.Linear(dd, w)))
-    fpn = w + dd
+    sd.update(_prefixed("backbone.adapter.", tnn.Sequential(
+        *[TorchMVFuser(vlm_width, mv.d_state, mv.d_conv, mv.expand) for _ in range(layers)])))
+    fpn = vlm_width + dd
     fpn1 = tnn.Sequential(tnn.ConvTranspose2d(fpn, fpn, 2, 2), tnn.BatchNorm2d(fpn), tnn.GELU(),
                           tnn.ConvTranspose2d(fpn, fpn, 2, 2))
     with torch.no_grad():  # trained statistics, not the 0/1 defaults
@@ -102,25 +91,43 @@ def original_state_dict(m, seed=0):
         fpn1[1].num_batches_tracked.fill_(20000)
     sd.update(_prefixed("backbone.fpn1.", fpn1))
     sd.update(_prefixed("backbone.fpn2.", tnn.Sequential(tnn.ConvTranspose2d(fpn, fpn, 2, 2))))
-    sd.update(_prefixed("text_encoder.", TText(c.token_length + c.n_ctx, c.vocab_size,
-                                               c.text_width, c.text_layers, c.text_heads,
-                                               c.output_dim)))
     sd.update(_prefixed("context_decoder.", TorchContextDecoder(cd.width, cd.heads, cd.layers,
-                                                                c.output_dim, cd.dropout)))
+                                                                text_dim, cd.dropout)))
     head_cfg = dict(
         in_channels=(fpn,) * 4, feat_channels=dec.feat_channels,
         out_channels=dec.feat_channels, num_classes=m.num_classes, num_queries=m.num_classes,
-        text_dim=c.output_dim, num_groups=min(32, dec.feat_channels),
+        text_dim=text_dim, num_groups=min(32, dec.feat_channels),
         pixel_decoder_layers=dec.pixel_decoder_layers, pixel_decoder_heads=dec.num_heads,
         num_points=dec.deform_points, pixel_decoder_ffn_channels=dec.pixel_ffn,
         num_decoder_layers=dec.decoder_layers, decoder_heads=dec.num_heads,
         decoder_ffn_channels=dec.ffn)
     sd.update(_prefixed("decode_head.", THead(_torch_cfg(head_cfg))))
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(fpn_seed)
     sd["contexts"] = rng.normal(size=(1, c.n_ctx, c.text_width)).astype(np.float32)
-    sd["gamma"] = rng.normal(size=(c.output_dim,)).astype(np.float32)
+    sd["gamma"] = rng.normal(size=(text_dim,)).astype(np.float32)
     sd["identity_head.conv_seg.weight"] = rng.normal(size=(1, 1, 1, 1)).astype(np.float32)
     sd["identity_head.conv_seg.bias"] = np.zeros((1,), np.float32)
+    return sd
+
+
+def original_state_dict(m, seed=0):
+    """The state dict MFuser_CLIP(config m) saves, at m's (tiny) sizes, random values."""
+    torch.manual_seed(seed)
+    c, d = m.clip, m.dinov2
+    w, dd, layers = c.width, d.embed_dim, c.layers
+    sd = _shared_parts(m, w, c.output_dim, seed)
+    # backbone: the CLIP image tower at the top level (CLIPVisionTransformer) and the
+    # three projections only this variant has
+    sd.update(_prefixed("backbone.", TVisual(m.image_size, m.patch_size, w, layers, c.heads,
+                                             c.output_dim)))
+    sd.update(_prefixed("backbone.adapter_proj1.",
+                        tnn.Sequential(*[tnn.Linear(dd, w) for _ in range(layers)])))
+    sd.update(_prefixed("backbone.adapter_proj2.",
+                        tnn.Sequential(*[tnn.Linear(w, dd) for _ in range(layers)])))
+    sd.update(_prefixed("backbone.adapter_proj3.", tnn.Linear(dd, w)))
+    sd.update(_prefixed("text_encoder.", TText(c.token_length + c.n_ctx, c.vocab_size,
+                                               c.text_width, c.text_layers, c.text_heads,
+                                               c.output_dim)))
     return sd
 
 

@@ -22,17 +22,19 @@ transformers = pytest.importorskip("transformers")
 import torch.nn as tnn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_convert_mfuser import _concrete, _images, _prefixed, _save_pth  # noqa: E402
-from test_decoder import THead, _torch_cfg  # noqa: E402
+from test_convert_mfuser import (  # noqa: E402
+    _concrete,
+    _images,
+    _prefixed,
+    _save_pth,
+    _shared_parts,
+)
 from test_eva02 import TEVA, TTextTransformer  # noqa: E402
-from test_mvfuser import TorchMVFuser  # noqa: E402
 from test_siglip import spiece  # noqa: E402,F401  (a tiny SentencePiece model fixture)
-from test_text_enhancer import TorchContextDecoder  # noqa: E402
 
 from configs import demo  # noqa: E402
 from mfuser_jax import train  # noqa: E402
 from mfuser_jax.convert import WeightFileError  # noqa: E402
-from mfuser_jax.convert.dinov2 import hf_to_official  # noqa: E402
 from mfuser_jax.convert.mfuser import convert_mfuser_checkpoint, load_mfuser_checkpoint  # noqa: E402
 from mfuser_jax.models.mfuser import MFuser  # noqa: E402
 
@@ -44,47 +46,6 @@ def experiment_config(vlm, **model):
     c.model.update(model)
     c.total_steps = 40
     return c
-
-
-def _shared_parts(m, vlm_width, text_dim, fpn_seed=0):
-    """What every variant's checkpoint has besides the VLM towers: DINOv2, MVFusers, FPN,
-    ContextDecoder, tqdm head, contexts, gamma, identity_head.conv_seg."""
-    c, d, mv, cd, dec = m[m.vlm], m.dinov2, m.mvfuser, m.context_decoder, m.decoder
-    layers, dd = c.layers, d.embed_dim
-    sd = {}
-    hf = transformers.Dinov2Model(transformers.Dinov2Config(
-        hidden_size=dd, num_hidden_layers=layers, num_attention_heads=d.num_heads,
-        intermediate_size=int(d.mlp_ratio * dd), image_size=m.image_size,
-        patch_size=m.patch_size, layerscale_value=d.init_values))
-    sd.update({f"backbone.dinov2.{k}": np.asarray(v)
-               for k, v in hf_to_official(hf.state_dict()).items()})
-    sd.update(_prefixed("backbone.adapter.", tnn.Sequential(
-        *[TorchMVFuser(vlm_width, mv.d_state, mv.d_conv, mv.expand) for _ in range(layers)])))
-    fpn = vlm_width + dd
-    fpn1 = tnn.Sequential(tnn.ConvTranspose2d(fpn, fpn, 2, 2), tnn.BatchNorm2d(fpn), tnn.GELU(),
-                          tnn.ConvTranspose2d(fpn, fpn, 2, 2))
-    with torch.no_grad():
-        fpn1[1].running_mean.normal_(0.0, 0.5)
-        fpn1[1].running_var.uniform_(0.5, 2.0)
-    sd.update(_prefixed("backbone.fpn1.", fpn1))
-    sd.update(_prefixed("backbone.fpn2.", tnn.Sequential(tnn.ConvTranspose2d(fpn, fpn, 2, 2))))
-    sd.update(_prefixed("context_decoder.", TorchContextDecoder(cd.width, cd.heads, cd.layers,
-                                                                text_dim, cd.dropout)))
-    head_cfg = dict(
-        in_channels=(fpn,) * 4, feat_channels=dec.feat_channels,
-        out_channels=dec.feat_channels, num_classes=m.num_classes, num_queries=m.num_classes,
-        text_dim=text_dim, num_groups=min(32, dec.feat_channels),
-        pixel_decoder_layers=dec.pixel_decoder_layers, pixel_decoder_heads=dec.num_heads,
-        num_points=dec.deform_points, pixel_decoder_ffn_channels=dec.pixel_ffn,
-        num_decoder_layers=dec.decoder_layers, decoder_heads=dec.num_heads,
-        decoder_ffn_channels=dec.ffn)
-    sd.update(_prefixed("decode_head.", THead(_torch_cfg(head_cfg))))
-    rng = np.random.default_rng(fpn_seed)
-    sd["contexts"] = rng.normal(size=(1, c.n_ctx, c.text_width)).astype(np.float32)
-    sd["gamma"] = rng.normal(size=(text_dim,)).astype(np.float32)
-    sd["identity_head.conv_seg.weight"] = rng.normal(size=(1, 1, 1, 1)).astype(np.float32)
-    sd["identity_head.conv_seg.bias"] = np.zeros((1,), np.float32)
-    return sd
 
 
 def eva02_state_dict(m, seed=0):

@@ -6,7 +6,6 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -18,6 +17,7 @@ import torch.nn as tnn  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 from test_decoder import FULL_TORCH, THead  # noqa: E402
 from test_eva02 import TEVA, TTextTransformer  # noqa: E402
+from test_mfuser import _batch, _paths  # noqa: E402
 from test_mvfuser import TorchMVFuser  # noqa: E402
 from test_siglip import spiece  # noqa: E402,F401  (a tiny SentencePiece model fixture)
 from test_text_enhancer import TorchContextDecoder  # noqa: E402
@@ -34,23 +34,11 @@ def tiny_config(vlm, **tower):
     return cfg
 
 
-def _batch(size, b=2, seed=0):
-    rng = np.random.default_rng(seed)
-    images = jnp.asarray(rng.integers(0, 256, (b, size, size, 3)), jnp.uint8)
-    labels = rng.integers(0, 6, (b, size, size)).astype(np.int32)
-    labels[:, :4] = 255
-    return images, jnp.asarray(labels)
-
-
-def _paths(state):
-    return {tuple(str(p) for p in path) for path, _ in nnx.to_flat_state(state)}
-
-
 def check_trainable_split(model, frozen_towers):
     """Gradients reach every trainable parameter (none is dead) and no frozen one; the loss
     has all its terms; predict gives finite per-class scores at the input size."""
     size = model.config.image_size
-    images, labels = _batch(size)
+    images, labels = _batch(size=size)
     graphdef, trainable, rest = nnx.split(model, model.trainable_filter, ...)
 
     @jax.jit
@@ -92,7 +80,7 @@ def test_siglip_tiny_trains_only_what_the_original_trains(spiece):
                                           "post_layernorm", "logit_scale"))
     # the score map becomes logits through SigLIP's frozen scale and bias: changing them
     # changes the score-map loss and nothing else
-    images, labels = _batch(model.config.image_size)
+    images, labels = _batch(size=model.config.image_size)
     loss_parts = nnx.jit(lambda m: m.loss(images, labels, jax.random.key(1))[1])
     before = loss_parts(model)
     model.backbone.logit_bias[...] = model.backbone.logit_bias[...] + 3.0

@@ -25,8 +25,8 @@ def _run(*args):
      "no checkpoints in {tmp}/empty/checkpoints"),
     (["scripts/predict.py", "--config", "configs/demo.py", "--workdir", "{tmp}/empty",
       "--images", "{tmp}/no_images", "--out", "{tmp}/out"], "no such image or folder"),
-    (["scripts/train.py", "--config", "configs/gta2cs.py:vlm=siglip", "--workdir",
-      "{tmp}/w"], "vlm='siglip' is not implemented"),
+    (["scripts/train.py", "--config", "configs/gta2cs.py:vlm=llava", "--workdir",
+      "{tmp}/w"], "vlm='llava': choose one of ('clip', 'eva02', 'siglip')"),
 ])
 def test_user_errors(tmp_path, argv, needle):
     tmp = str(tmp_path)

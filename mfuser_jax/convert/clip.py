@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from mfuser_jax.convert.state_dict import _to_numpy
-from mfuser_jax.convert.torch_io import WeightFileError
+from mfuser_jax.convert.torch_io import WeightFileError, truncate_positions
 from mfuser_jax.ops.resize import resize
 
 __all__ = [
@@ -176,13 +176,8 @@ def split_openai(
     if unknown:
         raise WeightFileError("CLIP state dict has unexpected keys: " + ", ".join(sorted(unknown)))
     if context_length is not None:
-        pos = text["positional_embedding"]
-        if pos.shape[0] < context_length:
-            raise WeightFileError(
-                f"text positional embedding has {pos.shape[0]} positions, fewer than "
-                f"context_length={context_length}"
-            )
-        text["positional_embedding"] = pos[:context_length]
+        text["positional_embedding"] = truncate_positions(
+            text["positional_embedding"], context_length, "text positional embedding")
     return visual, text
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from mfuser_jax.convert.state_dict import _to_numpy
-from mfuser_jax.convert.torch_io import WeightFileError, read_state_dict
+from mfuser_jax.convert.torch_io import WeightFileError, read_state_dict, truncate_positions
 from mfuser_jax.ops.resize import resize
 
 __all__ = ["eva02_state_dicts", "is_eva02_clip", "read_eva02_clip"]
@@ -158,13 +158,8 @@ def eva02_state_dicts(
             kernel, (patch_size, patch_size), axes=(2, 3), mode="bicubic"
         )
 
-    tpos = text["positional_embedding"]
-    if tpos.shape[0] < context_length:
-        raise WeightFileError(
-            f"text.positional_embedding has {tpos.shape[0]} positions, fewer than "
-            f"context_length={context_length}"
-        )
-    text["positional_embedding"] = tpos[:context_length]
+    text["positional_embedding"] = truncate_positions(
+        text["positional_embedding"], context_length, "text.positional_embedding")
     return visual, text
 
 

@@ -210,5 +210,5 @@ def _vlm_towers(vlm, model_config, state_dict, rngs):
     text = CLIPTextContextEncoder(
         context_length=context_length, vocab_size=c.vocab_size, width=c.text_width,
         heads=c.text_heads, layers=c.text_layers, embed_dim=c.output_dim,
-        activation=c.text_activation, rngs=rngs)
+        activation=c.get("text_activation", "quick_gelu"), rngs=rngs)
     return visual, text, visual_sd, text_sd, extra

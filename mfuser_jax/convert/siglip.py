@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from mfuser_jax.convert.state_dict import _to_numpy
-from mfuser_jax.convert.torch_io import WeightFileError
+from mfuser_jax.convert.torch_io import WeightFileError, truncate_positions
 from mfuser_jax.ops.resize import resize
 
 __all__ = ["is_hf_siglip", "siglip_state_dicts"]
@@ -102,11 +102,8 @@ def siglip_state_dicts(sd: Mapping[str, Any], *, img_size: int = 512, patch_size
         vision["embeddings.patch_embedding.weight"] = resize(
             kernel, (patch_size, patch_size), axes=(2, 3), mode="bilinear")
 
-    tpos = text["embeddings.position_embedding.weight"]
-    if tpos.shape[0] < context_length:
-        raise WeightFileError(f"text position table has {tpos.shape[0]} rows, fewer than "
-                              f"context_length={context_length}")
-    text["embeddings.position_embedding.weight"] = tpos[:context_length]
+    text["embeddings.position_embedding.weight"] = truncate_positions(
+        text["embeddings.position_embedding.weight"], context_length, "text position table")
     scalars = {k: _to_numpy(sd[k]).astype(np.float32).reshape(1) for k in
                ("logit_scale", "logit_bias")}
     return vision, text, scalars

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-__all__ = ["WeightFileError", "read_state_dict"]
+__all__ = ["WeightFileError", "read_state_dict", "truncate_positions"]
 
 _NESTED_KEYS = ("state_dict", "model", "module", "model_state_dict")
 
@@ -104,3 +104,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not state:
         raise WeightFileError(f"{path}: the file holds no tensors")
     return state
+
+
+def truncate_positions(table: np.ndarray, context_length: int, name: str) -> np.ndarray:
+    """The first ``context_length`` rows of a pretrained text position table: MFuser's text
+    towers keep only the positions its prompts use (5 name tokens + the contexts)."""
+    if table.shape[0] < context_length:
+        raise WeightFileError(f"{name} has {table.shape[0]} positions, fewer than "
+                              f"context_length={context_length}")
+    return table[:context_length]

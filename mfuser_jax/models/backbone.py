@@ -25,7 +25,6 @@ Every variant returns ``(features, global_embedding, pixel_embeddings)``: four N
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -127,6 +126,17 @@ class _Fusion:
         return vlm_x + fused[:, n_dino:].astype(vlm_x.dtype), dino_x + fused[:, :n_dino].astype(
             dino_x.dtype)
 
+    def _begin(self, images: jax.Array):
+        """(batch, patch grid, DINOv2's first tokens) for CLIP-normalised images."""
+        b, height, width_px, _ = images.shape
+        grid = self.grid_size(height, width_px)
+        return b, grid, self.dinov2.prepare_tokens(normalize_for_dinov2(images))
+
+    def _outputs(self, maps, embeddings: jax.Array, grid):
+        """FPN maps, then the class-token embedding and the patch embeddings as a map."""
+        b = embeddings.shape[0]
+        return self._fpn(maps), embeddings[:, :1], embeddings[:, 1:].reshape(b, *grid, -1)
+
     def _run_layers(self, vlm_x, dino_x, grid, *aux):
         """All fused layers; returns the last tokens of both towers and the four maps
         [DINOv2 patches, VLM patches] (channels-last) taken after the ``out_indices`` layers."""
@@ -204,13 +214,10 @@ class MFuserBackbone(_Fusion, CLIPVisionTransformer):
         return clip_x, dino_x
 
     def __call__(self, images: jax.Array):
-        b, height, width_px, _ = images.shape
-        grid = self.grid_size(height, width_px)
-        dino_x = self.dinov2.prepare_tokens(normalize_for_dinov2(images))
+        _, grid, dino_x = self._begin(images)
         clip_x, dino_x, maps = self._run_layers(self.prepare_tokens(images), dino_x, grid)
         tokens = clip_x.astype(jnp.float32) + self.adapter_proj3(dino_x).astype(jnp.float32)
-        embeddings = self.embed(tokens)  # ln_post, proj
-        return self._fpn(maps), embeddings[:, :1], embeddings[:, 1:].reshape(b, *grid, -1)
+        return self._outputs(maps, self.embed(tokens), grid)  # embed: ln_post, proj
 
 
 class MFuserEVABackbone(_Fusion, EVAVisionTransformer):
@@ -238,16 +245,12 @@ class MFuserEVABackbone(_Fusion, EVAVisionTransformer):
         return self._fuse(index, eva_x, dino_x)
 
     def __call__(self, images: jax.Array):
-        b, height, width_px, _ = images.shape
-        grid = self.grid_size(height, width_px)
-        dino_x = self.dinov2.prepare_tokens(normalize_for_dinov2(images))
-        cos, sin = self.rope(grid)
+        _, grid, dino_x = self._begin(images)
         eva_x, dino_x, maps = self._run_layers(self.prepare_tokens(images), dino_x, grid,
-                                               cos, sin)
+                                               *self.rope(grid))
         tokens = (self.norm(eva_x.astype(jnp.float32))
                   + self.dinov2.norm(dino_x.astype(jnp.float32)))
-        embeddings = self.head(tokens.astype(self.head.dtype)).astype(jnp.float32)
-        return self._fpn(maps), embeddings[:, :1], embeddings[:, 1:].reshape(b, *grid, -1)
+        return self._outputs(maps, self.head(tokens).astype(jnp.float32), grid)
 
 
 class MFuserSiglipBackbone(_Fusion, SiglipVisionTransformer):
@@ -279,9 +282,7 @@ class MFuserSiglipBackbone(_Fusion, SiglipVisionTransformer):
         return self._fuse(index, siglip_x, dino_x)
 
     def __call__(self, images: jax.Array):
-        b, height, width_px, _ = images.shape
-        grid = self.grid_size(height, width_px)
-        dino_x = self.dinov2.prepare_tokens(normalize_for_dinov2(images))
+        b, grid, dino_x = self._begin(images)
         siglip_x = self.prepare_tokens(normalize_for_siglip(images))
         siglip_x, dino_x, maps = self._run_layers(siglip_x, dino_x, grid)
         tokens = (self.post_layernorm(siglip_x.astype(jnp.float32))

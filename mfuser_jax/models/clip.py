@@ -14,7 +14,6 @@ run in float32.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import jax
@@ -22,7 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mfuser_jax.models.layers import torch_layer_norm
+from mfuser_jax.models.layers import (
+    check_attn_implementation,
+    dot_product_attention,
+    torch_layer_norm,
+)
 from mfuser_jax.ops.resize import resize
 
 __all__ = [
@@ -63,10 +66,7 @@ class MultiheadAttention(nnx.Module):
     ):
         if width % heads:
             raise ValueError(f"width {width} is not divisible by heads {heads}")
-        if attn_implementation not in (None, "xla", "cudnn"):
-            raise ValueError(
-                f"attn_implementation must be None, 'xla' or 'cudnn', got {attn_implementation!r}"
-            )
+        check_attn_implementation(attn_implementation)
         self.num_heads = heads
         self.attn_implementation = attn_implementation
         self.dtype = dtype
@@ -88,19 +88,9 @@ class MultiheadAttention(nnx.Module):
         qkv = qkv + self.in_proj_bias[...].astype(self.dtype)
         q, k, v = jnp.split(qkv.reshape(b, n, 3, h, w // h), 3, axis=2)
         q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # (b, n, h, d)
-        if self.attn_implementation is not None:
-            out = jax.nn.dot_product_attention(
-                q, k, v, is_causal=causal, implementation=self.attn_implementation
-            )
-            return self.out_proj(out.reshape(b, n, w))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        logits = logits * (1.0 / math.sqrt(w // h))
-        if causal:
-            keep = jnp.tril(jnp.ones((n, n), dtype=bool))
-            logits = jnp.where(keep, logits, -jnp.inf)
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, w)
-        return self.out_proj(out)
+        out = dot_product_attention(q, k, v, implementation=self.attn_implementation,
+                                    causal=causal)
+        return self.out_proj(out.reshape(b, n, w))
 
 
 _ACTIVATIONS = ("quick_gelu", "gelu")

@@ -23,14 +23,13 @@ embedding run in float32.
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mfuser_jax.models.layers import torch_linear
+from mfuser_jax.models.layers import check_attn_implementation, dot_product_attention, torch_linear
 from mfuser_jax.ops.resize import resize
 
 __all__ = ["EVAVisionTransformer", "eva_rope_table", "rotate_half"]
@@ -123,10 +122,7 @@ class Attention(nnx.Module):
     ):
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        if attn_implementation not in (None, "xla", "cudnn"):
-            raise ValueError(
-                f"attn_implementation must be None, 'xla' or 'cudnn', got {attn_implementation!r}"
-            )
+        check_attn_implementation(attn_implementation)
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.attn_implementation = attn_implementation
@@ -151,15 +147,7 @@ class Attention(nnx.Module):
         if cos.shape != (n - 1, d):
             raise ValueError(f"rope table {cos.shape} does not fit {n - 1} patch tokens x {d}")
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-        scale = 1.0 / math.sqrt(d)
-        if self.attn_implementation is not None:
-            out = jax.nn.dot_product_attention(
-                q, k, v, scale=scale, implementation=self.attn_implementation
-            )
-        else:
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-            probs = jax.nn.softmax(logits * scale, axis=-1).astype(self.dtype)
-            out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        out = dot_product_attention(q, k, v, implementation=self.attn_implementation)
         out = _ln(self.inner_attn_ln, out.reshape(b, n, c))
         return self.proj(out)
 

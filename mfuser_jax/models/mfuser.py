@@ -110,7 +110,7 @@ def _build_towers(config, dtype, rngs):
         text = CLIPTextContextEncoder(
             context_length=context_length, vocab_size=c.vocab_size, width=c.text_width,
             heads=c.text_heads, layers=c.text_layers, embed_dim=c.output_dim,
-            activation=c.text_activation, dtype=dtype, rngs=rngs,
+            activation=c.get("text_activation", "quick_gelu"), dtype=dtype, rngs=rngs,
         )
         def tokenizer(names):
             return np.asarray(tokenize(names, context_length=c.token_length))
