@@ -23,7 +23,7 @@ from test_siglip import spiece  # noqa: E402,F401  (a tiny SentencePiece model f
 from test_text_enhancer import TorchContextDecoder  # noqa: E402
 
 from configs.base import mfuser_model_config  # noqa: E402
-from mfuser_jax.models.mfuser import MFuser, is_trainable_path  # noqa: E402
+from mfuser_jax.models.mfuser import MFuser, is_trainable_path, no_decay_filter_for  # noqa: E402
 
 
 def tiny_config(vlm, **tower):
@@ -94,6 +94,28 @@ def test_siglip_tiny_trains_only_what_the_original_trains(spiece):
 def test_siglip_needs_its_tokenizer():
     with pytest.raises(FileNotFoundError, match="spiece.model"):
         MFuser(tiny_config("siglip"), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("vlm", ["clip", "eva02", "siglip"])
+def test_weight_decay_follows_the_references_paramwise_cfg(vlm):
+    """mmcv's constructor with custom_keys 'norm' (+ 'level_embed', 'query_embed' for EVA02
+    and SigLIP) at decay_mult 0: every other parameter decays, biases included."""
+    no_decay = no_decay_filter_for(vlm)
+    param = nnx.Param(np.zeros(1))
+
+    def decays(*path):
+        return not no_decay(path, param)
+
+    assert not decays("decode_head", "transformer_decoder", "layers", 0, "norms", 1, "scale")
+    assert not decays("backbone", "adapter", 3, "norm", "weight")  # MVFuser's gated RMSNorm
+    assert not decays("decode_head", "pixel_decoder", "post_norm", "bias")
+    for path in (("decode_head", "cls_embed", "bias"), ("backbone", "fpn1", 1, "scale"),
+                 ("gamma",), ("backbone", "adapter", 0, "A_log"), ("backbone", "adapter", 0, "D"),
+                 ("decode_head", "pixel_decoder", "input_convs", 0, "gn", "scale")):
+        assert decays(*path), path
+    embeds = (decays("decode_head", "query_embed", "embedding"),
+              decays("decode_head", "level_embed", "embedding"))
+    assert embeds == ((True, True) if vlm == "clip" else (False, False))
 
 
 def _count(tree):

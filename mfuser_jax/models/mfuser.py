@@ -40,7 +40,8 @@ from mfuser_jax.models.text_enhancer import ContextDecoder
 from mfuser_jax.models.tokenizer import tokenize
 from mfuser_jax.ops.resize import resize
 
-__all__ = ["MFuser", "TRAINABLE_PREFIXES", "is_trainable_path"]
+__all__ = ["MFuser", "NO_DECAY_KEYS", "TRAINABLE_PREFIXES", "is_trainable_path",
+           "no_decay_filter_for"]
 
 # What the reference leaves trainable: in the backbone only the adapters (MVFusers and
 # proj1/2/3) and the FPN; everything in the two image towers and the text tower is frozen.
@@ -56,9 +57,16 @@ TRAINABLE_PREFIXES = (
     ("context_decoder",),
     ("decode_head",),
 )
-# Parameter names without weight decay: the reference sets decay_mult 0 on 'norm' keys;
-# A_log and D carry _no_weight_decay in mamba; biases and scalars follow common practice.
-_NO_DECAY_NAMES = ("bias", "scale", "A_log", "D", "gamma", "embedding")
+# Weight decay as the reference's optimizer config sets it: mmcv's DefaultOptimizerConstructor
+# gives decay_mult 0 to parameters whose full name contains one of these custom_keys and
+# full weight decay to everything else — biases, BatchNorm/GroupNorm scales, gamma, A_log
+# and D included (its bias/norm multipliers default to 1; mamba's _no_weight_decay tags are
+# not read by mmcv). Our module paths spell the same names.
+NO_DECAY_KEYS = {
+    "clip": ("norm",),
+    "eva02": ("norm", "level_embed", "query_embed"),
+    "siglip": ("norm", "level_embed", "query_embed"),
+}
 
 
 def is_trainable_path(path: Sequence) -> bool:
@@ -70,11 +78,15 @@ def _trainable(path, value) -> bool:
     return isinstance(value, nnx.Param) and is_trainable_path(path)
 
 
-def _no_decay(path, value) -> bool:
-    if not isinstance(value, nnx.Param):
-        return False
-    names = [str(p) for p in path]
-    return names[-1] in _NO_DECAY_NAMES or any("norm" in n for n in names)
+def no_decay_filter_for(vlm: str):
+    """nnx filter: the parameters the reference trains without weight decay."""
+    keys = NO_DECAY_KEYS[vlm]
+
+    def no_decay(path, value) -> bool:
+        name = ".".join(str(p) for p in path)
+        return isinstance(value, nnx.Param) and any(k in name for k in keys)
+
+    return no_decay
 
 
 def _trunc_normal(key, shape):
@@ -145,7 +157,6 @@ def _siglip_tokenizer_path(config) -> str:
 
 class MFuser(nnx.Module):
     trainable_filter = staticmethod(_trainable)
-    no_decay_filter = staticmethod(_no_decay)
 
     def __init__(self, config, *, rngs: nnx.Rngs):
         with quiet_tracer_origins():  # traced construction is quadratic without it
@@ -154,6 +165,7 @@ class MFuser(nnx.Module):
     def _build(self, config, rngs: nnx.Rngs):
         self.config = config
         self.vlm = config.get("vlm", "clip")
+        self.no_decay_filter = no_decay_filter_for(self.vlm)
         dtype = jnp.dtype(config.get("dtype", "float32"))
         self.dtype = dtype
         self.class_names = tuple(config.class_names)
