@@ -166,21 +166,23 @@ def convert_encoders(model_config, out: str, *, dinov2_path: str, vlm_path: str,
 def _vlm_towers(vlm, model_config, state_dict, rngs):
     """(image tower, text tower, their state dicts, extra backbone arrays) for ``vlm``,
     built at ``model_config``'s sizes with the weights renamed/resized as the reference."""
+    from mfuser_jax.models.mfuser import build_text_encoder
+
     c = model_config[vlm]
     size, patch = model_config.image_size, model_config.patch_size
     context_length = c.token_length + c.n_ctx
+    text = build_text_encoder(model_config, rngs=rngs)
+    extra = {}
     if vlm == "clip":
         from mfuser_jax.convert.clip import mfuser_clip_state_dicts
-        from mfuser_jax.models.clip import CLIPTextContextEncoder, CLIPVisionTransformer
+        from mfuser_jax.models.clip import CLIPVisionTransformer
 
         visual_sd, text_sd = mfuser_clip_state_dicts(
             state_dict, patch_size=patch, img_size=size, context_length=context_length)
         visual = CLIPVisionTransformer(size, patch, c.width, c.layers, c.heads, c.output_dim,
                                        rngs=rngs)
-        extra = {}
     elif vlm == "eva02":
         from mfuser_jax.convert.eva02 import eva02_state_dicts
-        from mfuser_jax.models.clip import CLIPTextContextEncoder
         from mfuser_jax.models.eva02 import EVAVisionTransformer
 
         visual_sd, text_sd = eva02_state_dicts(
@@ -189,26 +191,14 @@ def _vlm_towers(vlm, model_config, state_dict, rngs):
             img_size=size, patch_size=patch, embed_dim=c.width, depth=c.layers,
             num_heads=c.heads, mlp_ratio=c.mlp_ratio, output_dim=c.output_dim,
             pt_hw_seq_len=c.pt_hw_seq_len, rngs=rngs)
-        extra = {}
-    elif vlm == "siglip":
+    else:
         from mfuser_jax.convert.siglip import siglip_state_dicts
-        from mfuser_jax.models.siglip import SiglipTextTransformer, SiglipVisionTransformer
+        from mfuser_jax.models.siglip import SiglipVisionTransformer
 
         visual_sd, text_sd, scalars = siglip_state_dicts(
             state_dict, img_size=size, patch_size=patch, context_length=context_length)
         visual = SiglipVisionTransformer(
             image_size=size, patch_size=patch, hidden_size=c.width, num_hidden_layers=c.layers,
             num_attention_heads=c.heads, intermediate_size=c.intermediate_size, rngs=rngs)
-        text = SiglipTextTransformer(
-            context_length=context_length, vocab_size=c.vocab_size, hidden_size=c.text_width,
-            num_hidden_layers=c.text_layers, num_attention_heads=c.text_heads,
-            intermediate_size=c.text_intermediate_size, rngs=rngs)
         extra = {k: np.asarray(v, np.float32).reshape(1) for k, v in scalars.items()}
-        return visual, text, visual_sd, text_sd, extra
-    else:
-        raise ValueError(f"vlm={vlm!r}: choose 'clip', 'eva02' or 'siglip'")
-    text = CLIPTextContextEncoder(
-        context_length=context_length, vocab_size=c.vocab_size, width=c.text_width,
-        heads=c.text_heads, layers=c.text_layers, embed_dim=c.output_dim,
-        activation=c.get("text_activation", "quick_gelu"), rngs=rngs)
     return visual, text, visual_sd, text_sd, extra

@@ -33,15 +33,15 @@ from mfuser_jax.models.backbone import (
     normalize_for_clip,
 )
 from mfuser_jax.models.clip import CLIPTextContextEncoder
+from mfuser_jax.models.mask_decoder import TqdmHead, semantic_inference
 from mfuser_jax.models.siglip import SiglipTextTransformer
 from mfuser_jax.models.siglip_tokenizer import SiglipTokenizer
-from mfuser_jax.models.mask_decoder import TqdmHead, semantic_inference
 from mfuser_jax.models.text_enhancer import ContextDecoder
 from mfuser_jax.models.tokenizer import tokenize
 from mfuser_jax.ops.resize import resize
 
-__all__ = ["MFuser", "NO_DECAY_KEYS", "TRAINABLE_PREFIXES", "is_trainable_path",
-           "no_decay_filter_for"]
+__all__ = ["MFuser", "NO_DECAY_KEYS", "TRAINABLE_PREFIXES", "build_text_encoder",
+           "is_trainable_path", "no_decay_filter_for"]
 
 # What the reference leaves trainable: in the backbone only the adapters (MVFusers and
 # proj1/2/3) and the FPN; everything in the two image towers and the text tower is frozen.
@@ -102,6 +102,8 @@ def _l2_normalize(x, axis=-1, eps=1e-12):
 def _build_towers(config, dtype, rngs):
     """(fused backbone, text tower, tokenize(names) -> (K, token_length) ids) for config.vlm."""
     vlm = config.get("vlm", "clip")
+    if vlm not in NO_DECAY_KEYS:
+        raise ValueError(f"vlm={vlm!r}: choose 'clip', 'eva02' or 'siglip'")
     c, d, mv = config[vlm], config.dinov2, config.mvfuser
     fusion = dict(
         image_size=config.image_size, patch_size=config.patch_size, width=c.width,
@@ -111,34 +113,42 @@ def _build_towers(config, dtype, rngs):
         expand=mv.expand, scan_backend=mv.scan_backend,
         remat=bool(config.get("remat", False)), dtype=dtype, rngs=rngs,
     )
-    context_length = c.token_length + c.n_ctx
-    if vlm in ("clip", "eva02"):
-        if vlm == "clip":
-            backbone = MFuserBackbone(output_dim=c.output_dim, drop_path_rate=c.drop_path_rate,
-                                      **fusion)
-        else:
-            backbone = MFuserEVABackbone(output_dim=c.output_dim, mlp_ratio=c.mlp_ratio,
-                                         pt_hw_seq_len=c.pt_hw_seq_len, **fusion)
-        text = CLIPTextContextEncoder(
-            context_length=context_length, vocab_size=c.vocab_size, width=c.text_width,
-            heads=c.text_heads, layers=c.text_layers, embed_dim=c.output_dim,
-            activation=c.get("text_activation", "quick_gelu"), dtype=dtype, rngs=rngs,
-        )
-        def tokenizer(names):
-            return np.asarray(tokenize(names, context_length=c.token_length))
-    elif vlm == "siglip":
+    if vlm == "clip":
+        backbone = MFuserBackbone(output_dim=c.output_dim, drop_path_rate=c.drop_path_rate,
+                                  **fusion)
+    elif vlm == "eva02":
+        backbone = MFuserEVABackbone(output_dim=c.output_dim, mlp_ratio=c.mlp_ratio,
+                                     pt_hw_seq_len=c.pt_hw_seq_len, **fusion)
+    else:
         backbone = MFuserSiglipBackbone(intermediate_size=c.intermediate_size, **fusion)
-        text = SiglipTextTransformer(
-            context_length=context_length, vocab_size=c.vocab_size, hidden_size=c.text_width,
-            num_hidden_layers=c.text_layers, num_attention_heads=c.text_heads,
-            intermediate_size=c.text_intermediate_size, dtype=dtype, rngs=rngs,
-        )
+    text = build_text_encoder(config, dtype=dtype, rngs=rngs)
+    if vlm == "siglip":
         spm = SiglipTokenizer(_siglip_tokenizer_path(config))
+
         def tokenizer(names):
             return np.asarray(spm.tokenize(names, c.token_length))
-    else:
-        raise ValueError(f"vlm={vlm!r}: choose 'clip', 'eva02' or 'siglip'")
+    else:  # EVA02-CLIP uses OpenAI's BPE vocabulary too
+        def tokenizer(names):
+            return np.asarray(tokenize(names, context_length=c.token_length))
     return backbone, text, tokenizer
+
+
+def build_text_encoder(config, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    """The variant's text tower with MFuser's positions (name tokens + learned contexts)."""
+    vlm = config.get("vlm", "clip")
+    if vlm not in NO_DECAY_KEYS:
+        raise ValueError(f"vlm={vlm!r}: choose 'clip', 'eva02' or 'siglip'")
+    c = config[vlm]
+    context_length = c.token_length + c.n_ctx
+    if vlm == "siglip":
+        return SiglipTextTransformer(
+            context_length=context_length, vocab_size=c.vocab_size, hidden_size=c.text_width,
+            num_hidden_layers=c.text_layers, num_attention_heads=c.text_heads,
+            intermediate_size=c.text_intermediate_size, dtype=dtype, rngs=rngs)
+    return CLIPTextContextEncoder(  # CLIP: QuickGELU; EVA02-CLIP (open_clip): exact GELU
+        context_length=context_length, vocab_size=c.vocab_size, width=c.text_width,
+        heads=c.text_heads, layers=c.text_layers, embed_dim=c.output_dim,
+        activation=c.get("text_activation", "quick_gelu"), dtype=dtype, rngs=rngs)
 
 
 def _siglip_tokenizer_path(config) -> str:
