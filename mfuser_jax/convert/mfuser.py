@@ -93,8 +93,8 @@ def check_is_mfuser(state_dict: Mapping[str, Any], source: str) -> None:
             k.startswith("decode_head.") for k in state_dict):
         raise WeightFileError(
             f"{source}: no 'backbone.*' and 'decode_head.*' keys: not an MFuser segmentor "
-            "checkpoint (for the DINOv2 and CLIP encoder files use --dinov2/--clip instead "
-            "of --mfuser)")
+            "checkpoint (for the encoder files use --dinov2 with --clip, --eva02 or --siglip "
+            "instead of --mfuser)")
 
 
 def _check_rope_tables(model: nnx.Module, tables: Mapping[str, Any], source: str) -> None:

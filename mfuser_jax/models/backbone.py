@@ -118,13 +118,15 @@ class _Fusion:
         self.fpn3 = _Identity()
         self.fpn4 = _MaxPool2x2()
 
-    def _fuse(self, index: int, vlm_x: jax.Array, dino_x: jax.Array):
-        """MVFuser ``index`` over [DINOv2 tokens, VLM tokens]; each half added back to its
-        stream (the variants without projections)."""
+    def _fuse(self, index: int, vlm_x: jax.Array, dino_x: jax.Array,
+              into=lambda t: t, back=lambda t: t):
+        """MVFuser ``index`` over [into(DINOv2 tokens), VLM tokens]; each half added back to
+        its stream, the DINOv2 half through ``back`` (CLIP's proj1/proj2; identity else)."""
         n_dino = dino_x.shape[1]
-        fused = self.adapter[index](jnp.concatenate([dino_x.astype(vlm_x.dtype), vlm_x], axis=1))
-        return vlm_x + fused[:, n_dino:].astype(vlm_x.dtype), dino_x + fused[:, :n_dino].astype(
-            dino_x.dtype)
+        fused = self.adapter[index](jnp.concatenate([into(dino_x).astype(vlm_x.dtype), vlm_x],
+                                                    axis=1))
+        return (vlm_x + fused[:, n_dino:].astype(vlm_x.dtype),
+                dino_x + back(fused[:, :n_dino]).astype(dino_x.dtype))
 
     def _begin(self, images: jax.Array):
         """(batch, patch grid, DINOv2's first tokens) for CLIP-normalised images."""
@@ -205,13 +207,8 @@ class MFuserBackbone(_Fusion, CLIPVisionTransformer):
     def _fused_layer(self, index: int, clip_x: jax.Array, dino_x: jax.Array):
         clip_x = self.block(index, clip_x)
         dino_x = self.dinov2.blocks[index](dino_x)
-        n_dino = dino_x.shape[1]
-        fused = self.adapter[index](
-            jnp.concatenate([self.adapter_proj1[index](dino_x).astype(clip_x.dtype), clip_x], axis=1)
-        )
-        dino_x = dino_x + self.adapter_proj2[index](fused[:, :n_dino]).astype(dino_x.dtype)
-        clip_x = clip_x + fused[:, n_dino:].astype(clip_x.dtype)
-        return clip_x, dino_x
+        return self._fuse(index, clip_x, dino_x, self.adapter_proj1[index],
+                          self.adapter_proj2[index])
 
     def __call__(self, images: jax.Array):
         _, grid, dino_x = self._begin(images)
