@@ -160,8 +160,13 @@ class Trainer:
                                                 p_pure, decay_mask)
         fsdp = int(config.get("sharding", {}).get("fsdp_min_size", 0))
         self.rest_shardings = shd.tree_shardings(rest, mesh, fsdp_min_size=fsdp)
-        self.rest = shd.put_global(rest, self.rest_shardings)
-        nnx.update(model, self.rest)  # drop the unplaced copy of the frozen weights
+        # An abstract model (nnx.eval_shape) only lowers and compiles the step: see lower().
+        self.abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(rest))
+        if self.abstract:
+            self.rest = rest
+        else:
+            self.rest = shd.put_global(rest, self.rest_shardings)
+            nnx.update(model, self.rest)  # drop the unplaced copy of the frozen weights
         self.param_shardings = shd.tree_shardings(p_pure, mesh)
         self.bs_shardings = shd.tree_shardings(b_pure, mesh)
         self._init_params, self._init_bs = p_pure, b_pure
@@ -200,6 +205,22 @@ class Trainer:
                 "opt_state": jax.tree.map(sds, jax.eval_shape(self.tx.init,
                                                               self._init_params),
                                           self.opt_shardings)}
+
+    def lower(self, batch_size: int, image_size: int):
+        """The train step lowered for a global batch of ``batch_size`` images of
+        ``image_size`` px, from shapes alone (no data, no weights needed)."""
+        def sds(x, s):
+            return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s)
+        tree = self.abstract_tree()
+        batch = shd.batch_sharding(self.mesh)
+        images = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.uint8,
+                                      sharding=batch)
+        labels = jax.ShapeDtypeStruct((batch_size, image_size, image_size), jnp.int32,
+                                      sharding=batch)
+        rest = jax.tree.map(sds, self.rest, self.rest_shardings)
+        step = jax.ShapeDtypeStruct((), jnp.int32, sharding=shd.replicated(self.mesh))
+        return self._step.lower(tree["params"], tree["batch_stats"], rest, tree["opt_state"],
+                                images, labels, step)
 
     def merged_model(self, state: TrainState) -> nnx.Module:
         """Writes the trained params and batch statistics back into the host model."""
@@ -388,6 +409,37 @@ def create_model(config: Any) -> nnx.Module:
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
             jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError):
         return build()
+
+
+def compile_train_step(config: Any, log: Callable[[str], None] = print) -> dict:
+    """Build the model from shapes only, then lower and compile the train step at the
+    config's global batch and crop size: no data, no weights, no device memory for them.
+    Returns times (s) and XLA's memory analysis (bytes per device)."""
+    mesh = shd.make_mesh(config.get("mesh", None))
+    t0 = time.perf_counter()
+    model = nnx.eval_shape(lambda: build_model(config.model, rngs=nnx.Rngs(int(config.seed))))
+    trainer = Trainer(config, model, mesh)
+    t1 = time.perf_counter()
+    n_train, n_all = (sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))
+                      for t in (trainer._init_params, nnx.state(model, nnx.Param)))
+    log(f"model: {n_all:,} parameters, {n_train:,} trainable (built from shapes in "
+        f"{t1 - t0:.1f} s); compiling the train step for batch {config.batch_size} "
+        f"at {config.data.crop_size} px ...")
+    lowered = trainer.lower(int(config.batch_size), int(config.data.crop_size))
+    t2 = time.perf_counter()
+    compiled = lowered.compile()
+    t3 = time.perf_counter()
+    mem = compiled.memory_analysis()
+    report = dict(build_s=t1 - t0, trace_s=t2 - t1, compile_s=t3 - t2, params=n_all,
+                  trainable=n_train, devices=mesh.size)
+    for field in ("temp", "argument", "output", "alias", "generated_code"):
+        report[f"{field}_bytes"] = int(getattr(mem, f"{field}_size_in_bytes", 0) or 0)
+    gib = lambda n: n / 2**30  # noqa: E731
+    log(f"compiled in {report['compile_s']:.1f} s (tracing {report['trace_s']:.1f} s); per "
+        f"device: temporaries {gib(report['temp_bytes']):.2f} GiB, arguments "
+        f"{gib(report['argument_bytes']):.2f} GiB, outputs {gib(report['output_bytes']):.2f} "
+        f"GiB ({gib(report['alias_bytes']):.2f} GiB donated and reused)")
+    return report
 
 
 WORKDIR_PRETRAINED = "pretrained"

@@ -17,14 +17,21 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/demo.py[:arg]",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "output folder (checkpoints, metrics, eval JSON)")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_bool("compile_only", False, "build the model from shapes, compile the train step "
+                  "and print its memory analysis (no data, no weights, no --workdir needed)")
+flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
-    from mfuser_jax.train import train_and_evaluate
-    _cli.run_main(train_and_evaluate, FLAGS.config, FLAGS.workdir)
+    from mfuser_jax.train import compile_train_step, train_and_evaluate
+    if FLAGS.compile_only:
+        _cli.run_main(compile_train_step, FLAGS.config)
+    elif not FLAGS.workdir:
+        raise app.UsageError("--workdir is required (except with --compile_only)")
+    else:
+        _cli.run_main(train_and_evaluate, FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -391,7 +391,7 @@ def test_stepping_and_embed_match_call(openai_sd):
         tok = m.prepare_tokens(x)
         assert tok.shape == (2, 1 + 4 * 5, W)
         for i in range(m.num_layers):
-            tok = m.block(i, tok)
+            tok = m.block(m.blocks[i], tok)
         return m.embed(tok), m(x)
 
     emb, pooled = stepped(vis, x)

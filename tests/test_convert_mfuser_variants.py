@@ -121,7 +121,7 @@ def test_eva02_release_loads_strictly_and_predicts(eva):
                       "recomputed": n_rope}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))):
         assert isinstance(var.get_value(), jax.Array), path
-    np.testing.assert_array_equal(model.backbone.blocks[1].attn.q_bias[...],
+    np.testing.assert_array_equal(model.backbone.vlm.blocks[1].attn.q_bias[...],
                                   release["backbone.blocks.1.attn.q_bias"])
     np.testing.assert_array_equal(model.text_encoder.positional_embedding[...],
                                   release["text_encoder.positional_embedding"])
@@ -190,7 +190,7 @@ def test_siglip_release_loads_strictly_and_predicts(sig):
     assert counts == {"loaded": len(release) - 3 - n_proj, "dropped": 2 + n_proj,
                       "recomputed": 0}
     assert float(model.backbone.logit_scale[0]) == 2.5
-    np.testing.assert_array_equal(model.backbone.head.attention.in_proj_weight[...],
+    np.testing.assert_array_equal(model.backbone.vlm.head.attention.in_proj_weight[...],
                                   release["backbone.head.attention.in_proj_weight"])
     _concrete_model(model).eval()
     size = config.model.image_size

@@ -208,7 +208,7 @@ def _run_ours(m, images):
     rope = m.rope(m.grid_size(images.shape[1], images.shape[2]))
     tokens = []
     for i in range(m.num_layers):
-        x = m.block(i, x, rope)
+        x = m.block(m.blocks[i], x, aux=rope)
         tokens.append(x)
     return tokens, m(images)
 
@@ -231,7 +231,8 @@ def test_tower_matches_torch_restatement(reference):
     for i, (a, b) in enumerate(zip(tokens, t_tokens)):
         assert rel_err(a, b) < 1e-4, f"block {i}: {rel_err(a, b)}"
     assert rel_err(pooled, t_pooled) < 1e-4
-    np.testing.assert_allclose(m.forward_tokens(_nhwc(images)), tokens[-1], rtol=1e-6, atol=1e-6)
+    # scanned (compiled) vs stepped (eager) blocks: equal up to float reassociation
+    np.testing.assert_allclose(m.forward_tokens(_nhwc(images)), tokens[-1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

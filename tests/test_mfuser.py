@@ -8,6 +8,7 @@ from flax import nnx
 
 from configs.base import mfuser_model_config
 from mfuser_jax.models.mfuser import MFuser, is_trainable_path
+from mfuser_jax.models.stack import stack_prefixes
 
 
 def tiny_config():
@@ -55,38 +56,52 @@ def test_gradients_reach_every_trainable_parameter_and_no_frozen_one(tiny_model)
     grad_paths = _paths(g)
     assert grad_paths == _paths(trainable)
     assert all(is_trainable_path(p) for p in grad_paths)
-    dead = [".".join(p) for p, v in nnx.to_flat_state(g) if not np.any(np.asarray(v[...]))]
+    # a stacked parameter is checked layer by layer
+    stacked = stack_prefixes(tiny_model)
+    dead = [".".join(map(str, p)) for p, v in nnx.to_flat_state(g)
+            if any(not np.any(a) for a in (
+                np.asarray(v[...]) if any(tuple(map(str, p[:len(s)])) == s for s in stacked)
+                else [np.asarray(v[...])]))]
     assert dead == [], f"parameters without gradient: {dead}"
 
     frozen = _paths(nnx.state(tiny_model, nnx.Param)) - grad_paths
-    for tower in ("dinov2", "transformer", "conv1", "ln_post", "proj"):
-        assert any(p[0] == "backbone" and p[1] == tower for p in frozen), tower
+    assert any(p[:2] == ("backbone", "dinov2") for p in frozen)
+    for tower in ("transformer", "conv1", "ln_post", "proj"):  # the CLIP tower
+        assert any(p[:3] == ("backbone", "vlm", tower) for p in frozen), tower
     assert any(p[0] == "text_encoder" for p in frozen)
     assert not any(p[0] == "text_encoder" for p in grad_paths)
 
 
-def test_rematerialisation_changes_nothing_but_memory(tiny_model):
+def test_scanned_layers_and_remat_change_nothing_but_the_program():
+    """The stacked layers run as lax.scan (decoder: rounds of 3 levels), with and without
+    remat, give the loss and gradients of the same layers unrolled in Python."""
+    cfg = tiny_config()
+    cfg.decoder.decoder_layers = 3  # one full round of the 3 levels: the periodic scan runs
+    model = MFuser(cfg, rngs=nnx.Rngs(0))
     images, labels = _batch(b=1)
-    graphdef_plain = nnx.graphdef(tiny_model)
+    graphdef_plain = nnx.graphdef(model)
 
-    def loss_and_grads(remat):
-        tiny_model.backbone.remat = remat
+    def loss_and_grads(scan, remat):
+        model.set_layer_execution(scan=scan, remat=remat)
         try:
-            graphdef, trainable, rest = nnx.split(tiny_model, tiny_model.trainable_filter, ...)
+            graphdef, trainable, rest = nnx.split(model, model.trainable_filter, ...)
         finally:
-            tiny_model.backbone.remat = False
+            model.set_layer_execution(scan=True, remat=False)
 
         def loss(trainable):
-            model = nnx.merge(graphdef, trainable, rest, copy=True)
-            return model.loss(images, labels, jax.random.key(3))[0]
+            m = nnx.merge(graphdef, trainable, rest, copy=True)
+            return m.loss(images, labels, jax.random.key(3))[0]
         return jax.jit(jax.value_and_grad(loss))(trainable)
 
-    (plain, g_plain), (remat, g_remat) = loss_and_grads(False), loss_and_grads(True)
-    assert nnx.graphdef(tiny_model) == graphdef_plain
-    np.testing.assert_allclose(remat, plain, rtol=1e-5)
-    # Equal up to float reassociation in the recomputed forward: compare at each leaf's scale.
-    for a, b in zip(jax.tree.leaves(g_remat), jax.tree.leaves(g_plain)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=max(1e-4 * float(np.abs(b).max()), 1e-7))
+    unrolled, g_unrolled = loss_and_grads(scan=False, remat=False)
+    assert nnx.graphdef(model) == graphdef_plain
+    for scan, remat in ((True, False), (True, True)):
+        value, grads = loss_and_grads(scan, remat)
+        np.testing.assert_allclose(value, unrolled, rtol=1e-5)
+        # Equal up to float reassociation: compare at each leaf's scale.
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(g_unrolled)):
+            np.testing.assert_allclose(
+                a, b, rtol=1e-4, atol=max(1e-5 * float(np.abs(b).max()), 1e-7))
 
 
 def test_predict_and_custom_class_names(tiny_model):

@@ -24,6 +24,7 @@ from test_text_enhancer import TorchContextDecoder  # noqa: E402
 
 from configs.base import mfuser_model_config  # noqa: E402
 from mfuser_jax.models.mfuser import MFuser, is_trainable_path, no_decay_filter_for  # noqa: E402
+from mfuser_jax.models.stack import stack_prefixes  # noqa: E402
 
 
 def tiny_config(vlm, **tower):
@@ -53,11 +54,17 @@ def check_trainable_split(model, frozen_towers):
     assert all(np.isfinite(float(v)) for v in parts.values())
     grad_paths = _paths(g)
     assert grad_paths == _paths(trainable) and all(is_trainable_path(p) for p in grad_paths)
-    dead = [".".join(p) for p, v in nnx.to_flat_state(g) if not np.any(np.asarray(v[...]))]
+    # a stacked parameter is checked layer by layer
+    stacked = stack_prefixes(model)
+    dead = [".".join(map(str, p)) for p, v in nnx.to_flat_state(g)
+            if any(not np.any(a) for a in (
+                np.asarray(v[...]) if any(tuple(map(str, p[:len(s)])) == s for s in stacked)
+                else [np.asarray(v[...])]))]
     assert dead == [], f"parameters without gradient: {dead}"
     frozen = _paths(nnx.state(model, nnx.Param)) - grad_paths
     for tower in frozen_towers:
-        assert any(p[:2] == ("backbone", tower) for p in frozen), tower
+        assert any(p[:2] == ("backbone", tower) or p[:3] == ("backbone", "vlm", tower)
+                   for p in frozen), tower
     assert any(p[0] == "text_encoder" for p in frozen)
     scores = nnx.jit(lambda m, x: m.predict(x))(model, images[:1])
     assert scores.shape == (1, size, size, 19) and np.all(np.isfinite(np.asarray(scores)))

@@ -73,11 +73,11 @@ def test_eva02_encoders_convert_and_load(tmp_path):
     model.load_pretrained(out)
     visual_sd, text_sd = eva02_state_dicts(read_state_dict(eva_path), img_size=56,
                                            context_length=13)
-    np.testing.assert_array_equal(model.backbone.pos_embed[...], visual_sd["pos_embed"])
-    assert model.backbone.pos_embed.shape == (1, 17, c.width)  # 3x3 resized to 4x4
+    np.testing.assert_array_equal(model.backbone.vlm.pos_embed[...], visual_sd["pos_embed"])
+    assert model.backbone.vlm.pos_embed.shape == (1, 17, c.width)  # 3x3 resized to 4x4
     np.testing.assert_array_equal(model.text_encoder.positional_embedding[...],
                                   text_sd["positional_embedding"])
-    np.testing.assert_array_equal(model.backbone.blocks[0].attn.v_bias[...],
+    np.testing.assert_array_equal(model.backbone.vlm.blocks[0].attn.v_bias[...],
                                   sd["visual.blocks.0.attn.v_bias"].numpy())
     np.testing.assert_array_equal(model.backbone.adapter[0].in_proj.kernel[...], adapter_before)
 
@@ -111,12 +111,12 @@ def test_siglip_encoders_convert_and_load(tmp_path, spiece):
     model.load_pretrained(out)
     assert float(model.backbone.logit_scale[0]) == 2.0
     assert float(model.backbone.logit_bias[0]) == -6.0
-    assert model.backbone.embeddings.position_embedding.embedding.shape == (16, c.width)
+    assert model.backbone.vlm.embeddings.position_embedding.embedding.shape == (16, c.width)
     np.testing.assert_array_equal(
         model.text_encoder.embeddings.position_embedding.embedding[...],
         weights.text_model.embeddings.position_embedding.weight.detach().numpy()[:10])
     x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 64, 64, 3)), jnp.float32)
-    assert np.all(np.isfinite(np.asarray(model.backbone.prepare_tokens(x))))
+    assert np.all(np.isfinite(np.asarray(model.backbone.vlm.prepare_tokens(x))))
 
 
 def test_convert_weights_cli_asks_for_the_configs_vlm(tmp_path):

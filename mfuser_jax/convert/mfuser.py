@@ -100,7 +100,7 @@ def check_is_mfuser(state_dict: Mapping[str, Any], source: str) -> None:
 def _check_rope_tables(model: nnx.Module, tables: Mapping[str, Any], source: str) -> None:
     """EVA02's persistent rotary buffers must equal what the model computes at its size."""
     grid = model.backbone.grid_size(int(model.config.image_size), int(model.config.image_size))
-    cos, sin = (np.asarray(t) for t in model.backbone.rope(grid))
+    cos, sin = (np.asarray(t) for t in model.backbone.vlm.rope(grid))
     for key, value in tables.items():
         want = cos if key.endswith("cos") else sin
         value = np.asarray(value, np.float32)
@@ -178,8 +178,10 @@ def frozen_encoder_tree(model: nnx.Module) -> dict:
     ``config.model.pretrained``. A converted release brings its own frozen towers, written
     in that format so ``load_pretrained_encoders`` fills them.
     """
-    frozen = nnx.state(model, nnx.All(nnx.Param, nnx.Not(model.trainable_filter)))
-    tree = frozen.to_pure_dict()
+    from mfuser_jax.convert.pretrained import per_layer_tree
+    from mfuser_jax.models.mfuser import is_trainable_path
+
+    tree = per_layer_tree(model, lambda path: not is_trainable_path(path))
     extra = sorted(set(tree) - {"backbone", "text_encoder"})
     if extra:  # the encoder format has no place for them; the trainer would lose them
         raise ValueError(f"frozen parameters outside the encoders: {extra}")
@@ -188,14 +190,9 @@ def frozen_encoder_tree(model: nnx.Module) -> dict:
 
 def save_frozen_encoders(model: nnx.Module, path: str) -> None:
     """Write ``model``'s frozen towers in the converted-encoder format at ``path``."""
-    import orbax.checkpoint as ocp
+    from mfuser_jax.convert.pretrained import write_encoder_tree
 
-    from mfuser_jax.convert.pretrained import _stringify
-
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.abspath(path), {"params": _stringify(frozen_encoder_tree(model))},
-                      force=True)
-    checkpointer.wait_until_finished()
+    write_encoder_tree(path, frozen_encoder_tree(model))
 
 
 def checkpoint_step(meta: Mapping, total_steps: int) -> int:

@@ -3,8 +3,9 @@
 ``scripts/convert_weights.py`` builds the three towers at MFuser's sizes (the VLM named by
 ``config.model.vlm``: CLIP, EVA02-CLIP or SigLIP), loads the official (or HF) weights into
 them and saves their parameters with Orbax as the nested tree
-``{"backbone": {VLM image tower..., "dinov2": {...}}, "text_encoder": {...}}`` — the paths
-they have inside ``MFuser``. ``load_pretrained_encoders`` copies that tree into a model,
+``{"backbone": {VLM image tower..., "dinov2": {...}}, "text_encoder": {...}}`` — the
+per-layer paths of ``MFuser`` (``models.stack.per_layer_params``: stacked layers under their
+indices, the original's names), so the file does not depend on how layers are stored. ``load_pretrained_encoders`` copies that tree into a model,
 checking every path and shape. A SigLIP folder also holds the tokenizer, ``spiece.model``.
 """
 
@@ -14,11 +15,11 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from mfuser_jax.convert.torch_io import WeightFileError
+from mfuser_jax.models.stack import assign_slots, per_layer_params
 
 __all__ = ["ENCODER_PREFIXES", "load_pretrained_encoders", "save_pretrained_encoders"]
 
@@ -38,26 +39,33 @@ def _flatten(tree: Any, prefix: tuple = ()) -> dict[tuple, Any]:
     return out
 
 
-def _model_params(model: nnx.Module) -> dict[tuple, nnx.Variable]:
-    out = {}
-    for path, var in nnx.iter_graph(model):
-        if isinstance(var, nnx.Param):
-            out[tuple(str(p) for p in path)] = var
-    return out
+def per_layer_tree(module: nnx.Module, keep=lambda path: True) -> dict:
+    """``module``'s parameters as a nested dict under per-layer paths (stacked layers split
+    into their indices), numpy values: the layout-independent encoder-checkpoint format."""
+    tree: dict = {}
+    for path, slot in per_layer_params(module, keep).items():
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = slot.get()
+    return tree
 
 
 def save_pretrained_encoders(path: str, *, visual: nnx.Module, dinov2: nnx.Module,
                              text_encoder: nnx.Module, extra: dict | None = None) -> None:
     """``extra``: more frozen backbone arrays by name (SigLIP's logit_scale/logit_bias)."""
+    backbone = per_layer_tree(visual)
+    backbone["dinov2"] = per_layer_tree(dinov2)
+    backbone.update(extra or {})
+    write_encoder_tree(path, {"backbone": backbone, "text_encoder": per_layer_tree(text_encoder)})
+
+
+def write_encoder_tree(path: str, tree: dict) -> None:
+    """Write {"backbone": ..., "text_encoder": ...} (per-layer paths) as the checkpoint."""
     import orbax.checkpoint as ocp
 
-    backbone = nnx.state(visual, nnx.Param).to_pure_dict()
-    backbone["dinov2"] = nnx.state(dinov2, nnx.Param).to_pure_dict()
-    backbone.update(extra or {})
-    tree = {"backbone": backbone, "text_encoder": nnx.state(text_encoder, nnx.Param).to_pure_dict()}
-    tree = {"params": _stringify(tree)}
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.abspath(path), tree, force=True)
+    checkpointer.save(os.path.abspath(path), {"params": _stringify(tree)}, force=True)
     checkpointer.wait_until_finished()
 
 
@@ -83,16 +91,16 @@ def load_pretrained_encoders(model: nnx.Module, path: str) -> None:
     except Exception as e:
         raise WeightFileError(f"{path}: not a readable Orbax checkpoint ({type(e).__name__}: {e})") from e
     flat = _flatten(restored.get("params", {}))
-    params = _model_params(model)
     from mfuser_jax.models.mfuser import is_trainable_path
 
+    params = per_layer_params(model)
     expected = {p for p in params if p[0] in ENCODER_PREFIXES and not is_trainable_path(p)}
     missing = sorted(".".join(p) for p in expected - set(flat))
     unexpected = sorted(".".join(p) for p in set(flat) - set(params))
     misshaped = [
-        f"{'.'.join(p)}: model {tuple(params[p].get_value().shape)}, checkpoint {tuple(v.shape)}"
+        f"{'.'.join(p)}: model {params[p].shape}, checkpoint {tuple(v.shape)}"
         for p, v in flat.items()
-        if p in params and tuple(params[p].get_value().shape) != tuple(v.shape)
+        if p in params and params[p].shape != tuple(v.shape)
     ]
     if missing or unexpected or misshaped:
         lines = [f"{path} does not fit this model configuration (was it converted for "
@@ -103,9 +111,7 @@ def load_pretrained_encoders(model: nnx.Module, path: str) -> None:
                 lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:8])
                              + (" ..." if len(items) > 8 else ""))
         raise WeightFileError("\n".join(lines))
-    for p, value in flat.items():
-        var = params[p]
-        var.set_value(jnp.asarray(value, dtype=var.get_value().dtype))
+    assign_slots([(params[p], value) for p, value in flat.items()])
 
 
 

@@ -5,8 +5,9 @@ path by rule, not by a per-model table: the type of the NNX submodule that owns 
 parameter decides the rename and the layout change (Linear weight -> kernel transposed,
 Conv weight -> kernel with channels last, norm weight -> scale, ...). Raw ``nnx.Param``
 attributes (cls_token, A_log, in_proj_weight, ...) keep the PyTorch name and layout.
-Per-format tables (``mfuser_jax.convert.tables``) only rename keys from other naming
-schemes (HF transformers, TorchScript) into the original one before this loader runs.
+Per-format renames (HF transformers, TorchScript, in the per-model converters of this
+package) turn other naming schemes into the original one before this loader runs. Stacked
+layers are read and written under their per-layer names (``models.stack``).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from mfuser_jax.models.stack import Slot, assign_slots, iter_layer_modules
 
 __all__ = ["StateDictMismatchError", "load_torch_state_dict", "torch_state_dict_of"]
 
@@ -121,8 +123,11 @@ def _join(path: tuple) -> str:
 
 
 def _targets(module: nnx.Module):
-    """Yield (torch_key, variable, to_flax, torch_shape) for every Param/BatchStat of module."""
-    for path, sub in nnx.iter_modules(module):
+    """Yield (torch_key, slot, to_flax, torch_shape) for every Param/BatchStat of module.
+
+    Stacked layers (``models.stack.LayerStack``) appear once per layer under the original's
+    per-layer names; the slot is that layer's slice of the stacked variable."""
+    for path, sub, index in iter_layer_modules(module):
         rules = _rules_for(sub)
         handled = set()
         if rules is not None:
@@ -130,12 +135,14 @@ def _targets(module: nnx.Module):
                 var = getattr(sub, attr, None)
                 if isinstance(var, nnx.Variable) and var.get_value() is not None:
                     handled.add(attr)
-                    yield _join(path + (torch_name,)), var, to_flax, torch_shape(var.get_value().shape)
+                    slot = Slot(var, index)
+                    yield _join(path + (torch_name,)), slot, to_flax, torch_shape(slot.shape)
         # Raw variables owned directly by this module keep their PyTorch name and layout.
         for attr, var in vars(sub).items():
             if attr in handled or not isinstance(var, (nnx.Param, nnx.BatchStat)):
                 continue
-            yield _join(path + (attr,)), var, _identity, tuple(var.get_value().shape)
+            slot = Slot(var, index)
+            yield _join(path + (attr,)), slot, _identity, slot.shape
 
 
 def load_torch_state_dict(
@@ -158,7 +165,7 @@ def load_torch_state_dict(
     }
     missing, mismatched, assignments = [], [], []
     seen = set()
-    for key, var, to_flax, torch_shape in _targets(module):
+    for key, slot, to_flax, torch_shape in _targets(module):
         seen.add(key)
         if key not in state_dict:
             missing.append(key)
@@ -167,14 +174,13 @@ def load_torch_state_dict(
         if tuple(array.shape) != tuple(torch_shape):
             mismatched.append((key, torch_shape, array.shape))
             continue
-        assignments.append((var, to_flax(array)))
+        assignments.append((slot, to_flax(array)))
     unexpected = sorted(set(state_dict) - seen)
     if mismatched or (strict and (missing or unexpected)):
         raise StateDictMismatchError(
             missing if strict else (), unexpected if strict else (), mismatched, name
         )
-    for var, array in assignments:
-        var.set_value(jnp.asarray(array, dtype=var.get_value().dtype))
+    assign_slots(assignments)
     return module
 
 
@@ -186,10 +192,10 @@ def torch_state_dict_of(module: nnx.Module) -> dict[str, np.ndarray]:
     or flip, so applying it to an index grid gives the inverse permutation).
     """
     out = {}
-    for key, var, to_flax, torch_shape in _targets(module):
+    for key, slot, to_flax, torch_shape in _targets(module):
         flat_index = np.arange(int(np.prod(torch_shape))).reshape(torch_shape)
         mapped = to_flax(flat_index)
-        value = np.asarray(var.get_value())
+        value = slot.get()
         torch_value = np.empty(int(np.prod(torch_shape)), dtype=value.dtype)
         torch_value[mapped.reshape(-1)] = value.reshape(-1)
         out[key] = torch_value.reshape(torch_shape)

@@ -1,8 +1,13 @@
 """The fused backbone: VLM block i, DINOv2 block i, MVFuser i, layer by layer, then an FPN.
 
-One class per vision-language tower, each subclassing that tower so its parameters keep the
-original's names next to ``dinov2``, ``adapter`` and ``fpn{1,2,3,4}`` — a released
-checkpoint's ``backbone.*`` keys then load by rule:
+``FusedBackbone`` is a composition: the VLM image tower (``vlm``), the DINOv2 tower, one
+MVFuser per layer (``adapter``) and the FPN. The towers expose a small protocol (below);
+the 24 fused layers run as one ``lax.scan`` over their stacked parameters (see
+``models/stack.py``), rematerialised per layer when ``remat`` is set. The original
+subclasses the VLM tower, so its parameters sit at the top of ``backbone.*`` next to
+``dinov2``, ``adapter`` and ``fpn{1,2,3,4}``; ``flatten_children`` gives our ``vlm``
+attribute the same place in every per-layer name, and a released checkpoint's keys load by
+rule. One subclass per VLM:
 
 * ``MFuserBackbone`` (CLIP ViT-L/14-336): devinxzhang/MFuser models/backbones/clip/models.py
   ``CLIPVisionTransformer``. The only variant with ``adapter_proj{1,2,3}``: DINOv2 tokens go
@@ -25,6 +30,7 @@ Every variant returns ``(features, global_embedding, pixel_embeddings)``: four N
 from __future__ import annotations
 
 import math
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +42,10 @@ from mfuser_jax.models.eva02 import EVAVisionTransformer
 from mfuser_jax.models.layers import GELU
 from mfuser_jax.models.mvfuser import MVFuser
 from mfuser_jax.models.siglip import SiglipVisionTransformer
+from mfuser_jax.models.stack import LayerStack, emit_group, scan_layers
 
-__all__ = ["FPN_OUTPUT_STRIDES", "MFuserBackbone", "MFuserEVABackbone", "MFuserSiglipBackbone",
-           "normalize_for_clip", "normalize_for_dinov2", "normalize_for_siglip"]
+__all__ = ["FusedBackbone", "MFuserBackbone", "MFuserEVABackbone", "MFuserSiglipBackbone",
+           "VisionTower", "normalize_for_clip", "normalize_for_dinov2", "normalize_for_siglip"]
 
 # Pixel statistics in 0..255 units, as the reference's data pipeline and backbones use them.
 CLIP_MEAN = (0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255)
@@ -46,7 +53,6 @@ CLIP_STD = (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 SIGLIP_MEAN = SIGLIP_STD = (0.5 * 255,) * 3
-FPN_OUTPUT_STRIDES = (4, 8, 16, 32)  # in pixels, for patch 16
 
 
 def normalize_for_clip(images: jax.Array) -> jax.Array:
@@ -72,6 +78,20 @@ def normalize_for_siglip(clip_normalized: jax.Array) -> jax.Array:
     return _renormalize(clip_normalized, SIGLIP_MEAN, SIGLIP_STD)
 
 
+class VisionTower(Protocol):
+    """What the fused backbone asks of an image tower (CLIP, EVA02, SigLIP, DINOv2)."""
+
+    blocks: LayerStack
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]: ...
+    def prepare_tokens(self, images: jax.Array) -> jax.Array: ...
+    def layer_inputs(self, key: jax.Array | None) -> Any: ...   # per-layer scan inputs
+    def block_aux(self, grid: tuple[int, int]) -> Any: ...       # shared by all blocks
+    @staticmethod
+    def block(layer: nnx.Module, x: jax.Array, layer_input: Any = None, aux: Any = None
+              ) -> jax.Array: ...
+
+
 class _MaxPool2x2(nnx.Module):
     def __call__(self, x):
         return nnx.max_pool(x, (2, 2), strides=(2, 2))
@@ -82,27 +102,50 @@ class _Identity(nnx.Module):
         return x
 
 
-class _Fusion:
-    """What the three backbones share: the DINOv2 tower, one MVFuser per layer, the FPN and
-    the layer loop. Mixed into each tower subclass (plain methods, no state of its own)."""
+def _identity(x):
+    return x
 
-    def _init_fusion(self, *, image_size, patch_size, layers, width, dino_dim, dino_heads,
-                     dino_mlp_ratio, dino_init_values, out_indices, d_state, d_conv, expand,
-                     scan_backend, remat, dtype, rngs):
+
+class FusedBackbone(nnx.Module):
+    """A VLM tower and DINOv2 fused by per-layer MVFusers, then the FPN.
+
+    ``__call__(images, key=None)`` takes CLIP-normalised NHWC images; ``key`` drives drop
+    path and the fusers' dropout in train mode. ``remat``: recompute each fused layer in the
+    backward pass, keeping only the two token streams between layers. ``scan``: False runs
+    the same stacked layers in an unrolled Python loop (every layer compiled separately, and
+    XLA keeps every layer's activations whatever ``remat`` says).
+    """
+
+    flatten_children = ("vlm",)
+
+    def __init__(self, vlm: nnx.Module, *, image_size, patch_size, layers, width, dino_dim,
+                 dino_heads, dino_mlp_ratio, dino_init_values, out_indices, d_state, d_conv,
+                 expand, scan_backend, remat=False, scan=True, projections=False,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
         if len(out_indices) != 4 or max(out_indices) >= layers:
             raise ValueError(f"out_indices {tuple(out_indices)} must name 4 of the {layers} layers")
         self.out_indices = tuple(int(i) for i in out_indices)
-        self.remat = remat
+        self.remat = bool(remat)
+        self.scan = bool(scan)
+        self.vlm = vlm
         self.dinov2 = DinoVisionTransformer(
             img_size=image_size, patch_size=patch_size, embed_dim=dino_dim, depth=layers,
             num_heads=dino_heads, mlp_ratio=dino_mlp_ratio, init_values=dino_init_values,
             dtype=dtype, rngs=rngs,
         )
-        self.adapter = nnx.List([
-            MVFuser(width, d_state=d_state, d_conv=d_conv, expand=expand,
-                    scan_backend=scan_backend, dtype=dtype, rngs=rngs)
-            for _ in range(layers)
-        ])
+        self.adapter = LayerStack(
+            lambda r: MVFuser(width, d_state=d_state, d_conv=d_conv, expand=expand,
+                              scan_backend=scan_backend, dtype=dtype, rngs=r),
+            layers, rngs=rngs)
+        self.projections = bool(projections)
+        if projections:  # CLIP only: DINOv2 tokens in through proj1, back through proj2
+            linear = lambda i, o, r: nnx.Linear(  # noqa: E731
+                i, o, dtype=dtype, param_dtype=jnp.float32, rngs=r)
+            self.adapter_proj1 = LayerStack(lambda r: linear(dino_dim, width, r), layers,
+                                            rngs=rngs)
+            self.adapter_proj2 = LayerStack(lambda r: linear(width, dino_dim, r), layers,
+                                            rngs=rngs)
+            self.adapter_proj3 = linear(dino_dim, width, rngs)
         fpn_dim = width + dino_dim
         up = lambda: nnx.ConvTranspose(  # noqa: E731
             fpn_dim, fpn_dim, (2, 2), strides=(2, 2), padding="VALID", dtype=dtype,
@@ -118,44 +161,51 @@ class _Fusion:
         self.fpn3 = _Identity()
         self.fpn4 = _MaxPool2x2()
 
-    def _fuse(self, index: int, vlm_x: jax.Array, dino_x: jax.Array,
-              into=lambda t: t, back=lambda t: t):
-        """MVFuser ``index`` over [into(DINOv2 tokens), VLM tokens]; each half added back to
-        its stream, the DINOv2 half through ``back`` (CLIP's proj1/proj2; identity else)."""
-        n_dino = dino_x.shape[1]
-        fused = self.adapter[index](jnp.concatenate([into(dino_x).astype(vlm_x.dtype), vlm_x],
-                                                    axis=1))
-        return (vlm_x + fused[:, n_dino:].astype(vlm_x.dtype),
-                dino_x + back(fused[:, :n_dino]).astype(dino_x.dtype))
+    @property
+    def num_layers(self) -> int:
+        return len(self.adapter)
 
-    def _begin(self, images: jax.Array):
-        """(batch, patch grid, DINOv2's first tokens) for CLIP-normalised images."""
-        b, height, width_px, _ = images.shape
-        grid = self.grid_size(height, width_px)
-        return b, grid, self.dinov2.prepare_tokens(normalize_for_dinov2(images))
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        return self.vlm.grid_size(height, width)
 
-    def _outputs(self, maps, embeddings: jax.Array, grid):
-        """FPN maps, then the class-token embedding and the patch embeddings as a map."""
-        b = embeddings.shape[0]
-        return self._fpn(maps), embeddings[:, :1], embeddings[:, 1:].reshape(b, *grid, -1)
-
-    def _run_layers(self, vlm_x, dino_x, grid, *aux):
+    def _run_layers(self, vlm_x, dino_x, grid, key):
         """All fused layers; returns the last tokens of both towers and the four maps
         [DINOv2 patches, VLM patches] (channels-last) taken after the ``out_indices`` layers."""
-        b = vlm_x.shape[0]
-        layer = type(self)._fused_layer
-        if self.remat:
-            layer = nnx.remat(layer, static_argnums=(1,))
-        maps = []
-        for i in range(len(self.adapter)):
-            vlm_x, dino_x = layer(self, i, vlm_x, dino_x, *aux)
-            if i in self.out_indices:
-                vlm_patches = vlm_x[:, vlm_x.shape[1] - grid[0] * grid[1]:]
-                maps.append(jnp.concatenate([
-                    dino_x[:, 1:].reshape(b, *grid, -1),
-                    vlm_patches.reshape(b, *grid, -1).astype(dino_x.dtype),
-                ], axis=-1))
-        return vlm_x, dino_x, maps
+        vlm, dino, n = self.vlm, self.dinov2, self.num_layers
+        keys = (None,) * 3 if key is None else tuple(jax.random.split(key, 3))
+        xs = (vlm.layer_inputs(keys[0]), dino.layer_inputs(keys[1]),
+              None if key is None else jax.random.split(keys[2], n))
+        stacks = (vlm.blocks, dino.blocks, self.adapter)
+        if self.projections:
+            stacks += (self.adapter_proj1, self.adapter_proj2)
+        aux = vlm.block_aux(grid)
+        n_patches = grid[0] * grid[1]
+
+        def layer(layers, carry, x):
+            vlm_x, dino_x = carry
+            vlm_in, dino_in, fuser_key = x
+            vlm_x = vlm.block(layers[0], vlm_x, vlm_in, aux)
+            dino_x = dino.block(layers[1], dino_x, dino_in)
+            into, back = layers[3:5] if self.projections else (_identity, _identity)
+            n_dino = dino_x.shape[1]
+            fused = layers[2](jnp.concatenate([into(dino_x).astype(vlm_x.dtype), vlm_x], axis=1),
+                              key=fuser_key)
+            return (vlm_x + fused[:, n_dino:].astype(vlm_x.dtype),
+                    dino_x + back(fused[:, :n_dino]).astype(dino_x.dtype))
+
+        def feature_map(carry):
+            vlm_x, dino_x = carry
+            b = dino_x.shape[0]
+            return jnp.concatenate([
+                dino_x[:, 1:].reshape(b, *grid, -1),
+                vlm_x[:, vlm_x.shape[1] - n_patches:].reshape(b, *grid, -1).astype(dino_x.dtype),
+            ], axis=-1)
+
+        group = emit_group(self.out_indices, n)
+        (vlm_x, dino_x), maps = scan_layers(
+            layer, stacks, (vlm_x, dino_x), xs, remat=self.remat, unroll=not self.scan,
+            group=group, emit=feature_map)
+        return vlm_x, dino_x, [maps[(i + 1) // group - 1] for i in self.out_indices]
 
     def _fpn(self, maps):
         features = []
@@ -165,11 +215,28 @@ class _Fusion:
             features.append(x)
         return features
 
+    def __call__(self, images: jax.Array, *, key: jax.Array | None = None):
+        b, height, width_px, _ = images.shape
+        grid = self.grid_size(height, width_px)
+        dino_x = self.dinov2.prepare_tokens(normalize_for_dinov2(images))
+        vlm_x, dino_x, maps = self._run_layers(self.vlm_tokens(images), dino_x, grid, key)
+        global_embedding, pixel_embeddings = self.embeddings(vlm_x, dino_x)
+        return (self._fpn(maps), global_embedding,
+                pixel_embeddings.reshape(b, *grid, pixel_embeddings.shape[-1]))
+
+    def vlm_tokens(self, images: jax.Array) -> jax.Array:
+        """The VLM tower's first tokens for CLIP-normalised images."""
+        return self.vlm.prepare_tokens(images)
+
+    def embeddings(self, vlm_x: jax.Array, dino_x: jax.Array):
+        """(global (B, 1, E), per-patch (B, h*w, E)) float32 from the last tokens."""
+        raise NotImplementedError
+
 
 _FUSION_DEFAULTS = dict(
     dino_dim=1024, dino_heads=16, dino_mlp_ratio=4.0, dino_init_values=1e-5,
     out_indices=(7, 11, 15, 23), d_state=16, d_conv=3, expand=1, scan_backend="auto",
-    remat=False,
+    remat=False, scan=True,
 )
 
 
@@ -180,77 +247,58 @@ def _fusion_kwargs(kwargs: dict) -> dict:
     return {**_FUSION_DEFAULTS, **kwargs}
 
 
-class MFuserBackbone(_Fusion, CLIPVisionTransformer):
+class MFuserBackbone(FusedBackbone):
     """DINOv2-L + CLIP ViT-L fused by per-layer MVFusers (the CLIP variant).
 
-    ``__call__(images)`` takes CLIP-normalised NHWC images; see the module docstring for
-    the outputs (embedding dim ``output_dim``, from CLIP's ``ln_post``/``proj``).
+    The only variant with ``adapter_proj{1,2,3}``; the embeddings are CLIP's
+    ``ln_post``/``proj`` of clip tokens + proj3(DINOv2 tokens) (dim ``output_dim``).
     """
 
     def __init__(self, *, image_size: int = 512, patch_size: int = 16, width: int = 1024,
                  layers: int = 24, heads: int = 16, output_dim: int = 768,
                  drop_path_rate: float = 0.1, dtype=jnp.float32, rngs: nnx.Rngs, **fusion):
-        super().__init__(
+        clip = CLIPVisionTransformer(
             input_resolution=image_size, patch_size=patch_size, width=width, layers=layers,
             heads=heads, output_dim=output_dim, drop_path_rate=drop_path_rate,
             dtype=dtype, rngs=rngs,
         )
-        fusion = _fusion_kwargs(fusion)
-        self._init_fusion(image_size=image_size, patch_size=patch_size, layers=layers,
-                          width=width, dtype=dtype, rngs=rngs, **fusion)
-        dino_dim = fusion["dino_dim"]
-        linear = lambda i, o: nnx.Linear(i, o, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)  # noqa: E731
-        self.adapter_proj1 = nnx.List([linear(dino_dim, width) for _ in range(layers)])
-        self.adapter_proj2 = nnx.List([linear(width, dino_dim) for _ in range(layers)])
-        self.adapter_proj3 = linear(dino_dim, width)
+        super().__init__(clip, image_size=image_size, patch_size=patch_size, layers=layers,
+                         width=width, projections=True, dtype=dtype, rngs=rngs,
+                         **_fusion_kwargs(fusion))
 
-    def _fused_layer(self, index: int, clip_x: jax.Array, dino_x: jax.Array):
-        clip_x = self.block(index, clip_x)
-        dino_x = self.dinov2.blocks[index](dino_x)
-        return self._fuse(index, clip_x, dino_x, self.adapter_proj1[index],
-                          self.adapter_proj2[index])
-
-    def __call__(self, images: jax.Array):
-        _, grid, dino_x = self._begin(images)
-        clip_x, dino_x, maps = self._run_layers(self.prepare_tokens(images), dino_x, grid)
+    def embeddings(self, clip_x, dino_x):
         tokens = clip_x.astype(jnp.float32) + self.adapter_proj3(dino_x).astype(jnp.float32)
-        return self._outputs(maps, self.embed(tokens), grid)  # embed: ln_post, proj
+        emb = self.vlm.embed(tokens)  # ln_post, proj
+        return emb[:, :1], emb[:, 1:]
 
 
-class MFuserEVABackbone(_Fusion, EVAVisionTransformer):
+class MFuserEVABackbone(FusedBackbone):
     """DINOv2-L/14 + EVA02-CLIP-L/14 fused by per-layer MVFusers (the EVA02 variant).
 
     Both towers keep patch 14 (the DINOv2 kernel is not resized): at 512 px a 36 x 36 grid,
-    1297 tokens each. Images CLIP-normalised NHWC; embedding dim ``output_dim`` (EVA's head).
+    1297 tokens each. Embeddings: EVA's ``head(norm(eva) + dinov2.norm(dino))``.
     """
 
     def __init__(self, *, image_size: int = 512, patch_size: int = 14, width: int = 1024,
                  layers: int = 24, heads: int = 16, mlp_ratio: float = 2.6667,
                  output_dim: int = 768, pt_hw_seq_len: int = 16, dtype=jnp.float32,
                  rngs: nnx.Rngs, **fusion):
-        super().__init__(
+        eva = EVAVisionTransformer(
             img_size=image_size, patch_size=patch_size, embed_dim=width, depth=layers,
             num_heads=heads, mlp_ratio=mlp_ratio, output_dim=output_dim,
             pt_hw_seq_len=pt_hw_seq_len, dtype=dtype, rngs=rngs,
         )
-        self._init_fusion(image_size=image_size, patch_size=patch_size, layers=layers,
-                          width=width, dtype=dtype, rngs=rngs, **_fusion_kwargs(fusion))
+        super().__init__(eva, image_size=image_size, patch_size=patch_size, layers=layers,
+                         width=width, dtype=dtype, rngs=rngs, **_fusion_kwargs(fusion))
 
-    def _fused_layer(self, index: int, eva_x: jax.Array, dino_x: jax.Array, cos, sin):
-        eva_x = self.block(index, eva_x, (cos, sin))
-        dino_x = self.dinov2.blocks[index](dino_x)
-        return self._fuse(index, eva_x, dino_x)
-
-    def __call__(self, images: jax.Array):
-        _, grid, dino_x = self._begin(images)
-        eva_x, dino_x, maps = self._run_layers(self.prepare_tokens(images), dino_x, grid,
-                                               *self.rope(grid))
-        tokens = (self.norm(eva_x.astype(jnp.float32))
+    def embeddings(self, eva_x, dino_x):
+        tokens = (self.vlm.norm(eva_x.astype(jnp.float32))
                   + self.dinov2.norm(dino_x.astype(jnp.float32)))
-        return self._outputs(maps, self.head(tokens).astype(jnp.float32), grid)
+        emb = self.vlm.head(tokens).astype(jnp.float32)
+        return emb[:, :1], emb[:, 1:]
 
 
-class MFuserSiglipBackbone(_Fusion, SiglipVisionTransformer):
+class MFuserSiglipBackbone(FusedBackbone):
     """DINOv2-L + SigLIP-L/16 fused by per-layer MVFusers (the SigLIP variant).
 
     Images CLIP-normalised NHWC (re-normalised per tower); embedding dim ``width`` (SigLIP
@@ -262,31 +310,25 @@ class MFuserSiglipBackbone(_Fusion, SiglipVisionTransformer):
     def __init__(self, *, image_size: int = 512, patch_size: int = 16, width: int = 1024,
                  layers: int = 24, heads: int = 16, intermediate_size: int = 4096,
                  dtype=jnp.float32, rngs: nnx.Rngs, **fusion):
-        super().__init__(
+        siglip = SiglipVisionTransformer(
             image_size=image_size, patch_size=patch_size, hidden_size=width,
             num_hidden_layers=layers, num_attention_heads=heads,
             intermediate_size=intermediate_size, dtype=dtype, rngs=rngs,
         )
-        self._init_fusion(image_size=image_size, patch_size=patch_size, layers=layers,
-                          width=width, dtype=dtype, rngs=rngs, **_fusion_kwargs(fusion))
+        super().__init__(siglip, image_size=image_size, patch_size=patch_size, layers=layers,
+                         width=width, dtype=dtype, rngs=rngs, **_fusion_kwargs(fusion))
         # HF SiglipModel's initial values; the converted SigLIP weights overwrite them.
         self.logit_scale = nnx.Param(jnp.full((1,), math.log(10.0), jnp.float32))
         self.logit_bias = nnx.Param(jnp.full((1,), -10.0, jnp.float32))
 
-    def _fused_layer(self, index: int, siglip_x: jax.Array, dino_x: jax.Array):
-        siglip_x = self.block(index, siglip_x)
-        dino_x = self.dinov2.blocks[index](dino_x)
-        return self._fuse(index, siglip_x, dino_x)
+    def vlm_tokens(self, images):
+        return self.vlm.prepare_tokens(normalize_for_siglip(images))
 
-    def __call__(self, images: jax.Array):
-        b, grid, dino_x = self._begin(images)
-        siglip_x = self.prepare_tokens(normalize_for_siglip(images))
-        siglip_x, dino_x, maps = self._run_layers(siglip_x, dino_x, grid)
-        tokens = (self.post_layernorm(siglip_x.astype(jnp.float32))
+    def embeddings(self, siglip_x, dino_x):
+        tokens = (self.vlm.post_layernorm(siglip_x.astype(jnp.float32))
                   + self.dinov2.norm(dino_x[:, 1:].astype(jnp.float32)))
-        global_embedding, local = self.head(tokens)
-        return (self._fpn(maps), global_embedding.astype(jnp.float32),
-                local.astype(jnp.float32).reshape(b, *grid, -1))
+        global_embedding, local = self.vlm.head(tokens)
+        return global_embedding.astype(jnp.float32), local.astype(jnp.float32)
 
     def score_logits(self, score_map: jax.Array) -> jax.Array:
         """Cosine score map -> logits, ``score * exp(logit_scale) + logit_bias``."""

@@ -26,6 +26,7 @@ from mfuser_jax.models.layers import (
     dot_product_attention,
     torch_layer_norm,
 )
+from mfuser_jax.models.stack import DropPath, LayerStack, scan_layers
 from mfuser_jax.ops.resize import resize
 
 __all__ = [
@@ -128,7 +129,7 @@ class ResidualAttentionBlock(nnx.Module):
     Drop path as MFuser really applies it: timm's ``drop_path`` draws one keep/drop per
     index of the *first* axis, and MFuser's blocks run sequence-first (L, N, D), so whole
     token positions are dropped, shared by every image of the batch (not per sample).
-    Reproduced with an nnx.Dropout whose mask is broadcast over batch and channels
+    Reproduced with a DropPath whose mask is broadcast over batch and channels
     (keep-probability rescaling included). ``eval()`` disables it; in ``train()`` it needs
     the 'dropout' RNG stream even though the tower is frozen (MFuser trains with 0.1).
     """
@@ -145,24 +146,27 @@ class ResidualAttentionBlock(nnx.Module):
         )
         self.ln_2 = torch_layer_norm(width, rngs)
         self.mlp = MLP(width, activation=activation, dtype=dtype, rngs=rngs)
-        # rate 0 (frozen towers, text tower): no dropout module, so no RNG state to carry
-        self.drop_path = (
-            nnx.Dropout(float(drop_path), broadcast_dims=(0, 2), rngs=rngs)
-            if drop_path > 0
-            else None
-        )
+        # rate 0 (frozen towers, text tower): no drop path, so no RNG state to carry.
+        # Token positions are dropped for the whole batch: the mask broadcasts over (0, 2).
+        self.drop_path = (DropPath(drop_path, broadcast_dims=(0, 2), rngs=rngs)
+                          if drop_path > 0 else None)
 
-    def _drop(self, x: jax.Array) -> jax.Array:
-        return x if self.drop_path is None else self.drop_path(x)
+    def __call__(self, x: jax.Array, *, key=None, drop_rate=None) -> jax.Array:
+        """``key``/``drop_rate``: this call's drop-path key and rate (stacked layers); by
+        default the block's own rate and dropout stream."""
+        keys = (None, None) if key is None else tuple(jax.random.split(key))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self._drop(self.attn(_layer_norm(self.ln_1, x), causal=self.causal))
-        x = x + self._drop(self.mlp(_layer_norm(self.ln_2, x)))
+        def drop(r, k):
+            return r if self.drop_path is None else self.drop_path(r, rate=drop_rate, key=k)
+
+        x = x + drop(self.attn(_layer_norm(self.ln_1, x), causal=self.causal), keys[0])
+        x = x + drop(self.mlp(_layer_norm(self.ln_2, x)), keys[1])
         return x
 
 
 class Transformer(nnx.Module):
-    """``resblocks``: an nnx.List of blocks; drop path grows linearly 0 -> drop_path_rate."""
+    """``resblocks``: a ``LayerStack`` of blocks (parameters stacked over layers, scanned);
+    drop path grows linearly 0 -> drop_path_rate."""
 
     def __init__(
         self, width: int, layers: int, heads: int, causal: bool = False,
@@ -172,19 +176,32 @@ class Transformer(nnx.Module):
         self.width = width
         self.layers = layers
         rates = np.linspace(0.0, drop_path_rate, layers) if layers > 1 else [0.0] * layers
-        self.resblocks = nnx.List(
-            [
-                ResidualAttentionBlock(
-                    width, heads, float(r), causal, attn_implementation=attn_implementation,
-                    activation=activation, dtype=dtype, rngs=rngs,
-                )
-                for r in rates
-            ]
-        )
+        self.drop_path_rates = tuple(float(r) for r in rates)
+        self.resblocks = LayerStack(
+            lambda r: ResidualAttentionBlock(
+                width, heads, float(drop_path_rate), causal,
+                attn_implementation=attn_implementation, activation=activation, dtype=dtype,
+                rngs=r),
+            layers, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for blk in self.resblocks:
-            x = blk(x)
+    def layer_inputs(self, key: jax.Array | None):
+        """Per-layer scan inputs of ``block``: (drop-path keys, rates), or None without drop
+        path or without a key (eval)."""
+        if key is None or not any(self.drop_path_rates):
+            return None
+        return jax.random.split(key, self.layers), jnp.asarray(self.drop_path_rates)
+
+    @staticmethod
+    def block(layer: ResidualAttentionBlock, x: jax.Array, layer_input=None) -> jax.Array:
+        if layer_input is None:
+            return layer(x)
+        key, rate = layer_input
+        return layer(x, key=key, drop_rate=rate)
+
+    def __call__(self, x: jax.Array, *, key: jax.Array | None = None,
+                 remat: bool = False) -> jax.Array:
+        x, _ = scan_layers(lambda layers, t, xi: self.block(layers[0], t, xi),
+                           (self.resblocks,), x, self.layer_inputs(key), remat=remat)
         return x
 
 
@@ -288,25 +305,33 @@ class CLIPVisionTransformer(nnx.Module):
         x = x + self.position_embedding((gh, gw)).astype(x.dtype)[None]
         return _layer_norm(self.ln_pre, x)
 
-    def block(self, index: int, x: jax.Array) -> jax.Array:
-        """Apply transformer block ``index`` to tokens (B, N, W)."""
-        return self.transformer.resblocks[index](x)
+    @property
+    def blocks(self) -> LayerStack:
+        return self.transformer.resblocks
+
+    def layer_inputs(self, key: jax.Array | None, grid=None):
+        return self.transformer.layer_inputs(key)
+
+    def block_aux(self, grid):
+        return None  # blocks share nothing but the call
+
+    @staticmethod
+    def block(layer: ResidualAttentionBlock, x: jax.Array, layer_input=None, aux=None):
+        """One block of the stack (the fused backbone's protocol; ``aux`` is unused)."""
+        return Transformer.block(layer, x, layer_input)
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         """ln_post then proj: (..., W) -> (..., output_dim) float32 (any tokens, not just CLS)."""
         x = _layer_norm(self.ln_post, tokens)
         return (x @ self.proj[...].astype(x.dtype)).astype(jnp.float32)
 
-    def forward_tokens(self, images: jax.Array) -> jax.Array:
+    def forward_tokens(self, images: jax.Array, *, key=None) -> jax.Array:
         """All blocks: (B, H, W, 3) -> last tokens (B, 1 + h*w, W), before ln_post."""
-        x = self.prepare_tokens(images)
-        for i in range(self.num_layers):
-            x = self.block(i, x)
-        return x
+        return self.transformer(self.prepare_tokens(images), key=key)
 
-    def __call__(self, images: jax.Array) -> jax.Array:
+    def __call__(self, images: jax.Array, *, key=None) -> jax.Array:
         """Pooled image embedding (B, output_dim): ln_post(CLS) @ proj, like HF image_embeds."""
-        return self.embed(self.forward_tokens(images)[:, 0])
+        return self.embed(self.forward_tokens(images, key=key)[:, 0])
 
 
 # --------------------------------------------------------------------------------------

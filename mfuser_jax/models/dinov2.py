@@ -9,7 +9,8 @@ Only the variant MFuser uses is built: one class token, no register tokens, MLP 
 unchunked blocks (``block_chunks=0``), interpolation offset 0.1 without antialiasing.
 
 The fused backbone steps this tower block by block, so it exposes ``prepare_tokens``,
-``blocks[i]`` and ``norm`` besides ``__call__``.
+``blocks`` (a ``LayerStack``: parameters stacked over layers, scanned), ``block`` and
+``norm`` besides ``__call__``.
 
 Precision: parameters float32; the patch projection, qkv/proj and MLP matmuls run in
 ``dtype``; layer norms, attention logits/softmax and the residual stream stay float32.
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mfuser_jax.models.stack import DropPath, LayerStack, scan_layers
 from mfuser_jax.ops.resize import resize
 
 __all__ = [
@@ -146,27 +148,27 @@ class Block(nnx.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else None
         self.drop_path_rate = float(drop_path)
         # A (B, 1, 1) mask broadcast over tokens and channels is exactly DropPath. As in
-        # PyTorch (nn.Identity), none at rate 0: the frozen tower then holds no RNG state.
-        if drop_path > 0.0:
-            self.drop_path1 = nnx.Dropout(drop_path, broadcast_dims=(1, 2), rngs=rngs)
-            self.drop_path2 = nnx.Dropout(drop_path, broadcast_dims=(1, 2), rngs=rngs)
-        else:
-            self.drop_path1 = self.drop_path2 = None
+        # PyTorch (nn.Identity), none at rate 0: the frozen tower holds no RNG state.
+        self.drop_path = (DropPath(drop_path, broadcast_dims=(1, 2), rngs=rngs)
+                          if drop_path > 0.0 else None)
 
-    @staticmethod
-    def _drop_path(which, r):
-        return r if which is None else which(r)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, key=None, drop_rate=None) -> jax.Array:
+        """``key``/``drop_rate``: the drop-path key and rate of this call (stacked layers);
+        by default the block's own rate and dropout stream."""
         chex.assert_rank(x, 3)
+        keys = (None, None) if key is None else tuple(jax.random.split(key))
+
+        def drop(r, k):
+            return r if self.drop_path is None else self.drop_path(r, rate=drop_rate, key=k)
+
         r = self.attn(self.norm1(x))
         if self.ls1 is not None:
             r = self.ls1(r)
-        x = x + self._drop_path(self.drop_path1, r).astype(x.dtype)
+        x = x + drop(r, keys[0]).astype(x.dtype)
         r = self.mlp(self.norm2(x))
         if self.ls2 is not None:
             r = self.ls2(r)
-        return x + self._drop_path(self.drop_path2, r).astype(x.dtype)
+        return x + drop(r, keys[1]).astype(x.dtype)
 
 
 class DinoVisionTransformer(nnx.Module):
@@ -212,13 +214,15 @@ class DinoVisionTransformer(nnx.Module):
             nnx.initializers.truncated_normal(0.02)(rngs.params(), (1, n + 1, embed_dim))
         )
         self.mask_token = nnx.Param(jnp.zeros((1, embed_dim), jnp.float32))
-        dpr = np.linspace(0.0, drop_path_rate, depth)  # stochastic depth decay rule
-        self.blocks = nnx.List([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, proj_bias=proj_bias,
-                  ffn_bias=ffn_bias, init_values=init_values, drop_path=float(dpr[i]),
-                  layer_norm_eps=layer_norm_eps, dtype=dtype, rngs=rngs)
-            for i in range(depth)
-        ])
+        # Stochastic depth decay rule: rate i of linspace(0, drop_path_rate, depth). A stack
+        # holds one structure for every layer, so the rates travel with the scan.
+        self.drop_path_rates = tuple(float(r) for r in np.linspace(0.0, drop_path_rate, depth))
+        self.blocks = LayerStack(
+            lambda r: Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias,
+                            proj_bias=proj_bias, ffn_bias=ffn_bias, init_values=init_values,
+                            drop_path=drop_path_rate, layer_norm_eps=layer_norm_eps,
+                            dtype=dtype, rngs=r),
+            depth, rngs=rngs)
         self.norm = _layer_norm(embed_dim, layer_norm_eps, rngs)
 
     def interpolate_pos_encoding(self, grid_hw: tuple[int, int],
@@ -271,9 +275,29 @@ class DinoVisionTransformer(nnx.Module):
         x = jnp.concatenate([cls, x], axis=1)
         return x + self.interpolate_pos_encoding(grid, (hh, ww))
 
-    def __call__(self, images: jax.Array, masks: jax.Array | None = None) -> jax.Array:
-        """Final layer-normed tokens (B, 1 + h*w, D); token 0 is the class token."""
+    def layer_inputs(self, key: jax.Array | None):
+        """Per-layer scan inputs of ``block``: (drop-path keys, rates), or None when the
+        tower has no drop path or no key is given (eval)."""
+        if key is None or not any(self.drop_path_rates):
+            return None
+        return jax.random.split(key, self.n_blocks), jnp.asarray(self.drop_path_rates)
+
+    def block_aux(self, grid):
+        return None
+
+    @staticmethod
+    def block(layer: Block, x: jax.Array, layer_input=None, aux=None) -> jax.Array:
+        """One block of the stack; ``layer_input`` is its slice of ``layer_inputs``."""
+        if layer_input is None:
+            return layer(x)
+        key, rate = layer_input
+        return layer(x, key=key, drop_rate=rate)
+
+    def __call__(self, images: jax.Array, masks: jax.Array | None = None, *,
+                 key: jax.Array | None = None, remat: bool = False) -> jax.Array:
+        """Final layer-normed tokens (B, 1 + h*w, D); token 0 is the class token.
+        ``key``: drop-path randomness in train mode (when drop_path_rate > 0)."""
         x = self.prepare_tokens(images, masks)
-        for blk in self.blocks:
-            x = blk(x)
+        x, _ = scan_layers(lambda layers, t, xi: self.block(layers[0], t, xi), (self.blocks,),
+                           x, self.layer_inputs(key), remat=remat)
         return self.norm(x)

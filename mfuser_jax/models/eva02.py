@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from mfuser_jax.models.layers import check_attn_implementation, dot_product_attention, torch_linear
+from mfuser_jax.models.stack import LayerStack, scan_layers
 from mfuser_jax.ops.resize import resize
 
 __all__ = ["EVAVisionTransformer", "eva_rope_table", "rotate_half"]
@@ -248,13 +249,10 @@ class EVAVisionTransformer(nnx.Module):
         init = nnx.initializers.truncated_normal(0.02)
         self.cls_token = nnx.Param(init(rngs.params(), (1, 1, embed_dim), jnp.float32))
         self.pos_embed = nnx.Param(init(rngs.params(), (1, n_pos, embed_dim), jnp.float32))
-        self.blocks = nnx.List(
-            [
-                Block(embed_dim, num_heads, mlp_ratio, attn_implementation=attn_implementation,
-                      dtype=dtype, rngs=rngs)
-                for _ in range(depth)
-            ]
-        )
+        self.blocks = LayerStack(
+            lambda r: Block(embed_dim, num_heads, mlp_ratio,
+                            attn_implementation=attn_implementation, dtype=dtype, rngs=r),
+            depth, rngs=rngs)
         self.norm = _eva_layer_norm(embed_dim, rngs)
         self.head = torch_linear(embed_dim, output_dim, dtype=dtype, rngs=rngs)
 
@@ -290,16 +288,24 @@ class EVAVisionTransformer(nnx.Module):
         cos, sin = eva_rope_table(grid, self.head_dim, self.pt_hw_seq_len)
         return jnp.asarray(cos), jnp.asarray(sin)
 
-    def block(self, index: int, x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
-        """Apply block ``index`` to tokens (B, 1 + rows*cols, D) with that grid's rope table."""
-        return self.blocks[index](x, rope)
+    def layer_inputs(self, key=None, grid=None):
+        return None  # no drop path: nothing differs between layers but the weights
+
+    def block_aux(self, grid: tuple[int, int]):
+        """What every block of one call shares: the grid's rope table."""
+        return self.rope(grid)
+
+    @staticmethod
+    def block(layer: Block, x: jax.Array, layer_input=None, aux=None) -> jax.Array:
+        """One block of the stack on tokens (B, 1 + rows*cols, D); ``aux`` = (cos, sin)."""
+        return layer(x, aux)
 
     def forward_tokens(self, images: jax.Array) -> jax.Array:
         """All blocks: (B, H, W, 3) -> last tokens (B, 1 + rows*cols, D), before ``norm``."""
         x = self.prepare_tokens(images)
-        rope = self.rope(self.grid_size(images.shape[1], images.shape[2]))
-        for i in range(self.num_layers):
-            x = self.block(i, x, rope)
+        rope = self.block_aux(self.grid_size(images.shape[1], images.shape[2]))
+        x, _ = scan_layers(lambda layers, t, _: layers[0](t, rope),
+                           (self.blocks,), x)
         return x
 
     def __call__(self, images: jax.Array) -> jax.Array:

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mfuser_jax.models.layers import torch_linear
+from mfuser_jax.models.stack import LayerStack, scan_periodic
 from mfuser_jax.models.pixel_decoder import (
     DetrTransformerDecoder,
     DetrTransformerDecoderLayer,
@@ -94,6 +95,7 @@ class TqdmHead(nnx.Module):
         enforce_decoder_input_project: bool = False,
         dropout: float = 0.0,
         *,
+        remat: bool = False,
         dtype=_F32,
         rngs: nnx.Rngs,
     ):
@@ -118,18 +120,21 @@ class TqdmHead(nnx.Module):
             num_points=num_points,
             feedforward_channels=pixel_decoder_ffn_channels,
             dropout=dropout,
+            remat=remat,
             dtype=dtype,
             rngs=rngs,
         )
         order = ("cross_attn", "norm", "self_attn", "norm", "ffn", "norm")
+        if dropout:  # stacked layers hold no RNG streams; the reference's rate is 0
+            raise ValueError("the scanned decoders support dropout 0 only")
+        self.remat = bool(remat)
+        self.scan = True  # False: the same layers as an unrolled Python loop
         self.transformer_decoder = DetrTransformerDecoder(
-            [
-                DetrTransformerDecoderLayer(
-                    [MultiheadAttention(embed, decoder_heads, dropout, dropout, dtype=dtype,
-                                        rngs=rngs) for _ in range(2)],
-                    embed, decoder_ffn_channels, order, dropout, dtype=dtype, rngs=rngs)
-                for _ in range(num_decoder_layers)
-            ],
+            LayerStack(lambda r: DetrTransformerDecoderLayer(
+                [MultiheadAttention(embed, decoder_heads, dropout, dropout, dtype=dtype,
+                                    rngs=r) for _ in range(2)],
+                embed, decoder_ffn_channels, order, dropout, dtype=dtype, rngs=r),
+                num_decoder_layers, rngs=rngs),
             embed,
             rngs=rngs,
         )
@@ -199,18 +204,23 @@ class TqdmHead(nnx.Module):
         query_pos = self.query_embed.embedding[...][None]
 
         cls_pred, mask_pred, attn_mask = self.forward_head(query, mask_features, sizes[0])
-        cls_list, mask_list = [cls_pred], [mask_pred]
-        for i, layer in enumerate(self.transformer_decoder.layers):
-            level = i % self.num_transformer_feat_level
-            attn_mask = unmask_full_rows(attn_mask)
-            query = layer(query, decoder_inputs[level], decoder_inputs[level],
-                          query_pos=query_pos, key_pos=decoder_pos[level],
-                          attn_masks=[attn_mask, None], deterministic=deterministic)
+        levels = self.num_transformer_feat_level
+
+        def layer(module, carry, position):  # layer i attends to level i mod levels
+            query, attn_mask = carry
+            query = module(query, decoder_inputs[position], decoder_inputs[position],
+                           query_pos=query_pos, key_pos=decoder_pos[position],
+                           attn_masks=[unmask_full_rows(attn_mask), None],
+                           deterministic=deterministic)
             cls_pred, mask_pred, attn_mask = self.forward_head(
-                query, mask_features, sizes[(i + 1) % self.num_transformer_feat_level])
-            cls_list.append(cls_pred)
-            mask_list.append(mask_pred)
-        return cls_list, mask_list
+                query, mask_features, sizes[(position + 1) % levels])
+            return (query, attn_mask), (cls_pred, mask_pred)
+
+        # Layers cycle through the levels: one scan over rounds of `levels` layers.
+        _, (cls_preds, mask_preds) = scan_periodic(
+            layer, self.transformer_decoder.layers, (query, attn_mask), levels,
+            remat=self.remat, unroll=not self.scan)
+        return ([cls_pred, *cls_preds], [mask_pred, *mask_preds])
 
     def predict(self, features, texts):
         """forward_test: semantic scores (B, H/4, W/4, num_classes) from the last layer."""

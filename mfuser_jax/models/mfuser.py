@@ -111,7 +111,8 @@ def _build_towers(config, dtype, rngs):
         dino_mlp_ratio=d.mlp_ratio, dino_init_values=d.init_values,
         out_indices=config.out_indices, d_state=mv.d_state, d_conv=mv.d_conv,
         expand=mv.expand, scan_backend=mv.scan_backend,
-        remat=bool(config.get("remat", False)), dtype=dtype, rngs=rngs,
+        remat=bool(config.get("remat", False)), scan=bool(config.get("scan_layers", True)),
+        dtype=dtype, rngs=rngs,
     )
     if vlm == "clip":
         backbone = MFuserBackbone(output_dim=c.output_dim, drop_path_rate=c.drop_path_rate,
@@ -204,7 +205,7 @@ class MFuser(nnx.Module):
             num_points=dec.deform_points, pixel_decoder_ffn_channels=dec.pixel_ffn,
             num_decoder_layers=dec.decoder_layers, decoder_heads=dec.num_heads,
             decoder_ffn_channels=dec.ffn, num_groups=min(32, dec.feat_channels),
-            dtype=dtype, rngs=rngs,
+            remat=bool(config.get("remat", False)), dtype=dtype, rngs=rngs,
         )
         self.texts = self._tokenize(list(self.class_names))
         lc = config.loss
@@ -215,6 +216,17 @@ class MFuser(nnx.Module):
             loss_dice_weight=float(lc.dice),
         )
         self.score_map_weight = float(lc.score_map)
+        self.set_layer_execution(scan=bool(config.get("scan_layers", True)))
+
+    def set_layer_execution(self, *, remat: bool | None = None, scan: bool | None = None):
+        """How the stacked layers run (read at trace time): ``remat`` recomputes each layer
+        in the backward pass; ``scan`` False unrolls them (every layer compiled separately).
+        Applies to the fused backbone and both decoders."""
+        for module in (self.backbone, self.decode_head, self.decode_head.pixel_decoder):
+            if remat is not None:
+                module.remat = bool(remat)
+            if scan is not None:
+                module.scan = bool(scan)
 
     # ------------------------------------------------------------------ forward
     def text_embeddings(self, texts=None) -> jax.Array:
@@ -222,10 +234,11 @@ class MFuser(nnx.Module):
         texts = self.texts if texts is None else texts
         return self.text_encoder(jnp.asarray(texts), self.contexts[...])
 
-    def forward(self, images: jax.Array, texts=None):
-        """uint8/float NHWC pixels -> (cls list, mask list, score map (B, h, w, K))."""
+    def forward(self, images: jax.Array, texts=None, *, key: jax.Array | None = None):
+        """uint8/float NHWC pixels -> (cls list, mask list, score map (B, h, w, K)).
+        ``key``: the backbone's drop-path and fuser-dropout randomness (train mode)."""
         x = normalize_for_clip(images)
-        features, global_embedding, pixel_embeddings = self.backbone(x)
+        features, global_embedding, pixel_embeddings = self.backbone(x, key=key)
         b, gh, gw, e = pixel_embeddings.shape
         text = self.text_embeddings(texts)  # shared by the batch: one pass, then broadcast
         text = jnp.broadcast_to(text, (b,) + text.shape[1:])
@@ -239,10 +252,10 @@ class MFuser(nnx.Module):
 
     def loss(self, images: jax.Array, labels: jax.Array, key: jax.Array):
         """Train-mode losses. ``key`` drives dropout, drop path and point sampling."""
-        dropout_key, point_key = jax.random.split(key)
+        dropout_key, point_key, backbone_key = jax.random.split(key, 3)
         nnx.reseed(self, dropout=dropout_key)
         self.train()
-        all_cls, all_masks, score_map = self.forward(images)
+        all_cls, all_masks, score_map = self.forward(images, key=backbone_key)
         parts = {
             f"decode.{k}": v
             for k, v in losses.mask2former_loss(

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mfuser_jax.models.layers import torch_default_init, torch_linear, uniform_init
+from mfuser_jax.models.stack import dropout_stream
 from mfuser_jax.ops.selective_scan import selective_scan
 
 __all__ = ["MVFuser", "RMSNormGated"]
@@ -135,7 +136,9 @@ class MVFuser(nnx.Module):
         )
         self.D = nnx.Param(jnp.ones((half,), jnp.float32))
         self.out_proj = linear(half, d_model)
-        self.proj_drop = nnx.Dropout(proj_drop, rngs=rngs)
+        # A fuser inside a LayerStack is built without a dropout stream and gets its key
+        # per call; a lone fuser (the text enhancer's) draws from its own stream.
+        self.proj_drop = nnx.Dropout(proj_drop, rngs=dropout_stream(rngs))
 
         # The original builds these with bias=conv_bias//2 == True//2 == 0: no bias.
         # PyTorch's padding='same' pads (k-1)//2 before and the rest after.
@@ -160,7 +163,8 @@ class MVFuser(nnx.Module):
         self.norm = RMSNormGated(half, eps=1e-5)
         self.scale = nnx.Param(jnp.asarray(0.001, jnp.float32))
 
-    def __call__(self, hidden_states: jax.Array) -> jax.Array:
+    def __call__(self, hidden_states: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
+        """``key``: the output dropout's key for this call (default: the dropout stream)."""
         if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.d_model:
             raise ValueError(
                 f"MVFuser expects (batch, length, {self.d_model}), got {hidden_states.shape}"
@@ -193,5 +197,5 @@ class MVFuser(nnx.Module):
         assert y.shape == (batch, half, length), y.shape
         y = self.norm(to_bdl(y), z)
         out = self.out_proj(y.astype(self.dtype))
-        out = self.proj_drop(out)
+        out = self.proj_drop(out, rngs=key)
         return (out * self.scale[...]).astype(self.dtype)

@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from mfuser_jax.models.layers import torch_layer_norm, torch_linear
+from mfuser_jax.models.stack import LayerStack, dropout_stream, scan_layers
 from mfuser_jax.ops.deform_attn import multi_scale_deformable_attention
 from mfuser_jax.ops.resize import resize
 
@@ -139,7 +140,7 @@ class TorchMultiheadAttentionCore(nnx.Module):
         self.in_proj_bias = nnx.Param(jnp.zeros((3 * embed_dims,), _F32))
         self.out_proj = torch_linear(embed_dims, embed_dims, dtype=dtype, rngs=rngs,
                                kernel_init=xavier_normal, bias_init=nnx.initializers.zeros)
-        self.attn_drop = nnx.Dropout(attn_drop, rngs=rngs)
+        self.attn_drop = nnx.Dropout(attn_drop, rngs=dropout_stream(rngs))
 
     def __call__(self, query, key, value, attn_mask=None, *, deterministic=None):
         e, h = self.embed_dims, self.num_heads
@@ -171,7 +172,7 @@ class MultiheadAttention(nnx.Module):
         self.embed_dims = embed_dims
         self.attn = TorchMultiheadAttentionCore(embed_dims, num_heads, attn_drop, dtype=dtype,
                                                 rngs=rngs)
-        self.proj_drop = nnx.Dropout(proj_drop, rngs=rngs)
+        self.proj_drop = nnx.Dropout(proj_drop, rngs=dropout_stream(rngs))
 
     def __call__(self, query, key, value, *, query_pos=None, key_pos=None, attn_mask=None,
                  deterministic=None, **unused):
@@ -211,7 +212,7 @@ class MultiScaleDeformableAttention(nnx.Module):
                                  kernel_init=xavier_uniform, bias_init=nnx.initializers.zeros)
         self.output_proj = torch_linear(embed_dims, embed_dims, dtype=dtype, rngs=rngs,
                                   kernel_init=xavier_uniform, bias_init=nnx.initializers.zeros)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout, rngs=dropout_stream(rngs))
 
     def __call__(self, query, key=None, value=None, *, query_pos=None, reference_points,
                  spatial_shapes: Sequence[tuple[int, int]], deterministic=None, **unused):
@@ -247,11 +248,11 @@ class FFN(nnx.Module):
                 torch_linear(embed_dims, feedforward_channels, dtype=dtype, rngs=rngs,
                        kernel_init=xavier_normal),
                 None,  # ReLU
-                nnx.Dropout(ffn_drop, rngs=rngs),
+                nnx.Dropout(ffn_drop, rngs=dropout_stream(rngs)),
             ]),
             torch_linear(feedforward_channels, embed_dims, dtype=dtype, rngs=rngs,
                    kernel_init=xavier_normal),
-            nnx.Dropout(ffn_drop, rngs=rngs),
+            nnx.Dropout(ffn_drop, rngs=dropout_stream(rngs)),
         ])
 
     def __call__(self, x, *, deterministic=None):
@@ -302,11 +303,11 @@ class DetrTransformerDecoderLayer(nnx.Module):
 
 
 class DetrTransformerDecoder(nnx.Module):
-    """Container with keys layers.N.* and post_norm.* (the caller applies post_norm)."""
+    """Container with keys layers.N.* and post_norm.* (the caller applies post_norm).
+    ``layers``: a list of layers, or a ``LayerStack`` when they are scanned."""
 
-    def __init__(self, layers: Sequence[DetrTransformerDecoderLayer], embed_dims, *,
-                 rngs: nnx.Rngs):
-        self.layers = nnx.List(list(layers))
+    def __init__(self, layers, embed_dims, *, rngs: nnx.Rngs):
+        self.layers = layers if isinstance(layers, LayerStack) else nnx.List(list(layers))
         self.post_norm = torch_layer_norm(embed_dims, rngs)
 
 
@@ -338,6 +339,7 @@ class TqdmMSDeformAttnPixelDecoder(nnx.Module):
         operation_order: Sequence[str] = ("self_attn", "norm", "cross_attn", "norm", "ffn",
                                           "norm"),
         *,
+        remat: bool = False,
         dtype=_F32,
         rngs: nnx.Rngs,
     ):
@@ -359,7 +361,10 @@ class TqdmMSDeformAttnPixelDecoder(nnx.Module):
         if "self_attn" not in operation_order or "cross_attn" not in operation_order:
             raise ValueError("the pixel decoder layer needs self_attn and cross_attn")
 
-        def attentions():
+        if dropout:  # stacked layers hold no RNG streams; the reference's rate is 0
+            raise ValueError("the scanned pixel decoder supports dropout 0 only")
+
+        def attentions(rngs):
             # In operation order: the deformable attention is the self-attention.
             mods = []
             for op in operation_order:
@@ -372,10 +377,12 @@ class TqdmMSDeformAttnPixelDecoder(nnx.Module):
                                                    dtype=dtype, rngs=rngs))
             return mods
 
+        self.remat = bool(remat)
+        self.scan = True  # False: the same layers as an unrolled Python loop
         self.encoder = DetrTransformerDecoder(
-            [DetrTransformerDecoderLayer(attentions(), feat_channels, feedforward_channels,
-                                         operation_order, dropout, dtype=dtype, rngs=rngs)
-             for _ in range(num_layers)],
+            LayerStack(lambda r: DetrTransformerDecoderLayer(
+                attentions(r), feat_channels, feedforward_channels, operation_order, dropout,
+                dtype=dtype, rngs=r), num_layers, rngs=rngs),
             feat_channels,
             rngs=rngs,
         )
@@ -430,10 +437,15 @@ class TqdmMSDeformAttnPixelDecoder(nnx.Module):
         if text_pos.shape[1] != texts.shape[1]:
             raise ValueError(f"{texts.shape[1]} text embeddings for num_text_embeds="
                              f"{text_pos.shape[1]}")
-        for layer in self.encoder.layers:
-            query = layer(query, text, text, query_pos=query_pos, key_pos=text_pos,
-                          reference_points=reference_points, spatial_shapes=tuple(shapes),
-                          deterministic=deterministic)
+        def layer(layers, q, _):
+            return layers[0](q, text, text, query_pos=query_pos, key_pos=text_pos,
+                             reference_points=reference_points, spatial_shapes=tuple(shapes),
+                             deterministic=deterministic)
+
+        # remat: the deformable sampling's gathers (queries x heads x levels x points x
+        # corners x channels) are recomputed in the backward pass instead of kept per layer.
+        query, _ = scan_layers(layer, (self.encoder.layers,), query, remat=self.remat,
+                               unroll=not self.scan)
         memory = self.encoder.post_norm(query.astype(_F32))
 
         outs, start = [], 0

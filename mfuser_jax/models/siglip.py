@@ -29,6 +29,7 @@ from mfuser_jax.models.layers import (
     dot_product_attention,
     torch_linear,
 )
+from mfuser_jax.models.stack import LayerStack, scan_layers
 from mfuser_jax.ops.resize import resize
 
 __all__ = ["SiglipTextTransformer", "SiglipVisionTransformer"]
@@ -100,17 +101,18 @@ class SiglipEncoderLayer(nnx.Module):
 
 
 class SiglipEncoder(nnx.Module):
+    """``layers``: a ``LayerStack`` of encoder layers (stacked parameters, scanned)."""
+
     def __init__(self, dim: int, layers: int, heads: int, hidden: int, *,
                  attn_implementation=None, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.layers = nnx.List([
-            SiglipEncoderLayer(dim, heads, hidden, attn_implementation=attn_implementation,
-                               dtype=dtype, rngs=rngs)
-            for _ in range(layers)
-        ])
+        self.layers = LayerStack(
+            lambda r: SiglipEncoderLayer(dim, heads, hidden,
+                                         attn_implementation=attn_implementation,
+                                         dtype=dtype, rngs=r),
+            layers, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for layer in self.layers:
-            x = layer(x)
+    def __call__(self, x: jax.Array, *, remat: bool = False) -> jax.Array:
+        x, _ = scan_layers(lambda layers, t, _: layers[0](t), (self.layers,), x, remat=remat)
         return x
 
 
@@ -226,15 +228,24 @@ class SiglipVisionTransformer(nnx.Module):
             pos = resize(pos, (gh, gw), axes=(0, 1))
         return x.reshape(b, gh * gw, c) + pos.reshape(1, gh * gw, c).astype(x.dtype)
 
-    def block(self, index: int, x: jax.Array) -> jax.Array:
-        return self.encoder.layers[index](x)
+    @property
+    def blocks(self) -> LayerStack:
+        return self.encoder.layers
+
+    def layer_inputs(self, key=None, grid=None):
+        return None  # no drop path
+
+    def block_aux(self, grid):
+        return None  # blocks share nothing but the call
+
+    @staticmethod
+    def block(layer: SiglipEncoderLayer, x: jax.Array, layer_input=None, aux=None):
+        return layer(x)
 
     def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(last_hidden_state (B, N, D) after post_layernorm, pooler_output (B, D)) float32,
         as HF's SiglipVisionModel."""
-        x = self.prepare_tokens(images)
-        for i in range(self.num_layers):
-            x = self.block(i, x)
+        x = self.encoder(self.prepare_tokens(images))
         x = _ln(self.post_layernorm, x)
         pooled, _ = self.head(x)
         return x.astype(jnp.float32), pooled[:, 0].astype(jnp.float32)
