@@ -144,8 +144,10 @@ def get_base_config(args):
     c.batch_size = 4                   # global: the reference trains 2 GPUs x 2 images
     c.seed = 0
     c.log_every = 50
+    c.log_parts = False                # True: the per-part losses on the console too (they
+                                       # always go to metrics.jsonl and TensorBoard)
     c.checkpoint_every = 2000
-    c.keep_checkpoints = 2
+    c.keep_checkpoints = 2             # older checkpoints are deleted as new ones are saved
     c.eval_every = 20000               # and always at the end
     c.data_root = "data"
     c.mesh = (("data", -1),)           # (axis, size) pairs; -1 = all remaining devices

@@ -255,6 +255,15 @@ def write_eval_json(workdir: str, dataset: str, step: int, miou: float,
     return path
 
 
+def with_progress(batches: Iterable[dict], name: str) -> Iterable[dict]:
+    """A progress bar (images/s; an ETA when the iterator has a length) on process 0."""
+    if jax.process_index() != 0:
+        return batches
+    from tqdm import tqdm
+    total = len(batches) if hasattr(batches, "__len__") else None
+    return tqdm(batches, total=total, desc=f"eval {name}", unit="img", dynamic_ncols=True)
+
+
 def _default_eval_iter(config, name, *, process_index, process_count):
     from mfuser_jax.data.pipeline import make_eval_iterator
     return make_eval_iterator(config, name, process_index=process_index,
@@ -283,7 +292,7 @@ def evaluate_model(model: nnx.Module, config: Any, *, step: int, workdir: str | 
     for name in (datasets if datasets is not None else config.data.eval):
         batches = eval_iter_fn(config, name, process_index=jax.process_index(),
                                process_count=jax.process_count())
-        cm = sum_over_processes(evaluate_batches(evaluator, batches))
+        cm = sum_over_processes(evaluate_batches(evaluator, with_progress(batches, name)))
         iou, miou = iou_from_confusion(cm)
         results[name] = miou
         if jax.process_index() == 0:

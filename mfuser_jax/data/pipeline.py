@@ -362,11 +362,27 @@ def make_eval_iterator(config, name: str, *, process_index: int = 0,
     grain = _grain()
     workers = int(cfg["data"]["num_workers"])
     if grain is None or workers == 0:
-        return (fn(i) for i in indices)
+        return SizedIterator((fn(i) for i in indices), len(indices))
     ds = grain.MapDataset.source(list(indices)).map(fn).to_iter_dataset(
         grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                      per_worker_buffer_size=1))
     gen = _closing(iter(ds))
     _OPEN_ITERATORS.add(gen)
-    return gen
+    return SizedIterator(gen, len(indices))
+
+
+class SizedIterator:
+    """An iterator that knows how many items it yields in all (for a progress bar's ETA)."""
+
+    def __init__(self, it: Iterator[dict], n: int):
+        self._it, self._n = it, n
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._it)
+
+    def __len__(self) -> int:
+        return self._n
