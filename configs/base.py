@@ -43,7 +43,10 @@ def parse_arg(arg, **defaults):
             raise ConfigError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
         default = defaults[key]
         if isinstance(default, bool):
-            value = value.strip().lower() in ("1", "true", "yes", "") if sep else True
+            text = value.strip().lower() if sep else "true"
+            if text not in ("1", "true", "yes", "", "0", "false", "no"):
+                raise ConfigError(f"{key}={value!r}: expected True or False")
+            value = text in ("1", "true", "yes", "")
         else:
             value = type(default)(value.strip())
         out[key] = value

@@ -745,6 +745,8 @@ def evaluate_checkpoint(config: Any, workdir: str, step: int | None = None, *,
     if eval_iter_fn is None:
         check_data_for_eval(config)
     eval_sets = available_eval_datasets(config, log)
+    log(f"restoring the model from {workdir} (building and compiling take a while at full "
+        "size)")
     model, step = restore_model(config, workdir, step)
     return evaluate_model(model, config, step=step, workdir=workdir, datasets=eval_sets,
                           eval_iter_fn=eval_iter_fn, log=log,

@@ -160,6 +160,8 @@ def predict(config, workdir, images, out, classes, step, alpha):
     stems = output_stems(files, out)
     default_names = list(config.model.class_names)
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    print(f"{len(files)} image(s); restoring the model from {workdir} (building and "
+          "compiling take a while at full size)", flush=True)
     model, step = restore_model(config, workdir, step)
     ev = config.get("evaluation", {})
     predictor = SlidingWindowPredictor(model, crop=int(ev.get("crop_size", 512)),

@@ -5,7 +5,7 @@
       [--nproc N] [--force]
 
 Thin CLI over mfuser_jax.data.prepare (see its docstring for the layouts it reads and
-the files it writes). Resumable; verifies counts at the end; exits 1 with one message
+the files it writes). Resumable; verifies counts at the end; exits 2 with one message
 on bad input.
 """
 import os

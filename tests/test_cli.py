@@ -40,8 +40,8 @@ def test_help_exits_0(script, flag):
      "error: --config.total_steps=ten: invalid literal for int() with base 10: 'ten'"),
     (["--config", "configs/demo.py:vlm=llava"],
      "error: vlm='llava': choose one of ('clip', 'eva02', 'siglip')"),
-    (["--config", "configs/demo.py", "--config.model.vlm=eva02"],
-     "error: config.model.vlm='eva02' has no config.model.eva02 section"),
+    (["--config", "configs/demo.py:small_gpu=maybe"],
+     "error: small_gpu='maybe': expected True or False"),
     (["--config", "configs/demo.py", "stray"], "error: unexpected argument 'stray'"),
     (["--config", "configs/demo.py", "--wrkdir=x"], "error: Unknown command line flag"),
     (["--workdir={tmp}/w"], "error: --config is required (see --help)"),
@@ -84,3 +84,16 @@ def test_workdir_refuses_another_vlm(tmp_path):
         f"error: {workdir} holds a vlm='clip' model ({workdir}/config.json) but the config "
         "builds vlm='eva02': append ':vlm=clip' to the config file name (e.g. --config "
         "configs/gta2cs.py:vlm=clip)")
+
+
+def test_vlm_override_without_its_section_is_refused():
+    sys.path.insert(0, REPO)
+    from configs import demo
+    from mfuser_jax.train import UserError
+    from mfuser_jax.workdir import check_model_config
+    config = demo.get_config()
+    check_model_config(config)
+    config.model.vlm = "eva02"  # what --config.model.vlm=eva02 does: no eva02 settings
+    with pytest.raises(UserError, match=r"no config.model.eva02 section: choose the tower "
+                                        r"with the config argument"):
+        check_model_config(config)

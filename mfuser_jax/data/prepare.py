@@ -204,7 +204,7 @@ def main(argv=None):
         c = prepare(a.dataset, a.root, a.nproc, a.force)
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2  # a mistake the user can fix, as every script reports it
     print(f"{a.dataset}: {c['labels']} labels ({c['done']} converted, {c['skipped']} "
           f"already done), {c['stats']} images in sample_class_stats.json; verified.")
     return 0
