@@ -4,6 +4,7 @@ and optimizer rules."""
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +65,8 @@ def test_eval_from_checkpoint_reproduces_training_eval(run, tmp_path, capsys):
     assert res == {"synthetic_toy": got["miou"]}
     assert got == want
     progress = capsys.readouterr().err  # a bar per dataset: count of total, images/s
-    assert "eval synthetic_toy" in progress and "3/3" in progress and "img/s" in progress
+    assert "eval synthetic_toy" in progress and "3/3" in progress
+    assert re.search(r"(img/s|s/img)\]", progress)  # tqdm turns the rate round when slow
     # an older checkpoint is a different model
     res4 = T.evaluate_checkpoint(config, workdir, step=4, eval_iter_fn=fake_eval_iter)
     assert res4["synthetic_toy"] != got["miou"]
@@ -196,7 +198,8 @@ def test_predict_cli_keeps_every_input_and_skips_unreadable(run, tmp_path):
     assert f"skipped {tmp_path / 'fake.jpg'}: not a readable image" in res.stderr
     assert res.stderr.strip().splitlines()[-1] == (
         f"error: 1 of 7 image(s) could not be read: {tmp_path / 'fake.jpg'}")
-    assert "img/s" in res.stderr and "6 image(s) segmented" in res.stdout
+    assert re.search(r"predict: 100%.*7/7.*(img/s|s/img)\]", res.stderr)  # the bar
+    assert "6 image(s) segmented" in res.stdout
     masks = sorted(str(p.relative_to(out)) for p in out.rglob("*_mask.png"))
     assert masks == ["one_png_mask.png", "seq1/0001_png_mask.png", "seq2/0001_png_mask.png",
                      "seq2/0002_jpg_mask.png", "street_jpg_mask.png", "street_png_mask.png"]
