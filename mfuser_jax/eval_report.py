@@ -68,8 +68,9 @@ def render_eval_png(title: str, class_names: Sequence[str], cm: np.ndarray,
     pad = 16
     head = 52 if groups else 34
     bars_x0 = pad + name_w
-    cm_x0 = bars_x0 + bar_w + 60 + name_w
-    width = cm_x0 + k * cell + pad
+    cm_x0 = bars_x0 + bar_w + 40 + name_w
+    caption = "rows: ground truth, columns: predicted (row-normalised)"
+    width = cm_x0 + max(k * cell, _text_w(probe, caption, f_text)) + pad
     col_label_h = name_w
     height = max(head + k * row_h + 20, head + k * cell + col_label_h + 30) + pad
     img = Image.new("RGB", (width, height), BACKGROUND)
@@ -97,8 +98,7 @@ def render_eval_png(title: str, class_names: Sequence[str], cm: np.ndarray,
         d.text((x1 + 4, y + 2), f"{v:.1f}", fill=INK, font=f_text)
 
     # Confusion matrix: rows = ground truth (names on the left), columns = prediction.
-    d.text((cm_x0, head - 18), "ground truth (rows) -> predicted (columns), row-normalised",
-           fill=INK, font=f_text)
+    d.text((cm_x0, head - 18), caption, fill=INK, font=f_text)
     for i, n in enumerate(names):
         yc = head + i * cell + (cell - 12) / 2
         d.text((cm_x0 - 4 - _text_w(d, n, f_text), yc), n, fill=INK, font=f_text)

@@ -25,7 +25,7 @@ def _write(path, text):
 
 def test_class_file_names_ids_colours_and_ignore(tmp_path):
     path = _write(tmp_path / "classes.txt", "# my classes\n\nignore 0\n"
-                  "7 traffic light #0a0B0c\n3 pony 1,2,3\n  9 sky\n5 blue whale\n")
+                  "7 traffic light #0a0B0c\n3 pony 1,2,3  # a comment\n  9 sky\n5 blue whale #\n")
     cl = C.read_class_file(path)
     assert cl.names == ("traffic light", "pony", "sky", "blue whale")
     assert cl.label_ids == (7, 3, 9, 5) and cl.ignore_index == 0
@@ -128,7 +128,6 @@ def test_train_eval_predict_end_to_end(folder, tmp_path, monkeypatch):
     register_toy()
     from configs import custom
     from mfuser_jax import train as T
-    from mfuser_jax.evaluate import SlidingWindowPredictor
     cc = custom.get_config(f"root={folder}")
     c = toy_config(total_steps=4, checkpoint_every=4, eval_every=4, batch_size=4)
     c.data = cc.data

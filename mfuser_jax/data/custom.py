@@ -10,8 +10,8 @@ Layout of a dataset folder D (any split names; "train" and "val" are the default
 Class list file: one class per line, ``<label id> <name> [<colour>]``; the line order
 is the class order (the model's query / output channel order).
 
-  # comments start with '#'
-  ignore 0                            pixel value to ignore (default 255)
+  # a comment; ' # ...' ends a line with one
+  ignore 0                            # pixel value to ignore (default 255)
   1 road #804080
   2 traffic light 250,170,30
   3 sky
@@ -39,7 +39,6 @@ from mfuser_jax.data import labels as L
 from mfuser_jax.data.sources import DatasetLayoutError, FolderSource
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-STATS_FILE = "sample_class_stats.json"
 LAYOUT = ("D/images/<split>/<x>.{png,jpg,...} and D/labels/<split>/<x>.png (label ids "
           "as listed in the class file); see the README section \"Your own dataset\"")
 
@@ -120,7 +119,8 @@ def read_class_file(path: str) -> ClassList:
     names, ids, colours, ignore = [], [], [], None
     first_line = {}
     for n, raw in enumerate(lines, 1):
-        line = raw.strip()
+        # comments: a line starting with '#', or ' # ...' at the end ('#rrggbb' is a colour)
+        line = re.split(r"\s#(?:\s|$)", raw.strip(), maxsplit=1)[0].strip()
         if not line or line.startswith("#"):
             continue
         where = f"{path} line {n}"
