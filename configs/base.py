@@ -119,7 +119,9 @@ def mfuser_model_config(size="large", vlm="clip"):
 def data_config(train, eval_sets, crop_size=512):
     """config.data (fields of mfuser_jax.data.pipeline; defaults follow the reference)."""
     d = ml_collections.ConfigDict()
-    d.train = train                    # "gta" | "synthia" | "cityscapes" | ... | "synthetic"
+    d.train = train                    # "gta" | "synthia" | "cityscapes" | ... | "synthetic";
+                                       # "gta+synthia" mixes sources (data/mix.py)
+    d.mix_ratios = ()                  # per-source sampling weights of a mix (() = equal)
     d.eval = tuple(eval_sets)          # the first must exist; later ones are optional
     d.crop_size = crop_size
     d.ratio_range = (0.5, 2.0)

@@ -35,7 +35,8 @@ from mfuser_jax.workdir import check_workdir_model, write_config
 
 # Folders under config.data_root, by dataset name (scripts/prepare_data.py writes them).
 DATASET_DIRS = {"gta": "gta", "synthia": "synthia", "cityscapes": "cityscapes",
-                "bdd100k": "bdd100k", "mapillary": "mapillary"}
+                "bdd100k": "bdd100k", "mapillary": "mapillary", "acdc": "acdc",
+                "dark_zurich": "dark_zurich"}
 
 
 class UserError(Exception):
@@ -327,11 +328,33 @@ def _needs_folder(name: str) -> bool:
     return not (name.startswith("synthetic") or name.startswith("tfds:"))
 
 
+def _dataset_folder(config: Any, name: str) -> str:
+    """Where dataset `name` lives: data.folder.root for the generic "folder" dataset,
+    <data_root>/<name> for the others."""
+    base = _base_name(name)
+    if base == "folder":
+        return os.path.abspath(os.path.expanduser(config.data.get("folder", {}).get("root", "")
+                                                  or os.path.join(config.data_root, "folder")))
+    root = os.path.abspath(os.path.expanduser(config.data_root))
+    return os.path.join(root, DATASET_DIRS.get(base, base))
+
+
 def check_data(config: Any) -> None:
     """Fails early, with the path, when a dataset folder the config needs is missing."""
-    if not _needs_folder(config.data.train):
+    for name in config.data.train.split("+"):  # '+' mixes several sources
+        _check_train_data(config, name.strip())
+
+
+def _check_train_data(config: Any, name: str) -> None:
+    if not _needs_folder(name):
         return
-    name = _base_name(config.data.train)
+    if _base_name(name) == "folder":
+        folder = _dataset_folder(config, name)
+        if not os.path.isdir(folder):
+            raise UserError(f"training data 'folder' not found: {folder}\nset "
+                            "configs/custom.py:root=DIR (or --config.data.folder.root=DIR)")
+        return
+    name = _base_name(name)
     root = os.path.abspath(os.path.expanduser(config.data_root))
     hint = ("set --config.data_root=DIR (the folder holding gta/, synthia/, cityscapes/, "
             "bdd100k/, mapillary/) and prepare the datasets with scripts/prepare_data.py")
@@ -345,10 +368,9 @@ def check_data(config: Any) -> None:
 def available_eval_datasets(config: Any, log: Callable[[str], None] = print) -> list[str]:
     """config.data.eval, without the (non-first) target datasets that are not on disk."""
     names = list(config.data.eval)
-    root = os.path.abspath(os.path.expanduser(config.data_root))
     out = []
     for i, name in enumerate(names):
-        folder = os.path.join(root, DATASET_DIRS.get(_base_name(name), _base_name(name)))
+        folder = _dataset_folder(config, name)
         if not _needs_folder(name) or os.path.isdir(folder):
             out.append(name)
         elif i == 0:
@@ -754,8 +776,8 @@ def evaluate_checkpoint(config: Any, workdir: str, step: int | None = None, *,
 
 
 def check_data_for_eval(config: Any) -> None:
-    if not any(_needs_folder(n) for n in config.data.eval):
-        return
+    if not any(_needs_folder(n) and _base_name(n) != "folder" for n in config.data.eval):
+        return  # the generic "folder" dataset lives at data.folder.root
     root = os.path.abspath(os.path.expanduser(config.data_root))
     if not os.path.isdir(root):
         raise UserError(f"data root not found: {root}\n"

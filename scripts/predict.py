@@ -8,8 +8,8 @@
 b/); folders are searched (not recursively) for .png/.jpg/.jpeg/.bmp/.webp images. Outputs
 mirror the inputs' folders below their common parent and keep each input's extension in
 the name, so no two inputs share an output: frames/0001.png gives
-preds/frames/0001_png_mask.png (colours: the Cityscapes palette; generated colours for
-custom classes) and preds/frames/0001_png_overlay.jpg. Since the queries come from text,
+preds/frames/0001_png_mask.png (colours: config.model.palette, else the Cityscapes
+palette; generated colours for other class names) and preds/frames/0001_png_overlay.jpg. Since the queries come from text,
 --classes segments any list of class names (the model was trained on the 19 Cityscapes
 classes; others are zero-shot).
 
@@ -17,7 +17,6 @@ An image that cannot be read is reported by name and skipped; the others are seg
 the exit status is 1. Exit status 2: a usage mistake (nothing segmented), 130: Ctrl-C.
 """
 
-import colorsys
 import os
 import sys
 
@@ -127,26 +126,15 @@ def write_outputs(stem, mask, overlay):
     return targets[0][0]
 
 
-def palette_for(names, default_names):
-    """Cityscapes colours for the Cityscapes classes, evenly spaced hues otherwise."""
-    cityscapes = np.array(
-        [[128, 64, 128], [244, 35, 232], [70, 70, 70], [102, 102, 156], [190, 153, 153],
-         [153, 153, 153], [250, 170, 30], [220, 220, 0], [107, 142, 35], [152, 251, 152],
-         [70, 130, 180], [220, 20, 60], [255, 0, 0], [0, 0, 142], [0, 0, 70],
-         [0, 60, 100], [0, 80, 100], [0, 0, 230], [119, 11, 32]], np.uint8)
-    try:
-        from mfuser_jax.data.labels import PALETTE as cityscapes  # noqa: F811
-    except ImportError:
-        pass
+def palette_for(names, default_names, trained_palette=None):
+    """A trained class keeps its colour (config.model.palette, else the Cityscapes colour
+    of a Cityscapes name); any other name gets an evenly spaced hue."""
+    from mfuser_jax.data.custom import default_palette, generated_colour
+    base = np.asarray(trained_palette if trained_palette else default_palette(default_names),
+                      np.uint8).reshape(-1, 3)
     index = {n: i for i, n in enumerate(default_names)}
-    pal = np.zeros((len(names), 3), np.uint8)
-    for i, n in enumerate(names):
-        if n in index and index[n] < len(cityscapes):
-            pal[i] = cityscapes[index[n]]
-        else:  # golden-ratio hues: distinct for any number of classes
-            r, g, b = colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.75, 0.95)
-            pal[i] = (int(r * 255), int(g * 255), int(b * 255))
-    return pal
+    return np.array([base[index[n]] if n in index else generated_colour(i)
+                     for i, n in enumerate(names)], np.uint8).reshape(-1, 3)
 
 
 def predict(config, workdir, images, out, classes, step, alpha):
@@ -168,7 +156,8 @@ def predict(config, workdir, images, out, classes, step, alpha):
                                        stride=int(ev.get("stride", 341)),
                                        crop_batch=int(ev.get("crop_batch", 6)),
                                        class_names=names)
-    pal = palette_for(names or default_names, default_names)
+    pal = palette_for(names or default_names, default_names,
+                      config.model.get("palette", None))
     failed = []
     with tqdm(total=len(files), desc="predict", unit="img", dynamic_ncols=True) as bar:
         for f, stem in zip(files, stems):
