@@ -42,7 +42,10 @@ def parse_arg(arg, **defaults):
             raise ConfigError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
         default = defaults[key]
         if isinstance(default, bool):
-            value = value.strip().lower() in ("1", "true", "yes", "") if sep else True
+            text = value.strip().lower() if sep else "true"
+            if text not in ("1", "true", "yes", "", "0", "false", "no"):
+                raise ConfigError(f"{key}={value!r}: expected True or False")
+            value = text in ("1", "true", "yes", "")
         else:
             value = type(default)(value.strip())
         out[key] = value
@@ -121,7 +124,9 @@ def mfuser_model_config(size="large", vlm="clip"):
 def data_config(train, eval_sets, crop_size=512):
     """config.data (fields of mfuser_jax.data.pipeline; defaults follow the reference)."""
     d = ml_collections.ConfigDict()
-    d.train = train                    # "gta" | "synthia" | "cityscapes" | ... | "synthetic"
+    d.train = train                    # "gta" | "synthia" | "cityscapes" | ... | "synthetic";
+                                       # "gta+synthia" mixes sources (data/mix.py)
+    d.mix_ratios = ()                  # per-source sampling weights of a mix (() = equal)
     d.eval = tuple(eval_sets)          # the first must exist; later ones are optional
     d.crop_size = crop_size
     d.ratio_range = (0.5, 2.0)
@@ -149,8 +154,10 @@ def get_base_config(args):
     c.batch_size = 4                   # global: the reference trains 2 GPUs x 2 images
     c.seed = 0
     c.log_every = 50
+    c.log_parts = False                # True: the per-part losses on the console too (they
+                                       # always go to metrics.jsonl and TensorBoard)
     c.checkpoint_every = 2000
-    c.keep_checkpoints = 2
+    c.keep_checkpoints = 2             # older checkpoints are deleted as new ones are saved
     c.eval_every = 20000               # and always at the end
     c.data_root = "data"
     c.mesh = (("data", -1),)           # (axis, size) pairs; -1 = all remaining devices

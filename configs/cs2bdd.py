@@ -1,4 +1,4 @@
-"""MFuser, Cityscapes -> BDD100K (also Mapillary when present).
+"""MFuser, Cityscapes -> BDD100K (also Mapillary and ACDC when present).
 Recipe: 20k steps, global batch 4, 512 crops.
 
   python scripts/train.py --config configs/cs2bdd.py --workdir runs/cs2bdd \
@@ -10,4 +10,4 @@ from configs import base
 
 
 def get_config(arg=None):
-    return base.make_config("cityscapes", ("bdd100k", "mapillary"), arg)
+    return base.make_config("cityscapes", ("bdd100k", "mapillary", "acdc"), arg)

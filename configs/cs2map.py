@@ -1,4 +1,4 @@
-"""MFuser, Cityscapes -> Mapillary.
+"""MFuser, Cityscapes -> Mapillary (also ACDC, per condition, when present).
 Recipe: 20k steps, global batch 4, 512 crops.
 
   python scripts/train.py --config configs/cs2map.py --workdir runs/cs2map \
@@ -10,4 +10,4 @@ from configs import base
 
 
 def get_config(arg=None):
-    return base.make_config("cityscapes", ("mapillary",), arg)
+    return base.make_config("cityscapes", ("mapillary", "acdc"), arg)

@@ -1,4 +1,4 @@
-"""MFuser, GTA5 -> BDD100K.
+"""MFuser, GTA5 -> BDD100K (also ACDC, per condition, when present).
 Recipe: 20k steps, global batch 4, 512 crops.
 
   python scripts/train.py --config configs/gta2bdd.py --workdir runs/gta2bdd \
@@ -10,4 +10,4 @@ from configs import base
 
 
 def get_config(arg=None):
-    return base.make_config("gta", ("bdd100k",), arg)
+    return base.make_config("gta", ("bdd100k", "acdc"), arg)

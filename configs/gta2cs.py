@@ -1,4 +1,4 @@
-"""MFuser, GTA5 -> Cityscapes (paper setting; also BDD100K and Mapillary when present).
+"""MFuser, GTA5 -> Cityscapes (paper setting; also BDD100K, Mapillary and ACDC when present).
 Recipe: 20k steps, global batch 4, 512 crops.
 
   python scripts/train.py --config configs/gta2cs.py --workdir runs/gta2cs \
@@ -10,4 +10,4 @@ from configs import base
 
 
 def get_config(arg=None):
-    return base.make_config("gta", ("cityscapes", "bdd100k", "mapillary"), arg)
+    return base.make_config("gta", ("cityscapes", "bdd100k", "mapillary", "acdc"), arg)

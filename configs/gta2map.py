@@ -1,4 +1,4 @@
-"""MFuser, GTA5 -> Mapillary.
+"""MFuser, GTA5 -> Mapillary (also ACDC, per condition, when present).
 Recipe: 20k steps, global batch 4, 512 crops.
 
   python scripts/train.py --config configs/gta2map.py --workdir runs/gta2map \
@@ -10,4 +10,4 @@ from configs import base
 
 
 def get_config(arg=None):
-    return base.make_config("gta", ("mapillary",), arg)
+    return base.make_config("gta", ("mapillary", "acdc"), arg)

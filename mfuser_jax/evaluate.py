@@ -225,6 +225,27 @@ def evaluate_batches(evaluator: ImageEvaluator, batches: Iterable[dict[str, Any]
     return total
 
 
+def evaluate_batches_grouped(evaluator: ImageEvaluator, batches: Iterable[dict[str, Any]],
+                             groups: Sequence[str], flush_every: int = 32) -> np.ndarray:
+    """(G, K, K) int64 confusion matrices, one per group; each batch names its group
+    (batch["group"], e.g. ACDC's condition). Their sum is the whole set's matrix."""
+    k = evaluator.num_classes
+    index = {g: i for i, g in enumerate(groups)}
+    total = np.zeros((len(groups), k, k), np.int64)
+    acc: dict[int, Any] = {}
+    for i, batch in enumerate(batches):
+        g = index[batch["group"]]
+        cm = evaluator(batch["image"], batch["label"])
+        acc[g] = cm if g not in acc else acc[g] + cm
+        if (i + 1) % flush_every == 0:
+            for g, a in acc.items():
+                total[g] += np.asarray(a, np.int64)
+            acc = {}
+    for g, a in acc.items():
+        total[g] += np.asarray(a, np.int64)
+    return total
+
+
 def sum_over_processes(cm: np.ndarray) -> np.ndarray:
     """Sums an int64 host matrix over processes (exchanged as two int32 halves)."""
     if jax.process_count() == 1:
@@ -244,21 +265,68 @@ def eval_json_path(workdir: str, dataset: str, step: int) -> str:
 
 
 def write_eval_json(workdir: str, dataset: str, step: int, miou: float,
-                    class_names: Sequence[str], iou: np.ndarray) -> str:
+                    class_names: Sequence[str], iou: np.ndarray,
+                    groups: dict[str, tuple[float, np.ndarray]] | None = None) -> str:
+    """`groups` {name: (miou, iou)} adds {"groups": {name: {"miou", "per_class"}}}."""
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
     path = eval_json_path(workdir, dataset, step)
-    per_class = {n: (None if np.isnan(v) else float(v)) for n, v in zip(class_names, iou)}
+
+    def per_class(values):
+        return {n: (None if np.isnan(v) else float(v)) for n, v in zip(class_names, values)}
+
+    report = {"step": int(step), "dataset": dataset, "miou": float(miou),
+              "per_class": per_class(iou)}
+    if groups:
+        report["groups"] = {g: {"miou": None if np.isnan(m) else float(m),
+                                "per_class": per_class(v)} for g, (m, v) in groups.items()}
     with open(path + ".tmp", "w") as f:
-        json.dump({"step": int(step), "dataset": dataset, "miou": float(miou),
-                   "per_class": per_class}, f, indent=1)
+        json.dump(report, f, indent=1)
     os.replace(path + ".tmp", path)
     return path
+
+
+def with_progress(batches: Iterable[dict], name: str) -> Iterable[dict]:
+    """A progress bar (images/s; an ETA when the iterator has a length) on process 0."""
+    if jax.process_index() != 0:
+        return batches
+    from tqdm import tqdm
+    total = len(batches) if hasattr(batches, "__len__") else None
+    return tqdm(batches, total=total, desc=f"eval {name}", unit="img", dynamic_ncols=True)
 
 
 def _default_eval_iter(config, name, *, process_index, process_count):
     from mfuser_jax.data.pipeline import make_eval_iterator
     return make_eval_iterator(config, name, process_index=process_index,
                               process_count=process_count)
+
+
+def _eval_groups(config, name, eval_iter_fn) -> tuple[str, ...]:
+    """Groups reported besides the whole set: the data pipeline's (ACDC's conditions), or
+    an injected iterator factory's `groups(config, name)` attribute."""
+    if eval_iter_fn is _default_eval_iter:
+        from mfuser_jax.data.pipeline import eval_dataset_groups
+        return eval_dataset_groups(config, name)
+    fn = getattr(eval_iter_fn, "groups", None)
+    return tuple(fn(config, name)) if fn is not None else ()
+
+
+def _report_groups(log, name, step, class_names, groups, by_group):
+    """Per-group (miou, iou) from the (G, K, K) matrices, each group's table logged."""
+    out = {}
+    for g, cm in zip(groups, by_group):
+        iou, miou = iou_from_confusion(cm)
+        out[g] = (miou, iou)
+        log(format_iou_table(f"{name} [{g}] @ step {step}", class_names, iou, miou))
+    return out
+
+
+def write_eval_report(workdir, name, step, config, cm, groups=None):
+    """The PNG beside the JSON (mfuser_jax/eval_report.py)."""
+    from mfuser_jax.eval_report import write_eval_png
+    palette = config.model.get("palette", None) or None
+    write_eval_png(workdir, name, step, list(config.model.class_names), cm,
+                   palette=np.asarray(palette, np.uint8) if palette else None,
+                   groups={g: m for g, (m, _) in (groups or {}).items()})
 
 
 def evaluate_model(model: nnx.Module, config: Any, *, step: int, workdir: str | None,
@@ -269,7 +337,8 @@ def evaluate_model(model: nnx.Module, config: Any, *, step: int, workdir: str | 
     """Evaluates `model` on every dataset (default config.data.eval); returns {name: mIoU %}.
 
     Each process evaluates its share of the images; confusion matrices are summed over
-    processes; process 0 writes W/eval/<dataset>_step<N>.json and prints the IoU table.
+    processes; process 0 writes W/eval/<dataset>_step<N>.json (with per-group entries for
+    grouped sets such as ACDC) and .png and prints the IoU tables.
     """
     eval_iter_fn = eval_iter_fn or _default_eval_iter
     ev_cfg = config.get("evaluation", {})
@@ -283,11 +352,19 @@ def evaluate_model(model: nnx.Module, config: Any, *, step: int, workdir: str | 
     for name in (datasets if datasets is not None else config.data.eval):
         batches = eval_iter_fn(config, name, process_index=jax.process_index(),
                                process_count=jax.process_count())
-        cm = sum_over_processes(evaluate_batches(evaluator, batches))
+        groups = _eval_groups(config, name, eval_iter_fn)
+        if groups:
+            by_group = sum_over_processes(evaluate_batches_grouped(evaluator, with_progress(batches, name), groups))
+            cm = by_group.sum(0)
+        else:
+            cm = sum_over_processes(evaluate_batches(evaluator, with_progress(batches, name)))
         iou, miou = iou_from_confusion(cm)
         results[name] = miou
         if jax.process_index() == 0:
+            per_group = (_report_groups(log, name, step, class_names, groups, by_group)
+                         if groups else None)
             log(format_iou_table(f"{name} @ step {step}", class_names, iou, miou))
             if workdir is not None:
-                write_eval_json(workdir, name, step, miou, class_names, iou)
+                write_eval_json(workdir, name, step, miou, class_names, iou, per_group)
+                write_eval_report(workdir, name, step, config, cm, per_group)
     return results

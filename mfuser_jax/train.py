@@ -31,10 +31,12 @@ from flax import nnx
 from mfuser_jax import sharding as shd
 from mfuser_jax.evaluate import eval_json_path, evaluate_model
 from mfuser_jax.models.factory import build_model
+from mfuser_jax.workdir import check_workdir_model, write_config
 
 # Folders under config.data_root, by dataset name (scripts/prepare_data.py writes them).
 DATASET_DIRS = {"gta": "gta", "synthia": "synthia", "cityscapes": "cityscapes",
-                "bdd100k": "bdd100k", "mapillary": "mapillary"}
+                "bdd100k": "bdd100k", "mapillary": "mapillary", "acdc": "acdc",
+                "dark_zurich": "dark_zurich"}
 
 
 class UserError(Exception):
@@ -47,7 +49,12 @@ class TrainingDiverged(RuntimeError):
 
 
 class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint of the current step was written."""
+    """SIGTERM or Ctrl-C arrived; a checkpoint of the current step was written. The CLIs
+    exit with 128 + signum (143, 130), as a process killed by that signal would."""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.signum = int(signum)
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -316,9 +323,15 @@ def save_checkpoint(mngr, state: TrainState) -> None:
 
 def restore_checkpoint(mngr, trainer: Trainer, step: int) -> TrainState:
     import orbax.checkpoint as ocp
-    out = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(trainer.abstract_tree()),
-        meta=ocp.args.JsonRestore()))
+    try:
+        out = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(trainer.abstract_tree()),
+            meta=ocp.args.JsonRestore()))
+    except ValueError as e:  # Orbax's (long) tree or shape diff
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"checkpoint {mngr.directory}/{step} does not fit the model this "
+                        f"config builds ({first}); was it trained with another config?"
+                        ) from None
     tree = out["state"]
     return TrainState(tree["params"], tree["batch_stats"], tree["opt_state"],
                       int(out["meta"]["step"]))
@@ -336,11 +349,33 @@ def _needs_folder(name: str) -> bool:
     return not (name.startswith("synthetic") or name.startswith("tfds:"))
 
 
+def _dataset_folder(config: Any, name: str) -> str:
+    """Where dataset `name` lives: data.folder.root for the generic "folder" dataset,
+    <data_root>/<name> for the others."""
+    base = _base_name(name)
+    if base == "folder":
+        return os.path.abspath(os.path.expanduser(config.data.get("folder", {}).get("root", "")
+                                                  or os.path.join(config.data_root, "folder")))
+    root = os.path.abspath(os.path.expanduser(config.data_root))
+    return os.path.join(root, DATASET_DIRS.get(base, base))
+
+
 def check_data(config: Any) -> None:
     """Fails early, with the path, when a dataset folder the config needs is missing."""
-    if not _needs_folder(config.data.train):
+    for name in config.data.train.split("+"):  # '+' mixes several sources
+        _check_train_data(config, name.strip())
+
+
+def _check_train_data(config: Any, name: str) -> None:
+    if not _needs_folder(name):
         return
-    name = _base_name(config.data.train)
+    if _base_name(name) == "folder":
+        folder = _dataset_folder(config, name)
+        if not os.path.isdir(folder):
+            raise UserError(f"training data 'folder' not found: {folder}\nset "
+                            "configs/custom.py:root=DIR (or --config.data.folder.root=DIR)")
+        return
+    name = _base_name(name)
     root = os.path.abspath(os.path.expanduser(config.data_root))
     hint = ("set --config.data_root=DIR (the folder holding gta/, synthia/, cityscapes/, "
             "bdd100k/, mapillary/) and prepare the datasets with scripts/prepare_data.py")
@@ -354,10 +389,9 @@ def check_data(config: Any) -> None:
 def available_eval_datasets(config: Any, log: Callable[[str], None] = print) -> list[str]:
     """config.data.eval, without the (non-first) target datasets that are not on disk."""
     names = list(config.data.eval)
-    root = os.path.abspath(os.path.expanduser(config.data_root))
     out = []
     for i, name in enumerate(names):
-        folder = os.path.join(root, DATASET_DIRS.get(_base_name(name), _base_name(name)))
+        folder = _dataset_folder(config, name)
         if not _needs_folder(name) or os.path.isdir(folder):
             out.append(name)
         elif i == 0:
@@ -520,6 +554,87 @@ def _fmt_time(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+CONSOLE_WIDTH = 120
+
+
+def format_step_line(step: int, total: int, loss: float, lr: float,
+                     images_per_s: float | None, eta_s: float | None) -> str:
+    """'step   40/600 | loss  12.3456 | lr 1.00e-03 |   45.6 img/s | ETA 3m20s': fixed
+    columns, well under CONSOLE_WIDTH. No rate yet (None): the window held compilation."""
+    n = len(str(total))
+    speed = (f"{images_per_s:7.1f} img/s | ETA {_fmt_time(eta_s)}"
+             if images_per_s is not None else "compiling (rate and ETA on the next line)")
+    return f"step {step:>{n}}/{total} | loss {loss:8.4f} | lr {lr:.2e} | {speed}"
+
+
+def format_loss_parts(parts: dict[str, float], width: int = CONSOLE_WIDTH) -> str:
+    """The per-part losses (config.log_parts), wrapped and indented under a step line."""
+    import textwrap
+    text = "  ".join(f"{k} {v:.4f}" for k, v in parts.items())
+    return textwrap.fill(text, width=width, initial_indent="    ", subsequent_indent="    ",
+                         break_on_hyphens=False)
+
+
+class StopSignals:
+    """SIGTERM and Ctrl-C during training: finish the current step, save it, stop.
+
+    The first signal only records itself; the loop checks after every step. A first Ctrl-C
+    says so at once and restores the default handler, so a second one ends the process
+    immediately. Ctrl-C during an evaluation abandons it (`evaluating`), so the checkpoint
+    follows promptly; the resumed run evaluates that step again. Outside the main thread
+    (no signals there) and for a SIGINT the parent ignores (background jobs), nothing is
+    installed."""
+
+    NOTICE = (b"\nCtrl-C: saving a checkpoint after the current step (Ctrl-C again quits "
+              b"at once, without it)\n")
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.evaluating = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                if sig == signal.SIGINT and signal.getsignal(sig) == signal.SIG_IGN:
+                    continue
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        del frame
+        if self.signum is None:
+            self.signum = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.write(2, self.NOTICE)  # not print(): the main thread may be inside one
+            if self.evaluating:
+                raise KeyboardInterrupt
+
+    def evaluate(self, fn: Callable[[], Any]) -> None:
+        """Runs an evaluation; a Ctrl-C during it abandons it (nothing half-written: the
+        per-dataset JSON files are replaced atomically)."""
+        self.evaluating = True
+        try:
+            fn()
+        except KeyboardInterrupt:
+            if self.signum is None:
+                raise
+        finally:
+            self.evaluating = False
+
+    def message(self, step: int, workdir: str) -> str:
+        what = "interrupted (Ctrl-C)" if self.signum == signal.SIGINT else "SIGTERM"
+        return (f"{what}: checkpoint of step {step} saved in {workdir}/checkpoints; "
+                "rerun the same command to resume")
+
+
 # --------------------------------------------------------------------------- main loop
 
 def _default_train_iter(config, *, start_step, process_index, process_count):
@@ -548,11 +663,10 @@ def train_and_evaluate(config: Any, workdir: str, *,
     total_steps = int(config.total_steps)
     check_data(config)
     check_pretrained(config)
+    check_workdir_model(config, workdir)  # before config.json records this config
     os.makedirs(workdir, exist_ok=True)
     if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=1) if hasattr(
-                config, "to_json_best_effort") else json.dumps(dict(config), default=str))
+        write_config(workdir, config)
     eval_sets = available_eval_datasets(config, log)
 
     mngr = checkpoint_manager(workdir, int(config.get("keep_checkpoints", 2)))
@@ -586,14 +700,7 @@ def train_and_evaluate(config: Any, workdir: str, *,
     ckpt_every = max(int(config.checkpoint_every), 1)
     eval_every = max(int(config.eval_every), 1)
     batch_size = int(config.batch_size)
-
-    stop = {"sigterm": False}
-    prev_handler = None
-    try:
-        prev_handler = signal.signal(signal.SIGTERM,
-                                     lambda *_: stop.__setitem__("sigterm", True))
-    except ValueError:  # not the main thread
-        pass
+    log_parts = bool(config.get("log_parts", False))
 
     pending: list[tuple[int, dict]] = []
     last: dict = {"step": state.step}
@@ -619,14 +726,12 @@ def train_and_evaluate(config: Any, workdir: str, *,
         record = {"step": end, **mean, "lr": lr}
         writer.write(record, "train")
         dt = time.time() - t_window
-        ips = n_window * batch_size / max(dt, 1e-9)
-        eta = (total_steps - end) * dt / max(n_window, 1)
-        parts = " ".join(f"{k} {v:.4f}" for k, v in mean.items() if k != "loss")
         # The first window after (re)start holds the step's compilation: no rate from it.
-        speed = (f"{ips:.1f} img/s | ETA {_fmt_time(eta)}" if warmed_up
-                 else "compiling, ETA after the next log line")
-        log(f"step {end}/{total_steps} | loss {mean['loss']:.4f} ({parts}) | lr {lr:.3e} | "
-            f"{speed}")
+        ips = n_window * batch_size / max(dt, 1e-9) if warmed_up else None
+        eta = (total_steps - end) * dt / max(n_window, 1)
+        log(format_step_line(end, total_steps, mean["loss"], lr, ips, eta))
+        if log_parts:
+            log(format_loss_parts({k: v for k, v in mean.items() if k != "loss"}))
         t_window, n_window, warmed_up = time.time(), 0, True
         last = record
 
@@ -639,34 +744,38 @@ def train_and_evaluate(config: Any, workdir: str, *,
             writer.write({"step": step, "dataset": name, "miou": miou}, "eval")
         return res
 
+    def eval_due(step):
+        return step % eval_every == 0 or step == total_steps
+
     try:
-        while state.step < total_steps:
-            batch = next(batches)
-            step_idx = state.step
-            state, metrics = trainer.step(state, batch)
-            pending.append((step_idx, metrics))
-            n_window += 1
-            done = state.step
-            if done % log_every == 0 or done == total_steps:
-                flush()
-            if done % ckpt_every == 0 or done == total_steps or stop["sigterm"]:
-                flush()
-                save_checkpoint(mngr, state)
-            if stop["sigterm"]:
-                mngr.wait_until_finished()
-                raise Preempted(f"SIGTERM: checkpoint of step {done} saved in "
-                                f"{workdir}/checkpoints; rerun the same command to resume")
-            if done % eval_every == 0 or done == total_steps:
-                flush()
-                mngr.wait_until_finished()
-                evaluate(done)
-                t_window = time.time()  # keep evaluation out of the images/s figure
-        if latest is not None and latest >= total_steps:
-            evaluate(state.step)  # the final evaluation of a run killed while evaluating
-        mngr.wait_until_finished()
+        with StopSignals() as stop:
+            if latest is not None and eval_due(latest) and not _eval_done(
+                    workdir, eval_sets, latest):
+                # a run stopped before (or while) evaluating its last checkpoint
+                stop.evaluate(lambda: evaluate(latest))
+            while state.step < total_steps and stop.signum is None:
+                batch = next(batches)
+                step_idx = state.step
+                state, metrics = trainer.step(state, batch)
+                pending.append((step_idx, metrics))
+                n_window += 1
+                done = state.step
+                if done % log_every == 0 or done == total_steps:
+                    flush()
+                if done % ckpt_every == 0 or done == total_steps or stop.signum:
+                    flush()
+                    save_checkpoint(mngr, state)
+                if eval_due(done) and stop.signum is None:
+                    flush()
+                    mngr.wait_until_finished()
+                    stop.evaluate(lambda: evaluate(done))
+                    if stop.signum and done % ckpt_every and done != total_steps:
+                        save_checkpoint(mngr, state)  # stopped during an unsaved step's eval
+                    t_window = time.time()  # keep evaluation out of the images/s figure
+            mngr.wait_until_finished()
+            if stop.signum is not None:
+                raise Preempted(stop.message(state.step, workdir), stop.signum)
     finally:
-        if prev_handler is not None:
-            signal.signal(signal.SIGTERM, prev_handler)
         mngr.close()
         writer.close()
     return last
@@ -680,6 +789,7 @@ def restore_model(config: Any, workdir: str, step: int | None = None
     hint = "train first: python scripts/train.py --config C --workdir W"
     if not os.path.isdir(ckpt_dir):
         raise UserError(f"no checkpoints in {ckpt_dir}\n{hint}")
+    check_workdir_model(config, workdir)
     mngr = checkpoint_manager(workdir, create=False)
     try:
         steps = sorted(mngr.all_steps())
@@ -709,6 +819,8 @@ def evaluate_checkpoint(config: Any, workdir: str, step: int | None = None, *,
     if eval_iter_fn is None:
         check_data_for_eval(config)
     eval_sets = available_eval_datasets(config, log)
+    log(f"restoring the model from {workdir} (building and compiling take a while at full "
+        "size)")
     model, step = restore_model(config, workdir, step)
     return evaluate_model(model, config, step=step, workdir=workdir, datasets=eval_sets,
                           eval_iter_fn=eval_iter_fn, log=log,
@@ -716,8 +828,8 @@ def evaluate_checkpoint(config: Any, workdir: str, step: int | None = None, *,
 
 
 def check_data_for_eval(config: Any) -> None:
-    if not any(_needs_folder(n) for n in config.data.eval):
-        return
+    if not any(_needs_folder(n) and _base_name(n) != "folder" for n in config.data.eval):
+        return  # the generic "folder" dataset lives at data.folder.root
     root = os.path.abspath(os.path.expanduser(config.data_root))
     if not os.path.isdir(root):
         raise UserError(f"data root not found: {root}\n"

@@ -42,7 +42,8 @@ import _cli  # noqa: F401  (puts the repo on sys.path)
 from absl import flags
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", "configs/gta2cs.py", "config whose model sizes to convert for")
+config_flags.DEFINE_config_file("config", os.path.join(_cli.REPO, "configs", "gta2cs.py"),
+                                "config whose model sizes to convert for")
 flags.DEFINE_string("dinov2", None, "DINOv2 ViT-L/14 weights (official .pth or HF)")
 flags.DEFINE_string("clip", None, "CLIP ViT-L/14-336 weights (OpenAI .pt or HF), for vlm=clip")
 flags.DEFINE_string("eva02", None, "EVA02-CLIP-L/14-336 weights (EVA02_CLIP_L_336_psz14_s6B.pt), "

@@ -3,8 +3,9 @@
 
   python scripts/eval.py --config configs/gta2cs.py --workdir runs/gta2cs [--step N]
 
-Restores W/checkpoints/<N> (default: the latest), prints the per-class IoU table and writes
-W/eval/<dataset>_step<N>.json.
+Restores W/checkpoints/<N> (default: the latest), shows a progress bar per dataset (images/s,
+time left), prints the per-class IoU table and writes W/eval/<dataset>_step<N>.json and .png
+(IoU bars, confusion matrix).
 """
 
 import _cli  # noqa: F401

@@ -2,18 +2,25 @@
 """Segment images with a trained checkpoint: colour masks and overlays.
 
   python scripts/predict.py --config configs/gta2cs.py --workdir runs/gta2cs \\
-      --images photo.jpg frames/ --out preds/ [--classes "road,car,person"] [--step N]
+      --images photo.jpg street.png frames/ --out preds/ [--classes "road,car,person"] [--step N]
 
-Folders are searched for .png/.jpg/.jpeg/.bmp/.webp images. For each image X it writes
-preds/X_mask.png (colours: the Cityscapes palette; generated colours for custom classes)
-and preds/X_overlay.jpg. Since the queries come from text, --classes segments any list of
-class names (the model was trained on the 19 Cityscapes classes; others are zero-shot).
+--images takes any number of files and folders (also repeated: --images a.jpg --images
+b/); folders are searched (not recursively) for .png/.jpg/.jpeg/.bmp/.webp images. Outputs
+mirror the inputs' folders below their common parent and keep each input's extension in
+the name, so no two inputs share an output: frames/0001.png gives
+preds/frames/0001_png_mask.png (colours: config.model.palette, else the Cityscapes
+palette; generated colours for other class names) and preds/frames/0001_png_overlay.jpg. Since the queries come from text,
+--classes segments any list of class names (the model was trained on the 19 Cityscapes
+classes; others are zero-shot).
+
+An image that cannot be read is reported by name and skipped; the others are segmented and
+the exit status is 1. Exit status 2: a usage mistake (nothing segmented), 130: Ctrl-C.
 """
 
-import colorsys
 import os
+import sys
 
-import _cli  # noqa: F401
+import _cli
 import numpy as np
 from absl import flags
 from ml_collections import config_flags
@@ -21,7 +28,8 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/demo.py[:arg]",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "training output folder holding checkpoints/")
-flags.DEFINE_multi_string("images", None, "image files or folders (repeat or list)")
+flags.DEFINE_multi_string("images", None, "image files or folders: any number after one "
+                          "--images, or repeated")
 flags.DEFINE_string("out", None, "output folder")
 flags.DEFINE_string("classes", None, "comma-separated class names (default: the config's)")
 flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
@@ -30,81 +38,154 @@ flags.mark_flags_as_required(["config", "workdir", "images", "out"])
 FLAGS = flags.FLAGS
 
 EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+EXIT_SOME_FAILED = 1
 
 
-def list_images(paths):
+def list_images(paths, out=None):
+    """Image files from files and folders (a path that does not exist may be a
+    comma-separated list), each once, in the given order (folders sorted). A folder's
+    files inside `out` are earlier results, not inputs."""
     from mfuser_jax.train import UserError
-    out = []
+    skip = os.path.join(os.path.realpath(out), "") if out else None
+    found_all, seen = [], set()
     for p in paths:
         for item in p.split(",") if not os.path.exists(p) else [p]:
+            if not item:
+                continue
             if os.path.isdir(item):
-                out += sorted(os.path.join(item, f) for f in os.listdir(item)
-                              if f.lower().endswith(EXTS))
+                found = sorted(os.path.join(item, f) for f in os.listdir(item)
+                               if f.lower().endswith(EXTS)
+                               and os.path.isfile(os.path.join(item, f)))
+                if skip:
+                    found = [f for f in found if not os.path.realpath(f).startswith(skip)]
             elif os.path.isfile(item):
-                out.append(item)
+                found = [item]
             else:
                 raise UserError(f"no such image or folder: {os.path.abspath(item)}")
-    if not out:
+            for f in found:
+                if os.path.realpath(f) not in seen:
+                    seen.add(os.path.realpath(f))
+                    found_all.append(f)
+    if not found_all:
         raise UserError(f"no images found in {', '.join(paths)}")
-    return out
+    return found_all
 
 
-def palette_for(names, default_names):
-    """Cityscapes colours for the Cityscapes classes, evenly spaced hues otherwise."""
-    cityscapes = np.array(
-        [[128, 64, 128], [244, 35, 232], [70, 70, 70], [102, 102, 156], [190, 153, 153],
-         [153, 153, 153], [250, 170, 30], [220, 220, 0], [107, 142, 35], [152, 251, 152],
-         [70, 130, 180], [220, 20, 60], [255, 0, 0], [0, 0, 142], [0, 0, 70],
-         [0, 60, 100], [0, 80, 100], [0, 0, 230], [119, 11, 32]], np.uint8)
+def output_stems(files, out):
+    """out/<folder below the inputs' common parent>/<name>_<ext>: one per input, never
+    shared (same-stem files keep apart by their extension; a leftover clash, possible
+    only for odd names, gets a counter)."""
+    dirs = [os.path.dirname(os.path.abspath(f)) for f in files]
+    root = os.path.commonpath(dirs)
+    stems, taken = [], set()
+    for f, d in zip(files, dirs):
+        base, ext = os.path.splitext(os.path.basename(f))
+        name = f"{base}_{ext[1:]}" if ext else base
+        stem = os.path.normpath(os.path.join(out, os.path.relpath(d, root), name))
+        candidate, n = stem, 1
+        while candidate in taken:
+            n += 1
+            candidate = f"{stem}_{n}"
+        taken.add(candidate)
+        stems.append(candidate)
+    return stems
+
+
+def read_image(path):
+    """uint8 (h, w, 3), or None with the reason when the file is not a readable image."""
+    from PIL import Image
     try:
-        from mfuser_jax.data.labels import PALETTE as cityscapes  # noqa: F811
-    except ImportError:
-        pass
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB")), None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        return None, str(e) or type(e).__name__
+
+
+def write_outputs(stem, mask, overlay):
+    """Writes <stem>_mask.png and <stem>_overlay.jpg together or not at all: each goes to a
+    temporary name first, renamed once both are complete."""
+    from PIL import Image
+
+    from mfuser_jax.train import UserError
+    targets = [(f"{stem}_mask.png", mask, {"format": "PNG"}),
+               (f"{stem}_overlay.jpg", overlay, {"format": "JPEG", "quality": 92})]
+    tmps = []
+    try:
+        os.makedirs(os.path.dirname(stem), exist_ok=True)
+        for path, array, kw in targets:
+            tmps.append(path + ".part")
+            Image.fromarray(array).save(tmps[-1], **kw)
+        for tmp, (path, _, _) in zip(tmps, targets):
+            os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {stem}_*: {e.strerror or e}") from None
+    finally:
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return targets[0][0]
+
+
+def palette_for(names, default_names, trained_palette=None):
+    """A trained class keeps its colour (config.model.palette, else the Cityscapes colour
+    of a Cityscapes name); any other name gets an evenly spaced hue."""
+    from mfuser_jax.data.custom import default_palette, generated_colour
+    base = np.asarray(trained_palette if trained_palette else default_palette(default_names),
+                      np.uint8).reshape(-1, 3)
     index = {n: i for i, n in enumerate(default_names)}
-    pal = np.zeros((len(names), 3), np.uint8)
-    for i, n in enumerate(names):
-        if n in index and index[n] < len(cityscapes):
-            pal[i] = cityscapes[index[n]]
-        else:  # golden-ratio hues: distinct for any number of classes
-            r, g, b = colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.75, 0.95)
-            pal[i] = (int(r * 255), int(g * 255), int(b * 255))
-    return pal
+    return np.array([base[index[n]] if n in index else generated_colour(i)
+                     for i, n in enumerate(names)], np.uint8).reshape(-1, 3)
 
 
 def predict(config, workdir, images, out, classes, step, alpha):
-    from PIL import Image
+    """Segments every readable image; returns the number of images that could not be read."""
+    from tqdm import tqdm
 
     from mfuser_jax.evaluate import SlidingWindowPredictor
     from mfuser_jax.train import restore_model
 
-    files = list_images(images)
+    files = list_images(images, out)
+    stems = output_stems(files, out)
     default_names = list(config.model.class_names)
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    print(f"{len(files)} image(s); restoring the model from {workdir} (building and "
+          "compiling take a while at full size)", flush=True)
     model, step = restore_model(config, workdir, step)
     ev = config.get("evaluation", {})
     predictor = SlidingWindowPredictor(model, crop=int(ev.get("crop_size", 512)),
                                        stride=int(ev.get("stride", 341)),
                                        crop_batch=int(ev.get("crop_batch", 6)),
                                        class_names=names)
-    pal = palette_for(names or default_names, default_names)
-    os.makedirs(out, exist_ok=True)
-    for f in files:
-        image = np.asarray(Image.open(f).convert("RGB"))
-        pred = predictor(image).argmax(-1)
-        mask = pal[pred]
-        stem = os.path.splitext(os.path.basename(f))[0]
-        Image.fromarray(mask).save(os.path.join(out, f"{stem}_mask.png"))
-        overlay = (image * (1 - alpha) + mask * alpha).astype(np.uint8)
-        Image.fromarray(overlay).save(os.path.join(out, f"{stem}_overlay.jpg"), quality=92)
-        print(f"{f} -> {out}/{stem}_mask.png", flush=True)
-    print(f"{len(files)} image(s) segmented with checkpoint step {step}", flush=True)
+    pal = palette_for(names or default_names, default_names,
+                      config.model.get("palette", None))
+    failed = []
+    with tqdm(total=len(files), desc="predict", unit="img", dynamic_ncols=True) as bar:
+        for f, stem in zip(files, stems):
+            image, reason = read_image(f)
+            if image is None:
+                failed.append(f)
+                tqdm.write(f"skipped {f}: not a readable image ({reason})", file=sys.stderr)
+            else:
+                mask = pal[predictor(image).argmax(-1)]
+                overlay = (image * (1 - alpha) + mask * alpha).astype(np.uint8)
+                write_outputs(stem, mask, overlay)
+            bar.update(1)
+    done = len(files) - len(failed)
+    print(f"{done} image(s) segmented with checkpoint step {step}: masks and overlays in "
+          f"{os.path.abspath(out)}", flush=True)
+    if failed:
+        print(f"error: {len(failed)} of {len(files)} image(s) could not be read: "
+              f"{', '.join(failed)}", file=sys.stderr, flush=True)
+    return len(failed)
 
 
 def main(argv):
-    del argv
-    _cli.run_main(predict, FLAGS.config, FLAGS.workdir, FLAGS.images, FLAGS.out,
-                  FLAGS.classes, FLAGS.step, FLAGS.alpha)
+    images = list(FLAGS.images) + list(argv[1:])  # the paths after the first one
+    failed = _cli.run_main(predict, FLAGS.config, FLAGS.workdir, images, FLAGS.out,
+                           FLAGS.classes, FLAGS.step, FLAGS.alpha)
+    if failed:
+        sys.exit(EXIT_SOME_FAILED)
 
 
 if __name__ == "__main__":
-    _cli.run_app(main)
+    _cli.run_app(main, positional_args=True)

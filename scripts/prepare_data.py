@@ -3,9 +3,10 @@
 
   python scripts/prepare_data.py {gta,synthia,cityscapes,mapillary} --root DATA_ROOT
       [--nproc N] [--force]
+  python scripts/prepare_data.py folder --root DATASET_DIR [--classes classes.txt]
 
 Thin CLI over mfuser_jax.data.prepare (see its docstring for the layouts it reads and
-the files it writes). Resumable; verifies counts at the end; exits 1 with one message
+the files it writes). Resumable; verifies counts at the end; exits 2 with one message
 on bad input.
 """
 import os

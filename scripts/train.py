@@ -2,7 +2,9 @@
 """Train MFuser: `python scripts/train.py --config configs/gta2cs.py --workdir runs/gta2cs`.
 
 Running the same command again resumes from the latest checkpoint in W/checkpoints; a
-finished run exits at once. Outputs: W/checkpoints/<step>/, W/metrics.jsonl,
+finished run exits at once. Ctrl-C (or SIGTERM) finishes the current step, saves it and
+exits 130 (143); a second Ctrl-C quits at once. A workdir trained with another model
+(W/config.json) is refused with the config argument to use. Outputs: W/checkpoints/<step>/, W/metrics.jsonl,
 W/eval/<dataset>_step<N>.json, W/config.json and TensorBoard event files in W.
 Several GPUs on one machine: nothing to add (the mesh spans all devices). Several machines:
 launch one process per machine with the same command under SLURM/MPI (detected), or pass

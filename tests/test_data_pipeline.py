@@ -160,10 +160,13 @@ def test_eval_covers_every_image_once_over_processes(tmp_path):
     assert P.eval_dataset_size(c, "cityscapes") == 5
     names = []
     for p in range(2):
-        for ex in P.make_eval_iterator(c, "cityscapes", process_index=p, process_count=2):
+        it = P.make_eval_iterator(c, "cityscapes", process_index=p, process_count=2)
+        n_before = len(names)
+        for ex in it:
             assert ex["image"].shape == (1, 1024, 2048, 3)  # keep ratio to 2048x1024
             assert ex["label"].shape == (1, 20, 40) and ex["label"].dtype == np.int32
             names.append(ex["name"])
+        assert len(it) == len(names) - n_before == (3, 2)[p]  # a progress bar's total
     assert len(names) == 5 and len(set(names)) == 5
     c.synthetic = None
     c.data.synthetic.update(dict(num_eval=3, image_size=(16, 24)))

@@ -63,7 +63,7 @@ def test_resumes_and_verifies(tmp_path, capsys):
 
 
 def test_bad_input_is_one_clear_message(tmp_path, capsys):
-    assert prep.main(["mapillary", "--root", str(tmp_path)]) == 1
+    assert prep.main(["mapillary", "--root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "mapillary" in err and "README" in err and "Traceback" not in err
     write_fake_tree(str(tmp_path), "mapillary", n=2, raw=True)

@@ -4,6 +4,7 @@ and optimizer rules."""
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -53,14 +54,19 @@ def test_finished_run_exits_at_once(run):
     assert len(open(os.path.join(workdir, "metrics.jsonl")).readlines()) == len(lines)
 
 
-def test_eval_from_checkpoint_reproduces_training_eval(run, tmp_path):
+def test_eval_from_checkpoint_reproduces_training_eval(run, tmp_path, capsys):
+    from mfuser_jax.data.pipeline import SizedIterator
     config, workdir, lines = run
     want = json.load(open(os.path.join(workdir, "eval", "synthetic_toy_step12.json")))
     os.remove(os.path.join(workdir, "eval", "synthetic_toy_step12.json"))
-    res = T.evaluate_checkpoint(config, workdir, eval_iter_fn=fake_eval_iter)
+    sized = lambda *a, **kw: SizedIterator(fake_eval_iter(*a, **kw), 3)  # noqa: E731
+    res = T.evaluate_checkpoint(config, workdir, eval_iter_fn=sized)
     got = json.load(open(os.path.join(workdir, "eval", "synthetic_toy_step12.json")))
     assert res == {"synthetic_toy": got["miou"]}
     assert got == want
+    progress = capsys.readouterr().err  # a bar per dataset: count of total, images/s
+    assert "eval synthetic_toy" in progress and "3/3" in progress
+    assert re.search(r"(img/s|s/img)\]", progress)  # tqdm turns the rate round when slow
     # an older checkpoint is a different model
     res4 = T.evaluate_checkpoint(config, workdir, step=4, eval_iter_fn=fake_eval_iter)
     assert res4["synthetic_toy"] != got["miou"]
@@ -142,9 +148,10 @@ def test_predict_script_writes_masks_and_overlays(run, tmp_path, monkeypatch):
     image = rng.integers(0, 256, (21, 30, 3), np.uint8)
     Image.fromarray(image).save(folder / "a.png")
     out = tmp_path / "out"
-    predict_script.predict(config, workdir, [str(folder)], str(out), None, None, 0.5)
-    mask = np.asarray(Image.open(out / "a_mask.png"))
-    assert mask.shape == (21, 30, 3) and (out / "a_overlay.jpg").exists()
+    assert predict_script.predict(config, workdir, [str(folder)], str(out), None, None,
+                                  0.5) == 0
+    mask = np.asarray(Image.open(out / "a_png_mask.png"))
+    assert mask.shape == (21, 30, 3) and (out / "a_png_overlay.jpg").exists()
     pal = predict_script.palette_for(["red", "green", "blue"], ["red", "green", "blue"])
     # the mask is the palette colour of the argmax of the sliding-window scores
     from mfuser_jax.evaluate import SlidingWindowPredictor
@@ -155,7 +162,68 @@ def test_predict_script_writes_masks_and_overlays(run, tmp_path, monkeypatch):
     out2 = tmp_path / "out2"
     predict_script.predict(config, workdir, [str(folder / "a.png")], str(out2),
                            "blue,red", None, 0.5)
-    mask2 = np.asarray(Image.open(out2 / "a_mask.png")).reshape(-1, 3)
+    mask2 = np.asarray(Image.open(out2 / "a_png_mask.png")).reshape(-1, 3)
     assert len(np.unique(mask2, axis=0)) <= 2
     with pytest.raises(T.UserError, match="no such image"):
         predict_script.list_images([str(tmp_path / "missing.png")])
+
+
+def test_predict_cli_keeps_every_input_and_skips_unreadable(run, tmp_path):
+    """Two folders, two files, a same-stem pair and a text file named .jpg through
+    scripts/predict.py: one mask per readable image, the bad one named, nothing
+    overwritten, exit status 1; a progress bar with images/s."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+    _, workdir, _ = run
+    rng = np.random.default_rng(1)
+    inputs = {"seq1/0001.png": (20, 24), "seq2/0001.png": (18, 26), "seq2/0002.jpg": (20, 20),
+              "one.png": (16, 30), "street.png": (22, 22), "street.jpg": (24, 18)}
+    for rel, shape in inputs.items():
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (*shape, 3), np.uint8)).save(tmp_path / rel)
+    (tmp_path / "fake.jpg").write_text("not an image")
+    out = tmp_path / "out"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run(
+        [sys.executable, "scripts/predict.py", "--config", "tests/toy_config.py",
+         "--workdir", workdir, "--out", str(out), "--images", str(tmp_path / "seq1"),
+         str(tmp_path / "seq2"), str(tmp_path / "one.png"), str(tmp_path / "fake.jpg"),
+         "--images", str(tmp_path / "street.png"), str(tmp_path / "street.jpg")],
+        cwd=repo, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+        timeout=300)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    assert f"skipped {tmp_path / 'fake.jpg'}: not a readable image" in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"error: 1 of 7 image(s) could not be read: {tmp_path / 'fake.jpg'}")
+    assert re.search(r"predict: 100%.*7/7.*(img/s|s/img)\]", res.stderr)  # the bar
+    assert "6 image(s) segmented" in res.stdout
+    masks = sorted(str(p.relative_to(out)) for p in out.rglob("*_mask.png"))
+    assert masks == ["one_png_mask.png", "seq1/0001_png_mask.png", "seq2/0001_png_mask.png",
+                     "seq2/0002_jpg_mask.png", "street_jpg_mask.png", "street_png_mask.png"]
+    assert len(list(out.rglob("*_overlay.jpg"))) == 6
+    assert not [p for p in out.rglob("*") if "fake" in p.name or p.suffix == ".part"]
+    for rel, shape in inputs.items():  # each output belongs to its own input
+        stem = os.path.splitext(rel)[0] + "_" + rel.rsplit(".", 1)[1]
+        assert np.asarray(Image.open(out / f"{stem}_mask.png")).shape == (*shape, 3)
+
+
+def test_workdir_refuses_another_model_before_touching_it(run, tmp_path):
+    import shutil
+    config, workdir, _ = run
+    wider = toy_config(**{"model.width": 16})
+    with pytest.raises(T.UserError, match=r"model.width=8 there, 16 here"):
+        T.restore_model(wider, workdir)
+    copy = str(tmp_path / "w")
+    shutil.copytree(workdir, copy)
+    before = open(os.path.join(copy, "config.json")).read()
+    with pytest.raises(T.UserError, match=r"holds another model than this config builds"):
+        T.train_and_evaluate(wider, copy, train_iter_fn=fake_train_iter)
+    assert open(os.path.join(copy, "config.json")).read() == before  # record kept
+    # without config.json the restore itself fails: one line, not Orbax's tree diff
+    os.remove(os.path.join(copy, "config.json"))
+    with pytest.raises(T.UserError, match=r"checkpoints/12 does not fit the model") as e:
+        T.restore_model(wider, copy)
+    assert "\n" not in str(e.value)

@@ -4,7 +4,8 @@ Holds no tests itself. The toy model follows the training protocol of
 mfuser_jax.models.factory: BatchNorm (batch statistics carried by the train step), a frozen
 sub-module (excluded by `trainable_filter`), dropout drawn from the step key.
 Run as a script (`python tests/test_train_toy.py --workdir W ...`) it trains the toy in a
-fresh process: the SIGKILL, 8-device and two-process tests use that.
+fresh process, through the CLIs' error path (scripts/_cli.run_main: exit codes, one-line
+messages): the SIGKILL, Ctrl-C, 8-device and two-process tests use that.
 """
 
 from __future__ import annotations
@@ -166,6 +167,9 @@ def main(argv=None):
                     help="SIGKILL itself when asked for this step, once checkpoint "
                          "--kill_after_ckpt is on disk")
     ap.add_argument("--kill_after_ckpt", type=int, default=None)
+    ap.add_argument("--sigint_at", type=int, default=None,
+                    help="send itself SIGINT (Ctrl-C) when asked for this step")
+    ap.add_argument("--sigint_twice", action="store_true", help="... and a second one")
     ap.add_argument("--coordinator", default="")
     ap.add_argument("--num_processes", type=int, default=1)
     ap.add_argument("--process_id", type=int, default=0)
@@ -186,6 +190,10 @@ def main(argv=None):
     from mfuser_jax.train import train_and_evaluate
 
     def on_request(step):
+        if args.sigint_at is not None and step == args.sigint_at:
+            os.kill(os.getpid(), signal.SIGINT)
+            if args.sigint_twice:
+                os.kill(os.getpid(), signal.SIGINT)
         if args.kill_at is not None and step == args.kill_at:
             ckpt = os.path.join(args.workdir, "checkpoints", str(args.kill_after_ckpt))
             for _ in range(600):
@@ -198,10 +206,12 @@ def main(argv=None):
     def train_iter(config, **kw):
         return fake_train_iter(config, on_request=on_request, **kw)
 
-    train_and_evaluate(config, args.workdir, train_iter_fn=train_iter,
-                       eval_iter_fn=fake_eval_iter)
+    import _cli
+    _cli.run_main(train_and_evaluate, config, args.workdir, train_iter_fn=train_iter,
+                  eval_iter_fn=fake_eval_iter)
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path[:0] = [REPO, os.path.join(REPO, "scripts")]
     main()

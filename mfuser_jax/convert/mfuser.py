@@ -226,11 +226,11 @@ def convert_mfuser_checkpoint(config: Any, path: str, out: str, *, siglip_weight
     ``siglip_weights`` (the SigLIP .pth/HF file) when given. Returns a summary dict.
     """
     import dataclasses
-    import json
     import shutil
 
     from mfuser_jax import sharding as shd
     from mfuser_jax import train
+    from mfuser_jax.workdir import write_config
 
     step_cb = progress or (lambda stage: None)
     out = os.path.abspath(os.path.expanduser(out))
@@ -279,9 +279,7 @@ def convert_mfuser_checkpoint(config: Any, path: str, out: str, *, siglip_weight
         shutil.copyfile(tokenizer, os.path.join(pretrained, "spiece.model"))
         config.model.siglip.tokenizer = ""
     config.model.pretrained = pretrained
-    with open(os.path.join(out, "config.json"), "w") as f:  # as train_and_evaluate writes it
-        f.write(config.to_json_best_effort(indent=1) if hasattr(
-            config, "to_json_best_effort") else json.dumps(dict(config), default=str))
+    write_config(out, config)  # as training writes it: eval/predict check their model against it
 
     step_cb(f"writing {ckpt_dir}/{step}")
     trainer = train.Trainer(config, model, shd.make_mesh(config.get("mesh", None)))

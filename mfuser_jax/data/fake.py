@@ -103,6 +103,20 @@ def write_fake_tree(data_root: str, name: str, n: int = 3, size=(48, 64), *,
                 _save_label(f"{ds}/{sp}/labels/{stem}.png", ids[lab])
             else:
                 _save_label(f"{ds}/{sp}/labels/{stem}_labelTrainIds.png", lab)
+        elif name in ("acdc", "dark_zurich"):
+            # ACDC: n images per condition (source order: condition, then name)
+            conds = ("fog", "night", "rain", "snow") if name == "acdc" else ("night",)
+            sp = split or "val"
+            for c in conds:
+                if c != conds[0]:
+                    lab = random_label(rng, h, w, block)
+                    out.append(lab)
+                sub = f"{c}/{sp}" if name == "acdc" else f"{sp}/{c}"
+                stem = f"GOPR0{i:03d}/GOPR0{i:03d}_frame_{i:06d}"
+                _save_rgb(f"{ds}/rgb_anon/{sub}/{stem}_rgb_anon.png", L.colorize(lab))
+                _save_label(f"{ds}/gt/{sub}/{stem}_gt_labelTrainIds.png", lab)
         else:
             raise ValueError(f"no fake layout for {name!r}")
+    if name == "acdc":  # written image-major; the source lists condition-major
+        out = [out[i * 4 + k] for k in range(4) for i in range(n)]
     return out

@@ -7,12 +7,22 @@ Config fields read (``default_data_config()`` gives every ``data.*`` default):
   config.data_root          folder holding gta/, synthia/, cityscapes/, bdd100k/,
                             mapillary/ (default "data").
   data.train                training source: "gta", "synthia", "cityscapes", "bdd100k",
-                            "mapillary", "synthetic" or "tfds:<name>"; "name:split"
-                            picks a split (defaults: gta/synthia all images,
-                            cityscapes/bdd100k train, mapillary training, synthetic train).
+                            "mapillary", "folder", "synthetic" or "tfds:<name>";
+                            "name:split" picks a split (defaults: gta/synthia all images,
+                            cityscapes/bdd100k/folder train, mapillary training, synthetic
+                            train). Several joined by '+' ("gta+synthia") are mixed
+                            (mfuser_jax/data/mix.py).
+  data.mix_ratios           (): sampling weight of each '+'-joined training source
+                            (normalised; empty = equal shares).
   data.eval                 ("synthetic_real",): tuple of evaluation sources: "cityscapes", "bdd100k",
                             "mapillary", "synthetic_real", "synthetic", "gta", "synthia",
-                            "tfds:<name>", "name:split" (defaults: the val splits).
+                            "tfds:<name>", "acdc" (every condition and overall; "acdc:val:fog"
+                            one), "dark_zurich", "folder", "name:split" (defaults: the val
+                            splits).
+  data.folder               ConfigDict(root="", classes="", label_ids=(), ignore_index=255,
+                            test_scale=()): the generic dataset "folder"
+                            (mfuser_jax/data/custom.py; configs/custom.py fills it from a
+                            class list). Empty label_ids: labels are Cityscapes trainIds.
   data.crop_size            512 (int or (h, w)).
   data.ratio_range          (0.5, 2.0) random rescale of the original size; None = off.
   data.cat_max_ratio        0.75 (1.0 disables the class-balanced crop retries).
@@ -60,7 +70,9 @@ from typing import Iterator
 import ml_collections
 import numpy as np
 
+from mfuser_jax.data import mix
 from mfuser_jax.data import sources as S
+from mfuser_jax.data.custom import FolderDatasetSource
 from mfuser_jax.data.imageio import DataFileError
 from mfuser_jax.data.rcs import RareClassSampler
 from mfuser_jax.data.synthetic import SyntheticSource
@@ -90,6 +102,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.skip_corrupt = False
     c.synthetic = ml_collections.ConfigDict(
         dict(num_train=2000, num_eval=100, image_size=(128, 256), seed=0))
+    c.mix_ratios = ()
+    c.folder = ml_collections.ConfigDict(
+        dict(root="", classes="", label_ids=(), ignore_index=255, test_scale=()))
     c.tfds = ml_collections.ConfigDict(
         dict(name="", split="train", eval_split="validation", data_dir="",
              image_key="image_left", label_key="segmentation_label",
@@ -139,18 +154,24 @@ def _split_name(name: str) -> tuple[str, str | None]:
 
 
 _TRAIN_SPLITS = {"gta": "all", "synthia": "all", "cityscapes": "train", "bdd100k": "train",
-                 "mapillary": "training"}
+                 "mapillary": "training", "acdc": "train", "dark_zurich": "val"}
 _EVAL_SPLITS = {"gta": "all", "synthia": "all", "cityscapes": "val", "bdd100k": "val",
-                "mapillary": "validation"}
+                "mapillary": "validation", "acdc": "val", "dark_zurich": "val"}
 _FOLDER_SOURCES = {"gta": S.gta_source, "synthia": S.synthia_source,
                    "cityscapes": S.cityscapes_source, "bdd100k": S.bdd100k_source,
-                   "mapillary": S.mapillary_source}
+                   "mapillary": S.mapillary_source, "acdc": S.acdc_source,
+                   "dark_zurich": S.dark_zurich_source}
 
 
 def build_source(cfg: dict, name: str, *, train: bool):
     """A random-access source (``len``, ``load(i)``) for a configured dataset name."""
+    if mix.is_mix(name):
+        return mix.MixedSource(name, [build_source(cfg, n, train=train)
+                                      for n in mix.split_mix(name)])
     base, split = _split_name(name)
     d = cfg["data"]
+    if base == "folder":
+        return _folder_source(d["folder"], split or ("train" if train else "val"))
     if base in ("synthetic", "synthetic_real"):
         syn = d["synthetic"]
         style = "synthetic" if base == "synthetic" else "real"
@@ -168,7 +189,7 @@ def build_source(cfg: dict, name: str, *, train: bool):
     if base not in _FOLDER_SOURCES:
         raise ValueError(
             f"unknown dataset {name!r}: expected one of {sorted(_FOLDER_SOURCES)}, "
-            "'synthetic', 'synthetic_real' or 'tfds:<name>' (optionally ':split')")
+            "'folder', 'synthetic', 'synthetic_real' or 'tfds:<name>' (optionally ':split')")
     root = cfg["data_root"]
     if not os.path.isdir(root):
         raise S.DatasetLayoutError(
@@ -177,6 +198,25 @@ def build_source(cfg: dict, name: str, *, train: bool):
             f"{S.README_SECTION}).")
     split = split or (_TRAIN_SPLITS if train else _EVAL_SPLITS)[base]
     return _FOLDER_SOURCES[base](root, split)
+
+
+def _folder_source(f: dict, split: str):
+    if not f.get("root"):
+        raise S.DatasetLayoutError(
+            "dataset 'folder' needs config.data.folder.root (the folder holding images/ "
+            "and labels/): use configs/custom.py:root=DIR or --config.data.folder.root=DIR")
+    return FolderDatasetSource(f["root"], split, tuple(f.get("label_ids") or ()),
+                               int(f.get("ignore_index", 255)),
+                               tuple(f.get("test_scale") or ()) or None)
+
+
+def _train_sampler(cfg: dict, source):
+    """A mixed source gets its ratio sampler (over per-source RCS); others RCS or None."""
+    if not isinstance(source, mix.MixedSource):
+        return _make_sampler(cfg, source)
+    probs = mix.mix_probabilities(cfg["data"].get("mix_ratios"), len(source.sources),
+                                  source.name)
+    return mix.MixSampler(source, probs, [_make_sampler(cfg, s) for s in source.sources])
 
 
 def _load(source, i: int, skip_corrupt: bool):
@@ -278,7 +318,7 @@ def make_train_iterator(config, *, start_step: int = 0, process_index: int = 0,
     b = cfg["batch_size"] // process_count
     cfg["process_count"] = process_count
     source = build_source(cfg, cfg["data"]["train"], train=True)
-    fn = TrainExample(cfg, source, _make_sampler(cfg, source), b, process_index)
+    fn = TrainExample(cfg, source, _train_sampler(cfg, source), b, process_index)
     workers = int(cfg["data"]["num_workers"])
     grain = _grain()
     if grain is None:
@@ -342,7 +382,16 @@ class EvalExample:
     def __call__(self, i: int) -> dict:
         img, lab, name = _load(self.source, int(i), self.skip_corrupt)
         img = test_resize(img, self.source.test_scale)
-        return {"image": img[None], "label": lab[None].astype(np.int32), "name": name}
+        out = {"image": img[None], "label": lab[None].astype(np.int32), "name": name}
+        if getattr(self.source, "groups", ()):  # e.g. ACDC's condition of the image
+            out["group"] = self.source.group(int(i))
+        return out
+
+
+def eval_dataset_groups(config, name: str) -> tuple[str, ...]:
+    """Names of the groups (ACDC's conditions) an evaluation also reports; () if none."""
+    return tuple(getattr(build_source(resolve_config(config), name, train=False),
+                         "groups", ()))
 
 
 def eval_dataset_size(config, name: str) -> int:
@@ -362,11 +411,27 @@ def make_eval_iterator(config, name: str, *, process_index: int = 0,
     grain = _grain()
     workers = int(cfg["data"]["num_workers"])
     if grain is None or workers == 0:
-        return (fn(i) for i in indices)
+        return SizedIterator((fn(i) for i in indices), len(indices))
     ds = grain.MapDataset.source(list(indices)).map(fn).to_iter_dataset(
         grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                      per_worker_buffer_size=1))
     gen = _closing(iter(ds))
     _OPEN_ITERATORS.add(gen)
-    return gen
+    return SizedIterator(gen, len(indices))
+
+
+class SizedIterator:
+    """An iterator that knows how many items it yields in all (for a progress bar's ETA)."""
+
+    def __init__(self, it: Iterator[dict], n: int):
+        self._it, self._n = it, n
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._it)
+
+    def __len__(self) -> int:
+        return self._n

@@ -2,6 +2,7 @@
 
   python scripts/prepare_data.py {gta,synthia,cityscapes,mapillary} --root DATA_ROOT
       [--nproc N] [--force]
+  python scripts/prepare_data.py folder --root DATASET_DIR [--classes classes.txt]
 
 Reads the labels as released and writes <name>_labelTrainIds.png next to them:
   gta:        gta/labels/<n>.png                      (ids as Cityscapes labelIds)
@@ -195,17 +196,38 @@ def prepare(name: str, root: str, nproc: int = 1, force: bool = False,
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("dataset", choices=["gta", "synthia", "cityscapes", "mapillary"])
-    p.add_argument("--root", required=True, help="data_root holding gta/, synthia/, ...")
+    p.add_argument("dataset", choices=["gta", "synthia", "cityscapes", "mapillary", "folder"])
+    p.add_argument("--root", required=True, help="data_root holding gta/, synthia/, ... "
+                   "(folder: the dataset folder holding images/ and labels/)")
+    p.add_argument("--classes", help="folder: the class list file (default ROOT/classes.txt)")
     p.add_argument("--nproc", type=int, default=max(1, os.cpu_count() or 1))
     p.add_argument("--force", action="store_true", help="convert finished files again")
     a = p.parse_args(argv)
+    if a.dataset == "folder":
+        return _main_folder(a)
     try:
         c = prepare(a.dataset, a.root, a.nproc, a.force)
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2  # a mistake the user can fix, as every script reports it
     print(f"{a.dataset}: {c['labels']} labels ({c['done']} converted, {c['skipped']} "
           f"already done), {c['stats']} images in sample_class_stats.json; verified.")
     return 0
 
+
+
+def _main_folder(a):
+    """`folder`: checks a generic dataset (mfuser_jax/data/custom.py) and writes its
+    rare-class statistics; labels are read as they are (no conversion)."""
+    from mfuser_jax.data.custom import ClassFileError, prepare_folder
+    from mfuser_jax.data.sources import DatasetLayoutError
+    classes = a.classes or os.path.join(a.root, "classes.txt")
+    try:
+        c = prepare_folder(a.root, classes, a.nproc)
+    except (ClassFileError, DatasetLayoutError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    splits = ", ".join(f"{s} {n}" for s, n in c["splits"].items())
+    print(f"folder {a.root}: {c['classes']} classes; images per split: {splits}; "
+          f"{os.path.join(a.root, 'sample_class_stats.json')} written; verified.")
+    return 0

@@ -11,9 +11,14 @@ from ``load(i)`` and says which files hold its rare-class statistics. Folder lay
   bdd100k/images/10k/{train,val}/<x>.jpg       bdd100k/labels/sem_seg/masks/{train,val}/<x>.png
   mapillary/{training,validation}/images/<x>.jpg
   mapillary/{training,validation}/labels/<x>_labelTrainIds.png
+  acdc/rgb_anon/<cond>/{train,val}/<seq>/<x>_rgb_anon.png     (cond: fog night rain snow)
+  acdc/gt/<cond>/{train,val}/<seq>/<x>_gt_labelTrainIds.png
+  dark_zurich/rgb_anon/val/night/<seq>/<x>_rgb_anon.png
+  dark_zurich/gt/val/night/<seq>/<x>_gt_labelTrainIds.png
 
 *_labelTrainIds.png files and the RCS statistics (sample_class_stats.json in the dataset
-folder) are written by ``scripts/prepare_data.py``.
+folder) are written by ``scripts/prepare_data.py``; ACDC and Dark Zurich ship trainId
+labels. ACDC is evaluated per condition and overall in one pass (``groups``).
 """
 from __future__ import annotations
 
@@ -51,6 +56,12 @@ LAYOUTS = {
     "mapillary": "mapillary/<training|validation>/images/<x>.jpg and "
                  "mapillary/<training|validation>/labels/<x>_labelTrainIds.png (run "
                  "`python scripts/prepare_data.py mapillary --root DATA_ROOT`)",
+    "acdc": "acdc/rgb_anon/<fog|night|rain|snow>/<split>/<seq>/<x>_rgb_anon.png and "
+            "acdc/gt/<fog|night|rain|snow>/<split>/<seq>/<x>_gt_labelTrainIds.png (as "
+            "released: rgb_anon_trainvaltest.zip, gt_trainval.zip)",
+    "dark_zurich": "dark_zurich/rgb_anon/val/night/<seq>/<x>_rgb_anon.png and "
+                   "dark_zurich/gt/val/night/<seq>/<x>_gt_labelTrainIds.png (as released: "
+                   "Dark_Zurich_val_anon.zip)",
 }
 
 
@@ -168,6 +179,54 @@ def mapillary_source(data_root: str, split: str = "validation") -> FolderSource:
     return _pair("mapillary", os.path.join(root, split, "images"), ".jpg",
                  os.path.join(root, split, "labels"), "_labelTrainIds.png", root,
                  (2048, 1024))
+
+
+ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
+
+
+@dataclass
+class GroupedFolderSource(FolderSource):
+    """A FolderSource whose images belong to named groups (ACDC's conditions): the
+    evaluation reports every group and the whole set from one pass."""
+
+    image_groups: list = field(default_factory=list)  # group name of each image
+    groups: tuple = ()                                  # names, in report order
+
+    def group(self, i: int) -> str:
+        return self.image_groups[i]
+
+
+def acdc_source(data_root: str, split: str = "val") -> GroupedFolderSource:
+    """All ACDC conditions present on disk; 'val:fog' (split:condition) picks one.
+
+    Test scale None: ACDC images are 1920x1080, so the reference's keep-ratio resize to
+    (1920, 1080) leaves them as they are."""
+    root = os.path.join(data_root, "acdc")
+    if not os.path.isdir(root):
+        raise layout_error("acdc", f"folder {root}")
+    split, _, only = split.partition(":")
+    conds = [c for c in ACDC_CONDITIONS
+             if (not only or c == only) and os.path.isdir(os.path.join(root, "rgb_anon", c))]
+    if not conds:
+        want = only or "/".join(ACDC_CONDITIONS)
+        raise layout_error("acdc", f"condition folder {os.path.join(root, 'rgb_anon', want)}")
+    images, labels, groups = [], [], []
+    for c in conds:
+        part = _pair("acdc", os.path.join(root, "rgb_anon", c, split), "_rgb_anon.png",
+                     os.path.join(root, "gt", c, split), "_gt_labelTrainIds.png", root, None)
+        images += part.images
+        labels += part.labels
+        groups += [c] * len(part)
+    return GroupedFolderSource("acdc", root, images, labels, None,
+                               image_groups=groups, groups=tuple(conds))
+
+
+def dark_zurich_source(data_root: str, split: str = "val") -> FolderSource:
+    root = os.path.join(data_root, "dark_zurich")
+    if not os.path.isdir(root):
+        raise layout_error("dark_zurich", f"folder {root}")
+    return _pair("dark_zurich", os.path.join(root, "rgb_anon", split), "_rgb_anon.png",
+                 os.path.join(root, "gt", split), "_gt_labelTrainIds.png", root, None)
 
 
 class TFDSSource:

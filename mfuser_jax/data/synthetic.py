@@ -250,3 +250,43 @@ class SyntheticSource:
             cnt[IGNORE_INDEX] = 0
             out.append({int(c): int(n) for c, n in enumerate(cnt) if n > 0})
         return out
+
+
+# A five-class grouping of the scenes, written as a generic folder dataset
+# (mfuser_jax/data/custom.py): label ids 1..5 and ignore 0 exercise the id -> class table.
+FOLDER_CLASSES = (  # (label id, name, colour, trainIds grouped into it)
+    (1, "ground", (128, 64, 128), (ROAD, SIDEWALK, TERRAIN)),
+    (2, "building", (70, 70, 70), (BUILDING, WALL, FENCE)),
+    (3, "tree", (107, 142, 35), (VEGETATION,)),
+    (4, "sky", (70, 130, 180), (SKY,)),
+    (5, "vehicle", (0, 0, 142), (CAR, TRUCK, BUS, TRAIN, MOTORCYCLE, BICYCLE)),
+)
+FOLDER_IGNORE = 0  # poles, signs, lights, people: not in the list
+
+
+def write_folder_dataset(root: str, *, num_train: int = 64, num_val: int = 8,
+                         size: tuple[int, int] = (128, 256), seed: int = 0) -> str:
+    """Writes a 5-class folder dataset under ``root`` (train: flat synthetic style, PNG;
+    val: the "real" style, JPEG); returns the path of its classes.txt."""
+    import os
+
+    lut = np.full(256, FOLDER_IGNORE, np.uint8)
+    for cid, _, _, members in FOLDER_CLASSES:
+        lut[list(members)] = cid
+    path = os.path.join(root, "classes.txt")
+    os.makedirs(root, exist_ok=True)
+    with open(path, "w") as f:
+        f.write("# synthetic street scenes grouped into five classes\n"
+                f"ignore {FOLDER_IGNORE}\n")
+        for cid, name, (r, g, b), _ in FOLDER_CLASSES:
+            f.write(f"{cid} {name} #{r:02x}{g:02x}{b:02x}\n")
+    for split, num, style, ext in (("train", num_train, "synthetic", ".png"),
+                                   ("val", num_val, "real", ".jpg")):
+        for d in ("images", "labels"):
+            os.makedirs(os.path.join(root, d, split), exist_ok=True)
+        for i in range(num):
+            img, lab = render_scene(i, seed=seed, split=split, size=size, style=style)
+            Image.fromarray(img).save(os.path.join(root, "images", split, f"{i:05d}{ext}"),
+                                      quality=95)
+            Image.fromarray(lut[lab]).save(os.path.join(root, "labels", split, f"{i:05d}.png"))
+    return path

@@ -1,0 +1,109 @@
+"""A workdir remembers the model it holds: W/config.json, checked before W is restored.
+
+Training and the release converter write W/config.json. Evaluating, predicting or resuming
+W with a config that builds another model (another vision-language tower, other widths or
+depths) would at best end in Orbax's tree diff and at worst restore into a model that
+computes something else (a different head count loads fine); `check_workdir_model` stops
+first with one line naming the field, both values and the config argument to use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+CONFIG_FILE = "config.json"
+
+# Fields of config.model (at any depth) that define the network or what its weights mean.
+# Everything else (dtype, remat, pretrained path, losses, dropout and drop-path rates,
+# scan backend, class names) may differ between training and evaluation.
+ARCHITECTURE_KEYS = frozenset({
+    "name", "vlm", "num_classes", "patch_size", "embed_dim", "depth", "num_heads",
+    "mlp_ratio", "width", "layers", "heads", "output_dim", "text_width", "text_heads",
+    "text_layers", "vocab_size", "token_length", "n_ctx", "intermediate_size",
+    "text_intermediate_size", "out_indices", "d_state", "d_conv", "expand",
+    "feat_channels", "pixel_decoder_layers", "decoder_layers", "ffn", "pixel_ffn",
+    "deform_points"})
+
+
+def config_json(config: Any) -> str:
+    if hasattr(config, "to_json_best_effort"):
+        return config.to_json_best_effort(indent=1)
+    return json.dumps(dict(config), default=str, indent=1)
+
+
+def write_config(workdir: str, config: Any) -> None:
+    """W/config.json, replaced atomically (a killed run never leaves half a file)."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    with open(path + ".tmp", "w") as f:
+        f.write(config_json(config))
+    os.replace(path + ".tmp", path)
+
+
+def read_model_config(workdir: str) -> dict | None:
+    """config.model as W/config.json recorded it; None without a readable file."""
+    try:
+        with open(os.path.join(workdir, CONFIG_FILE)) as f:
+            model = json.load(f).get("model")
+    except (OSError, ValueError):
+        return None
+    return model if isinstance(model, dict) else None
+
+
+def architecture(model: dict, prefix: str = "model") -> dict[str, Any]:
+    """{'model.dinov2.depth': 24, ...}: the ARCHITECTURE_KEYS leaves, JSON-normalised."""
+    out = {}
+    for key, value in model.items():
+        path = f"{prefix}.{key}"
+        if isinstance(value, dict):
+            out.update(architecture(value, path))
+        elif key in ARCHITECTURE_KEYS:
+            out[path] = value
+    return out
+
+
+def has_checkpoints(workdir: str) -> bool:
+    ckpt = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(ckpt) and any(n.isdigit() for n in os.listdir(ckpt))
+
+
+def check_model_config(config: Any) -> None:
+    """MFuser configs: the tower named by model.vlm must have its section (set the VLM
+    with the config argument, which also sets the section; model.vlm alone cannot)."""
+    from mfuser_jax.train import UserError
+    model = config.model
+    if model.get("name") != "mfuser":
+        return
+    vlm = model.get("vlm", "clip")
+    if vlm not in model or not hasattr(model[vlm], "keys"):
+        raise UserError(f"config.model.vlm={vlm!r} has no config.model.{vlm} section: choose "
+                        "the tower with the config argument, e.g. --config "
+                        "configs/gta2cs.py:vlm=eva02 (clip, eva02 or siglip)")
+
+
+def check_workdir_model(config: Any, workdir: str) -> None:
+    """Refuses a config whose model differs from the one W's checkpoints were trained with
+    (as W/config.json records it). Fields missing on either side are not compared."""
+    from mfuser_jax.train import UserError
+    check_model_config(config)
+    saved = read_model_config(workdir)
+    if saved is None or not has_checkpoints(workdir):
+        return
+    want = architecture(saved)
+    got = architecture(json.loads(config_json(config.model)))
+    diff = [(k, want[k], got[k]) for k in want if k in got and want[k] != got[k]]
+    if not diff:
+        return
+    where = os.path.join(workdir, CONFIG_FILE)
+    vlm = next((d for d in diff if d[0] == "model.vlm"), None)
+    if vlm is not None:
+        raise UserError(f"{workdir} holds a vlm={vlm[1]!r} model ({where}) but the config "
+                        f"builds vlm={vlm[2]!r}: append ':vlm={vlm[1]}' to the config file "
+                        f"name (e.g. --config configs/gta2cs.py:vlm={vlm[1]})")
+    shown = "; ".join(f"{k}={a!r} there, {b!r} here" for k, a, b in diff[:3])
+    more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
+    size = (" (configs/*.py: :size=tiny or :size=large)"
+            if saved.get("name") == "mfuser" else "")
+    raise UserError(f"{workdir} holds another model than this config builds ({where}): "
+                    f"{shown}{more}; use the config it was trained with{size}")
