@@ -33,7 +33,7 @@ from flax import nnx
 from mfuser_jax.models.clip import CLIPVisionTransformer
 from mfuser_jax.models.dinov2 import DinoVisionTransformer
 from mfuser_jax.models.eva02 import EVAVisionTransformer
-from mfuser_jax.models.layers import GELU
+from mfuser_jax.models.layers import GELU, torch_conv_transpose, torch_linear
 from mfuser_jax.models.mvfuser import MVFuser
 from mfuser_jax.models.siglip import SiglipVisionTransformer
 
@@ -104,10 +104,8 @@ class _Fusion:
             for _ in range(layers)
         ])
         fpn_dim = width + dino_dim
-        up = lambda: nnx.ConvTranspose(  # noqa: E731
-            fpn_dim, fpn_dim, (2, 2), strides=(2, 2), padding="VALID", dtype=dtype,
-            param_dtype=jnp.float32, rngs=rngs,
-        )
+        # Plain nn.ConvTranspose2d in the original, never re-initialised: torch's default init.
+        up = lambda: torch_conv_transpose(fpn_dim, fpn_dim, 2, stride=2, dtype=dtype, rngs=rngs)  # noqa: E731
         # SyncBatchNorm in the reference: under jit a batch sharded over devices is reduced
         # globally, so plain BatchNorm here has SyncBN's statistics. PyTorch momentum 0.1.
         self.fpn1 = nnx.List([
@@ -199,7 +197,8 @@ class MFuserBackbone(_Fusion, CLIPVisionTransformer):
         self._init_fusion(image_size=image_size, patch_size=patch_size, layers=layers,
                           width=width, dtype=dtype, rngs=rngs, **fusion)
         dino_dim = fusion["dino_dim"]
-        linear = lambda i, o: nnx.Linear(i, o, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)  # noqa: E731
+        # Plain nn.Linear in the original (init_weights only loads the CLIP file): torch's init.
+        linear = lambda i, o: torch_linear(i, o, dtype=dtype, rngs=rngs)  # noqa: E731
         self.adapter_proj1 = nnx.List([linear(dino_dim, width) for _ in range(layers)])
         self.adapter_proj2 = nnx.List([linear(width, dino_dim) for _ in range(layers)])
         self.adapter_proj3 = linear(dino_dim, width)
