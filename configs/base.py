@@ -123,6 +123,8 @@ def data_config(train, eval_sets, crop_size=512):
     d.cat_max_ratio = 0.75
     d.flip_prob = 0.5
     d.photometric = True
+    # Rare-class sampling from the statistics prepare_data.py writes; a missing file is an
+    # error, as in the reference. enabled=False samples uniformly (not the paper's recipe).
     d.rcs = ml_collections.ConfigDict(dict(enabled=True, class_temp=100.0, min_pixels=3000,
                                            min_crop_ratio=0.5))
     d.num_workers = 0                  # grain worker processes (0 = in-process)
