@@ -109,7 +109,11 @@ def mfuser_model_config(size="large", vlm="clip"):
     m.loss = ml_collections.ConfigDict(dict(
         cls=2.0, mask=5.0, dice=5.0, score_map=1.0, no_object_weight=0.1,
         num_points=12544 if large else 256, oversample=3.0, importance=0.75,
-        temperature=0.07))
+        temperature=0.07,
+        # The class loss is normalised per group of this many images, then averaged: the
+        # reference normalises per GPU (2 images each) and DDP averages the GPUs. 0 = one
+        # normaliser over the whole (micro-)batch.
+        cls_norm_images=2))
     return m
 
 
