@@ -239,7 +239,7 @@ def plain_model_config(*, width=1024, layers=24, heads=16, output_dim=768, text_
     return A(
         name="mfuser", vlm="clip", num_classes=num_classes, class_names=names,
         image_size=image_size, patch_size=16, dtype=dtype, remat=remat, pretrained="",
-        dinov2=A(embed_dim=dino_dim or width, depth=layers, num_heads=dino_heads or heads,
+        dinov2=A(embed_dim=dino_dim or width, num_heads=dino_heads or heads,
                  mlp_ratio=4.0, init_values=1e-5),
         clip=A(width=width, layers=layers, heads=heads, output_dim=output_dim, drop_path_rate=0.1,
                text_width=text_width, text_heads=text_heads, text_layers=text_layers,

@@ -31,9 +31,9 @@ Distributed normalisation: the original runs per GPU and DDP averages gradients.
 ``num_total_masks`` is ``reduce_mean``-ed over GPUs, so per-GPU sum / mean count averaged
 over GPUs equals the global sum / global count: computing on the global batch (one device
 or a sharded global batch under jit) reproduces it exactly. The class-loss normaliser is
-*not* reduced in the original (per-GPU weighted mean, then averaged); set
-``cls_norm_groups`` to the original's GPU count to reproduce that exactly (default 1 =
-one weighted mean over the whole batch). The score-map mean is over equal-sized images,
+*not* reduced in the original (per-GPU weighted mean, then averaged): set
+``cls_norm_images`` to the original's images per GPU (2 in the paper configs) to
+reproduce that (0 = one weighted mean over the whole batch). The score-map mean is over equal-sized images,
 so per-GPU and global means agree.
 
 All losses are computed in float32 whatever the input dtype.
@@ -84,7 +84,9 @@ class Mask2FormerLossConfig:
     loss_dice_weight: float = 5.0
     dice_eps: float = 1.0
     ignore_index: int = 255
-    cls_norm_groups: int = 1
+    # Images per class-loss normaliser group: the reference's images per GPU (each GPU
+    # normalises its own class loss, DDP averages). 0 = one group over the whole batch.
+    cls_norm_images: int = 0
 
     @classmethod
     def from_any(cls, cfg: "Mask2FormerLossConfig | Mapping[str, Any] | None"):
@@ -301,6 +303,10 @@ def mask2former_loss(
         raise ValueError(f"got {num_layers} class predictions and {len(all_mask_preds)} "
                          "mask predictions; need the same non-zero number")
     keys = jax.random.split(key, num_layers)
+    batch, per_group = all_cls_scores[0].shape[0], cfg.cls_norm_images
+    if per_group and batch % per_group:
+        raise ValueError(f"a batch of {batch} images cannot be split into class-loss "
+                         f"normaliser groups of cls_norm_images={per_group}")
     layer_kwargs = dict(
         num_points=cfg.num_points,
         oversample_ratio=cfg.oversample_ratio,
@@ -312,7 +318,7 @@ def mask2former_loss(
         loss_dice_weight=cfg.loss_dice_weight,
         dice_eps=cfg.dice_eps,
         ignore_index=cfg.ignore_index,
-        cls_norm_groups=cfg.cls_norm_groups,
+        cls_norm_groups=batch // per_group if per_group else 1,
     )
     losses = {}
     for i in range(num_layers):

@@ -422,6 +422,55 @@ def check_pretrained(config: Any) -> str | None:
     return path
 
 
+MATMUL_PRECISIONS = ("highest", "high", "default")
+
+
+def apply_matmul_precision(config: Any) -> None:
+    """jax_default_matmul_precision from config.matmul_precision (default "highest": full
+    float32, what PyTorch 2.0.1 does for float32 matmuls; "default" lets Ampere/Hopper
+    GPUs use TF32). It covers dots and convolutions alike."""
+    precision = str(config.get("matmul_precision", "highest"))
+    if precision not in MATMUL_PRECISIONS:
+        raise UserError(f"matmul_precision={precision!r}: choose one of "
+                        f"{', '.join(MATMUL_PRECISIONS)}")
+    jax.config.update("jax_default_matmul_precision", precision)
+
+
+def _hw(size) -> tuple[int, int]:
+    return (int(size), int(size)) if np.ndim(size) == 0 else tuple(int(s) for s in size)
+
+
+def check_config(config: Any) -> None:
+    """Settings that must agree with each other, checked before anything is built."""
+    model, data = config.get("model", {}), config.get("data", {})
+    image = model.get("image_size") if hasattr(model, "get") else None
+    if image is not None:
+        # The position tables are built for model.image_size; the reference trains and
+        # slides its test window at that one size.
+        sizes = {"model.image_size": _hw(image)}
+        if hasattr(data, "get") and data.get("crop_size") is not None:
+            sizes["data.crop_size"] = _hw(data.crop_size)
+        if config.get("evaluation", {}).get("crop_size") is not None:
+            sizes["evaluation.crop_size"] = _hw(config.evaluation.crop_size)
+        if len(set(sizes.values())) > 1:
+            n = _hw(image)[0]
+            raise UserError(
+                "crop sizes disagree (" + ", ".join(f"{k}={v[0]}" if v[0] == v[1] else
+                                                    f"{k}={v}" for k, v in sizes.items())
+                + f"): set them together, e.g. --config.model.image_size={n} "
+                f"--config.data.crop_size={n} --config.evaluation.crop_size={n}")
+    per_group = int(model.get("loss", {}).get("cls_norm_images", 0)) if hasattr(
+        model, "get") else 0
+    accum = int(config.get("optim", {}).get("grad_accum", 1))
+    micro = int(config.get("batch_size", 0)) // max(accum, 1)
+    if per_group and micro % per_group:
+        raise UserError(
+            f"model.loss.cls_norm_images={per_group} (images per class-loss normaliser, "
+            f"the reference's per-GPU batch) does not divide the {micro}-image micro-batch "
+            f"(batch_size / optim.grad_accum): change one, or set it to 0 for one "
+            "normaliser per micro-batch")
+
+
 def load_pretrained(model: nnx.Module, path: str | None) -> None:
     if path is None:
         return
@@ -483,6 +532,8 @@ def build_and_load(config: Any, workdir: str | None = None) -> nnx.Module:
     """The model with its frozen encoders loaded. A workdir holding its own converted
     encoders (W/pretrained, written when a released MFuser checkpoint is converted) uses
     them, so a converted model can never be evaluated with other frozen towers."""
+    check_config(config)
+    apply_matmul_precision(config)
     own = os.path.join(workdir, WORKDIR_PRETRAINED) if workdir else None
     path = own if own and os.path.isdir(own) else check_pretrained(config)
     if path is not None and path != config.model.get("pretrained"):

@@ -52,6 +52,28 @@ def test_mapillary():
     assert set(expected.values()) == set(range(19))
 
 
+def test_mapillary_by_name_is_reins_conversion():
+    """Rein's mapillary2cityscape.py maps by class name: bike lane, crosswalk-plain,
+    parking, service lane and crosswalk markings -> road; curb cut, pedestrian area ->
+    sidewalk; street light -> pole; sign frame and back -> traffic sign; manhole ignored.
+    Everything else as the 25-entry table."""
+    names = L.MAPILLARY_V12_CLASSES
+    assert len(names) == 66 and names[13] == "Road" and names[65] == "Unlabeled"
+    idx = {n: i for i, n in enumerate(names)}
+    changed = {"Bike Lane": 0, "Crosswalk - Plain": 0, "Parking": 0, "Service Lane": 0,
+               "Lane Marking - Crosswalk": 0, "Curb Cut": 1, "Pedestrian Area": 1,
+               "Street Light": 5, "Traffic Sign Frame": 7, "Traffic Sign (Back)": 7,
+               "Manhole": None}
+    want = dict(L.MAPILLARY_ID_TO_TRAINID)
+    for name, train_id in changed.items():
+        want.pop(idx[name], None)
+        if train_id is not None:
+            want[idx[name]] = train_id
+    assert L.MAPILLARY_MAPPINGS["by-name"] == want
+    assert list(L.MAPILLARY_MAPPINGS)[0] == "by-name"  # the default
+    assert L.MAPILLARY_MAPPINGS["25-class"] == L.MAPILLARY_ID_TO_TRAINID
+
+
 def test_luts_convert_maps_and_sanitise():
     raw = np.array([[7, 33, 0], [255, 26, 34]], np.uint8)
     assert L.GTA_LUT[raw].tolist() == [[0, 18, 255], [255, 13, 255]]

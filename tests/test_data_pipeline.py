@@ -57,6 +57,7 @@ def test_train_batches_are_paired_and_aligned(gta_root):
     for dy in range(5):
         for dx in range(5):
             same &= pad[:, dy:dy + 32, dx:dx + 32] == lab
+    same &= lab != 255  # ignore (and padding, which is the mean colour) has no colour
     assert same.sum() > 300
     np.testing.assert_array_equal(b["image"][same], colorize(lab)[same])
 
@@ -99,6 +100,20 @@ def test_epoch_order_visits_every_image_without_rcs(gta_root):
     fn = P.TrainExample(cfg, src, None, 4, 0)
     seen = [int(fn._perm(n // 6)[n % 6]) for n in range(12)]
     assert sorted(seen[:6]) == list(range(6)) and sorted(seen[6:]) == list(range(6))
+
+
+def test_rcs_without_class_statistics_is_an_error_unless_switched_off(tmp_path):
+    """The reference stops when sample_class_stats.json is missing; training uniformly
+    instead would silently change the recipe, so only an explicit switch allows it."""
+    write_fake_tree(str(tmp_path), "gta", n=3, size=(40, 40))  # no prepare_data run
+    c = make_config(tmp_path, train="gta", cat_max_ratio=1.0)
+    c.batch_size = 3
+    with pytest.raises(DatasetLayoutError,
+                       match=r"prepare_data\.py.*--config\.data\.rcs\.enabled=False"):
+        P.make_train_iterator(c)
+    c.data.rcs.enabled = False
+    (b,) = _take(P.make_train_iterator(c), 1)
+    assert b["image"].shape == (3, 32, 32, 3)
 
 
 def test_rcs_class_probabilities_match_reference():

@@ -74,3 +74,22 @@ def test_bad_input_is_one_clear_message(tmp_path, capsys):
     bad.write_bytes(b"junk")
     with pytest.raises(prep.PrepareError, match="map00001.png"):
         prep.prepare("mapillary", str(tmp_path), nproc=1, progress=False)
+
+
+def test_mapillary_mapping_choice_is_recorded_and_a_change_reconverts(tmp_path):
+    write_fake_tree(str(tmp_path), "mapillary", n=2, size=(8, 8), raw=True,
+                    split="validation")
+    src = tmp_path / "mapillary/validation/labels/map00000.png"
+    raw = np.zeros((8, 8), np.uint8)
+    raw[:4] = 41   # manhole: road in the 25-entry table, ignored by name
+    raw[4:] = 7    # bike lane: road by name, ignored in the table
+    imageio.write_label(src, raw)
+    out = tmp_path / "mapillary/validation/labels/map00000_labelTrainIds.png"
+    assert prep.main(["mapillary", "--root", str(tmp_path), "--nproc", "1"]) == 0
+    got = imageio.read_label(out)
+    assert (got[:4] == 255).all() and (got[4:] == 0).all()
+    assert prep.main(["mapillary", "--root", str(tmp_path), "--nproc", "1",
+                      "--mapillary_mapping", "25-class"]) == 0
+    got = imageio.read_label(out)
+    assert (got[:4] == 0).all() and (got[4:] == 255).all()
+    assert (tmp_path / "mapillary" / prep.MAPILLARY_MAPPING_FILE).read_text().strip() == "25-class"

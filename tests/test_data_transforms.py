@@ -83,9 +83,32 @@ def test_flip_and_pad():
                                ratio_range=None, cat_max_ratio=1.0, flip_prob=1.0,
                                photometric=False)
     assert (ol[20:] == 255).all() and (ol[:, 30:] == 255).all()
-    assert (oi[20:] == 0).all() and (oi[:, 30:] == 0).all()
+    assert (oi[20:] == T.PAD_COLOUR).all() and (oi[:, 30:] == T.PAD_COLOUR).all()
     assert (ol[:20, 20:30] == 1).all() and (ol[:20, :20] == 0).all()  # flipped
     np.testing.assert_array_equal(oi[:20, :30], colorize(lab)[:, ::-1])
+
+
+def test_padding_is_zero_after_normalisation_as_in_the_original():
+    """The reference's train pipeline: Normalize(CLIP mean/std in 0..255), then Pad with
+    pad_val=0 (labels 255). Our uint8 crop normalised by the model must match it: the
+    content exactly, the padded area within uint8 rounding of the mean (it used to be
+    black, about -1.8)."""
+    from mfuser_jax.models.backbone import normalize_for_clip
+
+    mean = np.array([v * 255 for v in (0.48145466, 0.4578275, 0.40821073)])
+    std = np.array([v * 255 for v in (0.26862954, 0.26130258, 0.27577711)])
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (24, 30, 3), dtype=np.uint8)
+    lab = rng.integers(0, 19, (24, 30), dtype=np.uint8)
+    oi, ol = T.train_transform(img, lab, np.random.default_rng(1), crop_size=(32, 40),
+                               ratio_range=None, cat_max_ratio=1.0, flip_prob=0.0,
+                               photometric=False)
+    want = np.zeros((32, 40, 3))
+    want[:24, :30] = (img - mean) / std
+    got = np.asarray(normalize_for_clip(oi[None]))[0]
+    np.testing.assert_allclose(got[:24, :30], want[:24, :30], atol=1e-5)
+    assert np.abs(got[24:]).max() < 0.005 and np.abs(got[:, 30:]).max() < 0.005
+    assert (ol[24:] == 255).all() and (ol[:, 30:] == 255).all()
 
 
 def test_cat_max_ratio_retries_until_accepted():

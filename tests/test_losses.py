@@ -303,3 +303,27 @@ def test_score_map_loss_matches_mmseg(avg_non_ignore):
     a = score_map_loss(jnp.asarray(score), jnp.asarray(labels2), channels_last=False)
     assert _rel_err(a, _torch_score_map_loss(score, labels2)) < 1e-5
     assert float(a) < float(first) or avg_non_ignore
+
+
+def test_paper_config_normalises_the_class_loss_per_reference_gpu():
+    """The paper configs' loss settings on the global batch of 4 give the reference's
+    class loss: each of its 2 GPUs normalises its 2 images' weighted CE by their own
+    target weights, DDP averages the two (torch restatement with two groups)."""
+    from configs.base import mfuser_model_config
+
+    lc = mfuser_model_config("large").loss
+    cfg = Mask2FormerLossConfig(num_points=16, no_object_weight=float(lc.no_object_weight),
+                                loss_cls_weight=float(lc.cls),
+                                cls_norm_images=int(lc.cls_norm_images))
+    rng = np.random.default_rng(11)
+    cls, masks, labels, pts = _inputs(rng, b=4)
+    labels[0] = 1  # unequal target weights between the two GPUs' images
+    got = mask2former_loss([jnp.asarray(cls)], [jnp.asarray(masks)], jnp.asarray(labels),
+                           jax.random.key(0), cfg)
+    ref = _torch_loss_single(cls, masks, labels, pts, CW, num_groups=2)
+    assert _rel_err(got["loss_cls"], ref["loss_cls"]) < 1e-5
+    one = _torch_loss_single(cls, masks, labels, pts, CW, num_groups=1)
+    assert _rel_err(got["loss_cls"], one["loss_cls"]) > 1e-3  # the grouping matters here
+    with pytest.raises(ValueError, match="cls_norm_images=2"):
+        mask2former_loss([jnp.asarray(cls[:3])], [jnp.asarray(masks[:3])],
+                         jnp.asarray(labels[:3]), jax.random.key(0), cfg)

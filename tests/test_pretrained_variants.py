@@ -40,7 +40,8 @@ def _dinov2_file(folder, cfg, image, patch):
     d = cfg.dinov2
     torch.manual_seed(0)
     dino = transformers.Dinov2Model(transformers.Dinov2Config(
-        hidden_size=d.embed_dim, num_hidden_layers=d.depth, num_attention_heads=d.num_heads,
+        hidden_size=d.embed_dim, num_hidden_layers=cfg[cfg.vlm].layers,
+        num_attention_heads=d.num_heads,
         intermediate_size=4 * d.embed_dim, image_size=image, patch_size=patch,
         layer_norm_eps=1e-6))
     path = str(folder / "dinov2.safetensors")

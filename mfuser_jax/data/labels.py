@@ -2,9 +2,11 @@
 
 Every dataset is brought to Cityscapes trainIds (0..18, 255 = ignore). The GTA5 and
 SYNTHIA tables follow the reference conversion scripts
-(devinxzhang/MFuser tools/convert_datasets/{gta,synthia}.py); the Mapillary Vistas v1.2
-table (66 -> 19) is the one the DGSS literature uses (e.g. DAFormer/HRDA's and
-tue-mps/benchmark-vfm-ss's conversions).
+(devinxzhang/MFuser tools/convert_datasets/{gta,synthia}.py); Mapillary Vistas v1.2 has
+two conversions (66 -> 19): by class name, as Rein's mapillary2cityscape.py does (the data
+tree the reference's README shows; the default), and the 25-entry table of other DGSS code
+(e.g. DAFormer/HRDA's and tue-mps/benchmark-vfm-ss's conversions). They differ on 11
+classes (``MAPILLARY_MAPPINGS``).
 """
 from __future__ import annotations
 
@@ -74,6 +76,49 @@ MAPILLARY_ID_TO_TRAINID = {
 }
 
 
+# Mapillary Vistas v1.2 class names ("readable" in its config_v1.2.json), by class index.
+MAPILLARY_V12_CLASSES = (
+    "Bird", "Ground Animal", "Curb", "Fence", "Guard Rail", "Barrier", "Wall", "Bike Lane",
+    "Crosswalk - Plain", "Curb Cut", "Parking", "Pedestrian Area", "Rail Track", "Road",
+    "Service Lane", "Sidewalk", "Bridge", "Building", "Tunnel", "Person", "Bicyclist",
+    "Motorcyclist", "Other Rider", "Lane Marking - Crosswalk", "Lane Marking - General",
+    "Mountain", "Sand", "Sky", "Snow", "Terrain", "Vegetation", "Water", "Banner", "Bench",
+    "Bike Rack", "Billboard", "Catch Basin", "CCTV Camera", "Fire Hydrant", "Junction Box",
+    "Mailbox", "Manhole", "Phone Booth", "Pothole", "Street Light", "Pole",
+    "Traffic Sign Frame", "Utility Pole", "Traffic Light", "Traffic Sign (Back)",
+    "Traffic Sign (Front)", "Trash Can", "Bicycle", "Boat", "Bus", "Car", "Caravan",
+    "Motorcycle", "On Rails", "Other Vehicle", "Trailer", "Truck", "Wheeled Slow",
+    "Car Mount", "Ego Vehicle", "Unlabeled",
+)
+
+
+def mapillary_table_by_name(class_names=MAPILLARY_V12_CLASSES) -> dict[int, int]:
+    """Mapillary index -> trainId by class name: the rule of w1oves/Rein
+    tools/convert_datasets/mapillary2cityscape.py (from openseg.pytorch). Names are
+    lower-cased without spaces and hyphens; an exact Cityscapes name wins, then the first
+    matching substring rule below; anything else is ignored."""
+    exact = {c.replace(" ", ""): i for i, c in enumerate(CLASSES)}
+    substring_rules = (
+        (("trafficsign", "front", "back"), 7),   # traffic sign (front, back, frame)
+        (("onrail",), 16),                       # train
+        (("cyclist", "rider"), 12),              # rider
+        (("pole", "streetlight"), 5),            # pole
+        (("curb", "pedestrianarea"), 1),         # sidewalk (curb, curb cut)
+        (("crosswalkplain", "parking", "bikelane", "servicelane", "lanemarking"), 0),
+    )
+    table = {}
+    for index, name in enumerate(class_names):
+        key = name.lower().replace(" ", "").replace("-", "")
+        if key in exact:
+            table[index] = exact[key]
+            continue
+        for substrings, train_id in substring_rules:
+            if any(s in key for s in substrings):
+                table[index] = train_id
+                break
+    return table
+
+
 def make_lut(table: dict[int, int]) -> np.ndarray:
     """256-entry uint8 lookup: ``lut[label]`` converts a whole uint8 label map at once."""
     lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
@@ -86,6 +131,11 @@ CITYSCAPES_LUT = make_lut(CITYSCAPES_ID_TO_TRAINID)
 GTA_LUT = make_lut(GTA_ID_TO_TRAINID)
 SYNTHIA_LUT = make_lut(SYNTHIA_ID_TO_TRAINID)
 MAPILLARY_LUT = make_lut(MAPILLARY_ID_TO_TRAINID)
+# prepare_data.py mapillary --mapillary_mapping NAME; the first is the default.
+MAPILLARY_MAPPINGS = {
+    "by-name": mapillary_table_by_name(),    # Rein's conversion (the reference's data tree)
+    "25-class": MAPILLARY_ID_TO_TRAINID,     # DAFormer/HRDA-style table
+}
 
 # Training-time sanitiser: trainIds 0..18 stay, anything else becomes ignore.
 TRAINID_LUT = make_lut({i: i for i in range(NUM_CLASSES)})

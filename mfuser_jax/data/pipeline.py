@@ -30,8 +30,9 @@ Config fields read (``default_data_config()`` gives every ``data.*`` default):
   data.photometric          True: mmseg's PhotoMetricDistortion.
   data.rcs                  ConfigDict(enabled=True, class_temp=100.0, min_pixels=3000,
                             min_crop_ratio=0.5): rare-class sampling; needs the source's
-                            sample_class_stats.json (scripts/prepare_data.py) - without it
-                            RCS is switched off with a warning.
+                            sample_class_stats.json (scripts/prepare_data.py) and stops
+                            with an error without it, as the reference does.
+                            enabled=False samples uniformly (a different recipe).
   data.num_workers          0 = in-process; N = N grain worker processes.
   data.worker_buffer_size   batches each worker prepares ahead (default 2).
   data.read_threads         threads per process (or worker) preparing batches (2).
@@ -283,11 +284,12 @@ def _make_sampler(cfg: dict, source):
     if not rcs.get("enabled", False):
         return None
     stats = S.load_class_stats(source)
-    if stats is None:
-        log.warning("rare-class sampling disabled: %s has no class statistics (%s); run "
-                    "scripts/prepare_data.py to write them", source.name,
-                    getattr(source, "stats_file", None))
-        return None
+    if stats is None:  # the reference fails here too; training uniformly changes the recipe
+        raise S.DatasetLayoutError(
+            f"rare-class sampling needs class statistics for {source.name} "
+            f"({getattr(source, 'stats_file', None) or 'none for this source'}): run "
+            f"scripts/prepare_data.py for it, or pass --config.data.rcs.enabled=False to "
+            f"sample uniformly")
     return RareClassSampler(stats, float(rcs["class_temp"]), int(rcs["min_pixels"]),
                             float(rcs["min_crop_ratio"]))
 

@@ -1,7 +1,7 @@
 """Convert dataset labels to Cityscapes trainIds and write rare-class statistics.
 
   python scripts/prepare_data.py {gta,synthia,cityscapes,mapillary} --root DATA_ROOT
-      [--nproc N] [--force]
+      [--nproc N] [--force] [--mapillary_mapping {by-name,25-class}]
   python scripts/prepare_data.py folder --root DATASET_DIR [--classes classes.txt]
 
 Reads the labels as released and writes <name>_labelTrainIds.png next to them:
@@ -10,6 +10,10 @@ Reads the labels as released and writes <name>_labelTrainIds.png next to them:
   cityscapes: cityscapes/gtFine/<split>/<city>/<x>_gtFine_labelIds.png
   mapillary:  mapillary/<split>/labels/<x>.png or mapillary/<split>/v1.2/labels/<x>.png
               (v1.2 class indices 0..65) -> mapillary/<split>/labels/<x>_labelTrainIds.png
+              by class name as Rein's mapillary2cityscape.py (default, "by-name") or by
+              the 25-entry table of DAFormer-style code ("25-class"); see labels.py.
+              The choice is recorded in mapillary/trainid_mapping.txt and a change
+              reconverts every label.
 and, in the dataset folder, sample_class_stats.json (one {"file", class: pixels} per
 training image) and samples_with_class.json ({class: [[file, pixels], ...]}), the
 statistics rare-class sampling reads (same format as DAFormer's conversion scripts).
@@ -38,14 +42,19 @@ class PrepareError(Exception):
     pass
 
 
+MAPILLARY_MAPPING_FILE = "trainid_mapping.txt"
+
+
 # (lut, reader, allowed raw ids) per dataset.
-def _spec(name):
+def _spec(name, mapillary_mapping="by-name"):
     cs_ids = set(range(35)) | {255}
+    if name == "mapillary":
+        return (L.make_lut(L.MAPILLARY_MAPPINGS[mapillary_mapping]), imageio.read_label,
+                set(range(66)))
     return {
         "gta": (L.GTA_LUT, imageio.read_label, cs_ids),
         "synthia": (L.SYNTHIA_LUT, imageio.read_synthia_label, set(range(23))),
         "cityscapes": (L.CITYSCAPES_LUT, imageio.read_label, cs_ids),
-        "mapillary": (L.MAPILLARY_LUT, imageio.read_label, set(range(66))),
     }[name]
 
 
@@ -114,8 +123,8 @@ def _stats(trainids: np.ndarray) -> dict:
 
 def convert_one(args):
     """Returns (output path, stats or None, 'done'|'skipped', error message or None)."""
-    name, src, dst, force = args
-    lut, reader, allowed = _spec(name)
+    name, src, dst, force, mapping = args
+    lut, reader, allowed = _spec(name, mapping)
     if not force and os.path.isfile(dst):
         try:
             out = imageio.read_label(dst)
@@ -153,10 +162,19 @@ def save_class_stats(ds: str, entries: list[dict]):
 
 
 def prepare(name: str, root: str, nproc: int = 1, force: bool = False,
-            progress: bool = True) -> dict:
+            progress: bool = True, mapillary_mapping: str = "by-name") -> dict:
     """Converts one dataset; returns counts {"done", "skipped", "stats", "labels"}."""
+    if mapillary_mapping not in L.MAPILLARY_MAPPINGS:
+        raise PrepareError(f"unknown Mapillary mapping {mapillary_mapping!r}; choose one of "
+                           f"{', '.join(L.MAPILLARY_MAPPINGS)}")
     jobs, ds, n_images = find_jobs(name, root)
-    args = [(name, src, dst, force) for src, dst, _ in jobs]
+    if name == "mapillary":  # labels converted with the other mapping must be redone
+        record = os.path.join(ds, MAPILLARY_MAPPING_FILE)
+        previous = open(record).read().strip() if os.path.isfile(record) else None
+        force = force or previous != mapillary_mapping
+        with open(record, "w") as f:
+            f.write(mapillary_mapping + "\n")
+    args = [(name, src, dst, force, mapillary_mapping) for src, dst, _ in jobs]
     try:
         from tqdm import tqdm
     except ImportError:  # progress bar is optional
@@ -202,11 +220,16 @@ def main(argv=None):
     p.add_argument("--classes", help="folder: the class list file (default ROOT/classes.txt)")
     p.add_argument("--nproc", type=int, default=max(1, os.cpu_count() or 1))
     p.add_argument("--force", action="store_true", help="convert finished files again")
+    p.add_argument("--mapillary_mapping", choices=list(L.MAPILLARY_MAPPINGS),
+                   default="by-name",
+                   help="Mapillary classes -> Cityscapes: by name as Rein's conversion "
+                        "(default) or the 25-entry table of DAFormer-style code")
     a = p.parse_args(argv)
     if a.dataset == "folder":
         return _main_folder(a)
     try:
-        c = prepare(a.dataset, a.root, a.nproc, a.force)
+        c = prepare(a.dataset, a.root, a.nproc, a.force,
+                    mapillary_mapping=a.mapillary_mapping)
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2  # a mistake the user can fix, as every script reports it

@@ -16,7 +16,10 @@ drawn from a ``numpy.random.Generator`` instead of the global numpy state:
    mode == 1), saturation, hue (delta randint(-18, 18): upper bound exclusive), contrast
    last when mode == 0; each step applied with probability 1/2; float math truncated to
    uint8 as mmseg does; HSV via OpenCV's 8-bit algorithm (H in [0, 180)).
-5. Pad to the crop size at the bottom/right: image 0, label 255.
+5. Pad to the crop size at the bottom/right: label 255; image the CLIP mean colour. The
+   reference normalises first and pads the normalised image with 0, i.e. with the mean;
+   here images stay uint8 until the model normalises them, so the pad is the mean rounded
+   to whole grey levels (within 0.004 of 0 after normalisation).
 
 Only the crop window is ever resampled: an output pixel's value does not depend on the
 rest of the resized image, so this equals resize-then-crop at a fraction of the cost.
@@ -27,6 +30,10 @@ import numpy as np
 from PIL import Image
 
 from mfuser_jax.data.labels import IGNORE_INDEX
+
+# The pipeline's normalisation mean (CLIP's, models/backbone.py CLIP_MEAN) in uint8: the
+# colour the reference's zero padding of the normalised image stands for.
+PAD_COLOUR = (123, 117, 104)
 
 
 # ----------------------------------------------------------------------------- resize
@@ -188,7 +195,8 @@ def pad_to(img: np.ndarray, label: np.ndarray, crop_h: int, crop_w: int):
     h, w = label.shape
     if (h, w) == (crop_h, crop_w):
         return img, label
-    out_img = np.zeros((crop_h, crop_w, 3), np.uint8)
+    out_img = np.empty((crop_h, crop_w, 3), np.uint8)
+    out_img[...] = PAD_COLOUR
     out_lab = np.full((crop_h, crop_w), IGNORE_INDEX, np.uint8)
     out_img[:h, :w] = img
     out_lab[:h, :w] = label

@@ -39,7 +39,7 @@ from flax import nnx
 from mfuser_jax.models.clip import CLIPVisionTransformer
 from mfuser_jax.models.dinov2 import DinoVisionTransformer
 from mfuser_jax.models.eva02 import EVAVisionTransformer
-from mfuser_jax.models.layers import GELU
+from mfuser_jax.models.layers import GELU, torch_conv_transpose, torch_linear
 from mfuser_jax.models.mvfuser import MVFuser
 from mfuser_jax.models.siglip import SiglipVisionTransformer
 from mfuser_jax.models.stack import LayerStack, emit_group, scan_layers
@@ -139,18 +139,17 @@ class FusedBackbone(nnx.Module):
             layers, rngs=rngs)
         self.projections = bool(projections)
         if projections:  # CLIP only: DINOv2 tokens in through proj1, back through proj2
-            linear = lambda i, o, r: nnx.Linear(  # noqa: E731
-                i, o, dtype=dtype, param_dtype=jnp.float32, rngs=r)
+            # Plain nn.Linear in the original (init_weights only loads the CLIP file):
+            # torch's default init.
+            linear = lambda i, o, r: torch_linear(i, o, dtype=dtype, rngs=r)  # noqa: E731
             self.adapter_proj1 = LayerStack(lambda r: linear(dino_dim, width, r), layers,
                                             rngs=rngs)
             self.adapter_proj2 = LayerStack(lambda r: linear(width, dino_dim, r), layers,
                                             rngs=rngs)
             self.adapter_proj3 = linear(dino_dim, width, rngs)
         fpn_dim = width + dino_dim
-        up = lambda: nnx.ConvTranspose(  # noqa: E731
-            fpn_dim, fpn_dim, (2, 2), strides=(2, 2), padding="VALID", dtype=dtype,
-            param_dtype=jnp.float32, rngs=rngs,
-        )
+        # Plain nn.ConvTranspose2d in the original, never re-initialised: torch's default init.
+        up = lambda: torch_conv_transpose(fpn_dim, fpn_dim, 2, stride=2, dtype=dtype, rngs=rngs)  # noqa: E731
         # SyncBatchNorm in the reference: under jit a batch sharded over devices is reduced
         # globally, so plain BatchNorm here has SyncBN's statistics. PyTorch momentum 0.1.
         self.fpn1 = nnx.List([

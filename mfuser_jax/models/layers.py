@@ -13,11 +13,22 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["GELU", "check_attn_implementation", "dot_product_attention", "torch_default_bias_init", "torch_default_init", "torch_layer_norm",
-           "torch_linear", "uniform_init"]
+__all__ = ["GELU", "check_attn_implementation", "dot_product_attention", "mmcv_conv_module_init",
+           "torch_conv", "torch_conv_transpose", "torch_default_bias_init", "torch_default_init",
+           "torch_layer_norm", "torch_linear", "torch_mha_in_proj_init", "uniform_init"]
 
 # PyTorch's default Linear/Conv weight init, kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in)).
+# Flax's Linear (in, out) and Conv (kh, kw, in, out) kernels have torch's fan_in on axis -2.
 torch_default_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+# mmcv 1.x ConvModule calls its own init_weights() in the constructor: kaiming_normal_
+# (mode fan_out, nonlinearity relu; also without an activation), bias 0.
+mmcv_conv_module_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+# nn.MultiheadAttention's in_proj_weight, torch layout (3E, E): xavier_uniform_ (its bias is
+# 0, and its out_proj keeps nn.Linear's default weight with a zero bias).
+torch_mha_in_proj_init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform",
+                                                           in_axis=1, out_axis=0)
 
 
 def uniform_init(bound: float):
@@ -45,6 +56,32 @@ def torch_linear(din: int, dout: int, *, use_bias: bool = True, dtype=jnp.float3
         kernel_init=kernel_init or torch_default_init,
         bias_init=bias_init or torch_default_bias_init(din),
         rngs=rngs,
+    )
+
+
+def torch_conv(din: int, dout: int, kernel_size: int, *, padding=0, use_bias: bool = True,
+               dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Conv:
+    """``nn.Conv2d(din, dout, kernel_size, padding=padding)`` with its default init."""
+    return nnx.Conv(
+        din, dout, (kernel_size, kernel_size), padding=((padding, padding), (padding, padding)),
+        use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+        kernel_init=torch_default_init,
+        bias_init=torch_default_bias_init(din * kernel_size * kernel_size), rngs=rngs,
+    )
+
+
+def torch_conv_transpose(din: int, dout: int, kernel_size: int, *, stride: int,
+                         dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.ConvTranspose:
+    """``nn.ConvTranspose2d(din, dout, kernel_size, stride)`` (no padding) with its default
+    init. Torch takes the fan from its weight's dim 1, i.e. ``dout * k * k``: axis -1 of
+    Flax's (kh, kw, in, out) kernel."""
+    fan_in = dout * kernel_size * kernel_size
+    return nnx.ConvTranspose(
+        din, dout, (kernel_size, kernel_size), strides=(stride, stride), padding="VALID",
+        dtype=dtype, param_dtype=jnp.float32,
+        kernel_init=nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform",
+                                                      in_axis=-1, out_axis=-2),
+        bias_init=torch_default_bias_init(fan_in), rngs=rngs,
     )
 
 

@@ -26,14 +26,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mfuser_jax.models.layers import torch_linear
+from mfuser_jax.models.layers import torch_conv, torch_linear
 from mfuser_jax.models.stack import LayerStack, scan_periodic
 from mfuser_jax.models.pixel_decoder import (
     DetrTransformerDecoder,
     DetrTransformerDecoderLayer,
     MultiheadAttention,
     TqdmMSDeformAttnPixelDecoder,
-    caffe2_xavier,
     embedding_normal,
     sine_positional_encoding,
 )
@@ -140,8 +139,7 @@ class TqdmHead(nnx.Module):
         )
         project = embed != feat_channels or enforce_decoder_input_project
         self.decoder_input_projs = nnx.List([
-            nnx.Conv(feat_channels, embed, (1, 1), dtype=dtype, param_dtype=_F32,
-                     kernel_init=caffe2_xavier, bias_init=nnx.initializers.zeros, rngs=rngs)
+            torch_conv(feat_channels, embed, 1, dtype=dtype, rngs=rngs)
             if project else None
             for _ in range(num_transformer_feat_level)
         ])

@@ -214,6 +214,7 @@ class MFuser(nnx.Module):
             importance_sample_ratio=float(lc.importance), no_object_weight=float(lc.no_object_weight),
             loss_cls_weight=float(lc.cls), loss_mask_weight=float(lc.mask),
             loss_dice_weight=float(lc.dice),
+            cls_norm_images=int(lc.get("cls_norm_images", 0)),
         )
         self.score_map_weight = float(lc.score_map)
         self.set_layer_execution(scan=bool(config.get("scan_layers", True)))

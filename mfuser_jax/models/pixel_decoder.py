@@ -36,7 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mfuser_jax.models.layers import torch_layer_norm, torch_linear
+from mfuser_jax.models.layers import (
+    mmcv_conv_module_init,
+    torch_conv,
+    torch_layer_norm,
+    torch_linear,
+    torch_mha_in_proj_init,
+)
 from mfuser_jax.models.stack import LayerStack, dropout_stream, scan_layers
 from mfuser_jax.ops.deform_attn import multi_scale_deformable_attention
 from mfuser_jax.ops.resize import resize
@@ -54,11 +60,13 @@ __all__ = [
 
 _F32 = jnp.float32
 
-# Initialisers restating the PyTorch/mmcv ones.
+# Initialisation is what the original's modules get at construction: its train.py never
+# calls the head's or the pixel decoder's init_weights() (their xavier/caffe2 schemes), only
+# the backbone's and the text encoder's. Constructors that initialise themselves (mmcv's
+# ConvModule and MultiScaleDeformableAttention) are followed; everything else keeps torch's
+# defaults (models/layers.py).
 xavier_uniform = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform")
-xavier_normal = nnx.initializers.variance_scaling(1.0, "fan_avg", "normal")
-caffe2_xavier = nnx.initializers.variance_scaling(1.0, "fan_in", "uniform")  # kaiming a=1
-embedding_normal = nnx.initializers.normal(1.0)
+embedding_normal = nnx.initializers.normal(1.0)  # nn.Embedding
 
 
 def sine_positional_encoding(
@@ -96,8 +104,8 @@ def sine_positional_encoding(
 class ConvModule(nnx.Module):
     """mmcv ConvModule (conv -> GroupNorm -> optional ReLU); keys conv.*, gn.*."""
 
-    def __init__(self, in_ch, out_ch, kernel_size, *, bias, num_groups, relu, kernel_init,
-                 dtype=_F32, rngs: nnx.Rngs):
+    def __init__(self, in_ch, out_ch, kernel_size, *, bias, num_groups, relu, dtype=_F32,
+                 rngs: nnx.Rngs):
         pad = kernel_size // 2
         self.conv = nnx.Conv(
             in_ch,
@@ -107,7 +115,7 @@ class ConvModule(nnx.Module):
             use_bias=bias,
             dtype=dtype,
             param_dtype=_F32,
-            kernel_init=kernel_init,
+            kernel_init=mmcv_conv_module_init,  # its constructor's own init_weights()
             bias_init=nnx.initializers.zeros,
             rngs=rngs,
         )
@@ -134,12 +142,11 @@ class TorchMultiheadAttentionCore(nnx.Module):
         self.embed_dims = embed_dims
         self.num_heads = num_heads
         self.dtype = dtype
-        # torch layout (3E, E): fan_in is axis 1, fan_out axis 0.
-        init = nnx.initializers.variance_scaling(1.0, "fan_avg", "normal", in_axis=1, out_axis=0)
-        self.in_proj_weight = nnx.Param(init(rngs.params(), (3 * embed_dims, embed_dims), _F32))
+        self.in_proj_weight = nnx.Param(
+            torch_mha_in_proj_init(rngs.params(), (3 * embed_dims, embed_dims), _F32))
         self.in_proj_bias = nnx.Param(jnp.zeros((3 * embed_dims,), _F32))
         self.out_proj = torch_linear(embed_dims, embed_dims, dtype=dtype, rngs=rngs,
-                               kernel_init=xavier_normal, bias_init=nnx.initializers.zeros)
+                                     bias_init=nnx.initializers.zeros)
         self.attn_drop = nnx.Dropout(attn_drop, rngs=dropout_stream(rngs))
 
     def __call__(self, query, key, value, attn_mask=None, *, deterministic=None):
@@ -194,7 +201,7 @@ class MultiScaleDeformableAttention(nnx.Module):
             raise ValueError(f"embed_dims {embed_dims} not divisible by num_heads {num_heads}")
         self.embed_dims, self.num_heads = embed_dims, num_heads
         self.num_levels, self.num_points = num_levels, num_points
-        # mmcv init_weights: zero offset weights, biases pointing each head in its own
+        # mmcv init_weights (its constructor calls it): zero offset weights, biases pointing each head in its own
         # direction at distance 1..num_points; uniform attention; xavier projections.
         thetas = np.arange(num_heads, dtype=np.float32) * (2.0 * math.pi / num_heads)
         grid = np.stack([np.cos(thetas), np.sin(thetas)], -1)
@@ -245,13 +252,11 @@ class FFN(nnx.Module):
                  rngs: nnx.Rngs):
         self.layers = nnx.List([
             nnx.List([
-                torch_linear(embed_dims, feedforward_channels, dtype=dtype, rngs=rngs,
-                       kernel_init=xavier_normal),
+                torch_linear(embed_dims, feedforward_channels, dtype=dtype, rngs=rngs),
                 None,  # ReLU
                 nnx.Dropout(ffn_drop, rngs=dropout_stream(rngs)),
             ]),
-            torch_linear(feedforward_channels, embed_dims, dtype=dtype, rngs=rngs,
-                   kernel_init=xavier_normal),
+            torch_linear(feedforward_channels, embed_dims, dtype=dtype, rngs=dropout_stream(rngs)),
             nnx.Dropout(ffn_drop, rngs=dropout_stream(rngs)),
         ])
 
@@ -354,7 +359,7 @@ class TqdmMSDeformAttnPixelDecoder(nnx.Module):
         # from low to high resolution
         self.input_convs = nnx.List([
             ConvModule(in_channels[i], feat_channels, 1, bias=True, num_groups=num_groups,
-                       relu=False, kernel_init=xavier_uniform, dtype=dtype, rngs=rngs)
+                       relu=False, dtype=dtype, rngs=rngs)
             for i in range(self.num_input_levels - 1,
                            self.num_input_levels - num_levels - 1, -1)
         ])
@@ -394,13 +399,11 @@ class TqdmMSDeformAttnPixelDecoder(nnx.Module):
         for i in range(self.num_input_levels - num_levels - 1, -1, -1):
             self.lateral_convs.append(ConvModule(
                 in_channels[i], feat_channels, 1, bias=False, num_groups=num_groups,
-                relu=False, kernel_init=caffe2_xavier, dtype=dtype, rngs=rngs))
+                relu=False, dtype=dtype, rngs=rngs))
             self.output_convs.append(ConvModule(
                 feat_channels, feat_channels, 3, bias=False, num_groups=num_groups,
-                relu=True, kernel_init=caffe2_xavier, dtype=dtype, rngs=rngs))
-        self.mask_feature = nnx.Conv(feat_channels, out_channels, (1, 1), dtype=dtype,
-                                     param_dtype=_F32, kernel_init=caffe2_xavier,
-                                     bias_init=nnx.initializers.zeros, rngs=rngs)
+                relu=True, dtype=dtype, rngs=rngs))
+        self.mask_feature = torch_conv(feat_channels, out_channels, 1, dtype=dtype, rngs=rngs)
         self.text_proj = torch_linear(text_dim, feat_channels, dtype=dtype, rngs=rngs)
         self.text_pos_embed = nnx.Embed(num_text_embeds, feat_channels, param_dtype=_F32,
                                         embedding_init=embedding_normal, rngs=rngs)

@@ -1,0 +1,127 @@
+"""Initialisation as the original actually runs, tensor by tensor, against PyTorch.
+
+The original's train.py calls only backbone.init_weights() (which loads the CLIP file) and
+text_encoder.init_weights(); the decode head's and pixel decoder's init_weights() are never
+called. So every trainable module outside the encoders starts from what its constructor
+gives: torch's defaults (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.MultiheadAttention,
+nn.Embedding), plus the two mmcv 1.x modules that initialise themselves in __init__
+(ConvModule: kaiming_normal fan_out/relu, bias 0; MultiScaleDeformableAttention).
+
+The reference here is the PyTorch module built by torch's own constructors at the same
+shapes (the head restatement of tests/test_decoder.py; mmcv's two constructor-time inits
+restated on it), drawn several times; each of our tensors must match its std, mean and
+largest magnitude within sampling error.
+"""
+
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+import torch.nn as tnn  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_decoder import TINY, THead, TMSDA, TConvModule, _torch_cfg  # noqa: E402
+
+from mfuser_jax.convert.state_dict import torch_state_dict_of  # noqa: E402
+from mfuser_jax.models.backbone import MFuserBackbone  # noqa: E402
+from mfuser_jax.models.mask_decoder import TqdmHead  # noqa: E402
+
+# The shapes of test_decoder.py's and test_backbone_variants.py's models, so that in one
+# pytest run their compiled initialisers are reused. The torch side is drawn many times, so
+# the sampling error is essentially ours alone.
+TORCH_DRAWS = 16
+
+
+def _mmcv_constructor_inits(module):
+    """What mmcv 1.5's constructors run on top of torch's defaults."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, TConvModule):  # ConvModule.init_weights -> kaiming_init
+                tnn.init.kaiming_normal_(m.conv.weight, mode="fan_out", nonlinearity="relu")
+                if m.conv.bias is not None:
+                    tnn.init.zeros_(m.conv.bias)
+            elif isinstance(m, TMSDA):  # MultiScaleDeformableAttention.init_weights
+                tnn.init.zeros_(m.sampling_offsets.weight)
+                thetas = torch.arange(m.heads, dtype=torch.float32) * (2.0 * math.pi / m.heads)
+                grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+                grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(m.heads, 1, 1, 2)
+                grid = grid.repeat(1, m.levels, m.points, 1)
+                for i in range(m.points):
+                    grid[:, :, i, :] *= i + 1
+                m.sampling_offsets.bias.copy_(grid.view(-1))
+                tnn.init.zeros_(m.attention_weights.weight)
+                tnn.init.zeros_(m.attention_weights.bias)
+                for lin in (m.value_proj, m.output_proj):
+                    tnn.init.xavier_uniform_(lin.weight)
+                    tnn.init.zeros_(lin.bias)
+    return module
+
+
+def _assert_same_distribution(ours: dict, build_torch, keys=None):
+    """Each of ``ours`` (torch-named arrays, one draw) against TORCH_DRAWS draws of
+    ``build_torch()``'s state dict: std and mean within 5 standard errors of one draw; the largest
+    magnitude at least 0.6x torch's typical one and at most 1.5x torch's largest (for a
+    uniform init that is its bound, which a normal draw of the same std overshoots)."""
+    draws = []
+    for seed in range(TORCH_DRAWS):
+        torch.manual_seed(seed)
+        draws.append({k: v.detach().numpy().astype(np.float64)
+                      for k, v in build_torch().state_dict().items()})
+    keys = sorted(ours) if keys is None else keys
+    assert set(keys) <= set(draws[0]), sorted(set(keys) - set(draws[0]))
+    bad = []
+    for key in keys:
+        got = np.asarray(ours[key], np.float64)
+        want = np.stack([d[key] for d in draws])
+        assert got.shape == want.shape[1:], key
+        n = got.size
+        std, want_std = got.std(), want.std()
+        mean, want_mean = got.mean(), want.mean()
+        peak = np.abs(got).max()
+        typical_peak = np.mean([np.abs(w).max() for w in want])
+        # Standard errors of one n-element draw's std and mean; the std's depends on the
+        # distribution's kurtosis (1.8 uniform, 3 normal).
+        centred = want - want.mean()
+        kurtosis = (centred**4).mean() / max(want_std**4, 1e-30)
+        std_error = want_std * math.sqrt(max(kurtosis - 1.0, 0.0) / (4 * n))
+        if (abs(std - want_std) > 5 * std_error + 1e-7
+                or abs(mean - want_mean) > 5 * want_std / math.sqrt(n) + 1e-7
+                or not 0.6 * typical_peak - 1e-7 <= peak <= 1.5 * np.abs(want).max() + 1e-7):
+            bad.append(f"{key}: std {std:.4g} vs {want_std:.4g}, mean {mean:.3g} vs "
+                       f"{want_mean:.3g}, max|x| {peak:.4g} vs {typical_peak:.4g}")
+    assert not bad, "\n".join(bad)
+
+
+def test_head_and_pixel_decoder_start_as_the_original_constructs_them():
+    ours = torch_state_dict_of(TqdmHead(**TINY, rngs=nnx.Rngs(0)))
+    _assert_same_distribution(ours, lambda: _mmcv_constructor_inits(THead(_torch_cfg(TINY))))
+
+
+def test_backbone_projections_and_fpn_are_torch_defaults():
+    width, layers = 32, 4
+    backbone = MFuserBackbone(image_size=64, patch_size=16, width=width, layers=layers,
+                              heads=2, output_dim=24, dino_dim=width, dino_heads=2,
+                              dino_init_values=0.5, out_indices=(0, 1, 2, 3),
+                              scan_backend="reference", rngs=nnx.Rngs(0))
+    ours = torch_state_dict_of(backbone)
+    fpn = 2 * width
+
+    class Trainable(tnn.Module):  # clip/models.py builds these after its towers
+        def __init__(self):
+            super().__init__()
+            self.adapter_proj1 = tnn.Sequential(*[tnn.Linear(width, width) for _ in range(layers)])
+            self.adapter_proj2 = tnn.Sequential(*[tnn.Linear(width, width) for _ in range(layers)])
+            self.adapter_proj3 = tnn.Linear(width, width)
+            self.fpn1 = tnn.Sequential(tnn.ConvTranspose2d(fpn, fpn, 2, 2), tnn.BatchNorm2d(fpn),
+                                       tnn.GELU(), tnn.ConvTranspose2d(fpn, fpn, 2, 2))
+            self.fpn2 = tnn.Sequential(tnn.ConvTranspose2d(fpn, fpn, 2, 2))
+
+    keys = [k for k in ours if k.startswith(("adapter_proj", "fpn"))
+            and not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(keys) == 2 * 2 * layers + 2 + 2 * 3 + 2, sorted(keys)
+    _assert_same_distribution(ours, Trainable, keys)
