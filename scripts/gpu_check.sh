@@ -8,7 +8,8 @@
 #      torch are there;
 #   3. every benchmark section in its own process under a hard limit (SIGINT: the section keeps
 #      and writes what it measured); the scan 'auto' decision (Pallas probe) is in each log.
-# Results: $OUT/<section>.json, $OUT/versions.txt and $OUT/*.log.
+# Results: $OUT/<section>.json, $OUT/versions.txt and $OUT/check.log (every step's output; few
+# files, since the device tool returns at most 8).
 #   bash scripts/gpu_check.sh --smoke   (or SMOKE=1): tiny shapes, to try the whole script on a CPU.
 # Knobs: OUT (default bench_results), PYTHON (default python3), TOTAL_S, LIMIT_SCALE (multiplies
 #   every step's limit; 3 with --smoke), SECTIONS (comma list),
@@ -68,17 +69,17 @@ section() {  # name, hard limit (s), soft budget (s: no new case starts after it
   local name=$1 cap budget=$(($3 * LIMIT_SCALE)); cap=$(limit "$2"); shift 3
   if [ "$cap" -le 0 ]; then echo "=== $name skipped: TOTAL_S=${TOTAL_S} spent"; return; fi
   [ "$budget" -gt $((cap - 20)) ] && budget=$((cap > 40 ? cap - 20 : cap / 2))
-  echo "=== $name (limit ${cap}s)"
+  echo "=== $name (limit ${cap}s)" | tee -a "$OUT/check.log"
   timeout -s INT -k 15 "$cap" "$PYTHON" scripts/benchmark.py --sections "$name" --budget-s "$budget" \
-    --out "$OUT" --scan-backend "$SCAN_BACKEND" --attn "$ATTN" "$@" $BENCH_EXTRA 2>&1 | tee "$OUT/$name.log"
+    --out "$OUT" --scan-backend "$SCAN_BACKEND" --attn "$ATTN" "$@" $BENCH_EXTRA 2>&1 | tee -a "$OUT/check.log"
 }
 
 # 2. scan correctness on the GPU: the unit tests, where pytest and torch (the float64 reference) exist
 if has pytest && has torch; then
   cap=$(limit 60)
-  echo "=== pytest tests/test_selective_scan.py -k '$SCAN_TESTS' (limit ${cap}s)"
+  echo "=== pytest tests/test_selective_scan.py -k '$SCAN_TESTS' (limit ${cap}s)" | tee -a "$OUT/check.log"
   timeout -k 10 "$cap" "$PYTHON" -m pytest -q -x -m "not slow" -k "$SCAN_TESTS" -p no:cacheprovider \
-    tests/test_selective_scan.py 2>&1 | tail -25 | tee "$OUT/test_selective_scan.log"
+    tests/test_selective_scan.py 2>&1 | tail -25 | tee -a "$OUT/check.log"
 else
   echo "=== scan tests skipped: pytest or torch absent"
 fi

@@ -55,7 +55,8 @@ def test_gpu_check_smoke_runs_end_to_end(tmp_path):
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     versions = (tmp_path / "versions.txt").read_text()
     assert "\njax " in versions and "\nflax " in versions and "backend cpu" in versions
-    assert "1 passed" in (tmp_path / "test_selective_scan.log").read_text()
+    log = (tmp_path / "check.log").read_text()
+    assert "1 passed" in log and "mvfuser growth" in log  # the scan test; the section's table
     scan = _rows(tmp_path, "scan")
     assert {r["backend"] for r in scan} == {"reference", "associative"}
     assert all(r["rel_err_vs_reference"] < 1e-4 for r in scan)
@@ -65,7 +66,7 @@ def test_gpu_check_smoke_runs_end_to_end(tmp_path):
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and "error" not in r for r in timed)
     growth = [r for r in rows if "fwd_growth" in r]
     assert len(growth) == 2 and all(r["token_growth"] == 34 / 10 for r in growth)
-    assert "mvfuser growth" in (tmp_path / "mvfuser_vs_attention.log").read_text()  # the table
+    assert len(list(tmp_path.iterdir())) <= 8  # what the device tool brings back
     with open(tmp_path / "scan.json") as f:
         assert json.load(f)["env"]["scan_auto_backend"] == "associative"  # no GPU here
 
