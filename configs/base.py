@@ -91,8 +91,9 @@ def mfuser_model_config(size="large", vlm="clip"):
     m.image_size = 512 if large else 4 * m.patch_size  # training crop; position tables fit it
     m.dtype = "float32"                        # compute dtype: "float32" | "bfloat16"
     m.remat = False                            # rematerialise encoder blocks (saves memory)
-    # The towers' attention: "xla" (fused by XLA) or "cudnn" (cuDNN flash attention on a GPU,
-    # bfloat16 only; token axes padded to a multiple of 64 and masked).
+    # The towers' attention: "xla" (the default core: einsums with float32 softmax, compiled by
+    # XLA) or "cudnn" (cuDNN flash attention on a GPU, bfloat16 only; token axes padded to a
+    # multiple of 64 and masked).
     m.attn_implementation = "xla"
     # Folder written by scripts/convert_weights.py; "" trains from random encoders (demo).
     m.pretrained = f"pretrained/mfuser_{vlm}_l" if large else ""

@@ -187,9 +187,10 @@ class MFuser(nnx.Module):
         self.tau = float(config.loss.temperature)
         self.token_length = int(c.token_length)
         self.backbone, self.text_encoder, self._tokenize = _build_towers(config, dtype, rngs)
-        if config.get("attn_implementation") is not None:  # the towers' attention core
+        attn = config.get("attn_implementation", "xla")
+        if attn != "xla":  # "xla" keeps the towers' default core (einsums, compiled by XLA)
             for tower in (self.backbone, self.text_encoder):
-                set_attn_implementation(tower, config.attn_implementation)
+                set_attn_implementation(tower, attn)
         cd = config.context_decoder
         self.context_decoder = ContextDecoder(
             cd.width, cd.heads, cd.layers, c.output_dim, cd.dropout,
