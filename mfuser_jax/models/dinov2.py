@@ -91,7 +91,7 @@ class PatchEmbed(nnx.Module):
 
 class Attention(nnx.Module):
     def __init__(self, dim, num_heads=8, qkv_bias=True, proj_bias=True, *,
-                 attn_implementation=None, dtype=jnp.float32, rngs: nnx.Rngs):
+                 attn_implementation="xla", dtype=jnp.float32, rngs: nnx.Rngs):
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         check_attn_implementation(attn_implementation)
@@ -106,7 +106,8 @@ class Attention(nnx.Module):
         # Output features of qkv are ordered (3, heads, head_dim), as the PyTorch reshape.
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        # The towers' shared core (logits and softmax in float32 even for bfloat16 q/k).
+        # The towers' shared core; "xla" is jax.nn.dot_product_attention's XLA path, this
+        # tower's computation before the core existed (logits and softmax in float32).
         out = dot_product_attention(q, k, v, implementation=self.attn_implementation)
         return self.proj(out.reshape(b, n, c))
 
