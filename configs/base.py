@@ -104,6 +104,10 @@ def mfuser_model_config(size="large", vlm="clip"):
     # more forward pass of those layers (+36% executed FLOPs). False: faster, needs the memory.
     m.remat = large
     m.scan_layers = True                       # False: unrolled Python loop (comparisons only)
+    # The towers' attention: "xla" (the default core: einsums with float32 softmax, compiled by
+    # XLA) or "cudnn" (cuDNN flash attention on a GPU, bfloat16 only; token axes padded to a
+    # multiple of 64 and masked).
+    m.attn_implementation = "xla"
     # Folder written by scripts/convert_weights.py; "" trains from random encoders (demo).
     m.pretrained = f"pretrained/mfuser_{vlm}_l" if large else ""
     # DINOv2's depth is the VLM tower's `layers`: the two are fused layer by layer.

@@ -226,7 +226,8 @@ def plain_model_config(*, width=1024, layers=24, heads=16, output_dim=768, text_
                        out_indices=(7, 11, 15, 23), image_size=512, num_classes=19,
                        decoder_width=256, decoder_heads=8, pixel_layers=6, decoder_layers=9,
                        ffn=2048, context_width=256, context_heads=4, dtype="float32",
-                       remat=False, scan_backend="auto", loss_points=12544) -> AttrDict:
+                       remat=False, scan_backend="auto", loss_points=12544,
+                       attn_implementation="xla") -> AttrDict:
     """MFuser-CLIP-L's model config (defaults; same fields as configs/base.py's
     mfuser_model_config) as plain nested AttrDicts; keyword arguments shrink it."""
     from mfuser_jax.models.tokenizer import tokenize  # noqa: F401  (fail early if assets missing)
@@ -239,6 +240,7 @@ def plain_model_config(*, width=1024, layers=24, heads=16, output_dim=768, text_
     return A(
         name="mfuser", vlm="clip", num_classes=num_classes, class_names=names,
         image_size=image_size, patch_size=16, dtype=dtype, remat=remat, pretrained="",
+        attn_implementation=attn_implementation,
         dinov2=A(embed_dim=dino_dim or width, num_heads=dino_heads or heads,
                  mlp_ratio=4.0, init_values=1e-5),
         clip=A(width=width, layers=layers, heads=heads, output_dim=output_dim, drop_path_rate=0.1,

@@ -277,8 +277,9 @@ def _model_config(args, **overrides):
                     decoder_width=32, decoder_heads=2, pixel_layers=1, decoder_layers=2, ffn=64,
                     context_width=32, context_heads=2, loss_points=64, dtype="float32")
         tiny.update(overrides)
-        return plain_model_config(scan_backend=args.scan_backend, **tiny)
-    return plain_model_config(scan_backend=args.scan_backend, dtype="bfloat16", **overrides)
+        return plain_model_config(scan_backend=args.scan_backend, attn_implementation=args.attn, **tiny)
+    return plain_model_config(scan_backend=args.scan_backend, attn_implementation=args.attn, dtype="bfloat16",
+                              **overrides)
 
 
 def _build_model(args):
@@ -287,7 +288,7 @@ def _build_model(args):
 
     from mfuser_jax.models.mfuser import MFuser
 
-    key = (args.smoke, args.scan_backend)
+    key = (args.smoke, args.scan_backend, args.attn)
     if key not in _MODELS:
         cfg = _model_config(args)
         t0 = time.perf_counter()
@@ -458,14 +459,20 @@ def main(argv=None):
                              "are listed as skipped (a case already started runs to its end)")
     parser.add_argument("--measure-s", type=float, default=2.0, help="time budget per timing")
     parser.add_argument("--scan-backend", default="auto", help="MVFuser scan backend in the model sections")
+    parser.add_argument("--attn", default="xla", choices=("xla", "cudnn"),
+                        help="the towers' attention in the model sections (cudnn: GPU, bfloat16)")
     parser.add_argument("--train-cases", default="2:0,4:0,8:0,2:1,4:1,8:1",
                         help="train_step cases, comma-separated batch:remat (remat 0/1)")
     parser.add_argument("--crop-batch", type=int, default=6, help="sliding-window crops per model call")
     args = parser.parse_args(argv)
     env = environment()
     env["copy_bandwidth_Bps"] = copy_bandwidth(64 * 2**20 if args.smoke else 1024 * 2**20)
+    # What scan_backend="auto" runs here (on a GPU: after probing the Pallas kernel; a fallback
+    # warns with the reason).
+    env["scan_auto_backend"] = importlib.import_module("mfuser_jax.ops.selective_scan").auto_backend()
     print(f"{env['device']} ({env['backend']}), JAX {env['jax']}, commit {env['commit']}, "
-          f"copy bandwidth {env['copy_bandwidth_Bps'] / 1e9:.1f} GB/s", flush=True)
+          f"copy bandwidth {env['copy_bandwidth_Bps'] / 1e9:.1f} GB/s, "
+          f"scan 'auto' = {env['scan_auto_backend']}", flush=True)
     all_rows = []
     for name in args.sections.split(","):
         if name not in SECTIONS:

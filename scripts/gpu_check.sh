@@ -1,51 +1,100 @@
 #!/usr/bin/env bash
-# The one command a session with a GPU runs (about 8 minutes in all; see BENCHMARKS.md):
-#   versions and devices -> selective-scan tests on the GPU -> every benchmark section, each in
-#   its own process under a hard time limit (SIGINT: the section keeps and writes what it measured).
-# Results: $OUT/<section>.json, $OUT/versions.txt and $OUT/*.log. Environment knobs:
-#   OUT (default bench_results), SCAN_BACKEND (model sections' scan backend, default auto),
-#   TRAIN_CASES (batch:remat list for train_step), BENCH_EXTRA (more benchmark.py arguments).
+# The one command a session with a GPU runs: under TOTAL_S (default 500 s, so the device call
+# stays under 9 minutes), whatever fails along the way. See BENCHMARKS.md for the device call.
+#   1. what the machine has (scripts/device_env.py): Python, JAX, devices, compute capability,
+#      and each package present or absent; wheels carried in .whl/ are installed, offline, where
+#      their modules are missing. A missing required package ends the check here, reported.
+#   2. the selective-scan tests on the GPU (reference vs associative vs Pallas), if pytest and
+#      torch are there;
+#   3. every benchmark section in its own process under a hard limit (SIGINT: the section keeps
+#      and writes what it measured); the scan 'auto' decision (Pallas probe) is in each log.
+# Results: $OUT/<section>.json, $OUT/versions.txt and $OUT/check.log (every step's output; few
+# files, since the device tool returns at most 8).
+#   bash scripts/gpu_check.sh --smoke   (or SMOKE=1): tiny shapes, to try the whole script on a CPU.
+# Knobs: OUT (default bench_results), PYTHON (default python3), TOTAL_S, LIMIT_SCALE (multiplies
+#   every step's limit; 3 with --smoke), SECTIONS (comma list),
+#   SCAN_BACKEND (model sections' scan backend, default auto), ATTN (xla|cudnn, the towers'
+#   attention in the model sections), TRAIN_CASES (batch:remat list for train_step),
+#   SCAN_TESTS (pytest -k expression for step 2), BENCH_EXTRA (more benchmark.py arguments).
 set -u
 cd "$(dirname "$0")/.."
+[ "${1:-}" = "--smoke" ] && SMOKE=1
+SMOKE=${SMOKE:-0}
 OUT=${OUT:-bench_results}
+PYTHON=${PYTHON:-python3}
 SCAN_BACKEND=${SCAN_BACKEND:-auto}
-TRAIN_CASES=${TRAIN_CASES:-2:0,8:1,8:0,4:0,4:1,2:1}
-BENCH_EXTRA=${BENCH_EXTRA:-}  # e.g. --smoke to try this script on a CPU
+ATTN=${ATTN:-xla}
+SECTIONS=${SECTIONS:-scan,mvfuser_vs_attention,train_step,sliding_window}
+BENCH_EXTRA=${BENCH_EXTRA:-}
+if [ "$SMOKE" = 1 ]; then
+  # A CPU (often shared) is slower than the GPU these limits are sized for: triple them.
+  LIMIT_SCALE=${LIMIT_SCALE:-3}
+  TOTAL_S=${TOTAL_S:-900}
+  TRAIN_CASES=${TRAIN_CASES:-2:1}
+  SCAN_TESTS=${SCAN_TESTS:-auto_backend_and_unknown}  # one quick test: the step itself runs
+  BENCH_EXTRA="--smoke $BENCH_EXTRA"
+else
+  LIMIT_SCALE=${LIMIT_SCALE:-1}
+  TOTAL_S=${TOTAL_S:-500}
+  TRAIN_CASES=${TRAIN_CASES:-2:0,8:1,8:0,4:0,4:1,2:1}
+  SCAN_TESTS=${SCAN_TESTS:-not slow}
+fi
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 # Sequential host work only: keep XLA from reserving 75% of the GPU up front so that peak
 # memory readings are meaningful (allocations still come from XLA's BFC allocator).
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 
-python - <<'PY' 2>&1 | tee "$OUT/versions.txt"
-import platform, jax, flax
-print("python", platform.python_version(), "jax", jax.__version__, "flax", flax.__version__)
-print("backend", jax.default_backend(), "devices", jax.devices())
-for m in ("optax", "grain", "ml_collections", "tensorflow_datasets", "pytest"):
-    try:
-        mod = __import__(m); print(m, getattr(mod, "__version__", "present"))
-    except Exception as e:
-        print(m, "absent:", type(e).__name__)
-PY
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null | tee -a "$OUT/versions.txt"
-
-section() {  # name, hard limit (s), soft per-section budget (s), extra args...
-  local name=$1 limit=$2 budget=$3; shift 3
-  echo "=== $name (limit ${limit}s)"
-  timeout -s INT -k 15 "$limit" python scripts/benchmark.py --sections "$name" --budget-s "$budget" \
-    --out "$OUT" --scan-backend "$SCAN_BACKEND" "$@" $BENCH_EXTRA 2>&1 | tee "$OUT/$name.log"
+# limit CAP: the seconds a step may take, CAP at most, so that the whole check, the 15 s that
+# `timeout` gives a step after its SIGINT included, ends within TOTAL_S (0: no time left).
+limit() {
+  local left=$((TOTAL_S - SECONDS - 20)) cap=$(($1 * LIMIT_SCALE))
+  if [ "$left" -lt "$cap" ]; then echo $((left > 10 ? left : 0)); else echo "$cap"; fi
 }
 
-# 1. scan correctness on the GPU: the unit tests (reference vs associative vs Pallas), if pytest is there
-if python -c "import pytest" 2>/dev/null; then
-  echo "=== pytest tests/test_selective_scan.py (limit 60s)"
-  timeout -k 10 60 python -m pytest -q -x -m "not slow" -p no:cacheprovider tests/test_selective_scan.py 2>&1 \
-    | tail -25 | tee "$OUT/test_selective_scan.log"
+# 1. the machine: versions, devices, packages; carried wheels where modules are missing
+SITE=/tmp/mfuser_site
+mkdir -p "$SITE"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+timeout -k 5 "$(limit 60)" "$PYTHON" scripts/device_env.py --wheels .whl --target "$SITE" 2>&1 | tee "$OUT/versions.txt"
+status=${PIPESTATUS[0]}
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv 2>/dev/null | tee -a "$OUT/versions.txt"
+if [ "$status" != 0 ]; then
+  echo "=== stopped: the machine lacks what the check needs (see above; exit $status)"
+  exit "$status"
 fi
-# 2. the benchmark sections (the scan section also reports every backend's error vs lax.scan)
-section scan 60 40 --measure-s 1
-section mvfuser_vs_attention 70 50 --measure-s 1
-section train_step 200 140 --measure-s 3 --train-cases "$TRAIN_CASES"
-section sliding_window 80 60 --measure-s 5
-echo "=== done; JSON in $OUT"
+has() { grep -q "^$1 " "$OUT/versions.txt"; }
+
+section() {  # name, hard limit (s), soft budget (s: no new case starts after it), extra args...
+  local name=$1 cap budget=$(($3 * LIMIT_SCALE)); cap=$(limit "$2"); shift 3
+  if [ "$cap" -le 0 ]; then echo "=== $name skipped: TOTAL_S=${TOTAL_S} spent"; return; fi
+  [ "$budget" -gt $((cap - 20)) ] && budget=$((cap > 40 ? cap - 20 : cap / 2))
+  echo "=== $name (limit ${cap}s)" | tee -a "$OUT/check.log"
+  timeout -s INT -k 15 "$cap" "$PYTHON" scripts/benchmark.py --sections "$name" --budget-s "$budget" \
+    --out "$OUT" --scan-backend "$SCAN_BACKEND" --attn "$ATTN" "$@" $BENCH_EXTRA 2>&1 | tee -a "$OUT/check.log"
+}
+
+# 2. scan correctness on the GPU: the unit tests, where pytest and torch (the float64 reference) exist
+if has pytest && has torch; then
+  cap=$(limit 60)
+  echo "=== pytest tests/test_selective_scan.py -k '$SCAN_TESTS' (limit ${cap}s)" | tee -a "$OUT/check.log"
+  timeout -k 10 "$cap" "$PYTHON" -m pytest -q -x -m "not slow" -k "$SCAN_TESTS" -p no:cacheprovider \
+    tests/test_selective_scan.py 2>&1 | tail -25 | tee -a "$OUT/check.log"
+else
+  echo "=== scan tests skipped: pytest or torch absent"
+fi
+
+# 3. the benchmark sections (the scan section also reports every backend's error vs lax.scan)
+for name in ${SECTIONS//,/ }; do
+  case $name in
+    scan) section scan 60 40 --measure-s 1 ;;
+    mvfuser_vs_attention) section mvfuser_vs_attention 70 50 --measure-s 1 ;;
+    train_step)
+      if has optax; then section train_step 200 140 --measure-s 3 --train-cases "$TRAIN_CASES"
+      else echo "=== train_step skipped: optax absent"; fi ;;
+    sliding_window) section sliding_window 80 60 --measure-s 5 ;;
+    *) echo "=== unknown section $name (choose from scan, mvfuser_vs_attention, train_step, sliding_window)" ;;
+  esac
+done
+echo "=== done in ${SECONDS}s; JSON in $OUT"
 ls -l "$OUT"

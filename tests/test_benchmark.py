@@ -43,10 +43,20 @@ def test_benchmark_imports_no_data_stack():
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_smoke_scan_and_mvfuser_vs_attention(tmp_path, capsys):
-    bench = _load()
-    bench.main(["--smoke", "--out", str(tmp_path), "--sections", "scan,mvfuser_vs_attention",
-                "--measure-s", "0.01", "--scan-backends", "reference,associative"])
+def test_gpu_check_smoke_runs_end_to_end(tmp_path):
+    # scripts/gpu_check.sh --smoke, as the device call runs it (package report, scan tests, each
+    # section in its own process under its limit), with the two quick sections; train_step and
+    # sliding_window run in-process in the slow test below.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "OUT": str(tmp_path), "PYTHON": sys.executable,
+           "SECTIONS": "scan,mvfuser_vs_attention",
+           "BENCH_EXTRA": "--measure-s 0.01 --scan-backends reference,associative"}
+    done = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), "--smoke"],
+                          capture_output=True, text=True, cwd=ROOT, env=env)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    versions = (tmp_path / "versions.txt").read_text()
+    assert "\njax " in versions and "\nflax " in versions and "backend cpu" in versions
+    log = (tmp_path / "check.log").read_text()
+    assert "1 passed" in log and "mvfuser growth" in log  # the scan test; the section's table
     scan = _rows(tmp_path, "scan")
     assert {r["backend"] for r in scan} == {"reference", "associative"}
     assert all(r["rel_err_vs_reference"] < 1e-4 for r in scan)
@@ -56,7 +66,53 @@ def test_smoke_scan_and_mvfuser_vs_attention(tmp_path, capsys):
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and "error" not in r for r in timed)
     growth = [r for r in rows if "fwd_growth" in r]
     assert len(growth) == 2 and all(r["token_growth"] == 34 / 10 for r in growth)
-    assert "mvfuser growth" in capsys.readouterr().out  # the final table
+    assert len(list(tmp_path.iterdir())) <= 8  # what the device tool brings back
+    with open(tmp_path / "scan.json") as f:
+        assert json.load(f)["env"]["scan_auto_backend"] == "associative"  # no GPU here
+
+
+def _device_env():
+    spec = importlib.util.spec_from_file_location("mfuser_device_env", os.path.join(ROOT, "scripts", "device_env.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_device_env_reports_missing_packages():
+    dev = _device_env()
+    lines, missing = dev.report(required={"numpy": "x", "mfuser_no_such_module": "the model"},
+                                optional={"mfuser_no_such_extra": "data", "pytest": "tests"})
+    assert missing == ["mfuser_no_such_module"]
+    assert "mfuser_no_such_module: MISSING (needed by the model)" in lines
+    assert "mfuser_no_such_extra: absent (needed by data)" in lines
+    assert any(line.startswith("pytest ") and "absent" not in line for line in lines)
+
+
+def test_device_env_installs_a_carried_wheel_only_where_missing(tmp_path):
+    import zipfile
+
+    dev = _device_env()
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    info = "mfuser_carried_pkg-0.1.dist-info"
+    with zipfile.ZipFile(wheels / "mfuser_carried_pkg-0.1-py3-none-any.whl", "w") as z:
+        z.writestr("mfuser_carried_pkg/__init__.py", "VALUE = 42\n")
+        z.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: mfuser-carried-pkg\nVersion: 0.1\n")
+        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{info}/top_level.txt", "mfuser_carried_pkg\n")
+        z.writestr(f"{info}/RECORD", "")
+    assert dev.wheel_modules(str(wheels / "mfuser_carried_pkg-0.1-py3-none-any.whl")) == ["mfuser_carried_pkg"]
+    target = tmp_path / "site"
+    try:
+        report = dev.install_missing_wheels(str(wheels), str(target))
+        assert report == ["wheel mfuser_carried_pkg-0.1-py3-none-any.whl: installed"]
+        assert importlib.import_module("mfuser_carried_pkg").VALUE == 42
+        # now importable: a second pass leaves it alone
+        assert "not needed" in dev.install_missing_wheels(str(wheels), str(target))[0]
+    finally:
+        sys.modules.pop("mfuser_carried_pkg", None)
+        while str(target) in sys.path:
+            sys.path.remove(str(target))
 
 
 def test_section_budget_skips(tmp_path):

@@ -125,7 +125,7 @@ def test_values_and_gradients_match_float64_reference(backend, shape, with_z, wi
 def test_auto_backend_and_unknown_backend():
     x = make_inputs(1, 4, 9, 2, seed=0)
     args = [jnp.asarray(x[k]) for k in NAMES]
-    expected = "pallas" if jax.default_backend() == "gpu" else "associative"
+    expected = ss.auto_backend()
     np.testing.assert_allclose(ss.selective_scan(*args, backend="auto"), ss.selective_scan(*args, backend=expected), rtol=1e-6)
     with pytest.raises(ValueError, match="unknown selective_scan backend"):
         ss.selective_scan(*args, backend="nope")
@@ -177,3 +177,65 @@ def test_pallas_kernels_lower_to_triton_for_gpu(with_z, dtype):
     for fn, kernels in ((fwd, 3), (grad, 6)):
         text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("custom_call @__gpu$xla.gpu.triton") == kernels
+
+
+# ---------------------------------------------------------------------------------------------
+# backend="auto": the Pallas probe and the fallback (forced here: there is no GPU)
+
+
+@pytest.fixture
+def fresh_auto(monkeypatch):
+    """auto_backend's per-process decision cleared, the platform reported as a GPU, and the probe
+    counted."""
+    calls = []
+    probe = ssp.unavailable_reason
+
+    def counted(**kw):
+        calls.append(kw)
+        return probe(**kw)
+
+    ss.auto_backend.cache_clear()
+    monkeypatch.setattr(ss, "_platform", lambda: "gpu")
+    monkeypatch.setattr(ssp, "unavailable_reason", counted)
+    yield calls
+    ss.auto_backend.cache_clear()
+
+
+def _auto_and_associative():
+    x = make_inputs(1, 4, 9, 2, seed=0)
+    args = [jnp.asarray(x[k]) for k in NAMES]
+    return ss.selective_scan(*args, backend="auto"), ss.selective_scan(*args, backend="associative")
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the compile failure is forced by a CPU")
+def test_auto_falls_back_once_when_the_kernel_cannot_compile(fresh_auto):
+    # "GPU" claimed, but the probe's non-interpret compile really fails on this CPU: that error
+    # must become one warning and the associative backend, decided once.
+    with pytest.warns(RuntimeWarning, match=r"Pallas kernel cannot run here \(.*interpret.*'associative'") as rec:
+        y_auto, y_assoc = _auto_and_associative()
+        jax.jit(lambda *a: _auto_and_associative())()  # again, inside a trace: no new probe
+    assert len([w for w in rec if "Pallas" in str(w.message)]) == 1 and len(fresh_auto) == 1
+    np.testing.assert_array_equal(y_auto, y_assoc)
+
+
+@pytest.mark.parametrize("cc,expected", [((7, 5), "associative"), ((9, 0), "pallas")])
+def test_auto_checks_compute_capability_before_compiling(fresh_auto, monkeypatch, cc, expected):
+    monkeypatch.setattr(ssp, "_compute_capability", lambda: cc)
+    monkeypatch.setattr(ssp, "_probe_error", lambda dtype: None)  # a card that compiles
+    if expected == "associative":
+        with pytest.warns(RuntimeWarning, match=r"compute capability 7\.5 is below 8\.0"):
+            assert ss.auto_backend() == "associative"
+    else:
+        assert ss.auto_backend() == "pallas"
+    assert len(fresh_auto) == 1
+
+
+def test_probe_rejects_a_kernel_that_computes_wrong(monkeypatch):
+    # A kernel 1% off is caught by the comparison with the lax.scan reference, and the probe runs
+    # eagerly while a jit trace is open, as it does when model code calls selective_scan.
+    # (The real kernels' numbers are checked in interpret mode above.)
+    wrong = lambda *a, interpret=None: 1.01 * ss.BACKENDS["reference"](*a)  # noqa: E731
+    monkeypatch.setattr(ssp, "pallas_selective_scan", wrong)
+    reasons = []
+    jax.jit(lambda x: (reasons.append(ssp.unavailable_reason()), x)[1])(jnp.zeros(()))
+    assert reasons[0].startswith("float32 y differs from the lax.scan reference by 0.01"), reasons

@@ -57,8 +57,8 @@ class MultiheadAttention(nnx.Module):
 
     ``attn_implementation``: None computes attention with explicit einsums (logits and
     softmax in float32); "xla" or "cudnn" call ``jax.nn.dot_product_attention`` with that
-    implementation (same math; cudnn's fused kernel has sequence-length limits on some
-    versions, see DESIGN.md).
+    implementation (same math; for cudnn the token axes are padded and masked, see
+    ``layers.dot_product_attention``).
     """
 
     def __init__(

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 __all__ = ["GELU", "check_attn_implementation", "dot_product_attention", "mmcv_conv_module_init",
-           "torch_conv", "torch_conv_transpose", "torch_default_bias_init", "torch_default_init",
+           "padded_dot_product_attention", "set_attn_implementation", "torch_conv",
+           "torch_conv_transpose", "torch_default_bias_init", "torch_default_init",
            "torch_layer_norm", "torch_linear", "torch_mha_in_proj_init", "uniform_init"]
 
 # PyTorch's default Linear/Conv weight init, kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in)).
@@ -108,14 +109,50 @@ def check_attn_implementation(implementation) -> None:
             f"attn_implementation must be None, 'xla' or 'cudnn', got {implementation!r}")
 
 
+# cuDNN's fused attention refused 1025 tokens on an H100 ("Unsupported sequence length"; JAX
+# also rejects odd lengths in its backward), so the cudnn path pads both token axes to a
+# multiple of this, cuDNN's tile, and masks the padding by length. 1025 -> 1088 costs ~13% more
+# attention FLOPs. Which multiples cuDNN accepts here is not yet measured on a GPU.
+CUDNN_SEQ_MULTIPLE = 64
+
+
+def padded_dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str,
+                                 causal: bool = False, multiple: int = CUDNN_SEQ_MULTIPLE) -> jax.Array:
+    """``jax.nn.dot_product_attention`` with the query and key/value token axes zero-padded to a
+    multiple of ``multiple``; the true lengths go in as ``query_seq_lengths`` /
+    ``key_value_seq_lengths`` (a key mask: no real query sees a padded key; padded queries are
+    computed and sliced off). Padding sits at the end, so a causal mask keeps its meaning."""
+    lq, lk = q.shape[1], k.shape[1]
+    pad_q, pad_k = -lq % multiple, -lk % multiple
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if not pad_q and not pad_k:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
+                                            implementation=implementation)
+    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))  # noqa: E731
+    batch = q.shape[0]
+    out = jax.nn.dot_product_attention(
+        pad(q, pad_q), pad(k, pad_k), pad(v, pad_k), scale=scale, is_causal=causal,
+        query_seq_lengths=jnp.full((batch,), lq, jnp.int32),
+        key_value_seq_lengths=jnp.full((batch,), lk, jnp.int32),
+        implementation=implementation)
+    return out[:, :lq]
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                           implementation: str | None = None, causal: bool = False) -> jax.Array:
     """softmax(q k^T / sqrt(d)) v for q (B, Lq, H, d), k and v (B, Lk, H, d).
 
     ``implementation`` None: explicit einsums with float32 logits and softmax (the numerics
-    of the PyTorch originals in float32, and the safe choice in bfloat16); "xla" or "cudnn":
-    ``jax.nn.dot_product_attention`` with that implementation (same math, fused).
+    of the PyTorch originals in float32, and the safe choice in bfloat16); "xla":
+    ``jax.nn.dot_product_attention``'s XLA path (same math); "cudnn": cuDNN's fused (flash)
+    kernel on a GPU, bfloat16/float16 only, with the token axes padded to
+    ``CUDNN_SEQ_MULTIPLE`` and masked (``padded_dot_product_attention``).
     """
+    if implementation == "cudnn":
+        if q.dtype not in (jnp.bfloat16, jnp.float16):
+            raise ValueError(f"attn_implementation='cudnn' needs bfloat16 or float16 activations, got "
+                             f"{q.dtype}: set the model dtype to bfloat16 or use attn_implementation='xla'")
+        return padded_dot_product_attention(q, k, v, implementation="cudnn", causal=causal)
     scale = 1.0 / math.sqrt(q.shape[-1])
     if implementation is not None:
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
@@ -126,3 +163,17 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         logits = jnp.where(keep, logits, -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def set_attn_implementation(module: nnx.Module, implementation: str | None) -> int:
+    """Point every attention layer under ``module`` (those with an ``attn_implementation``
+    attribute: the CLIP, EVA02, SigLIP and DINOv2 towers' attentions) at ``implementation``;
+    returns how many were set. How a model build applies ``config.model.attn_implementation``
+    without threading it through every tower constructor."""
+    check_attn_implementation(implementation)
+    count = 0
+    for _, sub in nnx.iter_graph(module):
+        if isinstance(sub, nnx.Module) and hasattr(sub, "attn_implementation"):
+            sub.attn_implementation = implementation
+            count += 1
+    return count

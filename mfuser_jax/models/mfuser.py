@@ -33,6 +33,7 @@ from mfuser_jax.models.backbone import (
     normalize_for_clip,
 )
 from mfuser_jax.models.clip import CLIPTextContextEncoder
+from mfuser_jax.models.layers import set_attn_implementation
 from mfuser_jax.models.mask_decoder import TqdmHead, semantic_inference
 from mfuser_jax.models.siglip import SiglipTextTransformer
 from mfuser_jax.models.siglip_tokenizer import SiglipTokenizer
@@ -187,6 +188,10 @@ class MFuser(nnx.Module):
         self.tau = float(config.loss.temperature)
         self.token_length = int(c.token_length)
         self.backbone, self.text_encoder, self._tokenize = _build_towers(config, dtype, rngs)
+        attn = config.get("attn_implementation", "xla")
+        if attn != "xla":  # "xla" keeps the towers' default core (einsums, compiled by XLA)
+            for tower in (self.backbone, self.text_encoder):
+                set_attn_implementation(tower, attn)
         cd = config.context_decoder
         self.context_decoder = ContextDecoder(
             cd.width, cd.heads, cd.layers, c.output_dim, cd.dropout,

@@ -13,17 +13,21 @@ Backends share one signature (axlearn's ssm.py style):
   "reference"   lax.scan over the sequence: the readable definition, slow on GPU.
   "associative" lax.associative_scan, chunked and rematerialised to bound memory.
   "pallas"      fused kernel (GPU; interpret mode elsewhere).
-  "auto"        pallas on GPU, associative elsewhere.
+  "auto"        pallas on a GPU where its kernels compile and agree with the reference
+                at a tiny shape (probed once per process, see ``auto_backend``),
+                associative elsewhere.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["BACKENDS", "selective_scan", "register_backend", "naive_associative_scan"]
+__all__ = ["BACKENDS", "auto_backend", "selective_scan", "register_backend", "naive_associative_scan"]
 
 ScanFn = Callable[..., jax.Array]
 BACKENDS: dict[str, ScanFn] = {}
@@ -137,8 +141,27 @@ def _scan_associative(u, delta, A, B, C, D, z, delta_bias, delta_softplus, *, ch
     return finish_output(y, u, D, z, u.dtype)
 
 
-def _default_backend() -> str:
-    return "pallas" if jax.default_backend() == "gpu" and "pallas" in BACKENDS else "associative"
+def _platform() -> str:
+    return jax.default_backend()
+
+
+@functools.cache
+def auto_backend() -> str:
+    """The backend ``backend="auto"`` runs, decided once per process.
+
+    "pallas" on a GPU where the fused kernels lower, compile and agree with the lax.scan
+    reference at a tiny shape; otherwise "associative", with one warning naming the reason when a
+    GPU was there but the kernels could not run on it (an unsupported card, a JAX without the
+    Triton lowering, any lowering or compile error), so that a run never fails on the kernel.
+    """
+    if _platform() != "gpu":
+        return "associative"
+    reason = _selective_scan_pallas.unavailable_reason()
+    if reason is None:
+        return "pallas"
+    warnings.warn(f"selective_scan backend 'auto': the Pallas kernel cannot run here ({reason}); "
+                  "using the 'associative' backend", RuntimeWarning, stacklevel=2)
+    return "associative"
 
 
 def selective_scan(
@@ -156,9 +179,7 @@ def selective_scan(
 ):
     """Selective scan; see the module docstring for shapes and semantics."""
     if backend == "auto":
-        backend = _default_backend()
-        if backend not in BACKENDS:
-            backend = "reference"
+        backend = auto_backend()
     if backend not in BACKENDS:
         raise ValueError(f"unknown selective_scan backend {backend!r}; choose from {sorted(BACKENDS)} or 'auto'")
     batch, dim, length = u.shape

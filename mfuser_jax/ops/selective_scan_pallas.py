@@ -37,6 +37,11 @@ GPU; it is skipped when nothing needs padding.
 Without a GPU the same kernels run with ``interpret=True`` (chosen automatically), which is how
 the tests verify them; the tests also lower every kernel for the cuda platform, so the Triton
 lowering itself is checked on CPU. Triton compilation and GPU speed are not yet measured.
+
+``unavailable_reason`` is the probe behind ``selective_scan(backend="auto")``: the Triton
+lowering is deprecated since JAX 0.11 and needs compute capability >= 8.0, so "auto" compiles and
+runs the kernels once at a tiny shape, compares them with the lax.scan reference, and falls back
+to the associative backend if anything fails.
 """
 
 from __future__ import annotations
@@ -45,11 +50,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
-from mfuser_jax.ops.selective_scan import register_backend
+from mfuser_jax.ops.selective_scan import BACKENDS, register_backend
 
-__all__ = ["pallas_selective_scan"]
+__all__ = ["pallas_selective_scan", "unavailable_reason"]
 
 # Channel tile: 32 channels x 16 states = 512 float32 state values per program (4 per thread at
 # 4 warps). In mamba's (b, d, l) layout a step loads one column of the (32, chunk) u/delta/z
@@ -437,3 +443,68 @@ def pallas_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
 @register_backend("pallas")
 def _scan_pallas(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     return pallas_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+# Pallas's Triton lowering targets Ampere (sm_80) and newer.
+MIN_COMPUTE_CAPABILITY = (8, 0)
+
+
+def _compute_capability():
+    """(major, minor) of the default device, or None where JAX does not report one (not CUDA)."""
+    cc = getattr(jax.devices()[0], "compute_capability", None)
+    try:
+        return None if cc is None else tuple(int(p) for p in str(cc).split(".")[:2])
+    except ValueError:
+        return None
+
+
+def _probe_error(dtype) -> str | None:
+    """Compile and run the forward and backward kernels (interpret off) at a tiny shape that still
+    crosses a chunk boundary and pads the sequence; compare with the lax.scan reference."""
+    b, d, l, n = 1, CHANNEL_TILE, CHUNK + 3, 16
+    rng = np.random.default_rng(0)
+    normal = lambda *s, scale=1.0: (scale * rng.normal(size=s)).astype(np.float32)  # noqa: E731
+    inputs = [normal(b, d, l), normal(b, d, l, scale=0.5), -np.exp(normal(d, n)), normal(b, n, l),
+              normal(b, n, l), normal(d), normal(b, d, l), normal(d, scale=0.5)]
+    inputs = [x.astype(dtype) for x in inputs]  # numpy, not jnp: no tracers if a trace is open
+
+    def value_and_grads(fn):
+        def loss(*a):
+            y = fn(*a[:7], a[7], True)
+            return jnp.sum(y.astype(jnp.float32) * jnp.cos(jnp.arange(l, dtype=jnp.float32))), y
+        return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(8)), has_aux=True))
+
+    fused = functools.partial(pallas_selective_scan, interpret=False)
+    # Ahead-of-time compiled and called on host arrays: runs eagerly even inside an open trace.
+    results = []
+    for fn in (fused, BACKENDS["reference"]):
+        compiled = value_and_grads(fn).lower(*inputs).compile()  # lowering/compile errors raise here
+        results.append(jax.device_get(compiled(*inputs)))
+    ((_, y), grads), ((_, y_ref), grads_ref) = results
+    tol = 1e-3 if dtype == jnp.float32 else 5e-2
+    for name, got, ref in [("y", y, y_ref)] + list(zip(("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "dbias"),
+                                                       grads, grads_ref)):
+        got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+        err = float(np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), 1e-30))
+        if not err <= tol:  # also catches NaN
+            return f"{np.dtype(dtype).name} {name} differs from the lax.scan reference by {err:.2g} (relative)"
+    return None
+
+
+def unavailable_reason() -> str | None:
+    """None when the fused kernels compile and compute correctly on the default device (a GPU),
+    else one line saying why not. Costs a few small compiles; ``selective_scan.auto_backend``
+    calls it once per process. Safe to call while a jit trace is open: the probe runs eagerly."""
+    cc = _compute_capability()
+    if cc is not None and cc < MIN_COMPUTE_CAPABILITY:
+        return (f"compute capability {cc[0]}.{cc[1]} is below "
+                f"{MIN_COMPUTE_CAPABILITY[0]}.{MIN_COMPUTE_CAPABILITY[1]}, the Triton lowering's minimum")
+    try:
+        for dtype in (jnp.float32, jnp.bfloat16):
+            error = _probe_error(dtype)
+            if error is not None:
+                return error
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use the kernel here
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        return f"{type(e).__name__}: {first}"
+    return None
