@@ -256,7 +256,7 @@ class FFN(nnx.Module):
                 None,  # ReLU
                 nnx.Dropout(ffn_drop, rngs=dropout_stream(rngs)),
             ]),
-            torch_linear(feedforward_channels, embed_dims, dtype=dtype, rngs=dropout_stream(rngs)),
+            torch_linear(feedforward_channels, embed_dims, dtype=dtype, rngs=rngs),
             nnx.Dropout(ffn_drop, rngs=dropout_stream(rngs)),
         ])
 
