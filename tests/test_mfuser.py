@@ -78,7 +78,7 @@ def test_scanned_layers_and_remat_change_nothing_but_the_program():
     cfg = tiny_config()
     cfg.decoder.decoder_layers = 3  # one full round of the 3 levels: the periodic scan runs
     model = MFuser(cfg, rngs=nnx.Rngs(0))
-    images, labels = _batch(b=1)
+    images, labels = _batch(b=2)  # one class-loss normaliser group (cls_norm_images=2)
     graphdef_plain = nnx.graphdef(model)
 
     def loss_and_grads(scan, remat):

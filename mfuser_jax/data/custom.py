@@ -198,18 +198,12 @@ class FolderDatasetSource(FolderSource):
                          tuple(test_scale) if test_scale else None)
         self.split = split
         # No class list: labels already hold Cityscapes trainIds (as the other sources).
-        self.lut = label_lut(label_ids) if len(label_ids) else L.TRAINID_LUT.copy()
-        self.lut[int(ignore_index)] = L.IGNORE_INDEX
+        self.lookup_table = label_lut(label_ids) if len(label_ids) else L.TRAINID_LUT.copy()
+        self.lookup_table[int(ignore_index)] = L.IGNORE_INDEX
         self.num_classes = len(label_ids) or L.NUM_CLASSES
 
-    def load(self, i: int):
-        img = imageio.read_image(self.images[i])
-        lab = self.label_reader(self.labels[i])
-        if img.shape[:2] != lab.shape:
-            raise imageio.DataFileError(
-                f"{self.labels[i]}: label size {lab.shape} differs from image "
-                f"{self.images[i]} size {img.shape[:2]}")
-        return img, self.lut[lab], os.path.relpath(self.images[i], self.root)
+    def image_name(self, i: int) -> str:
+        return os.path.relpath(self.images[i], self.root)
 
     def label_key(self, i: int) -> str:
         return os.path.relpath(self.labels[i], self.root).replace(os.sep, "/")

@@ -92,7 +92,12 @@ class FolderSource:
             raise imageio.DataFileError(
                 f"{self.labels[i]}: label size {lab.shape} differs from image "
                 f"{self.images[i]} size {img.shape[:2]}")
-        return img, TRAINID_LUT[lab], os.path.basename(self.images[i])
+        return img, self.lookup_table[lab], self.image_name(i)
+
+    lookup_table = TRAINID_LUT  # label value -> trainId (a custom class list has its own)
+
+    def image_name(self, i: int) -> str:
+        return os.path.basename(self.images[i])
 
     def label_key(self, i: int) -> str:
         return os.path.basename(self.labels[i])
