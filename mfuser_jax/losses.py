@@ -304,6 +304,9 @@ def mask2former_loss(
                          "mask predictions; need the same non-zero number")
     keys = jax.random.split(key, num_layers)
     batch, per_group = all_cls_scores[0].shape[0], cfg.cls_norm_images
+    # A batch smaller than one group is one group (a GPU holding fewer images than the
+    # reference's 2); check_config refuses training batches that split unevenly.
+    per_group = min(per_group, batch)
     if per_group and batch % per_group:
         raise ValueError(f"a batch of {batch} images cannot be split into class-loss "
                          f"normaliser groups of cls_norm_images={per_group}")

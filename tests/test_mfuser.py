@@ -98,10 +98,13 @@ def test_scanned_layers_and_remat_change_nothing_but_the_program():
     for scan, remat in ((True, False), (True, True)):
         value, grads = loss_and_grads(scan, remat)
         np.testing.assert_allclose(value, unrolled, rtol=1e-5)
-        # Equal up to float reassociation: compare at each leaf's scale.
+        # Equal up to float reassociation: compare at each leaf's scale. The floor covers
+        # leaves whose true gradient is 0 and whose computed one is float noise (~1e-7): conv
+        # biases right before a norm that subtracts them again (the tiny pixel decoder's
+        # input convs: GroupNorm with one channel per group).
         for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(g_unrolled)):
             np.testing.assert_allclose(
-                a, b, rtol=1e-4, atol=max(1e-5 * float(np.abs(b).max()), 1e-7))
+                a, b, rtol=1e-4, atol=max(1e-5 * float(np.abs(b).max()), 1e-6))
 
 
 def test_predict_and_custom_class_names(tiny_model):
