@@ -13,6 +13,7 @@ from flax import nnx
 from configs.base import mfuser_model_config
 from mfuser_jax.models import layers
 from mfuser_jax.models.mfuser import MFuser
+from mfuser_jax.models.stack import iter_layer_modules
 
 
 def _qkv(b, lq, lk, heads=2, d=8, dtype=jnp.float32, seed=0):
@@ -83,8 +84,9 @@ def test_config_field_reaches_every_tower_attention():
         cfg = mfuser_model_config("tiny")
         cfg.attn_implementation = impl
         model = nnx.eval_shape(lambda: MFuser(cfg, rngs=nnx.Rngs(0)))  # abstract: no weights drawn
-        return [m.attn_implementation for _, m in nnx.iter_graph(model)
-                if isinstance(m, nnx.Module) and hasattr(m, "attn_implementation")]
+        # per layer: a stacked tower's attention is one module serving every layer
+        return [m.attn_implementation for _, m, _ in iter_layer_modules(model)
+                if hasattr(m, "attn_implementation")]
 
     assert mfuser_model_config("tiny").attn_implementation == "xla"
     found = implementations("cudnn")
