@@ -33,9 +33,9 @@ def test_help_exits_0(script, flag):
     (["--config", "configs/demo.py", "--config.totl_steps=10"],
      "error: --config.totl_steps: config has no field 'totl_steps'; did you mean "
      "config.total_steps?"),
-    (["--config", "configs/demo.py", "--config.model.dinov2.dpth=2"],
-     "error: --config.model.dinov2.dpth: config.model.dinov2 has no field 'dpth'; did you "
-     "mean config.model.dinov2.depth?"),
+    (["--config", "configs/demo.py", "--config.model.dinov2.embd_dim=2"],
+     "error: --config.model.dinov2.embd_dim: config.model.dinov2 has no field 'embd_dim'; "
+     "did you mean config.model.dinov2.embed_dim?"),
     (["--config", "configs/demo.py", "--config.total_steps=ten"],
      "error: --config.total_steps=ten: invalid literal for int() with base 10: 'ten'"),
     (["--config", "configs/demo.py:vlm=llava"],
