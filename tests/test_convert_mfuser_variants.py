@@ -42,6 +42,8 @@ from mfuser_jax.models.mfuser import MFuser  # noqa: E402
 def experiment_config(vlm, **model):
     c = demo.get_config(f"vlm={vlm}")
     c.model.image_size = 4 * c.model.patch_size  # a 4x4 patch grid keeps the test fast
+    c.data.crop_size = c.evaluation.crop_size = c.model.image_size  # they must agree
+    c.evaluation.stride = (2 * c.model.image_size) // 3
     c.model.mvfuser.scan_backend = "reference"
     c.model.update(model)
     c.total_steps = 40

@@ -157,7 +157,8 @@ def test_train_eval_predict_end_to_end(folder, tmp_path, monkeypatch):
     for f in sorted(os.listdir(folder / "images/val")):
         stem = f[:-4]
         raw = np.asarray(Image.open(folder / "labels/val" / (stem + ".png")))
-        mask = np.asarray(Image.open(out / (stem + "_mask.png")).convert("RGB"))
+        # predict.py keeps the extension in output names: 00000.png -> 00000_png_mask.png
+        mask = np.asarray(Image.open(out / (f.replace(".", "_") + "_mask.png")).convert("RGB"))
         hit = (mask[..., None, :] == pal).all(-1)
         assert hit.sum(-1).min() == 1  # every pixel in exactly one class colour
         pred = hit.argmax(-1)

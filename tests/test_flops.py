@@ -29,6 +29,9 @@ def tiny():
         context_heads=2, loss_points=64, scan_backend="reference")
     model = MFuser(cfg, rngs=nnx.Rngs(0))
     model.eval()
+    # XLA's cost analysis counts a scanned loop body once, not once per layer: compare the
+    # analytic count with the same layers unrolled.
+    model.set_layer_execution(scan=False)
     return cfg, model
 
 
