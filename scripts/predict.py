@@ -17,11 +17,9 @@ An image that cannot be read is reported by name and skipped; the others are seg
 the exit status is 1. Exit status 2: a usage mistake (nothing segmented), 130: Ctrl-C.
 """
 
-import os
 import sys
 
 import _cli
-import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
@@ -37,150 +35,12 @@ flags.DEFINE_float("alpha", 0.5, "mask opacity in the overlay")
 flags.mark_flags_as_required(["config", "workdir", "images", "out"])
 FLAGS = flags.FLAGS
 
-EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 EXIT_SOME_FAILED = 1
-
-
-def list_images(paths, out=None):
-    """Image files from files and folders (a path that does not exist may be a
-    comma-separated list), each once, in the given order (folders sorted). A folder's
-    files inside `out` are earlier results, not inputs."""
-    from mfuser_jax.train import UserError
-    skip = os.path.join(os.path.realpath(out), "") if out else None
-    found_all, seen = [], set()
-    for p in paths:
-        for item in p.split(",") if not os.path.exists(p) else [p]:
-            if not item:
-                continue
-            if os.path.isdir(item):
-                found = sorted(os.path.join(item, f) for f in os.listdir(item)
-                               if f.lower().endswith(EXTS)
-                               and os.path.isfile(os.path.join(item, f)))
-                if skip:
-                    found = [f for f in found if not os.path.realpath(f).startswith(skip)]
-            elif os.path.isfile(item):
-                found = [item]
-            else:
-                raise UserError(f"no such image or folder: {os.path.abspath(item)}")
-            for f in found:
-                if os.path.realpath(f) not in seen:
-                    seen.add(os.path.realpath(f))
-                    found_all.append(f)
-    if not found_all:
-        raise UserError(f"no images found in {', '.join(paths)}")
-    return found_all
-
-
-def output_stems(files, out):
-    """out/<folder below the inputs' common parent>/<name>_<ext>: one per input, never
-    shared (same-stem files keep apart by their extension; a leftover clash, possible
-    only for odd names, gets a counter)."""
-    dirs = [os.path.dirname(os.path.abspath(f)) for f in files]
-    root = os.path.commonpath(dirs)
-    stems, taken = [], set()
-    for f, d in zip(files, dirs):
-        base, ext = os.path.splitext(os.path.basename(f))
-        name = f"{base}_{ext[1:]}" if ext else base
-        stem = os.path.normpath(os.path.join(out, os.path.relpath(d, root), name))
-        candidate, n = stem, 1
-        while candidate in taken:
-            n += 1
-            candidate = f"{stem}_{n}"
-        taken.add(candidate)
-        stems.append(candidate)
-    return stems
-
-
-def read_image(path):
-    """uint8 (h, w, 3), or None with the reason when the file is not a readable image."""
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB")), None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        return None, str(e) or type(e).__name__
-
-
-def write_outputs(stem, mask, overlay):
-    """Writes <stem>_mask.png and <stem>_overlay.jpg together or not at all: each goes to a
-    temporary name first, renamed once both are complete."""
-    from PIL import Image
-
-    from mfuser_jax.train import UserError
-    targets = [(f"{stem}_mask.png", mask, {"format": "PNG"}),
-               (f"{stem}_overlay.jpg", overlay, {"format": "JPEG", "quality": 92})]
-    tmps = []
-    try:
-        os.makedirs(os.path.dirname(stem), exist_ok=True)
-        for path, array, kw in targets:
-            tmps.append(path + ".part")
-            Image.fromarray(array).save(tmps[-1], **kw)
-        for tmp, (path, _, _) in zip(tmps, targets):
-            os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"cannot write {stem}_*: {e.strerror or e}") from None
-    finally:
-        for tmp in tmps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    return targets[0][0]
-
-
-def palette_for(names, default_names, trained_palette=None):
-    """A trained class keeps its colour (config.model.palette, else the Cityscapes colour
-    of a Cityscapes name); any other name gets an evenly spaced hue."""
-    from mfuser_jax.data.custom import default_palette, generated_colour
-    base = np.asarray(trained_palette if trained_palette else default_palette(default_names),
-                      np.uint8).reshape(-1, 3)
-    index = {n: i for i, n in enumerate(default_names)}
-    return np.array([base[index[n]] if n in index else generated_colour(i)
-                     for i, n in enumerate(names)], np.uint8).reshape(-1, 3)
-
-
-def predict(config, workdir, images, out, classes, step, alpha):
-    """Segments every readable image; returns the number of images that could not be read."""
-    from tqdm import tqdm
-
-    from mfuser_jax.evaluate import SlidingWindowPredictor
-    from mfuser_jax.train import restore_model
-
-    files = list_images(images, out)
-    stems = output_stems(files, out)
-    default_names = list(config.model.class_names)
-    names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
-    print(f"{len(files)} image(s); restoring the model from {workdir} (building and "
-          "compiling take a while at full size)", flush=True)
-    model, step = restore_model(config, workdir, step)
-    ev = config.get("evaluation", {})
-    predictor = SlidingWindowPredictor(model, crop=int(ev.get("crop_size", 512)),
-                                       stride=int(ev.get("stride", 341)),
-                                       crop_batch=int(ev.get("crop_batch", 6)),
-                                       class_names=names)
-    pal = palette_for(names or default_names, default_names,
-                      config.model.get("palette", None))
-    failed = []
-    with tqdm(total=len(files), desc="predict", unit="img", dynamic_ncols=True) as bar:
-        for f, stem in zip(files, stems):
-            image, reason = read_image(f)
-            if image is None:
-                failed.append(f)
-                tqdm.write(f"skipped {f}: not a readable image ({reason})", file=sys.stderr)
-            else:
-                mask = pal[predictor(image).argmax(-1)]
-                overlay = (image * (1 - alpha) + mask * alpha).astype(np.uint8)
-                write_outputs(stem, mask, overlay)
-            bar.update(1)
-    done = len(files) - len(failed)
-    print(f"{done} image(s) segmented with checkpoint step {step}: masks and overlays in "
-          f"{os.path.abspath(out)}", flush=True)
-    if failed:
-        print(f"error: {len(failed)} of {len(files)} image(s) could not be read: "
-              f"{', '.join(failed)}", file=sys.stderr, flush=True)
-    return len(failed)
 
 
 def main(argv):
     images = list(FLAGS.images) + list(argv[1:])  # the paths after the first one
+    from mfuser_jax.predict import predict
     failed = _cli.run_main(predict, FLAGS.config, FLAGS.workdir, images, FLAGS.out,
                            FLAGS.classes, FLAGS.step, FLAGS.alpha)
     if failed:

@@ -1,7 +1,6 @@
 """Your own dataset and classes: the class list file (and its errors), the folder layout,
 prepare_data.py's statistics, the model sized from the list, and train -> eval ->
 predict end to end on a generated 5-class folder."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -123,7 +122,7 @@ def test_config_sizes_queries_class_head_and_palette(folder):
     assert model.decode_head.query_embed.embedding.shape[0] == 5
 
 
-def test_train_eval_predict_end_to_end(folder, tmp_path, monkeypatch):
+def test_train_eval_predict_end_to_end(folder, tmp_path):
     from tests.test_train_toy import register_toy, toy_config
     register_toy()
     from configs import custom
@@ -141,15 +140,10 @@ def test_train_eval_predict_end_to_end(folder, tmp_path, monkeypatch):
     report = json.load(open(os.path.join(work, "eval", "folder_val_step4.json")))
     assert list(report["per_class"]) == list(cc.model.class_names)
     assert os.path.isfile(os.path.join(work, "eval", "folder_val_step4.png"))
-    # predict.py: masks in the class file's colours
-    scripts = os.path.join(REPO, "scripts")
-    monkeypatch.syspath_prepend(scripts)
-    spec = importlib.util.spec_from_file_location("predict_script",
-                                                  os.path.join(scripts, "predict.py"))
-    predict_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(predict_script)
+    # predict: masks in the class file's colours
+    from mfuser_jax.predict import predict
     out = tmp_path / "pred"
-    predict_script.predict(c, work, [str(folder / "images/val")], str(out), None, None, 0.5)
+    predict(c, work, [str(folder / "images/val")], str(out), None, None, 0.5)
     pal = np.array([col for _, _, col, _ in FOLDER_CLASSES], np.int64)
     # The evaluation's numbers again from the raw files and the predicted masks:
     # label ids 1..5 -> classes 0..4, 0 ignored; mask colour -> class.

@@ -131,28 +131,22 @@ def test_weight_decay_mask_and_lr_mults():
     np.testing.assert_allclose(upd["slow"]["w"], -0.025)  # lr multiplier 0.5
 
 
-def test_predict_script_writes_masks_and_overlays(run, tmp_path, monkeypatch):
-    import importlib.util
+def test_predict_writes_masks_and_overlays(run, tmp_path):
     from PIL import Image
+
+    from mfuser_jax import predict as predict_lib
     config, workdir, _ = run
-    scripts = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "scripts")
-    monkeypatch.syspath_prepend(scripts)
-    spec = importlib.util.spec_from_file_location("predict_script",
-                                                  os.path.join(scripts, "predict.py"))
-    predict_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(predict_script)
     folder = tmp_path / "imgs"
     folder.mkdir()
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (21, 30, 3), np.uint8)
     Image.fromarray(image).save(folder / "a.png")
     out = tmp_path / "out"
-    assert predict_script.predict(config, workdir, [str(folder)], str(out), None, None,
-                                  0.5) == 0
+    assert predict_lib.predict(config, workdir, [str(folder)], str(out), None, None,
+                               0.5) == 0
     mask = np.asarray(Image.open(out / "a_png_mask.png"))
     assert mask.shape == (21, 30, 3) and (out / "a_png_overlay.jpg").exists()
-    pal = predict_script.palette_for(["red", "green", "blue"], ["red", "green", "blue"])
+    pal = predict_lib.palette_for(["red", "green", "blue"], ["red", "green", "blue"])
     # the mask is the palette colour of the argmax of the sliding-window scores
     from mfuser_jax.evaluate import SlidingWindowPredictor
     model, _ = T.restore_model(config, workdir)
@@ -160,12 +154,12 @@ def test_predict_script_writes_masks_and_overlays(run, tmp_path, monkeypatch):
     np.testing.assert_array_equal(mask, pal[scores.argmax(-1)])
     # custom classes: two of them, two colours
     out2 = tmp_path / "out2"
-    predict_script.predict(config, workdir, [str(folder / "a.png")], str(out2),
-                           "blue,red", None, 0.5)
+    predict_lib.predict(config, workdir, [str(folder / "a.png")], str(out2),
+                        "blue,red", None, 0.5)
     mask2 = np.asarray(Image.open(out2 / "a_png_mask.png")).reshape(-1, 3)
     assert len(np.unique(mask2, axis=0)) <= 2
     with pytest.raises(T.UserError, match="no such image"):
-        predict_script.list_images([str(tmp_path / "missing.png")])
+        predict_lib.list_images([str(tmp_path / "missing.png")])
 
 
 def test_predict_cli_keeps_every_input_and_skips_unreadable(run, tmp_path):
