@@ -323,13 +323,16 @@ def mask2former_loss(
         ignore_index=cfg.ignore_index,
         cls_norm_groups=batch // per_group if per_group else 1,
     )
+    # The layers' predictions share shapes: one traced layer loss, mapped over the layers
+    # (compiled once instead of num_layers times; the same values and keys as a loop).
+    per_layer = jax.lax.map(
+        lambda args: mask2former_layer_loss(args[0], args[1], labels, args[2], **layer_kwargs),
+        (jnp.asarray(all_cls_scores), jnp.asarray(all_mask_preds), keys))
     losses = {}
     for i in range(num_layers):
-        layer = mask2former_layer_loss(all_cls_scores[i], all_mask_preds[i], labels, keys[i],
-                                       **layer_kwargs)
         prefix = "" if i == num_layers - 1 else f"d{i}."
-        for name, value in layer.items():
-            losses[prefix + name] = value
+        for name, value in per_layer.items():
+            losses[prefix + name] = value[i]
     return losses
 
 
