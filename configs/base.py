@@ -181,6 +181,11 @@ def get_base_config(args):
                                        # always go to metrics.jsonl and TensorBoard)
     c.checkpoint_every = 2000
     c.keep_checkpoints = 2             # older checkpoints are deleted as new ones are saved
+    # JAX's persistent compilation cache: "workdir" (W/compile_cache), a folder, or "off".
+    # A resumed run, eval.py and predict.py on the same workdir load compiled programs
+    # instead of compiling again.
+    c.compile_cache = "workdir"
+    c.profile_steps = ""               # "a,b": a jax.profiler trace of steps a..b in W/profile
     c.eval_every = 20000               # and always at the end
     c.data_root = "data"
     c.mesh = (("data", -1),)           # (axis, size) pairs; -1 = all remaining devices

@@ -447,6 +447,48 @@ def apply_matmul_precision(config: Any) -> None:
     jax.config.update("jax_default_matmul_precision", precision)
 
 
+COMPILE_CACHE_DIR = "compile_cache"
+
+
+def use_compile_cache(config: Any, workdir: str | None = None) -> str | None:
+    """Turns on JAX's persistent compilation cache, so that a resumed or repeated run loads
+    its compiled programs instead of compiling them again (minutes at full size).
+
+    config.compile_cache: "workdir" (W/compile_cache; nothing without a workdir), a folder
+    (shared by runs of the same program), or "off". The cache belongs to the process: the
+    first folder set here, or JAX_COMPILATION_CACHE_DIR, stays. Returns the folder in use."""
+    setting = str(config.get("compile_cache", "off"))
+    current = jax.config.jax_compilation_cache_dir
+    if setting == "off" or (setting == "workdir" and not workdir):
+        return current
+    if current:
+        return current
+    path = (os.path.join(os.path.abspath(os.path.expanduser(workdir)), COMPILE_CACHE_DIR)
+            if setting == "workdir" else os.path.abspath(os.path.expanduser(setting)))
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"compile_cache={setting!r}: cannot create {path} ({e.strerror}); "
+                        "give a writable folder or --config.compile_cache=off") from None
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
+def parse_profile_steps(config: Any) -> tuple[int, int] | None:
+    """config.profile_steps "a,b" (or "a"): the steps a..b (1-based) to trace."""
+    spec = str(config.get("profile_steps", "") or "").strip()
+    if not spec:
+        return None
+    try:
+        bounds = [int(x) for x in spec.split(",")]
+    except ValueError:
+        bounds = []
+    if len(bounds) not in (1, 2) or bounds[0] < 1 or bounds[-1] < bounds[0]:
+        raise UserError(f"profile_steps={spec!r}: give 'a,b' with 1 <= a <= b (the steps to "
+                        "trace) or 'a' for one step")
+    return bounds[0], bounds[-1]
+
+
 def _hw(size) -> tuple[int, int]:
     return (int(size), int(size)) if np.ndim(size) == 0 else tuple(int(s) for s in size)
 
@@ -505,10 +547,15 @@ def create_model(config: Any) -> nnx.Module:
         return build()
 
 
-def compile_train_step(config: Any, log: Callable[[str], None] = print) -> dict:
+def compile_train_step(config: Any, workdir: str | None = None,
+                       log: Callable[[str], None] = print) -> dict:
     """Build the model from shapes only, then lower and compile the train step at the
     config's global batch and crop size: no data, no weights, no device memory for them.
-    Returns times (s) and XLA's memory analysis (bytes per device)."""
+    With a workdir, the compiled step goes into its compile cache (config.compile_cache), so
+    training there starts without compiling. Returns times (s) and XLA's memory analysis
+    (bytes per device)."""
+    apply_matmul_precision(config)
+    use_compile_cache(config, workdir)
     mesh = shd.make_mesh(config.get("mesh", None))
     t0 = time.perf_counter()
     model = nnx.eval_shape(lambda: build_model(config.model, rngs=nnx.Rngs(int(config.seed))))
@@ -521,16 +568,24 @@ def compile_train_step(config: Any, log: Callable[[str], None] = print) -> dict:
         f"at {config.data.crop_size} px ...")
     lowered = trainer.lower(int(config.batch_size), int(config.data.crop_size))
     t2 = time.perf_counter()
-    compiled = lowered.compile()
+    hits = []
+    on_event = lambda event, **kw: hits.append(event)  # noqa: E731
+    jax.monitoring.register_event_listener(on_event)
+    try:
+        compiled = lowered.compile()
+    finally:
+        jax.monitoring.unregister_event_listener(on_event)
     t3 = time.perf_counter()
     mem = compiled.memory_analysis()
     report = dict(build_s=t1 - t0, trace_s=t2 - t1, compile_s=t3 - t2, params=n_all,
-                  trainable=n_train, devices=mesh.size)
+                  trainable=n_train, devices=mesh.size,
+                  from_cache="/jax/compilation_cache/cache_hits" in hits)
     for field in ("temp", "argument", "output", "alias", "generated_code"):
         report[f"{field}_bytes"] = int(getattr(mem, f"{field}_size_in_bytes", 0) or 0)
     gib = lambda n: n / 2**30  # noqa: E731
-    log(f"compiled in {report['compile_s']:.1f} s (tracing {report['trace_s']:.1f} s); per "
-        f"device: temporaries {gib(report['temp_bytes']):.2f} GiB, arguments "
+    source = " (loaded from the compile cache)" if report["from_cache"] else ""
+    log(f"compiled in {report['compile_s']:.1f} s{source} (tracing {report['trace_s']:.1f} s); "
+        f"per device: temporaries {gib(report['temp_bytes']):.2f} GiB, arguments "
         f"{gib(report['argument_bytes']):.2f} GiB, outputs {gib(report['output_bytes']):.2f} "
         f"GiB ({gib(report['alias_bytes']):.2f} GiB donated and reused)")
     return report
@@ -709,6 +764,31 @@ def _eval_done(workdir: str, datasets: list[str], step: int) -> bool:
     return all(os.path.exists(eval_json_path(workdir, d, step)) for d in datasets)
 
 
+class StepProfiler:
+    """A jax.profiler trace of the steps first..last (1-based) into `logdir`, which
+    TensorBoard's profile plugin reads (tensorboard --logdir W)."""
+
+    def __init__(self, steps: tuple[int, int] | None, logdir: str, log: Callable[[str], None]):
+        self.steps, self.logdir, self.log, self.active = steps, logdir, log, False
+
+    def before(self, step: int) -> None:
+        if self.steps and step == self.steps[0] and not self.active:
+            jax.profiler.start_trace(self.logdir)
+            self.active = True
+
+    def after(self, step: int, outputs: Any) -> None:
+        if self.active and step >= self.steps[1]:
+            jax.block_until_ready(outputs)  # the trace holds the steps' device work
+            self.stop()
+            self.log(f"profile of steps {self.steps[0]}-{self.steps[1]} in {self.logdir} "
+                     f"(tensorboard --logdir {self.logdir})")
+
+    def stop(self) -> None:
+        if self.active:
+            self.active = False
+            jax.profiler.stop_trace()
+
+
 def train_and_evaluate(config: Any, workdir: str, *,
                        train_iter_fn: Callable[..., Iterator[dict]] | None = None,
                        eval_iter_fn: Callable[..., Any] | None = None,
@@ -726,9 +806,11 @@ def train_and_evaluate(config: Any, workdir: str, *,
     check_data(config)
     check_pretrained(config)
     check_workdir_model(config, workdir)  # before config.json records this config
+    profile = parse_profile_steps(config)
     os.makedirs(workdir, exist_ok=True)
     if is_main:
         write_config(workdir, config)
+    use_compile_cache(config, workdir)
     eval_sets = available_eval_datasets(config, log)
 
     mngr = checkpoint_manager(workdir, int(config.get("keep_checkpoints", 2)))
@@ -809,6 +891,7 @@ def train_and_evaluate(config: Any, workdir: str, *,
     def eval_due(step):
         return step % eval_every == 0 or step == total_steps
 
+    profiler = StepProfiler(profile, os.path.join(workdir, "profile"), log)
     try:
         with StopSignals() as stop:
             if latest is not None and eval_due(latest) and not _eval_done(
@@ -818,7 +901,9 @@ def train_and_evaluate(config: Any, workdir: str, *,
             while state.step < total_steps and stop.signum is None:
                 batch = next(batches)
                 step_idx = state.step
+                profiler.before(step_idx + 1)
                 state, metrics = trainer.step(state, batch)
+                profiler.after(step_idx + 1, metrics)
                 pending.append((step_idx, metrics))
                 n_window += 1
                 done = state.step
@@ -838,6 +923,7 @@ def train_and_evaluate(config: Any, workdir: str, *,
             if stop.signum is not None:
                 raise Preempted(stop.message(state.step, workdir), stop.signum)
     finally:
+        profiler.stop()
         mngr.close()
         writer.close()
     return last
@@ -852,6 +938,7 @@ def restore_model(config: Any, workdir: str, step: int | None = None
     if not os.path.isdir(ckpt_dir):
         raise UserError(f"no checkpoints in {ckpt_dir}\n{hint}")
     check_workdir_model(config, workdir)
+    use_compile_cache(config, workdir)
     mngr = checkpoint_manager(workdir, create=False)
     try:
         steps = sorted(mngr.all_steps())

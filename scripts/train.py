@@ -20,7 +20,8 @@ config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/demo.
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "output folder (checkpoints, metrics, eval JSON)")
 flags.DEFINE_bool("compile_only", False, "build the model from shapes, compile the train step "
-                  "and print its memory analysis (no data, no weights, no --workdir needed)")
+                  "and print its memory analysis (no data, no weights; --workdir optional: "
+                  "its compile cache then holds the step)")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
@@ -29,7 +30,7 @@ def main(argv):
     del argv
     from mfuser_jax.train import compile_train_step, train_and_evaluate
     if FLAGS.compile_only:
-        _cli.run_main(compile_train_step, FLAGS.config)
+        _cli.run_main(compile_train_step, FLAGS.config, FLAGS.workdir)
     elif not FLAGS.workdir:
         raise app.UsageError("--workdir is required (except with --compile_only)")
     else:

@@ -32,6 +32,8 @@ def toy_config(**overrides):
     c.checkpoint_every = 4
     c.eval_every = 6
     c.keep_checkpoints = 5
+    c.compile_cache = "off"  # tests compile into no shared cache unless they ask
+    c.profile_steps = ""
     c.data_root = "unused"
     c.mesh = (("data", -1),)
     c.sharding = ml_collections.ConfigDict({"fsdp_min_size": 0})
@@ -41,6 +43,7 @@ def toy_config(**overrides):
         lr_mults=(("head", 1.0),)))
     c.evaluation = ml_collections.ConfigDict(dict(crop_size=16, stride=11, crop_batch=8))
     c.data = ml_collections.ConfigDict(dict(train="synthetic", eval=("synthetic_toy",),
+                                            crop_size=IMAGE,
                                             tfds=ml_collections.ConfigDict({"enabled": False})))
     c.model = ml_collections.ConfigDict(dict(
         name="toy", num_classes=NUM_CLASSES, class_names=("red", "green", "blue"),
