@@ -1,4 +1,5 @@
-"""Label tables value by value against the lists in PAPER.md and the reference scripts."""
+"""Label tables value by value against the lists of the reference's conversion scripts
+(tools/convert_datasets/{gta,synthia,cityscapes}.py in the original MFuser/Rein)."""
 import numpy as np
 import pytest
 
@@ -13,10 +14,9 @@ def test_classes_and_palette():
     assert L.IGNORE_INDEX == 255
 
 
-# PAPER.md: "GTA ids 7,8,11,12,13,17,19,20,21,22,23,24,25,26,27,28,31,32,33 -> trainIds
-# 0..18, rest 255."
+# GTA5 ids 7, 8, 11, ..., 33 -> trainIds 0..18, every other id 255 (the reference's gta.py).
 GTA_IDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
-# PAPER.md: "SYNTHIA ids 3,4,2,21,5,7,15,9,6,1,10,17,8,19,12,11 -> 0..8,10..13,15,17,18."
+# SYNTHIA ids 3, 4, 2, ..., 11 -> trainIds 0..8, 10..13, 15, 17, 18 (the reference's synthia.py).
 SYN_IDS = [3, 4, 2, 21, 5, 7, 15, 9, 6, 1, 10, 17, 8, 19, 12, 11]
 SYN_TRAIN = [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18]
 
