@@ -1,6 +1,7 @@
 """The evaluation as a picture: per-class IoU bars and the row-normalised confusion matrix.
 
-``write_eval_png`` writes W/eval/<dataset>_step<N>.png next to the JSON. Drawn with PIL
+``write_eval_png`` writes W/eval/<dataset>_step<N>.png next to the JSON. The IoU arithmetic and
+the report files' names live here too, below the evaluation that runs the model. Drawn with PIL
 alone (no plotting library). Rows of the matrix are the ground truth, columns the
 prediction, each row divided by its pixel count: the diagonal is per-class recall and a
 bright off-diagonal cell says which class a class is mistaken for.
@@ -14,7 +15,6 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from mfuser_jax.evaluate import eval_json_path, iou_from_confusion
 
 BACKGROUND = (255, 255, 255)
 INK = (30, 30, 30)
@@ -45,6 +45,24 @@ def _heat(v: float) -> tuple[int, int, int]:
 def _text_w(draw, text, font) -> int:
     box = draw.textbbox((0, 0), text, font=font)
     return box[2] - box[0]
+
+
+def iou_from_confusion(cm: np.ndarray) -> tuple[np.ndarray, float]:
+    """Per-class IoU in percent (NaN where a class is absent from labels and predictions)
+    and their mean over the present classes (mmseg's nanmean)."""
+    cm = np.asarray(cm, np.float64)
+    inter = np.diag(cm)
+    union = cm.sum(0) + cm.sum(1) - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, inter / union, np.nan) * 100.0
+    miou = float(np.nanmean(iou)) if np.any(~np.isnan(iou)) else float("nan")
+    return iou, miou
+
+
+def eval_json_path(workdir: str, dataset: str, step: int) -> str:
+    """W/eval/<dataset>_step<N>.json (':' and '/' of 'name:split' names become '_')."""
+    safe = dataset.replace(":", "_").replace("/", "_")
+    return os.path.join(workdir, "eval", f"{safe}_step{step}.json")
 
 
 def render_eval_png(title: str, class_names: Sequence[str], cm: np.ndarray,

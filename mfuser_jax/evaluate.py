@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mfuser_jax.eval_report import eval_json_path, iou_from_confusion, write_eval_png
 from mfuser_jax.ops.resize import resize
 
 IGNORE_INDEX = 255
@@ -81,18 +82,6 @@ def confusion_matrix(pred: jax.Array, label: jax.Array, num_classes: int,
     idx = jnp.where(valid, label * num_classes + pred, 0)
     counts = jnp.bincount(idx, weights=valid.astype(jnp.int32), length=num_classes ** 2)
     return counts.astype(jnp.int32).reshape(num_classes, num_classes)
-
-
-def iou_from_confusion(cm: np.ndarray) -> tuple[np.ndarray, float]:
-    """Per-class IoU in percent (NaN where a class is absent from labels and predictions)
-    and their mean over the present classes (mmseg's nanmean)."""
-    cm = np.asarray(cm, np.float64)
-    inter = np.diag(cm)
-    union = cm.sum(0) + cm.sum(1) - inter
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(union > 0, inter / union, np.nan) * 100.0
-    miou = float(np.nanmean(iou)) if np.any(~np.isnan(iou)) else float("nan")
-    return iou, miou
 
 
 def format_iou_table(dataset: str, class_names: Sequence[str], iou: np.ndarray,
@@ -258,12 +247,6 @@ def sum_over_processes(cm: np.ndarray) -> np.ndarray:
     return (hi << 30) + lo
 
 
-def eval_json_path(workdir: str, dataset: str, step: int) -> str:
-    """W/eval/<dataset>_step<N>.json (':' and '/' of 'name:split' names become '_')."""
-    safe = dataset.replace(":", "_").replace("/", "_")
-    return os.path.join(workdir, "eval", f"{safe}_step{step}.json")
-
-
 def write_eval_json(workdir: str, dataset: str, step: int, miou: float,
                     class_names: Sequence[str], iou: np.ndarray,
                     groups: dict[str, tuple[float, np.ndarray]] | None = None) -> str:
@@ -322,7 +305,6 @@ def _report_groups(log, name, step, class_names, groups, by_group):
 
 def write_eval_report(workdir, name, step, config, cm, groups=None):
     """The PNG beside the JSON (mfuser_jax/eval_report.py)."""
-    from mfuser_jax.eval_report import write_eval_png
     palette = config.model.get("palette", None) or None
     write_eval_png(workdir, name, step, list(config.model.class_names), cm,
                    palette=np.asarray(palette, np.uint8) if palette else None,

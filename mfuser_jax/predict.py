@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from mfuser_jax.train import UserError
+from mfuser_jax.errors import UserError
 
 EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 

@@ -29,6 +29,7 @@ import optax
 from flax import nnx
 
 from mfuser_jax import sharding as shd
+from mfuser_jax.errors import Preempted, TrainingDiverged, UserError  # noqa: F401
 from mfuser_jax.evaluate import eval_json_path, evaluate_model
 from mfuser_jax.models.factory import build_model
 from mfuser_jax.workdir import check_workdir_model, write_config
@@ -37,24 +38,6 @@ from mfuser_jax.workdir import check_workdir_model, write_config
 DATASET_DIRS = {"gta": "gta", "synthia": "synthia", "cityscapes": "cityscapes",
                 "bdd100k": "bdd100k", "mapillary": "mapillary", "acdc": "acdc",
                 "dark_zurich": "dark_zurich"}
-
-
-class UserError(Exception):
-    """A mistake the user can fix (paths, weights, config values): the CLIs print the
-    message alone, without a traceback, and exit non-zero."""
-
-
-class TrainingDiverged(RuntimeError):
-    """A non-finite loss or gradient: training stops, the last good checkpoint stays."""
-
-
-class Preempted(Exception):
-    """SIGTERM or Ctrl-C arrived; a checkpoint of the current step was written. The CLIs
-    exit with 128 + signum (143, 130), as a process killed by that signal would."""
-
-    def __init__(self, message: str, signum: int = signal.SIGTERM):
-        super().__init__(message)
-        self.signum = int(signum)
 
 
 # --------------------------------------------------------------------------- optimizer

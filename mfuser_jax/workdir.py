@@ -13,6 +13,8 @@ import json
 import os
 from typing import Any
 
+from mfuser_jax.errors import UserError
+
 CONFIG_FILE = "config.json"
 
 # Fields of config.model (at any depth) that define the network or what its weights mean.
@@ -71,7 +73,6 @@ def has_checkpoints(workdir: str) -> bool:
 def check_model_config(config: Any) -> None:
     """MFuser configs: the tower named by model.vlm must have its section (set the VLM
     with the config argument, which also sets the section; model.vlm alone cannot)."""
-    from mfuser_jax.train import UserError
     model = config.model
     if model.get("name") != "mfuser":
         return
@@ -85,7 +86,6 @@ def check_model_config(config: Any) -> None:
 def check_workdir_model(config: Any, workdir: str) -> None:
     """Refuses a config whose model differs from the one W's checkpoints were trained with
     (as W/config.json records it). Fields missing on either side are not compared."""
-    from mfuser_jax.train import UserError
     check_model_config(config)
     saved = read_model_config(workdir)
     if saved is None or not has_checkpoints(workdir):

@@ -30,7 +30,7 @@ def fail(message: str, code: int = EXIT_USER_ERROR):
 
 def user_error_types() -> tuple[type, ...]:
     from configs.base import ConfigError
-    from mfuser_jax.train import UserError
+    from mfuser_jax.errors import UserError
     types: list[type] = [UserError, ConfigError, FileNotFoundError, NotImplementedError]
     try:
         from mfuser_jax.convert import WeightFileError
@@ -56,7 +56,7 @@ def quiet_logging():
 def run_main(fn, *args, **kwargs):
     """Runs fn; user errors end in 'error: <message>' on stderr and exit status 2."""
     quiet_logging()
-    from mfuser_jax.train import Preempted, TrainingDiverged
+    from mfuser_jax.errors import Preempted, TrainingDiverged
     try:
         return fn(*args, **kwargs)
     except Preempted as e:

@@ -32,7 +32,7 @@ def test_help_exits_0(script, flag):
                                       "NameError: name 'undefined_name' is not defined"),
     (["--config", "configs/demo.py", "--config.totl_steps=10"],
      "error: --config.totl_steps: config has no field 'totl_steps'; did you mean "
-     "config.total_steps?"),
+     "config.total_steps or config.profile_steps?"),
     (["--config", "configs/demo.py", "--config.model.dinov2.embd_dim=2"],
      "error: --config.model.dinov2.embd_dim: config.model.dinov2 has no field 'embd_dim'; "
      "did you mean config.model.dinov2.embed_dim?"),

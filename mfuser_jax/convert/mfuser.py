@@ -179,7 +179,7 @@ def frozen_encoder_tree(model: nnx.Module) -> dict:
     in that format so ``load_pretrained_encoders`` fills them.
     """
     from mfuser_jax.convert.pretrained import per_layer_tree
-    from mfuser_jax.models.mfuser import is_trainable_path
+    from mfuser_jax.models.variants import is_trainable_path
 
     tree = per_layer_tree(model, lambda path: not is_trainable_path(path))
     extra = sorted(set(tree) - {"backbone", "text_encoder"})

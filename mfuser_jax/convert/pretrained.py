@@ -91,7 +91,7 @@ def load_pretrained_encoders(model: nnx.Module, path: str) -> None:
     except Exception as e:
         raise WeightFileError(f"{path}: not a readable Orbax checkpoint ({type(e).__name__}: {e})") from e
     flat = _flatten(restored.get("params", {}))
-    from mfuser_jax.models.mfuser import is_trainable_path
+    from mfuser_jax.models.variants import is_trainable_path
 
     params = per_layer_params(model)
     expected = {p for p in params if p[0] in ENCODER_PREFIXES and not is_trainable_path(p)}
@@ -172,7 +172,7 @@ def convert_encoders(model_config, out: str, *, dinov2_path: str, vlm_path: str,
 def _vlm_towers(vlm, model_config, state_dict, rngs):
     """(image tower, text tower, their state dicts, extra backbone arrays) for ``vlm``,
     built at ``model_config``'s sizes with the weights renamed/resized as the reference."""
-    from mfuser_jax.models.mfuser import build_text_encoder
+    from mfuser_jax.models.variants import build_text_encoder
 
     c = model_config[vlm]
     size, patch = model_config.image_size, model_config.patch_size

@@ -16,7 +16,6 @@ import tempfile
 import time
 
 import ml_collections
-import numpy as np
 from PIL import Image
 
 from mfuser_jax.data import imageio

@@ -36,6 +36,7 @@ import numpy as np
 
 from mfuser_jax.data import imageio
 from mfuser_jax.data import labels as L
+from mfuser_jax.data.rcs import save_class_stats
 from mfuser_jax.data.sources import DatasetLayoutError, FolderSource
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -292,6 +293,5 @@ def prepare_folder(root: str, classes: str, nproc: int = 1, progress: bool = Tru
                                  + "\n  ".join(errors[:20]))
     entries = [{"file": os.path.relpath(lab, root).replace(os.sep, "/"), **st}
                for (_, lab), (st, _) in zip(pairs, results)]
-    from mfuser_jax.data.prepare import save_class_stats
     save_class_stats(root, entries)
     return {"splits": counts, "classes": len(cl)}

@@ -25,7 +25,6 @@ Label conversion follows devinxzhang/MFuser tools/convert_datasets/*.py.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import sys
@@ -33,6 +32,7 @@ import sys
 import numpy as np
 
 from mfuser_jax.data import imageio, labels as L
+from mfuser_jax.data.rcs import save_class_stats
 from mfuser_jax.data.sources import LAYOUTS, README_SECTION
 
 OUT_SUFFIX = "_labelTrainIds.png"
@@ -147,18 +147,6 @@ def convert_one(args):
     imageio.write_label(tmp, out)
     os.replace(tmp, dst)  # atomic: an interrupted run never leaves half a file
     return dst, _stats(out), "done", None
-
-
-def save_class_stats(ds: str, entries: list[dict]):
-    with open(os.path.join(ds, "sample_class_stats.json"), "w") as f:
-        json.dump(entries, f, indent=1)
-    by_class: dict[str, list] = {}
-    for e in entries:
-        for c, n in e.items():
-            if c != "file":
-                by_class.setdefault(c, []).append([e["file"], n])
-    with open(os.path.join(ds, "samples_with_class.json"), "w") as f:
-        json.dump(by_class, f, indent=1)
 
 
 def prepare(name: str, root: str, nproc: int = 1, force: bool = False,

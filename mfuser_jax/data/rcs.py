@@ -15,7 +15,9 @@ or partial datasets still train.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 
 import numpy as np
 
@@ -67,3 +69,17 @@ class RareClassSampler:
 
     def crop_ok(self, label_crop: np.ndarray, c: int) -> bool:
         return self.min_crop_ratio <= 0 or int((label_crop == c).sum()) > self.min_crop_pixels
+
+
+def save_class_stats(ds: str, entries: list[dict]):
+    """Writes the files rare-class sampling reads: sample_class_stats.json (per image: file
+    and pixel count per class) and samples_with_class.json (per class: [file, count])."""
+    with open(os.path.join(ds, "sample_class_stats.json"), "w") as f:
+        json.dump(entries, f, indent=1)
+    by_class: dict[str, list] = {}
+    for e in entries:
+        for c, n in e.items():
+            if c != "file":
+                by_class.setdefault(c, []).append([e["file"], n])
+    with open(os.path.join(ds, "samples_with_class.json"), "w") as f:
+        json.dump(by_class, f, indent=1)

@@ -27,6 +27,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from mfuser_jax.ops import selective_scan_pallas as _selective_scan_pallas
+from mfuser_jax.ops.selective_scan_reference import discretize_delta, finish_output, scan_reference
+
 __all__ = ["BACKENDS", "auto_backend", "selective_scan", "register_backend", "naive_associative_scan"]
 
 ScanFn = Callable[..., jax.Array]
@@ -41,40 +44,13 @@ def register_backend(name: str):
     return wrap
 
 
-def discretize_delta(delta, delta_bias, delta_softplus):
-    """delta in float32 with the bias added and softplus applied as mamba_ssm does."""
-    delta = delta.astype(jnp.float32)
-    if delta_bias is not None:
-        delta = delta + delta_bias.astype(jnp.float32)[:, None]
-    if delta_softplus:
-        delta = jax.nn.softplus(delta)
-    return delta
+register_backend("reference")(scan_reference)
 
 
-def finish_output(y, u, D, z, out_dtype):
-    """Skip connection and gate, shared by every backend: y + D*u, then * silu(z)."""
-    if D is not None:
-        y = y + u.astype(jnp.float32) * D.astype(jnp.float32)[:, None]
-    if z is not None:
-        y = y * jax.nn.silu(z.astype(jnp.float32))
-    return y.astype(out_dtype)
-
-
-@register_backend("reference")
-def _scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    delta = discretize_delta(delta, delta_bias, delta_softplus)
-    A = A.astype(jnp.float32)
-    uf, Bf, Cf = (t.astype(jnp.float32) for t in (u, B, C))
-
-    def step(h, inputs):  # h (batch, dim, state)
-        delta_t, u_t, B_t, C_t = inputs  # (b, d), (b, d), (b, n), (b, n)
-        h = jnp.exp(delta_t[..., None] * A) * h + (delta_t * u_t)[..., None] * B_t[:, None, :]
-        return h, jnp.einsum("bdn,bn->bd", h, C_t)
-
-    h0 = jnp.zeros(u.shape[:2] + A.shape[-1:], jnp.float32)
-    seq_first = lambda t: jnp.moveaxis(t, -1, 0)  # noqa: E731
-    _, ys = jax.lax.scan(step, h0, (seq_first(delta), seq_first(uf), seq_first(Bf), seq_first(Cf)))
-    return finish_output(jnp.moveaxis(ys, 0, -1), u, D, z, u.dtype)
+@register_backend("pallas")
+def _scan_pallas(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    return _selective_scan_pallas.pallas_selective_scan(u, delta, A, B, C, D, z, delta_bias,
+                                                        delta_softplus)
 
 
 def _combine(left, right):
@@ -189,7 +165,3 @@ def selective_scan(
             "expected A (dim, state) and B, C (batch, state, length)"
         )
     return BACKENDS[backend](u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-
-
-# Registers the "pallas" backend; imported last because it imports register_backend from here.
-from mfuser_jax.ops import selective_scan_pallas as _selective_scan_pallas  # noqa: E402,F401

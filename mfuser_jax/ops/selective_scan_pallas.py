@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from mfuser_jax.ops.selective_scan import BACKENDS, register_backend
+from mfuser_jax.ops.selective_scan_reference import scan_reference
 
 __all__ = ["pallas_selective_scan", "unavailable_reason"]
 
@@ -440,11 +440,6 @@ def pallas_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     return y[:, :dim, :length]
 
 
-@register_backend("pallas")
-def _scan_pallas(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    return pallas_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-
-
 # Pallas's Triton lowering targets Ampere (sm_80) and newer.
 MIN_COMPUTE_CAPABILITY = (8, 0)
 
@@ -477,7 +472,7 @@ def _probe_error(dtype) -> str | None:
     fused = functools.partial(pallas_selective_scan, interpret=False)
     # Ahead-of-time compiled and called on host arrays: runs eagerly even inside an open trace.
     results = []
-    for fn in (fused, BACKENDS["reference"]):
+    for fn in (fused, scan_reference):
         compiled = value_and_grads(fn).lower(*inputs).compile()  # lowering/compile errors raise here
         results.append(jax.device_get(compiled(*inputs)))
     ((_, y), grads), ((_, y_ref), grads_ref) = results
