@@ -24,7 +24,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mfuser_jax import losses
-from mfuser_jax.jax_compat import quiet_tracer_origins
 from mfuser_jax.models.backbone import normalize_for_clip
 from mfuser_jax.models.layers import set_attn_implementation
 from mfuser_jax.models.mask_decoder import TqdmHead, semantic_inference
@@ -58,10 +57,6 @@ class MFuser(nnx.Module):
     trainable_filter = staticmethod(trainable_filter)
 
     def __init__(self, config, *, rngs: nnx.Rngs):
-        with quiet_tracer_origins():  # traced construction is quadratic without it
-            self._build(config, rngs)
-
-    def _build(self, config, rngs: nnx.Rngs):
         self.config = config
         self.vlm = config.get("vlm", "clip")
         self.no_decay_filter = no_decay_filter_for(self.vlm)
