@@ -17,6 +17,9 @@ Sections (SECTIONS registry; each is ``(args, env) -> list[dict]``, one dict per
   recomputation), compiled temporaries, peak device memory, analytic vs XLA FLOPs.
 * ``sliding_window``: 2048x1024 images/s with mfuser_jax.evaluate.SlidingWindowPredictor
   (crop 512, stride 341).
+* ``step_memory``: compile only, from shapes (no weights, fits a CPU box): XLA temporaries and
+  compile time of the configs/gta2cs.py train step and its parts for ``--memory-cases``
+  batch:dtype:remat triples.
 
 ``--budget-s`` caps each section (remaining cases are listed as skipped); an interrupt
 (SIGINT, e.g. ``timeout -s INT``) ends the run but keeps and writes the rows measured so far.
@@ -421,8 +424,90 @@ def bench_sliding_window(args, env):
     return args.rows
 
 
+# section: memory and compile time of the paper-config train step and its parts (compile only)
+
+def bench_step_memory(args, env):
+    """XLA's working memory (temporaries) and compile time of the configs/gta2cs.py train
+    step and of its parts, from shapes alone: no weights, no data, so it runs anywhere
+    (compiled for this machine's backend). Parts: backbone forward; backbone forward +
+    backward; everything after the backbone (text, enhancer, score map, tqdm head, losses)
+    forward + backward; the whole train step with AdamW and the NaN guard."""
+    from flax import nnx
+
+    from configs import gta2cs
+    from mfuser_jax import sharding as shd
+    from mfuser_jax import train as T
+
+    rows = args.rows
+    deadline = _deadline(args)
+    for spec in args.memory_cases.split(","):
+        batch, dtype, remat = spec.split(":")
+        batch, remat = int(batch), bool(int(remat))
+        case = f"{'tiny' if args.smoke else 'MFuser-CLIP-L'} B={batch} {dtype} remat={remat}"
+        if time.perf_counter() > deadline:
+            rows.append(_skip_row("step_memory", case))
+            continue
+        cfg = gta2cs.get_config("size=tiny" if args.smoke else None)
+        cfg.model.pretrained, cfg.batch_size = "", batch
+        cfg.model.dtype, cfg.model.remat = dtype, remat
+        size = int(cfg.data.crop_size)
+        model = nnx.eval_shape(lambda: T.build_model(cfg.model, rngs=nnx.Rngs(0)))
+        graphdef, trainable, rest = nnx.split(model, model.trainable_filter, ...)
+        images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+        labels = jax.ShapeDtypeStruct((batch, size, size), jnp.int32)
+        key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+
+        # the frozen state is an argument too: closed-over shapes cannot be computed with
+        def merged(trainable, rest):
+            m = nnx.merge(graphdef, trainable, rest, copy=True)
+            m.train()
+            return m
+
+        def backbone_forward(trainable, rest, images, key):
+            return merged(trainable, rest).backbone(images, key=key)
+
+        def backbone_grad(trainable, rest, images, key):
+            total = lambda t: sum(jnp.sum(x.astype(jnp.float32))  # noqa: E731
+                                  for x in jax.tree.leaves(backbone_forward(t, rest, images, key)))
+            return jax.grad(total)(trainable)
+
+        outputs = jax.eval_shape(backbone_forward, trainable, rest, images, key)
+
+        def decode_and_loss_grad(trainable, rest, outputs, labels, key):
+            def total(t):
+                m = merged(t, rest)
+                return m.loss_of_outputs(m.decode(*outputs), labels, key)[0]
+            return jax.grad(total)(trainable)
+
+        parts = [("backbone fwd", backbone_forward, (trainable, rest, images, key)),
+                 ("backbone fwd+bwd", backbone_grad, (trainable, rest, images, key)),
+                 ("decode+loss fwd+bwd", decode_and_loss_grad,
+                  (trainable, rest, outputs, labels, key))]
+        row = dict(section="step_memory", case=case, batch=batch, dtype=dtype, remat=remat)
+        rows.append(row)  # filled in place: an interrupted case keeps its parts
+        try:
+            for name, fn, fn_args in parts:
+                t0 = time.perf_counter()
+                compiled = jax.jit(fn).lower(*fn_args).compile()
+                row[f"{name} compile_s"] = time.perf_counter() - t0
+                row[f"{name} temp_GiB"] = (temp_bytes(compiled) or 0) / 2**30
+            trainer = T.Trainer(cfg, model, shd.make_mesh(cfg.get("mesh", None)))
+            t0 = time.perf_counter()
+            compiled = trainer.lower(batch, size).compile()
+            row["step compile_s"] = time.perf_counter() - t0
+            row["step temp_GiB"] = (temp_bytes(compiled) or 0) / 2**30
+            mem = compiled.memory_analysis()
+            row["step arguments_GiB"] = mem.argument_size_in_bytes / 2**30
+        except Exception as e:
+            row["error"] = _err(e)
+        print(f"  {case}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()
+                                       if isinstance(v, float)), flush=True)
+    return rows
+
+
 SECTIONS = {"scan": bench_scan, "mvfuser_vs_attention": bench_mvfuser_vs_attention,
-            "train_step": bench_train_step, "sliding_window": bench_sliding_window}
+            "train_step": bench_train_step, "sliding_window": bench_sliding_window,
+            "step_memory": bench_step_memory}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,6 +549,8 @@ def main(argv=None):
     parser.add_argument("--train-cases", default="2:0,4:0,8:0,2:1,4:1,8:1",
                         help="train_step cases, comma-separated batch:remat (remat 0/1)")
     parser.add_argument("--crop-batch", type=int, default=6, help="sliding-window crops per model call")
+    parser.add_argument("--memory-cases", default="1:float32:1,2:float32:1,4:float32:1,2:bfloat16:1,2:float32:0",
+                        help="step_memory cases, comma-separated batch:dtype:remat (remat 0/1)")
     args = parser.parse_args(argv)
     env = environment()
     env["copy_bandwidth_Bps"] = copy_bandwidth(64 * 2**20 if args.smoke else 1024 * 2**20)

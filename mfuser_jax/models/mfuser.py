@@ -125,8 +125,11 @@ class MFuser(nnx.Module):
     def forward(self, images: jax.Array, texts=None, *, key: jax.Array | None = None):
         """uint8/float NHWC pixels -> (cls list, mask list, score map (B, h, w, K)).
         ``key``: the backbone's drop-path and fuser-dropout randomness (train mode)."""
-        x = normalize_for_clip(images)
-        features, global_embedding, pixel_embeddings = self.backbone(x, key=key)
+        return self.decode(*self.backbone(normalize_for_clip(images), key=key), texts)
+
+    def decode(self, features, global_embedding, pixel_embeddings, texts=None):
+        """Everything after the backbone: text queries enhanced by the visual context, the
+        score map and the tqdm head's predictions."""
         b, gh, gw, e = pixel_embeddings.shape
         text = self.text_embeddings(texts)  # shared by the batch: one pass, then broadcast
         text = jnp.broadcast_to(text, (b,) + text.shape[1:])
@@ -143,7 +146,13 @@ class MFuser(nnx.Module):
         dropout_key, point_key, backbone_key = jax.random.split(key, 3)
         nnx.reseed(self, dropout=dropout_key)
         self.train()
-        all_cls, all_masks, score_map = self.forward(images, key=backbone_key)
+        outputs = self.forward(images, key=backbone_key)
+        return self.loss_of_outputs(outputs, labels, point_key)
+
+    def loss_of_outputs(self, outputs, labels: jax.Array, point_key: jax.Array):
+        """(total, parts) of forward()'s outputs: deep-supervised Mask2Former losses on
+        points drawn from ``point_key``, and the score-map loss."""
+        all_cls, all_masks, score_map = outputs
         parts = {
             f"decode.{k}": v
             for k, v in losses.mask2former_loss(
