@@ -442,9 +442,7 @@ def use_compile_cache(config: Any, workdir: str | None = None) -> str | None:
     first folder set here, or JAX_COMPILATION_CACHE_DIR, stays. Returns the folder in use."""
     setting = str(config.get("compile_cache", "off"))
     current = jax.config.jax_compilation_cache_dir
-    if setting == "off" or (setting == "workdir" and not workdir):
-        return current
-    if current:
+    if current or setting == "off" or (setting == "workdir" and not workdir):
         return current
     path = (os.path.join(os.path.abspath(os.path.expanduser(workdir)), COMPILE_CACHE_DIR)
             if setting == "workdir" else os.path.abspath(os.path.expanduser(setting)))

@@ -435,7 +435,6 @@ def bench_step_memory(args, env):
     from flax import nnx
 
     from configs import gta2cs
-    from mfuser_jax import sharding as shd
     from mfuser_jax import train as T
 
     rows = args.rows
@@ -491,13 +490,10 @@ def bench_step_memory(args, env):
                 compiled = jax.jit(fn).lower(*fn_args).compile()
                 row[f"{name} compile_s"] = time.perf_counter() - t0
                 row[f"{name} temp_GiB"] = (temp_bytes(compiled) or 0) / 2**30
-            trainer = T.Trainer(cfg, model, shd.make_mesh(cfg.get("mesh", None)))
-            t0 = time.perf_counter()
-            compiled = trainer.lower(batch, size).compile()
-            row["step compile_s"] = time.perf_counter() - t0
-            row["step temp_GiB"] = (temp_bytes(compiled) or 0) / 2**30
-            mem = compiled.memory_analysis()
-            row["step arguments_GiB"] = mem.argument_size_in_bytes / 2**30
+            step = T.compile_train_step(cfg, log=lambda line: None)  # what --compile_only runs
+            row["step compile_s"] = step["compile_s"]
+            row["step temp_GiB"] = step["temp_bytes"] / 2**30
+            row["step arguments_GiB"] = step["argument_bytes"] / 2**30
         except Exception as e:
             row["error"] = _err(e)
         print(f"  {case}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()

@@ -45,12 +45,7 @@ def register_backend(name: str):
 
 
 register_backend("reference")(scan_reference)
-
-
-@register_backend("pallas")
-def _scan_pallas(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    return _selective_scan_pallas.pallas_selective_scan(u, delta, A, B, C, D, z, delta_bias,
-                                                        delta_softplus)
+register_backend("pallas")(_selective_scan_pallas.pallas_selective_scan)
 
 
 def _combine(left, right):
