@@ -13,6 +13,7 @@ from mfuser_jax.convert import (
     read_state_dict,
     torch_state_dict_of,
 )
+from mfuser_jax.models.layers import TiledConvTranspose
 
 
 class TorchNet(torch.nn.Module):
@@ -31,10 +32,10 @@ class TorchNet(torch.nn.Module):
 
 
 class Net(nnx.Module):
-    def __init__(self, rngs):
+    def __init__(self, rngs, up=nnx.ConvTranspose):
         self.fc = nnx.Linear(3, 4, rngs=rngs)
         self.conv = nnx.Conv(4, 6, (3, 3), padding=1, rngs=rngs)
-        self.up = nnx.ConvTranspose(6, 5, (2, 2), strides=(2, 2), padding="VALID", rngs=rngs)
+        self.up = up(6, 5, (2, 2), strides=(2, 2), padding="VALID", rngs=rngs)
         self.bn = nnx.BatchNorm(5, use_running_average=True, rngs=rngs)
         self.gain = nnx.Param(jnp.zeros(5))
 
@@ -52,8 +53,9 @@ def torch_net():
     return net
 
 
-def test_layout_rules_match_pytorch(torch_net):
-    net = load_torch_state_dict(Net(nnx.Rngs(0)), torch_net.state_dict())
+@pytest.mark.parametrize("up", [nnx.ConvTranspose, TiledConvTranspose])
+def test_layout_rules_match_pytorch(torch_net, up):
+    net = load_torch_state_dict(Net(nnx.Rngs(0), up), torch_net.state_dict())
     x = np.random.default_rng(0).normal(size=(2, 5, 7, 3)).astype(np.float32)
     want = torch_net(torch.from_numpy(x)).detach().numpy()
     np.testing.assert_allclose(np.asarray(net(x)), want, rtol=1e-5, atol=1e-5)

@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["GELU", "check_attn_implementation", "dot_product_attention", "mmcv_conv_module_init",
-           "padded_dot_product_attention", "set_attn_implementation", "torch_conv",
-           "torch_conv_transpose", "torch_default_bias_init", "torch_default_init",
+__all__ = ["GELU", "TiledConvTranspose", "check_attn_implementation", "dot_product_attention",
+           "mmcv_conv_module_init", "padded_dot_product_attention", "set_attn_implementation",
+           "torch_conv", "torch_conv_transpose", "torch_default_bias_init", "torch_default_init",
            "torch_layer_norm", "torch_linear", "torch_mha_in_proj_init", "uniform_init"]
 
 # PyTorch's default Linear/Conv weight init, kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in)).
@@ -71,13 +71,35 @@ def torch_conv(din: int, dout: int, kernel_size: int, *, padding=0, use_bias: bo
     )
 
 
+class TiledConvTranspose(nnx.ConvTranspose):
+    """A 2-D ``nnx.ConvTranspose`` whose kernel equals its stride (no padding): every input
+    pixel writes its own k x k output tile, so the layer is one matmul and a reshape. Same
+    parameters and outputs as the convolution; it exists for the backward pass: XLA's CPU
+    backend runs the kernel gradient of a strided transposed convolution through a generic
+    loop (the FPN's 2048-channel 2x2/2 layers took ~25 min per image that way; as a matmul,
+    seconds), and a GPU is as fast either way."""
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        kh, kw = self.kernel_size
+        b, h, w, _ = inputs.shape
+        bias = self.bias[...] if self.bias is not None else None
+        x, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
+        # transpose_kernel=False correlates the stride-dilated input with the kernel, so
+        # output tap d of a tile takes kernel tap k-1-d: flip both spatial axes.
+        y = jnp.einsum("bhwc,ijco->bhiwjo", x, kernel[::-1, ::-1], precision=self.precision)
+        y = y.reshape(b, h * kh, w * kw, -1)
+        return y if bias is None else y + bias
+
+
 def torch_conv_transpose(din: int, dout: int, kernel_size: int, *, stride: int,
                          dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.ConvTranspose:
     """``nn.ConvTranspose2d(din, dout, kernel_size, stride)`` (no padding) with its default
     init. Torch takes the fan from its weight's dim 1, i.e. ``dout * k * k``: axis -1 of
-    Flax's (kh, kw, in, out) kernel."""
+    Flax's (kh, kw, in, out) kernel. Kernel == stride (the FPN's 2x2/2) runs as a matmul
+    (``TiledConvTranspose``)."""
     fan_in = dout * kernel_size * kernel_size
-    return nnx.ConvTranspose(
+    layer = TiledConvTranspose if kernel_size == stride else nnx.ConvTranspose
+    return layer(
         din, dout, (kernel_size, kernel_size), strides=(stride, stride), padding="VALID",
         dtype=dtype, param_dtype=jnp.float32,
         kernel_init=nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform",
