@@ -21,6 +21,7 @@ import os
 import jax
 
 from mfuser_jax.errors import UserError
+from mfuser_jax.optim import pre_partition_layout
 from mfuser_jax.trainer import Trainer, TrainState
 
 MODEL_FORMAT = "model"
@@ -79,6 +80,24 @@ def read_meta(mngr, step: int) -> dict:
     return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
 
+def _restore_train_tree(mngr, step: int, target: dict) -> dict:
+    try:
+        return _restore(mngr, step, target)
+    except ValueError as first:
+        # Checkpoints written before the lr multipliers went through optax.partition have an
+        # EmptyState where the PartitionState is now; neither holds arrays, so the arrays
+        # are read by the same paths and the (array-free) new entry is put in.
+        old = pre_partition_layout(target["opt_state"])
+        if old is None:
+            raise
+        try:
+            tree = _restore(mngr, step, {**target, "opt_state": old})
+        except ValueError:
+            raise first from None
+        tree["opt_state"] = (*tree["opt_state"][:-1], target["opt_state"][-1])
+        return tree
+
+
 def restore_checkpoint(mngr, trainer: Trainer, step: int) -> TrainState:
     """The train state of checkpoint `step` (either format) on the trainer's shardings."""
     meta = read_meta(mngr, step)
@@ -87,7 +106,7 @@ def restore_checkpoint(mngr, trainer: Trainer, step: int) -> TrainState:
             tree = _restore(mngr, step, trainer.model_tree())
             tree["opt_state"] = trainer.init_opt_state(tree["params"])
         else:
-            tree = _restore(mngr, step, trainer.abstract_tree())
+            tree = _restore_train_tree(mngr, step, trainer.abstract_tree())
     except ValueError as e:
         raise _does_not_fit(mngr, step, _first_line(e)) from None
     return TrainState(tree["params"], tree["batch_stats"], tree["opt_state"],

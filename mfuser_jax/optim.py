@@ -40,16 +40,14 @@ def path_str(path) -> str:
                     for k in path)
 
 
-def _scale_by_tree(factors: Any) -> optax.GradientTransformation:
-    def init(params):
-        del params
-        return optax.EmptyState()
+def lr_multiplier_labels(rules: list[tuple[re.Pattern, float]], params: dict) -> dict:
+    """Each parameter's group: the multiplier of the first rule whose regex matches its path
+    (re.search), 1.0 when none does."""
+    def label(path, _):
+        name = path_str(path)
+        return next((m for rx, m in rules if rx.search(name)), 1.0)
 
-    def update(updates, state, params=None):
-        del params
-        return jax.tree.map(lambda u, f: u * f, updates, factors), state
-
-    return optax.GradientTransformation(init, update)
+    return jax.tree_util.tree_map_with_path(label, params)
 
 
 def make_optimizer(optim: Any, total_steps: int, params: dict, decay_mask: dict
@@ -60,14 +58,12 @@ def make_optimizer(optim: Any, total_steps: int, params: dict, decay_mask: dict
     '/'-joined parameter path; the first match wins. Multiplying the AdamW update equals
     scaling that group's learning rate (its decay is scaled too, as in torch param groups).
     `decay_mask`: True for the parameters that decay, in the tree of `params`.
+
+    The optimizer state is the chain's: (clip_by_global_norm's, when optim.grad_clip > 0),
+    AdamW's, then optax.partition's (when there are lr_mults; its groups hold no arrays).
     """
     schedule = lr_schedule(optim, total_steps)
     rules = [(re.compile(p), float(m)) for p, m in optim.get("lr_mults", ())]
-
-    def mult(path, _):
-        name = path_str(path)
-        return next((m for rx, m in rules if rx.search(name)), 1.0)
-
     parts = []
     if float(optim.get("grad_clip", 0.0)) > 0:
         parts.append(optax.clip_by_global_norm(float(optim.grad_clip)))
@@ -75,8 +71,21 @@ def make_optimizer(optim: Any, total_steps: int, params: dict, decay_mask: dict
                              eps=float(optim.eps), weight_decay=float(optim.weight_decay),
                              mask=decay_mask))
     if rules:
-        parts.append(_scale_by_tree(jax.tree_util.tree_map_with_path(mult, params)))
+        groups = {m: optax.identity() if m == 1.0 else optax.scale(m)
+                  for m in {1.0, *(m for _, m in rules)}}
+        parts.append(optax.partition(groups, lr_multiplier_labels(rules, params)))
     return optax.chain(*parts), schedule
+
+
+def pre_partition_layout(opt_state: Any) -> Any | None:
+    """`opt_state` as checkpoints written before the lr multipliers went through
+    optax.partition lay it out: an optax.EmptyState where the PartitionState is now. Neither
+    holds an array, so every array keeps its path. None without lr multipliers (the layout
+    did not change)."""
+    if isinstance(opt_state, tuple) and opt_state and isinstance(
+            opt_state[-1], optax.PartitionState):
+        return (*opt_state[:-1], optax.EmptyState())
+    return None
 
 
 def all_finite(tree) -> jax.Array:

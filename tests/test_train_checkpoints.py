@@ -1,9 +1,11 @@
-"""The two checkpoint formats on the toy model: a model checkpoint (no optimizer state) is
-read by evaluation and by training (fresh optimizer state); either format gives evaluation
-its params and batch statistics."""
+"""The two checkpoint formats on the toy model: a training checkpoint written before the lr
+multipliers went through optax.partition resumes with the same steps; a model checkpoint
+(no optimizer state) is read by evaluation and by training (fresh optimizer state); either
+format gives evaluation its params and batch statistics."""
 
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
@@ -34,14 +36,44 @@ def _assert_trees_equal(got, want):
 
 @pytest.fixture(scope="module")
 def trained():
-    """A toy trainer after two steps, and the batches of the next two."""
+    """A toy trainer (lr_mults set: the optimizer state ends in optax.partition's) after two
+    steps, and the batches of the next two."""
     config = toy_config()
+    assert config.optim.lr_mults
     trainer = _trainer(config)
     batches = _batches(config, 4)
     state = trainer.init_state()
     for batch in batches[:2]:
         state, _ = trainer.step(state, batch)
     return config, trainer, state, batches[2:]
+
+
+def _continue(trainer, state, batches):
+    losses = []
+    for batch in batches:
+        state, metrics = trainer.step(state, batch)
+        losses.append(float(metrics["loss"]))
+    return losses
+
+
+def test_pre_partition_training_checkpoint_resumes_exactly(trained, tmp_path):
+    config, trainer, state, rest = trained
+    assert isinstance(state.opt_state[-1], optax.PartitionState)
+    # what save_checkpoint wrote before: an EmptyState where optax.partition's state is now
+    old = (*state.opt_state[:-1], optax.EmptyState())
+    mngr = C.checkpoint_manager(str(tmp_path))
+    mngr.save(2, args=ocp.args.Composite(
+        state=ocp.args.StandardSave({"params": state.params, "batch_stats": state.batch_stats,
+                                     "opt_state": old}),
+        meta=ocp.args.JsonSave({"step": 2, "data_position": 2})))
+    mngr.wait_until_finished()
+    restored = C.restore_checkpoint(mngr, _trainer(config), 2)
+    mngr.close()
+    assert restored.step == 2
+    _assert_trees_equal(restored.tree(), state.tree())
+    want = _continue(trainer, TrainState(*jax.tree.map(np.array, (
+        state.params, state.batch_stats, state.opt_state)), 2), rest)
+    assert _continue(trainer, restored, rest) == want
 
 
 def test_model_checkpoint_has_no_optimizer_and_restores_both_ways(trained, tmp_path):
