@@ -435,7 +435,8 @@ def bench_step_memory(args, env):
     from flax import nnx
 
     from configs import gta2cs
-    from mfuser_jax import train as T
+    from mfuser_jax.models.factory import build_model
+    from mfuser_jax.train import compile_train_step
 
     rows = args.rows
     deadline = _deadline(args)
@@ -450,7 +451,7 @@ def bench_step_memory(args, env):
         cfg.model.pretrained, cfg.batch_size = "", batch
         cfg.model.dtype, cfg.model.remat = dtype, remat
         size = int(cfg.data.crop_size)
-        model = nnx.eval_shape(lambda: T.build_model(cfg.model, rngs=nnx.Rngs(0)))
+        model = nnx.eval_shape(lambda: build_model(cfg.model, rngs=nnx.Rngs(0)))
         graphdef, trainable, rest = nnx.split(model, model.trainable_filter, ...)
         images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
         labels = jax.ShapeDtypeStruct((batch, size, size), jnp.int32)
@@ -490,7 +491,7 @@ def bench_step_memory(args, env):
                 compiled = jax.jit(fn).lower(*fn_args).compile()
                 row[f"{name} compile_s"] = time.perf_counter() - t0
                 row[f"{name} temp_GiB"] = (temp_bytes(compiled) or 0) / 2**30
-            step = T.compile_train_step(cfg, log=lambda line: None)  # what --compile_only runs
+            step = compile_train_step(cfg, log=lambda line: None)  # what --compile_only runs
             row["step compile_s"] = step["compile_s"]
             row["step temp_GiB"] = step["temp_bytes"] / 2**30
             row["step arguments_GiB"] = step["argument_bytes"] / 2**30

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 from configs import base
-from mfuser_jax import train as T
+from mfuser_jax import startup as T
 
 
 @pytest.fixture

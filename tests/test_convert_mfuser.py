@@ -29,7 +29,7 @@ from test_mvfuser import TorchMVFuser  # noqa: E402
 from test_text_enhancer import TorchContextDecoder  # noqa: E402
 
 from configs import demo  # noqa: E402
-from mfuser_jax import train  # noqa: E402
+from mfuser_jax import startup, train  # noqa: E402
 from mfuser_jax.convert.dinov2 import hf_to_official  # noqa: E402
 from mfuser_jax.convert.mfuser import (  # noqa: E402
     checkpoint_step,
@@ -161,7 +161,7 @@ def _concrete(model):
 
 
 def _fast_create_model(config):
-    """Stands in for train.create_model: its jitted random init costs ~35 s here on 2
+    """Stands in for startup.create_model: its jitted random init costs ~35 s here on 2
     cores, and every value it would produce is overwritten by the converter's strict load
     or by restore_model (trainable part from the checkpoint, frozen part from W/pretrained)."""
     return _concrete(nnx.eval_shape(lambda: MFuser(config.model, rngs=nnx.Rngs(0))))
@@ -221,7 +221,7 @@ def _save_pth(path, state_dict, meta):
 
 
 def test_convert_then_restore_gives_the_same_model(config, release, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "create_model", _fast_create_model)
+    monkeypatch.setattr(startup, "create_model", _fast_create_model)
     pth = str(tmp_path / "iter_40.pth")
     _save_pth(pth, release, {"iter": 39, "epoch": 1, "CLASSES": ["road"]})
     state_dict, meta = read_mfuser_checkpoint(pth)
@@ -231,6 +231,9 @@ def test_convert_then_restore_gives_the_same_model(config, release, tmp_path, mo
     info = convert_mfuser_checkpoint(config, pth, out)
     assert info["step"] == 40 and info["dropped"] == 2
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["40"]
+    import orbax.checkpoint as ocp  # the model format: no optimizer state was built or written
+    saved = ocp.PyTreeCheckpointer().metadata(os.path.join(out, "checkpoints", "40", "state"))
+    assert set(saved.item_metadata.tree) == {"params", "batch_stats"}
     assert os.path.isfile(os.path.join(out, "config.json"))
     assert config.model.pretrained == ""  # the caller's config is left alone
 

@@ -33,7 +33,7 @@ from test_eva02 import TEVA, TTextTransformer  # noqa: E402
 from test_siglip import spiece  # noqa: E402,F401  (a tiny SentencePiece model fixture)
 
 from configs import demo  # noqa: E402
-from mfuser_jax import train  # noqa: E402
+from mfuser_jax import startup, train  # noqa: E402
 from mfuser_jax.convert import WeightFileError  # noqa: E402
 from mfuser_jax.convert.mfuser import convert_mfuser_checkpoint, load_mfuser_checkpoint  # noqa: E402
 from mfuser_jax.models.mfuser import MFuser  # noqa: E402
@@ -149,7 +149,7 @@ def test_a_release_of_another_variant_is_refused_with_the_fix(eva):
 
 def _round_trip(config, release, tmp_path, monkeypatch, scalars=None, **kwargs):
     """convert -> restore_model gives exactly the model a strict load gives."""
-    monkeypatch.setattr(train, "create_model", lambda cfg: _concrete_model(_abstract(cfg)))
+    monkeypatch.setattr(startup, "create_model", lambda cfg: _concrete_model(_abstract(cfg)))
     pth = str(tmp_path / "iter_40.pth")
     _save_pth(pth, release, {"iter": 39})
     out = str(tmp_path / "w")
@@ -240,4 +240,4 @@ def test_siglip_release_without_its_weights_cannot_be_trained(sig, spiece, tmp_p
     assert np.isnan(np.asarray(scale.get_value())).all()
     model, _ = train.restore_model(config, str(tmp_path / "w"))
     with pytest.raises(train.UserError, match="--siglip"):
-        train.check_trainable_from(model)
+        startup.check_trainable_from(model)

@@ -15,7 +15,11 @@ from tests.test_train_toy import (fake_eval_iter, fake_train_iter, register_toy,
                                   toy_config)
 
 register_toy()
+from mfuser_jax import sharding as shd  # noqa: E402
 from mfuser_jax import train as T  # noqa: E402
+from mfuser_jax.optim import lr_schedule, make_optimizer  # noqa: E402
+from mfuser_jax.startup import create_model  # noqa: E402
+from mfuser_jax.trainer import Trainer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +81,7 @@ def test_eval_from_checkpoint_reproduces_training_eval(run, tmp_path, capsys):
 def test_frozen_params_untouched_and_trained_changed(run):
     config, workdir, _ = run
     model, step = T.restore_model(config, workdir)
-    fresh = T.create_model(config)
+    fresh = create_model(config)
     assert step == 12
     np.testing.assert_array_equal(np.asarray(model.frozen.kernel[...]),
                                   np.asarray(fresh.frozen.kernel[...]))
@@ -89,7 +93,7 @@ def test_frozen_params_untouched_and_trained_changed(run):
 
 def test_optimizer_state_excludes_frozen(run):
     config, _, _ = run
-    trainer = T.Trainer(config, T.create_model(config), T.shd.make_mesh(None))
+    trainer = Trainer(config, create_model(config), shd.make_mesh(None))
     paths = {"/".join(map(str, p)) for p, _ in
              jax.tree_util.tree_flatten_with_path(trainer.abstract_tree())[0]}
     assert not any("frozen" in p for p in paths)
@@ -100,7 +104,7 @@ def test_lr_schedule_matches_mmcv_poly_with_warmup():
     import ml_collections
     optim = ml_collections.ConfigDict(dict(lr=1e-4, min_lr=1e-6, power=0.9,
                                            warmup_steps=1500, warmup_ratio=1e-6))
-    sched = T.lr_schedule(optim, 20000)
+    sched = lr_schedule(optim, 20000)
 
     def mmcv(it):  # mmcv PolyLrUpdaterHook + linear warm-up, restated
         regular = (1e-4 - 1e-6) * (1 - it / 20000) ** 0.9 + 1e-6
@@ -121,7 +125,7 @@ def test_weight_decay_mask_and_lr_mults():
     params = {"head": {"w": jnp.ones(2)}, "body": {"w": jnp.ones(2), "b": jnp.ones(2)},
               "slow": {"w": jnp.ones(2)}}
     mask = {"head": {"w": True}, "body": {"w": True, "b": False}, "slow": {"w": True}}
-    tx, _ = T.make_optimizer(optim, 100, params, mask)
+    tx, _ = make_optimizer(optim, 100, params, mask)
     zero = jax.tree.map(jnp.zeros_like, params)
     upd, _ = tx.update(zero, tx.init(params), params)
     # zero gradients: only decoupled weight decay moves the params (-lr * wd * p)

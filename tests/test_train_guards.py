@@ -13,7 +13,10 @@ import pytest
 from tests.test_train_toy import fake_train_iter, register_toy, toy_config
 
 register_toy()
+from mfuser_jax import sharding as shd  # noqa: E402
 from mfuser_jax import train as T  # noqa: E402
+from mfuser_jax.startup import create_model  # noqa: E402
+from mfuser_jax.trainer import Trainer  # noqa: E402
 
 
 def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -32,7 +35,7 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_grad_accumulation_is_mean_of_micro_batches():
     config = toy_config(**{"optim.grad_accum": 2})
-    trainer = T.Trainer(config, T.create_model(config), T.shd.make_mesh(None))
+    trainer = Trainer(config, create_model(config), shd.make_mesh(None))
     state = trainer.init_state()
     batch = next(fake_train_iter(config, start_step=0, process_index=0, process_count=1))
     images, labels = jnp.asarray(batch["image"]), jnp.asarray(batch["label"])

@@ -12,6 +12,7 @@ from tests.test_train_toy import fake_eval_images, fake_train_iter, register_toy
 
 register_toy()
 from mfuser_jax import train as T  # noqa: E402
+from mfuser_jax.monitoring import format_loss_parts, format_step_line  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,13 +74,13 @@ def test_cli_exit_codes_for_stops(monkeypatch, capsys):
 
 
 def test_step_lines_fit_the_console():
-    line = T.format_step_line(19999, 20000, 1234.56789, 1e-4, 12345.6, 200 * 3600.0)
+    line = format_step_line(19999, 20000, 1234.56789, 1e-4, 12345.6, 200 * 3600.0)
     assert len(line) <= 120 and line.startswith("step 19999/20000 | loss 1234.5679")
-    assert T.format_step_line(7, 20000, 1.5, 1e-4, None, None).startswith(
+    assert format_step_line(7, 20000, 1.5, 1e-4, None, None).startswith(
         "step     7/20000 | loss   1.5000 | lr 1.00e-04 | compiling")
     # MFuser logs ~30 parts (9 decoder layers x 3 + score map): wrapped, none lost
     parts = {f"d{i}.loss_{k}": 10.0 * i + 0.123456 for i in range(9)
              for k in ("cls", "mask", "dice")}
-    text = T.format_loss_parts(parts)
+    text = format_loss_parts(parts)
     assert all(len(ln) <= 120 for ln in text.splitlines()) and len(text.splitlines()) > 1
     assert text.split() == [w for k, v in parts.items() for w in (k, f"{v:.4f}")]

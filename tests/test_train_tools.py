@@ -12,6 +12,7 @@ from tests.test_train_toy import fake_train_iter, register_toy, toy_config
 
 register_toy()
 from mfuser_jax import train as T  # noqa: E402
+from mfuser_jax.startup import COMPILE_CACHE_DIR  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +29,7 @@ def test_compile_only_reports_memory_and_a_second_process_loads_it_from_the_cach
         assert "temporaries" in run.stdout and "arguments" in run.stdout
     assert "compile cache" not in runs[0].stdout
     assert "(loaded from the compile cache)" in runs[1].stdout
-    assert os.listdir(tmp_path / T.COMPILE_CACHE_DIR)
+    assert os.listdir(tmp_path / COMPILE_CACHE_DIR)
     assert not os.path.exists(tmp_path / "checkpoints")  # compiling trains nothing
 
 

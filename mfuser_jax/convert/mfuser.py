@@ -34,6 +34,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -41,8 +42,7 @@ from mfuser_jax.convert.state_dict import load_torch_state_dict
 from mfuser_jax.convert.torch_io import WeightFileError, _flatten, _import_torch
 
 __all__ = ["UNUSED_KEYS", "check_is_mfuser", "checkpoint_step", "convert_mfuser_checkpoint",
-           "frozen_encoder_tree", "load_mfuser_checkpoint", "read_mfuser_checkpoint",
-           "save_frozen_encoders"]
+           "frozen_encoder_tree", "load_mfuser_checkpoint", "read_mfuser_checkpoint"]
 
 # Keys of a released checkpoint that hold nothing the JAX model uses (see the docstring):
 # variant -> key regexes.
@@ -171,28 +171,17 @@ def load_mfuser_checkpoint(model: nnx.Module, state_dict: Mapping[str, Any], *,
 
 
 def frozen_encoder_tree(model: nnx.Module) -> dict:
-    """The frozen towers of ``model`` as the nested tree the converted-encoder checkpoint
+    """The frozen parameters of ``model`` as the nested tree the converted-encoder checkpoint
     (mfuser_jax.convert.pretrained) stores: {"backbone": {...}, "text_encoder": {...}}.
 
     The trainer's checkpoints hold only the trainable parameters; the frozen ones come from
     ``config.model.pretrained``. A converted release brings its own frozen towers, written
-    in that format so ``load_pretrained_encoders`` fills them.
+    with ``save_pretrained_encoders`` so ``load_pretrained_encoders`` fills them.
     """
     from mfuser_jax.convert.pretrained import per_layer_tree
     from mfuser_jax.models.variants import is_trainable_path
 
-    tree = per_layer_tree(model, lambda path: not is_trainable_path(path))
-    extra = sorted(set(tree) - {"backbone", "text_encoder"})
-    if extra:  # the encoder format has no place for them; the trainer would lose them
-        raise ValueError(f"frozen parameters outside the encoders: {extra}")
-    return tree
-
-
-def save_frozen_encoders(model: nnx.Module, path: str) -> None:
-    """Write ``model``'s frozen towers in the converted-encoder format at ``path``."""
-    from mfuser_jax.convert.pretrained import write_encoder_tree
-
-    write_encoder_tree(path, frozen_encoder_tree(model))
+    return per_layer_tree(model, lambda path: not is_trainable_path(path))
 
 
 def checkpoint_step(meta: Mapping, total_steps: int) -> int:
@@ -215,21 +204,21 @@ def convert_mfuser_checkpoint(config: Any, path: str, out: str, *, siglip_weight
                               siglip_tokenizer=None, progress=None) -> dict:
     """A released MFuser .pth -> a trainer workdir ``out`` that eval/predict restore.
 
-    Writes ``out/checkpoints/<step>/`` with the trainer's own ``save_checkpoint`` (trainable
-    parameters, BatchNorm statistics, a freshly initialised optimizer state, meta), the
-    checkpoint's frozen towers as ``out/pretrained/`` (the trainer checkpoints hold only the
-    trainable part; restore_model takes the frozen one from ``config.model.pretrained``),
+    Writes ``out/checkpoints/<step>/`` in the model format of ``mfuser_jax.checkpoints``
+    (trainable parameters and BatchNorm statistics, no optimizer state), the checkpoint's
+    frozen towers as ``out/pretrained/`` (the trainer checkpoints hold only the trainable
+    part; restore_model takes the frozen one from ``config.model.pretrained``),
     and ``out/config.json`` with ``model.pretrained`` pointing there. ``config`` is an
     experiment config (configs/*.py) of the release's variant; it is not modified.
     SigLIP releases need SigLIP's SentencePiece file (``siglip_tokenizer``, copied to
     ``out/pretrained/spiece.model``) and take ``logit_scale``/``logit_bias`` from
     ``siglip_weights`` (the SigLIP .pth/HF file) when given. Returns a summary dict.
     """
-    import dataclasses
     import shutil
 
-    from mfuser_jax import sharding as shd
-    from mfuser_jax import train
+    from mfuser_jax import checkpoints, startup
+    from mfuser_jax.convert.pretrained import save_pretrained_encoders
+    from mfuser_jax.trainer import trained_state
     from mfuser_jax.workdir import write_config
 
     step_cb = progress or (lambda stage: None)
@@ -264,7 +253,7 @@ def convert_mfuser_checkpoint(config: Any, path: str, out: str, *, siglip_weight
         scalars = siglip_state_dicts(read_state_dict(siglip_weights))[2]
     step_cb("building the model")
     config.model.pretrained = ""  # every weight comes from the release
-    model = train.create_model(config)
+    model = startup.create_model(config)
     step_cb("loading the weights")
     counts = load_mfuser_checkpoint(model, state_dict, source=os.fspath(path),
                                     siglip_scalars=scalars)
@@ -274,7 +263,7 @@ def convert_mfuser_checkpoint(config: Any, path: str, out: str, *, siglip_weight
     step_cb(f"writing {out}/pretrained")
     os.makedirs(out, exist_ok=True)
     pretrained = os.path.join(out, "pretrained")
-    save_frozen_encoders(model, pretrained)
+    save_pretrained_encoders(pretrained, frozen_encoder_tree(model))
     if tokenizer:  # found as <pretrained>/spiece.model from now on
         shutil.copyfile(tokenizer, os.path.join(pretrained, "spiece.model"))
         config.model.siglip.tokenizer = ""
@@ -282,15 +271,15 @@ def convert_mfuser_checkpoint(config: Any, path: str, out: str, *, siglip_weight
     write_config(out, config)  # as training writes it: eval/predict check their model against it
 
     step_cb(f"writing {ckpt_dir}/{step}")
-    trainer = train.Trainer(config, model, shd.make_mesh(config.get("mesh", None)))
-    state = dataclasses.replace(trainer.init_state(), step=step)
-    mngr = train.checkpoint_manager(out)
+    params, batch_stats = trained_state(model)
+    mngr = checkpoints.checkpoint_manager(out)
     try:
-        train.save_checkpoint(mngr, state)
+        checkpoints.save_model_checkpoint(mngr, step, params, batch_stats)
         mngr.wait_until_finished()
     finally:
         mngr.close()
-    n_train, n_all = trainer.num_params()
+    n_train = sum(x.size for x in jax.tree.leaves(params))
+    n_all = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     return {"step": step, "vlm": vlm, "loaded": counts["loaded"], "dropped": counts["dropped"],
             "recomputed": counts["recomputed"], "trainable": n_train, "total": n_all,
             "pretrained": pretrained, "checkpoints": ckpt_dir,

@@ -21,7 +21,8 @@ from flax import nnx
 from mfuser_jax.convert.torch_io import WeightFileError
 from mfuser_jax.models.stack import assign_slots, per_layer_params
 
-__all__ = ["ENCODER_PREFIXES", "load_pretrained_encoders", "save_pretrained_encoders"]
+__all__ = ["ENCODER_PREFIXES", "encoder_tree", "load_pretrained_encoders",
+           "save_pretrained_encoders"]
 
 # Frozen sub-trees of MFuser filled from the converted checkpoint. The CLIP image tower's
 # parameters sit at the top of "backbone" (the fused backbone subclasses it), next to the
@@ -51,19 +52,25 @@ def per_layer_tree(module: nnx.Module, keep=lambda path: True) -> dict:
     return tree
 
 
-def save_pretrained_encoders(path: str, *, visual: nnx.Module, dinov2: nnx.Module,
-                             text_encoder: nnx.Module, extra: dict | None = None) -> None:
-    """``extra``: more frozen backbone arrays by name (SigLIP's logit_scale/logit_bias)."""
+def encoder_tree(*, visual: nnx.Module, dinov2: nnx.Module, text_encoder: nnx.Module,
+                 extra: dict | None = None) -> dict:
+    """The three towers as the checkpoint's tree. ``extra``: more frozen backbone arrays by
+    name (SigLIP's logit_scale/logit_bias)."""
     backbone = per_layer_tree(visual)
     backbone["dinov2"] = per_layer_tree(dinov2)
     backbone.update(extra or {})
-    write_encoder_tree(path, {"backbone": backbone, "text_encoder": per_layer_tree(text_encoder)})
+    return {"backbone": backbone, "text_encoder": per_layer_tree(text_encoder)}
 
 
-def write_encoder_tree(path: str, tree: dict) -> None:
-    """Write {"backbone": ..., "text_encoder": ...} (per-layer paths) as the checkpoint."""
+def save_pretrained_encoders(path: str, tree: dict) -> None:
+    """Write {"backbone": ..., "text_encoder": ...} (per-layer paths) as the converted-encoder
+    checkpoint at ``path``: the one writer of this format (``encoder_tree`` builds the tree
+    from the towers, ``convert.mfuser.frozen_encoder_tree`` from a whole MFuser)."""
     import orbax.checkpoint as ocp
 
+    extra = sorted(set(tree) - set(ENCODER_PREFIXES))
+    if extra:  # load_pretrained_encoders fills only these sub-trees: the rest would be lost
+        raise ValueError(f"frozen parameters outside the encoders: {extra}")
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.abspath(path), {"params": _stringify(tree)}, force=True)
     checkpointer.wait_until_finished()
@@ -158,8 +165,8 @@ def convert_encoders(model_config, out: str, *, dinov2_path: str, vlm_path: str,
     load_torch_state_dict(text_encoder, text_sd, module_name=f"{vlm} text tower from {vlm_path}")
 
     step(f"writing {out}")
-    save_pretrained_encoders(out, visual=visual, dinov2=dinov2, text_encoder=text_encoder,
-                             extra=extra)
+    save_pretrained_encoders(out, encoder_tree(visual=visual, dinov2=dinov2,
+                                               text_encoder=text_encoder, extra=extra))
     if vlm == "siglip":
         import shutil
 

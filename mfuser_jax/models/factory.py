@@ -1,6 +1,6 @@
 """Model registry: configs name a model (`config.model.name`), the training code builds it here.
 
-A model class registered here implements the training protocol used by `mfuser_jax.train`:
+A model class registered here implements the training protocol used by `mfuser_jax.trainer`:
 `loss(images, labels, key) -> (total, parts)`, `predict(images, class_names=None) -> scores`,
 `trainable_filter`, `no_decay_filter` and `load_pretrained(path)`.
 """

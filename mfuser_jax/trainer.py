@@ -1,0 +1,253 @@
+"""The train step: the model split into what training changes and the rest, and the jitted,
+sharded step over them.
+
+The state that changes during training is kept as plain nested dicts (trainable params,
+batch statistics, optax state): that is what the optimizer sees and what Orbax stores. They
+go back into the model's ``nnx.State`` by path (``nnx.replace_by_pure_dict``). Frozen params
+and other model variables ("the rest") are rebuilt from the config (and the converted
+pretrained weights) on every start, so a checkpoint holds only what training changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from mfuser_jax import sharding as shd
+from mfuser_jax.errors import UserError
+from mfuser_jax.optim import all_finite, make_optimizer
+
+
+@dataclasses.dataclass
+class TrainState:
+    params: dict
+    batch_stats: dict
+    opt_state: Any
+    step: int
+
+    def tree(self) -> dict:
+        return {"params": self.params, "batch_stats": self.batch_stats,
+                "opt_state": self.opt_state}
+
+
+def _shapes(state: nnx.State) -> nnx.State:
+    """`state`'s Variables holding only shapes: a template that keeps no arrays alive and
+    cannot silently stand in for a missing value."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), state)
+
+
+def _with_values(template: nnx.State, values: dict) -> nnx.State:
+    """A new nnx.State of `template`'s Variables (types, metadata) holding `values` (a
+    pure dict), matched by path; `template` itself is left as it was."""
+    state = nnx.from_flat_state(nnx.to_flat_state(template))
+    nnx.replace_by_pure_dict(state, values)
+    return state
+
+
+def trainable(model: nnx.Module) -> nnx.filterlib.Filter:
+    """The filter of what the optimizer updates: the model's trainable parameters."""
+    return nnx.All(nnx.Param, model.trainable_filter)
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State, nnx.State]:
+    """(graphdef, trainable params, batch statistics, the rest) of `model`."""
+    return nnx.split(model, trainable(model), nnx.BatchStat, ...)
+
+
+def trained_state(model: nnx.Module) -> tuple[dict, dict]:
+    """What training changes in `model` as pure dicts, the way checkpoints hold it:
+    (trainable params, batch statistics)."""
+    _, params, batch_stats, _ = split_model(model)
+    return nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
+
+
+def _sds(x, sharding):
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+
+
+class SplitModel:
+    """A model split into its trainable params, its batch statistics (both as pure dicts)
+    and the rest, which is placed on the mesh (FSDP for large arrays with
+    config.sharding.fsdp_min_size). Evaluation restores into it without an optimizer."""
+
+    def __init__(self, config: Any, model: nnx.Module, mesh: jax.sharding.Mesh):
+        self.config = config
+        self.mesh = mesh
+        self.model = model
+        self.graphdef, params, batch_stats, rest = split_model(model)
+        self._templates = _shapes(params), _shapes(batch_stats)
+        self.init_params = nnx.to_pure_dict(params)
+        self.init_batch_stats = nnx.to_pure_dict(batch_stats)
+        fsdp = int(config.get("sharding", {}).get("fsdp_min_size", 0))
+        self.rest_shardings = shd.tree_shardings(rest, mesh, fsdp_min_size=fsdp)
+        # An abstract model (nnx.eval_shape) only lowers and compiles the step: see lower().
+        self.abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(rest))
+        if self.abstract:
+            self.rest = rest
+        else:
+            self.rest = shd.put_global(rest, self.rest_shardings)
+            nnx.update(model, self.rest)  # drop the unplaced copy of the frozen weights
+        self.param_shardings = shd.tree_shardings(self.init_params, mesh)
+        self.bs_shardings = shd.tree_shardings(self.init_batch_stats, mesh)
+
+    def num_params(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts."""
+        n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.init_params))
+        n_all = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
+            nnx.state(self.model, nnx.Param)))
+        return n_train, n_all
+
+    def model_tree(self) -> dict:
+        """{"params", "batch_stats"} as sharded shapes: what a checkpoint restores into."""
+        return {"params": jax.tree.map(_sds, self.init_params, self.param_shardings),
+                "batch_stats": jax.tree.map(_sds, self.init_batch_stats, self.bs_shardings)}
+
+    def merge(self, params: dict, batch_stats: dict, rest: nnx.State) -> nnx.Module:
+        """A new module from pure-dict params and batch statistics and `rest` (traceable;
+        fresh Variables, so a loss may advance RNG counts)."""
+        p_tmpl, b_tmpl = self._templates
+        return nnx.merge(self.graphdef, _with_values(p_tmpl, params),
+                         _with_values(b_tmpl, batch_stats), rest, copy=True)
+
+    def write_back(self, params: dict, batch_stats: dict) -> nnx.Module:
+        """Writes trained params and batch statistics into the host model; returns it."""
+        p_tmpl, b_tmpl = self._templates
+        nnx.update(self.model, _with_values(p_tmpl, params),
+                   _with_values(b_tmpl, batch_stats))
+        return self.model
+
+
+class Trainer(SplitModel):
+    """The split model, its optimizer and the jitted, sharded train step."""
+
+    def __init__(self, config: Any, model: nnx.Module, mesh: jax.sharding.Mesh):
+        model.train()
+        super().__init__(config, model, mesh)
+        no_decay = {tuple(p) for p, _ in nnx.to_flat_state(
+            nnx.state(model, nnx.All(trainable(model), model.no_decay_filter)))}
+        decay_mask = jax.tree_util.tree_map_with_path(
+            lambda path, _: tuple(k.key for k in path) not in no_decay, self.init_params)
+        self.tx, self.schedule = make_optimizer(config.optim, int(config.total_steps),
+                                                self.init_params, decay_mask)
+        self.opt_shardings = shd.tree_shardings(
+            jax.eval_shape(self.tx.init, self.init_params), mesh)
+        self.base_key = jax.random.key(int(config.seed))
+        self.accum = int(config.optim.get("grad_accum", 1))
+        batch = shd.batch_sharding(mesh)
+        repl = shd.replicated(mesh)
+        self._step = jax.jit(
+            self._train_step,
+            in_shardings=(self.param_shardings, self.bs_shardings, self.rest_shardings,
+                          self.opt_shardings, batch, batch, repl),
+            out_shardings=(self.param_shardings, self.bs_shardings, self.opt_shardings,
+                           repl),
+            donate_argnums=(0, 1, 3))
+
+    def init_opt_state(self, params: dict) -> Any:
+        """A fresh optimizer state for (placed) `params`."""
+        return jax.jit(self.tx.init, out_shardings=self.opt_shardings)(params)
+
+    def init_state(self) -> TrainState:
+        params = shd.put_global(self.init_params, self.param_shardings)
+        bs = shd.put_global(self.init_batch_stats, self.bs_shardings)
+        return TrainState(params, bs, self.init_opt_state(params), 0)
+
+    def abstract_tree(self) -> dict:
+        """The train state as sharded shapes: params, batch_stats and opt_state."""
+        opt = jax.eval_shape(self.tx.init, self.init_params)
+        return {**self.model_tree(), "opt_state": jax.tree.map(_sds, opt, self.opt_shardings)}
+
+    def lower(self, batch_size: int, image_size: int):
+        """The train step lowered for a global batch of ``batch_size`` images of
+        ``image_size`` px, from shapes alone (no data, no weights needed)."""
+        tree = self.abstract_tree()
+        batch = shd.batch_sharding(self.mesh)
+        images = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.uint8,
+                                      sharding=batch)
+        labels = jax.ShapeDtypeStruct((batch_size, image_size, image_size), jnp.int32,
+                                      sharding=batch)
+        rest = jax.tree.map(_sds, self.rest, self.rest_shardings)
+        step = jax.ShapeDtypeStruct((), jnp.int32, sharding=shd.replicated(self.mesh))
+        return self._step.lower(tree["params"], tree["batch_stats"], rest, tree["opt_state"],
+                                images, labels, step)
+
+    def merged_model(self, state: TrainState) -> nnx.Module:
+        """Writes the trained params and batch statistics back into the host model."""
+        return self.write_back(state.params, state.batch_stats)
+
+    # The step, traced once: grads w.r.t. the trainable params only.
+    def _loss(self, params, batch_stats, rest, images, labels, key):
+        model = self.merge(params, batch_stats, rest)
+        model.train()
+        total, parts = model.loss(images, labels, key)
+        new_bs = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+        return total.astype(jnp.float32), (parts, new_bs)
+
+    def _train_step(self, params, batch_stats, rest, opt_state, images, labels, step):
+        key = jax.random.fold_in(self.base_key, step)
+        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+        if self.accum <= 1:
+            (total, (parts, new_bs)), grads = grad_fn(params, batch_stats, rest, images,
+                                                      labels, key)
+        else:
+            total, parts, new_bs, grads = self._accumulate(grad_fn, params, batch_stats,
+                                                           rest, images, labels, key)
+        finite = jnp.isfinite(total) & all_finite(grads)
+
+        def apply(_):
+            updates, new_opt = self.tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), new_bs, new_opt
+
+        # NaN/Inf guard: a bad step changes nothing, batch statistics included; the host
+        # stops at its next check. optax.apply_if_finite would guard only the update (the
+        # batch statistics of a NaN step would be kept) and adds counters to the optimizer
+        # state. One cond, not a select per leaf: per-leaf selects made XLA compile ~20 s
+        # longer.
+        new_params, new_bs, new_opt = jax.lax.cond(
+            finite, apply, lambda _: (params, batch_stats, opt_state), None)
+        metrics = {"loss": total, **{k: jnp.asarray(v, jnp.float32) for k, v in parts.items()},
+                   "finite": finite}
+        return new_params, new_bs, new_opt, metrics
+
+    def _accumulate(self, grad_fn, params, batch_stats, rest, images, labels, key):
+        """Mean of `accum` micro-batch gradients (lax.scan); batch stats carried through.
+
+        Micro-batch i takes rows i, i+accum, ...: each device keeps its own rows, so the
+        split needs no communication."""
+        n = self.accum
+        b = images.shape[0]
+        if b % n:
+            raise UserError(f"batch_size {b} is not divisible by optim.grad_accum {n}")
+        spec = jax.sharding.PartitionSpec(None, shd.DATA_AXIS)
+        split = lambda x: jax.lax.with_sharding_constraint(
+            jnp.swapaxes(x.reshape(b // n, n, *x.shape[1:]), 0, 1),
+            jax.sharding.NamedSharding(self.mesh, spec))
+        ims, lbs = split(images), split(labels)
+        out_shape = jax.eval_shape(grad_fn, params, batch_stats, rest, ims[0], lbs[0], key)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
+        (_, (parts0, _)), grads0 = zeros
+
+        def body(carry, xs):
+            bs, tot, parts, grads = carry
+            im, lb, i = xs
+            (t, (p, bs)), g = grad_fn(params, bs, rest, im, lb, jax.random.fold_in(key, i))
+            add = lambda a, c: jax.tree.map(jnp.add, a, c)
+            return (bs, tot + t, add(parts, p), add(grads, g)), None
+
+        init = (batch_stats, jnp.zeros((), jnp.float32), parts0, grads0)
+        (bs, tot, parts, grads), _ = jax.lax.scan(body, init, (ims, lbs, jnp.arange(n)))
+        scale = lambda t: jax.tree.map(lambda x: x / n, t)
+        return tot / n, scale(parts), bs, scale(grads)
+
+    def step(self, state: TrainState, batch: dict[str, np.ndarray]) -> tuple[TrainState, dict]:
+        g = shd.global_batch({"image": batch["image"], "label": batch["label"]}, self.mesh)
+        params, bs, opt, metrics = self._step(state.params, state.batch_stats, self.rest,
+                                              state.opt_state, g["image"], g["label"],
+                                              np.int32(state.step))
+        return TrainState(params, bs, opt, state.step + 1), metrics
