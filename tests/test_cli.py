@@ -8,7 +8,7 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ("train", "eval", "predict", "convert_weights")
+SCRIPTS = ("train", "eval", "predict", "convert_weights", "export")
 
 
 def _run(*args, cwd=REPO):
@@ -17,7 +17,7 @@ def _run(*args, cwd=REPO):
                           text=True, timeout=300)
 
 
-@pytest.mark.parametrize("script,flag", zip(SCRIPTS, ("--help", "-h", "--help", "-h")))
+@pytest.mark.parametrize("script,flag", zip(SCRIPTS, ("--help", "-h", "--help", "-h", "--help")))
 def test_help_exits_0(script, flag):
     out = _run(f"scripts/{script}.py", flag)
     assert out.returncode == 0, out.stderr

@@ -1,4 +1,4 @@
-"""Released MFuser checkpoints (CLIP, EVA02 and SigLIP variants) -> the JAX ``MFuser``.
+"""Released MFuser checkpoints (CLIP, EVA02 and SigLIP variants) <-> the JAX ``MFuser``.
 
 The originals (devinxzhang/MFuser, models/segmentors/mfuser_{clip,eva_clip,siglip}.py) are
 mmseg segmentors saved by mmcv as ``{"state_dict": {...}, "meta": {...}}``. Their top-level
@@ -25,6 +25,9 @@ with a clear message (evaluation does not use them).
 
 Anything else that does not fit is reported, with every missing, unexpected and mis-shaped
 key in one ``StateDictMismatchError``.
+
+The way back (``mfuser_state_dict``, ``save_mfuser_checkpoint``) writes the dropped keys
+again, so that the original loads the result with ``strict=True``.
 """
 
 from __future__ import annotations
@@ -38,11 +41,16 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mfuser_jax.convert.state_dict import load_torch_state_dict
+from mfuser_jax.convert.state_dict import (
+    StateDictMismatchError,
+    load_torch_state_dict,
+    torch_state_dict_of,
+)
 from mfuser_jax.convert.torch_io import WeightFileError, _flatten, _import_torch
 
 __all__ = ["UNUSED_KEYS", "check_is_mfuser", "checkpoint_step", "convert_mfuser_checkpoint",
-           "frozen_encoder_tree", "load_mfuser_checkpoint", "read_mfuser_checkpoint"]
+           "frozen_encoder_tree", "load_mfuser_checkpoint", "mfuser_state_dict",
+           "read_mfuser_checkpoint", "save_mfuser_checkpoint"]
 
 # Keys of a released checkpoint that hold nothing the JAX model uses (see the docstring):
 # variant -> key regexes.
@@ -97,10 +105,16 @@ def check_is_mfuser(state_dict: Mapping[str, Any], source: str) -> None:
             "instead of --mfuser)")
 
 
-def _check_rope_tables(model: nnx.Module, tables: Mapping[str, Any], source: str) -> None:
-    """EVA02's persistent rotary buffers must equal what the model computes at its size."""
+def _rope_tables(model: nnx.Module) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:
+    """(patch grid, cos, sin): EVA02's rotary tables at the model's training size."""
     grid = model.backbone.grid_size(int(model.config.image_size), int(model.config.image_size))
     cos, sin = (np.asarray(t) for t in model.backbone.vlm.rope(grid))
+    return grid, cos, sin
+
+
+def _check_rope_tables(model: nnx.Module, tables: Mapping[str, Any], source: str) -> None:
+    """EVA02's persistent rotary buffers must equal what the model computes at its size."""
+    grid, cos, sin = _rope_tables(model)
     for key, value in tables.items():
         want = cos if key.endswith("cos") else sin
         value = np.asarray(value, np.float32)
@@ -168,6 +182,87 @@ def load_mfuser_checkpoint(model: nnx.Module, state_dict: Mapping[str, Any], *,
     n_added = len(SIGLIP_SCALARS) if vlm == "siglip" else 0
     return {"loaded": len(kept) - n_ignored - n_added, "dropped": dropped,
             "recomputed": len(rope)}
+
+
+def mfuser_state_dict(model: nnx.Module, *, step: int,
+                      reference: Mapping[str, Any] | None = None,
+                      source: str = "the reference checkpoint") -> dict[str, np.ndarray]:
+    """The inverse of ``load_mfuser_checkpoint``: ``model`` as the state dict the original
+    MFuser_{CLIP,EVA_CLIP,SIGLIP} saves, which its ``load_state_dict(strict=True)`` takes.
+
+    Parameters and BatchNorm statistics come out by the inverse rules of
+    ``torch_state_dict_of`` (float32, PyTorch layouts, per-layer names); SigLIP's
+    ``logit_scale``/``logit_bias`` stay out (the original does not save them). The keys the
+    import drops are written again, so that every key the original expects is there:
+
+    * ``*.num_batches_tracked``: ``step`` (int64); nothing reads it (fixed momentum);
+    * EVA02's rotary tables: recomputed (equal to the original's up to float32 rounding);
+    * EVA02's ``random_text`` and SigLIP's ``backbone.adapter_proj{1,2,3}``: zeros of the
+      original's shapes (the original never reads them either);
+    * ``identity_head.*``: none (the original's IdentityHead sets ``conv_seg = None``).
+
+    ``reference``: a state dict of the release this model was converted from (or of another
+    model of the same architecture). Those keys are then copied from it, identity_head's
+    included, and the result must have exactly its keys and shapes (else
+    ``WeightFileError`` lists every difference): a converted release comes out unchanged.
+    """
+    vlm = getattr(model, "vlm", "clip")
+    m = model.config
+    scalars = SIGLIP_SCALARS if vlm == "siglip" else ()
+    sd = {k: np.asarray(v, np.float32) for k, v in torch_state_dict_of(model).items()
+          if k not in scalars}
+    extra = {k.removesuffix("running_mean") + "num_batches_tracked": np.array(step, np.int64)
+             for k in sd if k.endswith(".running_mean")}
+    if vlm == "eva02":
+        _, cos, sin = _rope_tables(model)
+        for prefix in ["backbone.", *(f"backbone.blocks.{i}.attn." for i in
+                                      range(int(m.eva02.layers)))]:
+            extra[prefix + "rope.freqs_cos"], extra[prefix + "rope.freqs_sin"] = cos, sin
+        # MFuser_EVA_CLIP: nn.Parameter(torch.randn(num_classes, 768)), 768 whatever the size
+        extra["random_text"] = np.zeros((int(m.num_classes), 768), np.float32)
+    if vlm == "siglip":  # SiglipVisionTransformer: Linear(1024 = DINOv2-L's width, width)...
+        w, d, n = int(m.siglip.width), int(m.dinov2.embed_dim), int(m.siglip.layers)
+        linears = [*((f"adapter_proj1.{i}", w, d) for i in range(n)),
+                   *((f"adapter_proj2.{i}", d, w) for i in range(n)), ("adapter_proj3", w, d)]
+        for name, out_dim, in_dim in linears:
+            extra[f"backbone.{name}.weight"] = np.zeros((out_dim, in_dim), np.float32)
+            extra[f"backbone.{name}.bias"] = np.zeros((out_dim,), np.float32)
+    if reference is not None:
+        unused = re.compile("|".join(f"(?:{p})" for p in UNUSED_KEYS[vlm]))
+        ours = sd | extra
+        mismatched = [(k, np.shape(reference[k]), np.shape(v)) for k, v in ours.items()
+                      if k in reference and np.shape(reference[k]) != np.shape(v)]
+        missing = sorted(k for k in set(reference) - set(ours) if not unused.match(k))
+        unexpected = sorted(set(ours) - set(reference))
+        if missing or unexpected or mismatched:
+            raise WeightFileError(str(StateDictMismatchError(
+                missing, unexpected, mismatched, f"{source} (a checkpoint of another model?)")))
+        extra.update({k: np.asarray(v) for k, v in reference.items()
+                      if k in extra or unused.match(k)})
+    return sd | extra
+
+
+def save_mfuser_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray],
+                           meta: Mapping[str, Any]) -> None:
+    """Write ``{"meta": meta, "state_dict": tensors}`` with torch.save, as mmcv saves a
+    checkpoint; the file appears only once complete. ``meta`` should hold plain Python
+    values, so that ``torch.load(weights_only=True)`` reads it."""
+    from collections import OrderedDict
+
+    path = os.fspath(path)
+    torch = _import_torch(path)
+    tensors = OrderedDict((k, torch.from_numpy(np.array(v, copy=None, order="C")))
+                          for k, v in state_dict.items())
+    tmp = path + ".part"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        torch.save({"meta": dict(meta), "state_dict": tensors}, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise WeightFileError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def frozen_encoder_tree(model: nnx.Module) -> dict:
