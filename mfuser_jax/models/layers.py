@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["GELU", "TiledConvTranspose", "check_attn_implementation", "dot_product_attention",
-           "mmcv_conv_module_init", "padded_dot_product_attention", "set_attn_implementation",
-           "torch_conv", "torch_conv_transpose", "torch_default_bias_init", "torch_default_init",
-           "torch_layer_norm", "torch_linear", "torch_mha_in_proj_init", "uniform_init"]
+__all__ = ["DepthwiseConv1d", "GELU", "TiledConvTranspose", "check_attn_implementation",
+           "dot_product_attention", "mmcv_conv_module_init", "padded_dot_product_attention",
+           "set_attn_implementation", "torch_conv", "torch_conv_transpose",
+           "torch_default_bias_init", "torch_default_init", "torch_layer_norm", "torch_linear",
+           "torch_mha_in_proj_init", "uniform_init"]
 
 # PyTorch's default Linear/Conv weight init, kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in)).
 # Flax's Linear (in, out) and Conv (kh, kw, in, out) kernels have torch's fan_in on axis -2.
@@ -88,6 +89,32 @@ class TiledConvTranspose(nnx.ConvTranspose):
         # output tap d of a tile takes kernel tap k-1-d: flip both spatial axes.
         y = jnp.einsum("bhwc,ijco->bhiwjo", x, kernel[::-1, ::-1], precision=self.precision)
         y = y.reshape(b, h * kh, w * kw, -1)
+        return y if bias is None else y + bias
+
+
+class DepthwiseConv1d(nnx.Conv):
+    """A channels-last depthwise 1-D ``nnx.Conv`` (stride 1, no dilation) computed as k
+    shifted multiply-adds. Same parameters ((k, 1, channels) kernel) and outputs as the
+    convolution; it exists for the backward pass: XLA's CPU backend turns the kernel
+    gradient of a grouped convolution into a dense (k, C, C) convolution run by a generic
+    loop (6 s per MVFuser conv at C=512, L=2050: most of a full-size CPU step), while this
+    form's gradients are elementwise products and sums."""
+
+    def __init__(self, channels: int, kernel_size: int, *, padding: tuple[int, int],
+                 use_bias: bool = False, dtype=jnp.float32, kernel_init=torch_default_init,
+                 rngs: nnx.Rngs):
+        super().__init__(channels, channels, (kernel_size,), padding=(tuple(padding),),
+                         feature_group_count=channels, use_bias=use_bias, dtype=dtype,
+                         param_dtype=jnp.float32, kernel_init=kernel_init, rngs=rngs)
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        (k,), ((lo, hi),) = self.kernel_size, self.padding
+        bias = self.bias[...] if self.bias is not None else None
+        x, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
+        length = x.shape[-2]
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(lo, hi), (0, 0)])
+        # a correlation, as nnx.Conv / torch's Conv1d: output t takes inputs t - lo ... t - lo + k - 1
+        y = sum(x[..., i:i + length, :] * kernel[i, 0] for i in range(k))
         return y if bias is None else y + bias
 
 

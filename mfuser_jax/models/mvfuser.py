@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mfuser_jax.models.layers import torch_default_init, torch_linear, uniform_init
+from mfuser_jax.models.layers import (DepthwiseConv1d, torch_default_init, torch_linear,
+                                      uniform_init)
 from mfuser_jax.models.stack import dropout_stream
 from mfuser_jax.ops.selective_scan import selective_scan
 
@@ -145,18 +146,8 @@ class MVFuser(nnx.Module):
         pad = ((d_conv - 1) // 2, d_conv - 1 - (d_conv - 1) // 2)
 
         def depthwise():
-            return nnx.Conv(
-                half,
-                half,
-                kernel_size=(d_conv,),
-                padding=(pad,),
-                feature_group_count=half,
-                use_bias=False,
-                dtype=dtype,
-                param_dtype=jnp.float32,
-                kernel_init=torch_default_init,
-                rngs=rngs,
-            )
+            return DepthwiseConv1d(half, d_conv, padding=pad, use_bias=False, dtype=dtype,
+                                   kernel_init=torch_default_init, rngs=rngs)
 
         self.conv1d_x = depthwise()
         self.conv1d_z = depthwise()
