@@ -194,44 +194,38 @@ def _to_device(x, device):
 
 
 def evaluate_batches(evaluator: ImageEvaluator, batches: Iterable[dict[str, Any]],
-                     flush_every: int = 32) -> np.ndarray:
-    """Confusion matrix (int64, host) over this process's images.
+                     groups: Sequence[str | None] = (None,), flush_every: int = 32,
+                     on_image: Callable[[], None] | None = None) -> np.ndarray:
+    """(G, K, K) int64 host confusion matrices over this process's images, one per group:
+    each batch names its group (batch["group"], e.g. ACDC's condition); the default, one
+    group None, counts every batch in it. Their sum is the whole set's matrix.
 
     Counts accumulate on device in int32 and are flushed to an int64 host total every
-    `flush_every` images, which keeps them exact for any dataset size.
-    """
-    k = evaluator.num_classes
-    total = np.zeros((k, k), np.int64)
-    acc = None
-    for i, batch in enumerate(batches):
-        cm = evaluator(batch["image"], batch["label"])
-        acc = cm if acc is None else acc + cm
-        if (i + 1) % flush_every == 0:
-            total += np.asarray(acc, np.int64)
-            acc = None
-    if acc is not None:
-        total += np.asarray(acc, np.int64)
-    return total
-
-
-def evaluate_batches_grouped(evaluator: ImageEvaluator, batches: Iterable[dict[str, Any]],
-                             groups: Sequence[str], flush_every: int = 32) -> np.ndarray:
-    """(G, K, K) int64 confusion matrices, one per group; each batch names its group
-    (batch["group"], e.g. ACDC's condition). Their sum is the whole set's matrix."""
+    `flush_every` images, which keeps them exact for any dataset size. `on_image` is called
+    as each image's result is ready (a progress bar): one image stays in flight meanwhile,
+    so the host prepares the next image while the device computes."""
     k = evaluator.num_classes
     index = {g: i for i, g in enumerate(groups)}
     total = np.zeros((len(groups), k, k), np.int64)
     acc: dict[int, Any] = {}
+    in_flight = None
     for i, batch in enumerate(batches):
-        g = index[batch["group"]]
+        g = 0 if groups == (None,) else index[batch["group"]]
         cm = evaluator(batch["image"], batch["label"])
         acc[g] = cm if g not in acc else acc[g] + cm
+        if on_image is not None:
+            if in_flight is not None:
+                jax.block_until_ready(in_flight)
+                on_image()
+            in_flight = cm
         if (i + 1) % flush_every == 0:
             for g, a in acc.items():
                 total[g] += np.asarray(a, np.int64)
             acc = {}
     for g, a in acc.items():
         total[g] += np.asarray(a, np.int64)
+    if in_flight is not None:
+        on_image()  # ready: its counts were just read
     return total
 
 
@@ -268,13 +262,13 @@ def write_eval_json(workdir: str, dataset: str, step: int, miou: float,
     return path
 
 
-def with_progress(batches: Iterable[dict], name: str) -> Iterable[dict]:
+def _progress_bar(batches: Iterable[dict], name: str):
     """A progress bar (images/s; an ETA when the iterator has a length) on process 0."""
     if jax.process_index() != 0:
-        return batches
+        return None
     from tqdm import tqdm
     total = len(batches) if hasattr(batches, "__len__") else None
-    return tqdm(batches, total=total, desc=f"eval {name}", unit="img", dynamic_ncols=True)
+    return tqdm(total=total, desc=f"eval {name}", unit="img", dynamic_ncols=True)
 
 
 def _default_eval_iter(config, name, *, process_index, process_count):
@@ -335,11 +329,15 @@ def evaluate_model(model: nnx.Module, config: Any, *, step: int, workdir: str | 
         batches = eval_iter_fn(config, name, process_index=jax.process_index(),
                                process_count=jax.process_count())
         groups = _eval_groups(config, name, eval_iter_fn)
-        if groups:
-            by_group = sum_over_processes(evaluate_batches_grouped(evaluator, with_progress(batches, name), groups))
-            cm = by_group.sum(0)
-        else:
-            cm = sum_over_processes(evaluate_batches(evaluator, with_progress(batches, name)))
+        bar = _progress_bar(batches, name)
+        try:
+            by_group = sum_over_processes(evaluate_batches(
+                evaluator, batches, groups or (None,),
+                on_image=None if bar is None else lambda: bar.update(1)))
+        finally:
+            if bar is not None:
+                bar.close()
+        cm = by_group.sum(0)
         iou, miou = iou_from_confusion(cm)
         results[name] = miou
         if jax.process_index() == 0:

@@ -64,10 +64,15 @@ CONSOLE_WIDTH = 120
 def format_step_line(step: int, total: int, loss: float, lr: float,
                      images_per_s: float | None, eta_s: float | None) -> str:
     """'step   40/600 | loss  12.3456 | lr 1.00e-03 |   45.6 img/s | ETA 3m20s': fixed
-    columns, well under CONSOLE_WIDTH. No rate yet (None): the window held compilation."""
+    columns, well under CONSOLE_WIDTH; under one image per second (a CPU at full size) the
+    rate is shown as seconds per image. No rate yet (None): the window held compilation."""
     n = len(str(total))
-    speed = (f"{images_per_s:7.1f} img/s | ETA {_fmt_time(eta_s)}"
-             if images_per_s is not None else "compiling (rate and ETA on the next line)")
+    if images_per_s is None:
+        speed = "compiling (rate and ETA on the next line)"
+    else:
+        rate = (f"{images_per_s:7.1f} img/s" if images_per_s >= 1 or images_per_s <= 0
+                else f"{1 / images_per_s:7.1f} s/img")
+        speed = f"{rate} | ETA {_fmt_time(eta_s)}"
     return f"step {step:>{n}}/{total} | loss {loss:8.4f} | lr {lr:.2e} | {speed}"
 
 

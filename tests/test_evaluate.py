@@ -102,3 +102,32 @@ def test_eval_json_and_table(tmp_path):
 def test_sum_over_processes_single_process_identity():
     cm = np.arange(9, dtype=np.int64).reshape(3, 3) * (1 << 33)
     np.testing.assert_array_equal(E.sum_over_processes(cm), cm)
+
+
+def test_evaluate_batches_reports_each_image_once_its_counts_exist():
+    """The progress callback fires once per image, only after that image's confusion
+    matrix is computed (not when it is dispatched), and the per-group sums are exact."""
+    k, rng = 3, np.random.default_rng(0)
+    images = [dict(image=None, label=rng.integers(0, k, (4, 5)), group=g) for g in "abab"]
+    computed, reported = [], []
+
+    class Evaluator:
+        num_classes = k
+
+        def __call__(self, image, label):
+            computed.append(len(computed))
+            return E.confusion_matrix(jnp.asarray(label), jnp.asarray(label), k)
+
+    def on_image():
+        assert len(reported) < len(computed)  # never ahead of the dispatched images
+        reported.append(len(reported))
+
+    by_group = E.evaluate_batches(Evaluator(), iter(images), ("a", "b"), flush_every=3,
+                                  on_image=on_image)
+    assert len(reported) == len(images)
+    for gi, g in enumerate("ab"):
+        want = sum(np.diag(np.bincount(b["label"].ravel(), minlength=k))
+                   for b in images if b["group"] == g)
+        np.testing.assert_array_equal(by_group[gi], want)
+    single = E.evaluate_batches(Evaluator(), iter(images))
+    np.testing.assert_array_equal(single[0], by_group.sum(0))

@@ -78,6 +78,7 @@ def test_step_lines_fit_the_console():
     assert len(line) <= 120 and line.startswith("step 19999/20000 | loss 1234.5679")
     assert format_step_line(7, 20000, 1.5, 1e-4, None, None).startswith(
         "step     7/20000 | loss   1.5000 | lr 1.00e-04 | compiling")
+    assert "|   125.0 s/img | ETA" in format_step_line(2, 2, 1.5, 1e-4, 0.008, 0.0)  # not 0.0 img/s
     # MFuser logs ~30 parts (9 decoder layers x 3 + score map): wrapped, none lost
     parts = {f"d{i}.loss_{k}": 10.0 * i + 0.123456 for i in range(9)
              for k in ("cls", "mask", "dice")}
