@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The paper-size program end to end on whatever machine runs it (a GPU: minutes; a 2-core CPU:
-# over an hour per training step, see BENCHMARKS.md):
+# about half an hour, see BENCHMARKS.md):
 #   raw-layout GTA5 (1914x1052) and Cityscapes val (2048x1024) files -> prepare_data.py ->
 #   scripts/train.py --config configs/gta2cs.py with random encoders, 2 steps at global batch 2
 #   in float32, a checkpoint of step 2, the sliding-window evaluation of the Cityscapes image
