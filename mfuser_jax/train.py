@@ -402,7 +402,7 @@ def check_pretrained(config: Any) -> str | None:
         return None
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
-        vlm = config.model.get("vlm", "clip")
+        vlm = config.model.vlm
         vlm_file = {"clip": "--clip ViT-L-14-336px.pt",
                     "eva02": "--eva02 EVA02_CLIP_L_336_psz14_s6B.pt",
                     "siglip": "--siglip siglip_vitl16_384.pth --siglip_tokenizer spiece.model",

@@ -132,7 +132,7 @@ def convert_encoders(model_config, out: str, *, dinov2_path: str, vlm_path: str,
     from mfuser_jax.models.dinov2 import DinoVisionTransformer
 
     step = progress or (lambda stage: None)
-    vlm = model_config.get("vlm", "clip")
+    vlm = model_config.vlm
     if vlm == "siglip" and not (tokenizer_path and os.path.isfile(tokenizer_path)):
         raise WeightFileError("SigLIP needs its SentencePiece vocabulary too: --siglip_tokenizer "
                               "spiece.model (from google/siglip-large-patch16-384)")
