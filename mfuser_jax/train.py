@@ -34,11 +34,6 @@ from mfuser_jax.evaluate import eval_json_path, evaluate_model
 from mfuser_jax.models.factory import build_model
 from mfuser_jax.workdir import check_workdir_model, write_config
 
-# Folders under config.data_root, by dataset name (scripts/prepare_data.py writes them).
-DATASET_DIRS = {"gta": "gta", "synthia": "synthia", "cityscapes": "cityscapes",
-                "bdd100k": "bdd100k", "mapillary": "mapillary", "acdc": "acdc",
-                "dark_zurich": "dark_zurich"}
-
 
 # --------------------------------------------------------------------------- optimizer
 
@@ -351,7 +346,7 @@ def _dataset_folder(config: Any, name: str) -> str:
         return os.path.abspath(os.path.expanduser(config.data.get("folder", {}).get("root", "")
                                                   or os.path.join(config.data_root, "folder")))
     root = os.path.abspath(os.path.expanduser(config.data_root))
-    return os.path.join(root, DATASET_DIRS.get(base, base))
+    return os.path.join(root, base)
 
 
 def check_data(config: Any) -> None:
@@ -375,7 +370,7 @@ def _check_train_data(config: Any, name: str) -> None:
             "bdd100k/, mapillary/) and prepare the datasets with scripts/prepare_data.py")
     if not os.path.isdir(root):
         raise UserError(f"data root not found: {root}\n{hint}")
-    folder = os.path.join(root, DATASET_DIRS.get(name, name))
+    folder = os.path.join(root, name)
     if not os.path.isdir(folder):
         raise UserError(f"training data {name!r} not found: {folder}\n{hint}")
 
