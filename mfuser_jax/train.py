@@ -31,7 +31,7 @@ from flax import nnx
 from mfuser_jax import sharding as shd
 from mfuser_jax.errors import Preempted, TrainingDiverged, UserError  # noqa: F401
 from mfuser_jax.evaluate import eval_json_path, evaluate_model
-from mfuser_jax.models.factory import build_model
+from mfuser_jax.models.factory import abstract_paths, build_model, init_model
 from mfuser_jax.workdir import check_workdir_model, write_config
 
 
@@ -509,18 +509,19 @@ def load_pretrained(model: nnx.Module, path: str | None) -> None:
     except (FileNotFoundError, WeightFileError) as e:
         raise UserError(f"cannot load pretrained weights from {path}: {e}\n"
                         "re-create them with scripts/convert_weights.py") from None
+    unset = abstract_paths(model)
+    if unset:  # a pretrained_filter wider than what load_pretrained fills
+        raise RuntimeError(f"{type(model).__name__}.load_pretrained left {len(unset)} values "
+                           f"unset, e.g. {unset[0]}")
 
 
 def create_model(config: Any) -> nnx.Module:
-    """Builds the model under jit (one compiled initialiser instead of one dispatch per
-    parameter); falls back to eager construction for models whose __init__ needs
-    concrete values."""
-    build = lambda: build_model(config.model, rngs=nnx.Rngs(int(config.seed)))
-    try:
-        return nnx.jit(build)()
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
-            jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError):
-        return build()
+    """The model built from shapes (models.factory.init_model): with config.model.pretrained
+    set, the frozen encoders the model's pretrained_filter selects are not computed but left
+    abstract for load_pretrained to fill; with it empty (tests, smoke runs) every value is
+    drawn from its initialiser."""
+    return init_model(config.model, seed=int(config.seed),
+                      skip_pretrained=bool(config.model.get("pretrained")))
 
 
 def compile_train_step(config: Any, workdir: str | None = None,

@@ -21,12 +21,7 @@ from flax import nnx
 from mfuser_jax.convert.torch_io import WeightFileError
 from mfuser_jax.models.stack import assign_slots, per_layer_params
 
-__all__ = ["ENCODER_PREFIXES", "load_pretrained_encoders", "save_pretrained_encoders"]
-
-# Frozen sub-trees of MFuser filled from the converted checkpoint. The CLIP image tower's
-# parameters sit at the top of "backbone" (the fused backbone subclasses it), next to the
-# trainable adapters and FPN, which the checkpoint does not hold.
-ENCODER_PREFIXES = ("backbone", "text_encoder")
+__all__ = ["load_pretrained_encoders", "save_pretrained_encoders"]
 
 
 def _flatten(tree: Any, prefix: tuple = ()) -> dict[tuple, Any]:
@@ -91,10 +86,10 @@ def load_pretrained_encoders(model: nnx.Module, path: str) -> None:
     except Exception as e:
         raise WeightFileError(f"{path}: not a readable Orbax checkpoint ({type(e).__name__}: {e})") from e
     flat = _flatten(restored.get("params", {}))
-    from mfuser_jax.models.variants import is_trainable_path
+    from mfuser_jax.models.variants import is_pretrained_path
 
     params = per_layer_params(model)
-    expected = {p for p in params if p[0] in ENCODER_PREFIXES and not is_trainable_path(p)}
+    expected = {p for p in params if is_pretrained_path(p)}
     missing = sorted(".".join(p) for p in expected - set(flat))
     unexpected = sorted(".".join(p) for p in set(flat) - set(params))
     misshaped = [

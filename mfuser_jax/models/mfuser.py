@@ -11,6 +11,7 @@ keys map by rule. The model protocol the trainer relies on:
 * ``loss(images, labels, key) -> (total, parts)``: train-mode forward and every loss term.
 * ``predict(images, class_names=None) -> (B, H, W, K)`` semantic scores at input size.
 * ``trainable_filter`` / ``no_decay_filter``: nnx filters over parameters.
+* ``pretrained_filter``: the frozen encoder parameters ``load_pretrained`` fills.
 * ``load_pretrained(path)``: the frozen encoders from scripts/convert_weights.py output.
 """
 
@@ -35,6 +36,7 @@ from mfuser_jax.models.variants import (  # noqa: F401  (re-exported)
     build_towers,
     is_trainable_path,
     no_decay_filter_for,
+    pretrained_filter,
     tower_config,
     trainable_filter,
 )
@@ -56,6 +58,7 @@ def _l2_normalize(x, axis=-1, eps=1e-12):
 
 class MFuser(nnx.Module):
     trainable_filter = staticmethod(trainable_filter)
+    pretrained_filter = staticmethod(pretrained_filter)
 
     def __init__(self, config, *, rngs: nnx.Rngs):
         self.config = config

@@ -21,8 +21,9 @@ from mfuser_jax.models.siglip import SiglipTextTransformer
 from mfuser_jax.models.siglip_tokenizer import SiglipTokenizer
 from mfuser_jax.models.tokenizer import tokenize
 
-__all__ = ["NO_DECAY_KEYS", "TRAINABLE_PREFIXES", "build_text_encoder", "build_towers",
-           "is_trainable_path", "no_decay_filter_for", "tower_config", "trainable_filter"]
+__all__ = ["ENCODER_PREFIXES", "NO_DECAY_KEYS", "TRAINABLE_PREFIXES", "build_text_encoder",
+           "build_towers", "is_pretrained_path", "is_trainable_path", "no_decay_filter_for",
+           "pretrained_filter", "tower_config", "trainable_filter"]
 
 # What the reference leaves trainable: in the backbone only the adapters (MVFusers and
 # proj1/2/3) and the FPN; everything in the two image towers and the text tower is frozen.
@@ -58,6 +59,23 @@ def is_trainable_path(path: Sequence) -> bool:
 def trainable_filter(path, value) -> bool:
     """nnx filter: the parameters the reference trains."""
     return isinstance(value, nnx.Param) and is_trainable_path(path)
+
+
+# The converted-encoder checkpoint (convert/pretrained.py) holds every frozen parameter
+# under these: the towers of the fused backbone (the VLM image tower's at its top level,
+# next to the trainable adapters and FPN) and the text tower.
+ENCODER_PREFIXES = ("backbone", "text_encoder")
+
+
+def is_pretrained_path(path: Sequence) -> bool:
+    path = tuple(str(p) for p in path)
+    return bool(path) and path[0] in ENCODER_PREFIXES and not is_trainable_path(path)
+
+
+def pretrained_filter(path, value) -> bool:
+    """nnx filter: the frozen encoder parameters ``load_pretrained`` fills from the
+    converted-encoder checkpoint (so a model built for loading need not compute them)."""
+    return isinstance(value, nnx.Param) and is_pretrained_path(path)
 
 
 def no_decay_filter_for(vlm: str):
