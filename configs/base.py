@@ -98,12 +98,12 @@ def _vlm_config(vlm, large):
         tokenizer="")  # spiece.model; "" = <model.pretrained>/spiece.model
 
 
-def mfuser_model_config(size="large", vlm="clip"):
+def mfuser_model_config(size=ARGS["size"], vlm=ARGS["vlm"]):
     """config.model for MFuser (the fields mfuser_jax.models.mfuser.MFuser reads)."""
     return config_dict(plain_model_config(size, vlm))
 
 
-def plain_model_config(size="large", vlm="clip") -> Fields:
+def plain_model_config(size=ARGS["size"], vlm=ARGS["vlm"]) -> Fields:
     """The same config.model as nested `Fields`, for code that must run without
     ml_collections (scripts/benchmark.py and mfuser_jax.flops on the GPU image)."""
     if vlm not in VLMS:
