@@ -19,13 +19,11 @@ Every field can also be overridden on the command line: `--config.total_steps=40
 `--config.model.pretrained=weights/`, `--config.data_root=/data`.
 """
 
-import ml_collections
-
-CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
-           "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
-           "truck", "bus", "train", "motorcycle", "bicycle")
+from mfuser_jax.data.labels import CLASSES, IGNORE_INDEX
 
 VLMS = ("clip", "eva02", "siglip")
+# The config argument's keys and defaults; configs/demo.py and configs/custom.py add theirs.
+ARGS = dict(vlm="clip", size="large", small_gpu=False)
 
 
 class ConfigError(Exception):
@@ -33,9 +31,30 @@ class ConfigError(Exception):
     from config files with a traceback appended; the CLIs print this as one line."""
 
 
+def config_dict(fields=None):
+    """``fields`` (nested dicts) as an ml_collections.ConfigDict. Imported here, not at the
+    top: scripts/benchmark.py reads `plain_model_config` on the GPU image, which has no
+    ml_collections."""
+    import ml_collections
+
+    return ml_collections.ConfigDict(fields or {})
+
+
+class Fields(dict):
+    """A nested dict read and written like a ConfigDict (``c.decoder.ffn``, ``c.get(k)``)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError as e:
+            raise AttributeError(name) from e
+
+    __setattr__ = dict.__setitem__
+
+
 def parse_arg(arg, **defaults):
     """'a=1,b=x' -> ConfigDict with the defaults' keys and types (unknown keys: error)."""
-    out = ml_collections.ConfigDict(defaults)
+    out = config_dict(defaults)
     for item in (arg or "").split(","):
         if not item.strip():
             continue
@@ -79,17 +98,23 @@ def _vlm_config(vlm, large):
         tokenizer="")  # spiece.model; "" = <model.pretrained>/spiece.model
 
 
-def mfuser_model_config(size="large", vlm="clip"):
+def mfuser_model_config(size=ARGS["size"], vlm=ARGS["vlm"]):
     """config.model for MFuser (the fields mfuser_jax.models.mfuser.MFuser reads)."""
+    return config_dict(plain_model_config(size, vlm))
+
+
+def plain_model_config(size=ARGS["size"], vlm=ARGS["vlm"]) -> Fields:
+    """The same config.model as nested `Fields`, for code that must run without
+    ml_collections (scripts/benchmark.py and mfuser_jax.flops on the GPU image)."""
     if vlm not in VLMS:
         raise ConfigError(f"vlm={vlm!r}: choose one of {VLMS}")
     if size not in ("large", "tiny"):
         raise ConfigError(f"size={size!r}: choose 'large' or 'tiny'")
     large = size == "large"
-    m = ml_collections.ConfigDict()
+    m = Fields()
     m.name = "mfuser"
     m.vlm = vlm
-    m.num_classes = 19
+    m.num_classes = len(CLASSES)
     m.class_names = CLASSES
     # EVA02 keeps patch 14 in both towers (36 x 36 tokens at 512 px); the others use 16.
     m.patch_size = 14 if vlm == "eva02" else 16
@@ -111,33 +136,32 @@ def mfuser_model_config(size="large", vlm="clip"):
     # Folder written by scripts/convert_weights.py; "" trains from random encoders (demo).
     m.pretrained = f"pretrained/mfuser_{vlm}_l" if large else ""
     # DINOv2's depth is the VLM tower's `layers`: the two are fused layer by layer.
-    m.dinov2 = ml_collections.ConfigDict(dict(
+    m.dinov2 = Fields(
         embed_dim=1024 if large else 32, num_heads=16 if large else 2, mlp_ratio=4.0,
-        init_values=1e-5))
-    m[vlm] = ml_collections.ConfigDict(_vlm_config(vlm, large))
+        init_values=1e-5)
+    m[vlm] = Fields(_vlm_config(vlm, large))
     m.out_indices = (7, 11, 15, 23) if large else (0, 1, 2, 3)
-    m.mvfuser = ml_collections.ConfigDict(dict(d_state=16, d_conv=3, expand=1,
-                                               scan_backend="auto"))
-    m.context_decoder = ml_collections.ConfigDict(dict(
-        width=256 if large else 32, heads=4 if large else 2, layers=1, dropout=0.1))
-    m.decoder = ml_collections.ConfigDict(dict(
+    m.mvfuser = Fields(d_state=16, d_conv=3, expand=1, scan_backend="auto")
+    m.context_decoder = Fields(
+        width=256 if large else 32, heads=4 if large else 2, layers=1, dropout=0.1)
+    m.decoder = Fields(
         feat_channels=256 if large else 32, num_heads=8 if large else 2,
         pixel_decoder_layers=6 if large else 1, decoder_layers=9 if large else 2,
-        ffn=2048 if large else 64, pixel_ffn=2048 if large else 64, deform_points=4))
-    m.loss = ml_collections.ConfigDict(dict(
+        ffn=2048 if large else 64, pixel_ffn=2048 if large else 64, deform_points=4)
+    m.loss = Fields(
         cls=2.0, mask=5.0, dice=5.0, score_map=1.0, no_object_weight=0.1,
         num_points=12544 if large else 256, oversample=3.0, importance=0.75,
         temperature=0.07,
         # The class loss is normalised per group of this many images, then averaged: the
         # reference normalises per GPU (2 images each) and DDP averages the GPUs. 0 = one
         # normaliser over the whole (micro-)batch.
-        cls_norm_images=2))
+        cls_norm_images=2)
     return m
 
 
 def data_config(train, eval_sets, crop_size=512):
-    """config.data (fields of mfuser_jax.data.pipeline; defaults follow the reference)."""
-    d = ml_collections.ConfigDict()
+    """config.data (the fields mfuser_jax.data.pipeline reads; defaults follow the reference)."""
+    d = config_dict()
     d.train = train                    # "gta" | "synthia" | "cityscapes" | ... | "synthetic";
                                        # "gta+synthia" mixes sources (data/mix.py)
     d.mix_ratios = ()                  # per-source sampling weights of a mix (() = equal)
@@ -149,23 +173,27 @@ def data_config(train, eval_sets, crop_size=512):
     d.photometric = True
     # Rare-class sampling from the statistics prepare_data.py writes; a missing file is an
     # error, as in the reference. enabled=False samples uniformly (not the paper's recipe).
-    d.rcs = ml_collections.ConfigDict(dict(enabled=True, class_temp=100.0, min_pixels=3000,
-                                           min_crop_ratio=0.5))
+    d.rcs = dict(enabled=True, class_temp=100.0, min_pixels=3000, min_crop_ratio=0.5)
     d.num_workers = 0                  # grain worker processes (0 = in-process)
-    d.worker_buffer_size = 2
+    d.worker_buffer_size = 2           # batches each worker prepares ahead
+    d.read_threads = 2                 # threads per process (or worker) preparing batches
+    d.read_prefetch = 2                # batches read ahead by those threads
     d.skip_corrupt = False             # True: skip unreadable files with a warning
-    d.synthetic = ml_collections.ConfigDict(dict(num_train=2000, num_eval=100,
-                                                 image_size=(128, 256), seed=0))
+    d.synthetic = dict(num_train=2000, num_eval=100, image_size=(128, 256), seed=0)
+    # The generic dataset "folder" (configs/custom.py fills it from a class list). Empty
+    # label_ids: labels are Cityscapes trainIds; test_scale () = the images' own size.
+    d.folder = dict(root="", classes="", label_ids=(), ignore_index=IGNORE_INDEX,
+                    test_scale=())
     # Used by "tfds:<name>" sources (e.g. data.train="tfds:cityscapes").
-    d.tfds = ml_collections.ConfigDict(dict(
-        name="", split="train", eval_split="validation", data_dir="",
-        image_key="image_left", label_key="segmentation_label", label_map="cityscapes"))
+    d.tfds = dict(name="", split="train", eval_split="validation", data_dir="",
+                  image_key="image_left", label_key="segmentation_label",
+                  label_map="cityscapes")
     return d
 
 
 def get_base_config(args):
     """Defaults shared by all experiments; `args` from parse_arg (vlm, size, small_gpu)."""
-    c = ml_collections.ConfigDict()
+    c = config_dict()
     c.total_steps = 20000
     # Global batch 4: the reference's dist_train.sh runs 2 GPUs x 2 images. Its README's
     # `python train.py CONFIG` runs one GPU, i.e. batch 2: --config.batch_size=2 runs that
@@ -189,24 +217,23 @@ def get_base_config(args):
     c.eval_every = 20000               # and always at the end
     c.data_root = "data"
     c.mesh = (("data", -1),)           # (axis, size) pairs; -1 = all remaining devices
-    c.sharding = ml_collections.ConfigDict(dict(
-        fsdp_min_size=0))              # > 0: frozen params with >= this many elements are
+    c.sharding = dict(
+        fsdp_min_size=0)               # > 0: frozen params with >= this many elements are
                                        # split over 'data' (saves memory on many GPUs)
-    c.distributed = ml_collections.ConfigDict(dict(
+    c.distributed = dict(
         enabled="auto",                # auto: jax.distributed when SLURM/MPI/TPU is detected
-        coordinator_address="", num_processes=1, process_id=0))
-    c.optim = ml_collections.ConfigDict(dict(
+        coordinator_address="", num_processes=1, process_id=0)
+    c.optim = dict(
         # the reference's EVA02 and SigLIP configs use 1e-5, its CLIP config 1e-4
         lr=1e-4, min_lr=1e-6, weight_decay=1e-4 if args.vlm == "clip" else 1e-5, power=0.9, warmup_steps=1500,
         warmup_ratio=1e-6, b1=0.9, b2=0.999, eps=1e-8,
         grad_accum=1,                  # micro-batches per step (same global batch)
         grad_clip=0.0,                 # > 0: clip by global norm
-        lr_mults=()))                  # ((regex on param path, multiplier), ...)
+        lr_mults=())                   # ((regex on param path, multiplier), ...)
     c.model = mfuser_model_config(args.size, args.vlm)
     # Sliding window of the training crop, stride 2/3 of it (512 / 341 in the reference).
     crop = c.model.image_size
-    c.evaluation = ml_collections.ConfigDict(dict(crop_size=crop, stride=(2 * crop) // 3,
-                                                  crop_batch=6))
+    c.evaluation = dict(crop_size=crop, stride=(2 * crop) // 3, crop_batch=6)
     if args.small_gpu:
         c.optim.grad_accum = 2
         c.model.remat = True
@@ -215,7 +242,7 @@ def get_base_config(args):
 
 
 def make_config(train, eval_sets, arg=None):
-    args = parse_arg(arg, vlm="clip", size="large", small_gpu=False)
+    args = parse_arg(arg, **ARGS)
     c = get_base_config(args)
     c.data = data_config(train, eval_sets, crop_size=c.model.image_size)
     return c

@@ -20,14 +20,11 @@ statistics prepare_data.py writes); override any field on the command line.
 
 import os
 
-import ml_collections
-
 from configs import base
 
 
 def get_config(arg=None):
-    args = base.parse_arg(arg, root="", classes="", train="train", eval="val", vlm="clip",
-                          size="large", small_gpu=False)
+    args = base.parse_arg(arg, root="", classes="", train="train", eval="val", **base.ARGS)
     if not args.root and not args.classes:
         raise base.ConfigError("configs/custom.py needs root=DIR (the dataset folder) "
                                "and/or classes=FILE, e.g. configs/custom.py:root=data/mine")
@@ -45,9 +42,8 @@ def get_config(arg=None):
     crop = c.model.image_size
     c.data = base.data_config(f"folder:{args.train}", (f"folder:{args.eval}",),
                               crop_size=crop)
-    c.data.folder = ml_collections.ConfigDict(dict(
-        root=root, classes=classes, label_ids=cl.label_ids, ignore_index=cl.ignore_index,
-        test_scale=()))                       # () = evaluate at the images' own size
+    c.data.folder.update(dict(root=root, classes=classes, label_ids=cl.label_ids,
+                              ignore_index=cl.ignore_index))
     c.evaluation.crop_size = crop             # 512 for the full-size model
     c.evaluation.stride = (crop * 2) // 3
     return c

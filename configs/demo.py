@@ -14,7 +14,7 @@ from configs import base
 
 
 def get_config(arg=None):
-    args = base.parse_arg(arg, vlm="clip", size="tiny", small_gpu=False)
+    args = base.parse_arg(arg, **{**base.ARGS, "size": "tiny"})
     c = base.get_base_config(args)
     crop = c.model.image_size = 8 * c.model.patch_size  # 8x8 patches (128 px at patch 16)
     c.data = base.data_config("synthetic", ("synthetic_real",), crop_size=crop)

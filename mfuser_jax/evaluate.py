@@ -21,10 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mfuser_jax.data.labels import IGNORE_INDEX
 from mfuser_jax.eval_report import eval_json_path, iou_from_confusion, write_eval_png
 from mfuser_jax.ops.resize import resize
-
-IGNORE_INDEX = 255
 
 
 def window_positions(h: int, w: int, crop: int, stride: int) -> list[tuple[int, int]]:

@@ -1,5 +1,8 @@
 """Analytic FLOP count of MFuser (CLIP variant) from its model config, batch and image size.
 
+The model config is configs/base.py's (``mfuser_model_config``, or ``plain_model_config``
+where ml_collections is absent); only its fields are read.
+
 Conventions (the usual MFU ones, e.g. PaLM appendix B):
 
 * A matmul / convolution counts 2 FLOPs per multiply-accumulate. Attention counts its two
@@ -35,14 +38,7 @@ import math
 from typing import Any
 
 __all__ = ["attention_block_flops", "mvfuser_flops", "backbone_flops", "decoder_flops",
-           "text_flops", "mfuser_forward_flops", "train_step_flops", "xla_flops",
-           "AttrDict", "plain_model_config"]
-
-
-def _get(cfg, name, default=None):
-    if isinstance(cfg, dict):
-        return cfg.get(name, default)
-    return getattr(cfg, name, default)
+           "text_flops", "mfuser_forward_flops", "train_step_flops", "xla_flops"]
 
 
 def attention_block_flops(tokens: int, width: int, mlp_hidden: int, kv_tokens: int | None = None
@@ -71,7 +67,7 @@ def mvfuser_flops(length: int, d_model: int, d_state: int = 16, d_conv: int = 3,
 
 def _clip(model_cfg: Any):
     """The tower section; the counts below are written for the CLIP variant's towers."""
-    vlm = model_cfg.get("vlm", "clip")
+    vlm = model_cfg.vlm
     if vlm != "clip":
         raise ValueError(f"analytic FLOPs cover the CLIP variant only, not vlm={vlm!r}")
     return model_cfg.clip
@@ -124,7 +120,7 @@ def text_flops(model_cfg: Any, batch: int, image_hw: tuple[int, int]) -> dict[st
     n_vis = gh * gw + 1
     cw = int(cd.width)
     dec = 2 * n_vis * e * cw + 2 * k * e * cw + 2 * k * cw * e  # memory_proj, text_proj, out_proj
-    fuser = mvfuser_flops(2 * k + n_vis, cw, 16, 3, 1)
+    fuser = mvfuser_flops(2 * k + n_vis, cw)  # the ContextDecoder's MVFuser: its defaults
     layer = (8 * k * cw * cw + 4 * k * k * cw      # self-attention
              + fuser["matmul"] + fuser["scan"]     # MVFuser over [t, visual, t]
              + 16 * k * cw * cw)                   # MLP 4x
@@ -208,50 +204,3 @@ def xla_flops(fn, *args) -> float | None:
     if not cost or "flops" not in cost:
         return None
     return float(cost["flops"])
-
-
-class AttrDict(dict):
-    """A dict read as ``cfg.x.y`` with ``cfg.get``: enough of ml_collections.ConfigDict for
-    MFuser's constructor, so benchmarks need not import ml_collections (absent on the GPU image)."""
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError as e:
-            raise AttributeError(name) from e
-
-
-def plain_model_config(*, width=1024, layers=24, heads=16, output_dim=768, text_width=768,
-                       text_heads=12, text_layers=12, dino_dim=None, dino_heads=None,
-                       out_indices=(7, 11, 15, 23), image_size=512, num_classes=19,
-                       decoder_width=256, decoder_heads=8, pixel_layers=6, decoder_layers=9,
-                       ffn=2048, context_width=256, context_heads=4, dtype="float32",
-                       remat=False, scan_backend="auto", loss_points=12544,
-                       attn_implementation="xla") -> AttrDict:
-    """MFuser-CLIP-L's model config (defaults; same fields as configs/base.py's
-    mfuser_model_config) as plain nested AttrDicts; keyword arguments shrink it."""
-    from mfuser_jax.models.tokenizer import tokenize  # noqa: F401  (fail early if assets missing)
-
-    names = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
-             "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
-             "truck", "bus", "train", "motorcycle", "bicycle")
-    names = names[:num_classes] + tuple(f"class {i}" for i in range(len(names), num_classes))
-    A = AttrDict
-    return A(
-        name="mfuser", vlm="clip", num_classes=num_classes, class_names=names,
-        image_size=image_size, patch_size=16, dtype=dtype, remat=remat, pretrained="",
-        attn_implementation=attn_implementation,
-        dinov2=A(embed_dim=dino_dim or width, num_heads=dino_heads or heads,
-                 mlp_ratio=4.0, init_values=1e-5),
-        clip=A(width=width, layers=layers, heads=heads, output_dim=output_dim, drop_path_rate=0.1,
-               text_width=text_width, text_heads=text_heads, text_layers=text_layers,
-               text_activation="quick_gelu", vocab_size=49408, token_length=5, n_ctx=5),
-        out_indices=tuple(out_indices),
-        mvfuser=A(d_state=16, d_conv=3, expand=1, scan_backend=scan_backend),
-        context_decoder=A(width=context_width, heads=context_heads, layers=1, dropout=0.1),
-        decoder=A(feat_channels=decoder_width, num_heads=decoder_heads,
-                  pixel_decoder_layers=pixel_layers, decoder_layers=decoder_layers, ffn=ffn,
-                  pixel_ffn=ffn, deform_points=4),
-        loss=A(cls=2.0, mask=5.0, dice=5.0, score_map=1.0, no_object_weight=0.1,
-               num_points=loss_points, oversample=3.0, importance=0.75, temperature=0.07),
-    )

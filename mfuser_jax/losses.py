@@ -48,6 +48,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mfuser_jax.data.labels import IGNORE_INDEX
 from mfuser_jax.ops.point_sample import (
     bilinear_corners,
     get_uncertain_point_coords_with_randomness,
@@ -83,7 +84,7 @@ class Mask2FormerLossConfig:
     loss_mask_weight: float = 5.0
     loss_dice_weight: float = 5.0
     dice_eps: float = 1.0
-    ignore_index: int = 255
+    ignore_index: int = IGNORE_INDEX
     # Images per class-loss normaliser group: the reference's images per GPU (each GPU
     # normalises its own class loss, DDP averages). 0 = one group over the whole batch.
     cls_norm_images: int = 0
@@ -114,7 +115,7 @@ def _present_classes(labels: jax.Array, num_classes: int, ignore_index: int) -> 
     return jnp.any(hits, axis=(1, 2))
 
 
-def semantic_to_targets(labels: jax.Array, num_classes: int, ignore_index: int = 255):
+def semantic_to_targets(labels: jax.Array, num_classes: int, ignore_index: int = IGNORE_INDEX):
     """Identity-assignment targets from a semantic label map.
 
     labels: (B, H, W) int. Returns ``class_targets`` (B, K) int32 (k if class k is
@@ -166,7 +167,7 @@ def classification_loss(cls_scores: jax.Array, class_targets: jax.Array,
 
 
 def sample_label_masks(labels: jax.Array, points: jax.Array, mask_classes: jax.Array,
-                       ignore_index: int = 255) -> jax.Array:
+                       ignore_index: int = IGNORE_INDEX) -> jax.Array:
     """``point_sample`` of the binary masks (labels == class) without building them.
 
     labels (B, H, W) int; points (B, Q, P, 2) normalised (x, y); mask_classes (Q,) int.
@@ -221,7 +222,7 @@ def mask2former_layer_loss_at_points(
     loss_mask_weight: float = 5.0,
     loss_dice_weight: float = 5.0,
     dice_eps: float = 1.0,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
     cls_norm_groups: int = 1,
 ) -> dict[str, jax.Array]:
     """One decoder layer's losses with given sampling points.
@@ -341,7 +342,7 @@ def score_map_loss(
     labels: jax.Array,
     *,
     temperature: float = 0.07,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
     channels_last: bool = True,
     loss_weight: float = 1.0,
     avg_non_ignore: bool = False,

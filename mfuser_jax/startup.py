@@ -14,12 +14,7 @@ import numpy as np
 from flax import nnx
 
 from mfuser_jax.errors import UserError
-from mfuser_jax.models.factory import build_model
-
-# Folders under config.data_root, by dataset name (scripts/prepare_data.py writes them).
-DATASET_DIRS = {"gta": "gta", "synthia": "synthia", "cityscapes": "cityscapes",
-                "bdd100k": "bdd100k", "mapillary": "mapillary", "acdc": "acdc",
-                "dark_zurich": "dark_zurich"}
+from mfuser_jax.models.factory import abstract_paths, init_model
 
 
 def _base_name(name: str) -> str:
@@ -40,7 +35,7 @@ def _dataset_folder(config: Any, name: str) -> str:
         return os.path.abspath(os.path.expanduser(config.data.get("folder", {}).get("root", "")
                                                   or os.path.join(config.data_root, "folder")))
     root = os.path.abspath(os.path.expanduser(config.data_root))
-    return os.path.join(root, DATASET_DIRS.get(base, base))
+    return os.path.join(root, base)
 
 
 def check_data(config: Any) -> None:
@@ -64,7 +59,7 @@ def _check_train_data(config: Any, name: str) -> None:
             "bdd100k/, mapillary/) and prepare the datasets with scripts/prepare_data.py")
     if not os.path.isdir(root):
         raise UserError(f"data root not found: {root}\n{hint}")
-    folder = os.path.join(root, DATASET_DIRS.get(name, name))
+    folder = os.path.join(root, name)
     if not os.path.isdir(folder):
         raise UserError(f"training data {name!r} not found: {folder}\n{hint}")
 
@@ -102,7 +97,7 @@ def check_pretrained(config: Any) -> str | None:
         return None
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
-        vlm = config.model.get("vlm", "clip")
+        vlm = config.model.vlm
         vlm_file = {"clip": "--clip ViT-L-14-336px.pt",
                     "eva02": "--eva02 EVA02_CLIP_L_336_psz14_s6B.pt",
                     "siglip": "--siglip siglip_vitl16_384.pth --siglip_tokenizer spiece.model",
@@ -214,18 +209,19 @@ def load_pretrained(model: nnx.Module, path: str | None) -> None:
     except (FileNotFoundError, WeightFileError) as e:
         raise UserError(f"cannot load pretrained weights from {path}: {e}\n"
                         "re-create them with scripts/convert_weights.py") from None
+    unset = abstract_paths(model)
+    if unset:  # a pretrained_filter wider than what load_pretrained fills
+        raise RuntimeError(f"{type(model).__name__}.load_pretrained left {len(unset)} values "
+                           f"unset, e.g. {unset[0]}")
 
 
 def create_model(config: Any) -> nnx.Module:
-    """Builds the model under jit (one compiled initialiser instead of one dispatch per
-    parameter); falls back to eager construction for models whose __init__ needs
-    concrete values."""
-    build = lambda: build_model(config.model, rngs=nnx.Rngs(int(config.seed)))
-    try:
-        return nnx.jit(build)()
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
-            jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError):
-        return build()
+    """The model built from shapes (models.factory.init_model): with config.model.pretrained
+    set, the frozen encoders the model's pretrained_filter selects are not computed but left
+    abstract for load_pretrained to fill; with it empty (tests, smoke runs) every value is
+    drawn from its initialiser."""
+    return init_model(config.model, seed=int(config.seed),
+                      skip_pretrained=bool(config.model.get("pretrained")))
 
 
 WORKDIR_PRETRAINED = "pretrained"

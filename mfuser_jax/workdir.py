@@ -76,7 +76,7 @@ def check_model_config(config: Any) -> None:
     model = config.model
     if model.get("name") != "mfuser":
         return
-    vlm = model.get("vlm", "clip")
+    vlm = model.vlm
     if vlm not in model or not hasattr(model[vlm], "keys"):
         raise UserError(f"config.model.vlm={vlm!r} has no config.model.{vlm} section: choose "
                         "the tower with the config argument, e.g. --config "

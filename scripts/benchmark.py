@@ -25,7 +25,7 @@ Sections (SECTIONS registry; each is ``(args, env) -> list[dict]``, one dict per
 (SIGINT, e.g. ``timeout -s INT``) ends the run but keeps and writes the rows measured so far.
 Timings are device-synchronised (block_until_ready), warmed up, and the median of many runs.
 The import path avoids grain / ml_collections / tensorflow_datasets (absent on the GPU image):
-the model config is a plain AttrDict (mfuser_jax.flops.plain_model_config).
+the model config is configs/base.py's, as plain nested dicts (configs.base.plain_model_config).
 """
 
 from __future__ import annotations
@@ -271,18 +271,18 @@ def bench_mvfuser_vs_attention(args, env):
 _MODELS = {}
 
 
-def _model_config(args, **overrides):
-    from mfuser_jax.flops import plain_model_config
+def _model_config(args):
+    """configs/base.py's MFuser-CLIP-L (--smoke: its tiny model) as plain Fields, in bfloat16
+    at full size; remat off (each train_step case sets its own)."""
+    from configs.base import plain_model_config
 
-    if args.smoke:
-        tiny = dict(width=32, layers=4, heads=2, output_dim=32, text_width=32, text_heads=2,
-                    text_layers=1, out_indices=(0, 1, 2, 3), image_size=32, num_classes=4,
-                    decoder_width=32, decoder_heads=2, pixel_layers=1, decoder_layers=2, ffn=64,
-                    context_width=32, context_heads=2, loss_points=64, dtype="float32")
-        tiny.update(overrides)
-        return plain_model_config(scan_backend=args.scan_backend, attn_implementation=args.attn, **tiny)
-    return plain_model_config(scan_backend=args.scan_backend, attn_implementation=args.attn, dtype="bfloat16",
-                              **overrides)
+    cfg = plain_model_config("tiny" if args.smoke else "large", "clip")
+    if not args.smoke:
+        cfg.dtype = "bfloat16"
+    cfg.remat = False
+    cfg.attn_implementation = args.attn
+    cfg.mvfuser.scan_backend = args.scan_backend
+    return cfg
 
 
 def _build_model(args):

@@ -42,6 +42,8 @@ import _cli  # noqa: F401  (puts the repo on sys.path)
 from absl import flags
 from ml_collections import config_flags
 
+from configs.base import VLMS
+
 config_flags.DEFINE_config_file("config", os.path.join(_cli.REPO, "configs", "gta2cs.py"),
                                 "config whose model sizes to convert for")
 flags.DEFINE_string("dinov2", None, "DINOv2 ViT-L/14 weights (official .pth or HF)")
@@ -57,7 +59,6 @@ flags.DEFINE_string("mfuser", None, "a released MFuser mmseg checkpoint .pth; re
 flags.DEFINE_string("out", None, "output folder for the Orbax checkpoint")
 flags.mark_flags_as_required(["out"])
 FLAGS = flags.FLAGS
-VLM_FLAGS = ("clip", "eva02", "siglip")
 
 
 def fail(message):
@@ -74,8 +75,8 @@ def main(argv):
     start = time.time()
     if FLAGS.mfuser:
         return convert_release(start)
-    vlm = FLAGS.config.model.get("vlm", "clip")
-    given = [name for name in VLM_FLAGS if getattr(FLAGS, name)]
+    vlm = FLAGS.config.model.vlm
+    given = [name for name in VLMS if getattr(FLAGS, name)]
     if not FLAGS.dinov2 or given != [vlm]:
         hint = (f" (the config builds vlm={vlm!r}; choose another with "
                 f"--config configs/gta2cs.py:vlm=eva02 or :vlm=siglip)")

@@ -39,6 +39,12 @@ from mfuser_jax.models.backbone import (  # noqa: E402
 WIDTH, LAYERS, HEADS, OUT = 32, 4, 2, (0, 1, 2, 3)
 
 
+def _fusion():
+    """The DINOv2 tower and MVFuser arguments every variant here shares."""
+    return dict(dino_dim=WIDTH, dino_heads=HEADS, dino_mlp_ratio=4.0, dino_init_values=0.5,
+                out_indices=OUT, d_state=16, d_conv=3, expand=1, scan_backend="reference")
+
+
 def rel_err(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return np.linalg.norm(a - b) / np.linalg.norm(b)
@@ -174,9 +180,8 @@ def test_siglip_backbone_matches_the_original_forward():
         want = (fpn(maps), glob, loc.reshape(2, grid, grid, -1))
 
     ours = MFuserSiglipBackbone(image_size=image, patch_size=patch, width=WIDTH, layers=LAYERS,
-                                heads=HEADS, intermediate_size=2 * WIDTH, dino_dim=WIDTH,
-                                dino_heads=HEADS, dino_init_values=0.5, out_indices=OUT,
-                                scan_backend="reference", rngs=nnx.Rngs(0))
+                                heads=HEADS, intermediate_size=2 * WIDTH, **_fusion(),
+                                rngs=nnx.Rngs(0))
     sd = _common_state(dino, adapters, fpn)
     sd.update(siglip.state_dict())
     sd.update({"logit_scale": np.array([2.3], np.float32), "logit_bias": np.array([-7.0], np.float32)})
@@ -210,9 +215,8 @@ def test_eva02_backbone_matches_the_original_forward():
         want = (fpn(maps), emb[:, :1], emb[:, 1:].reshape(2, grid, grid, -1))
 
     ours = MFuserEVABackbone(image_size=image, patch_size=patch, width=WIDTH, layers=LAYERS,
-                             heads=HEADS, mlp_ratio=2.6667, output_dim=out_dim, dino_dim=WIDTH,
-                             dino_heads=HEADS, dino_init_values=0.5, out_indices=OUT,
-                             scan_backend="reference", rngs=nnx.Rngs(0))
+                             heads=HEADS, mlp_ratio=2.6667, output_dim=out_dim,
+                             pt_hw_seq_len=16, **_fusion(), rngs=nnx.Rngs(0))
     sd = _common_state(dino, adapters, fpn)
     sd.update(_visual_sd(eva))
     load_torch_state_dict(ours, sd)
@@ -258,8 +262,7 @@ def test_clip_backbone_matches_the_original_forward():
         want = (fpn(maps), emb[:, :1], emb[:, 1:].reshape(2, grid, grid, -1))
 
     ours = MFuserBackbone(image_size=image, patch_size=patch, width=WIDTH, layers=LAYERS,
-                          heads=HEADS, output_dim=out_dim, dino_dim=WIDTH, dino_heads=HEADS,
-                          dino_init_values=0.5, out_indices=OUT, scan_backend="reference",
+                          heads=HEADS, output_dim=out_dim, drop_path_rate=0.1, **_fusion(),
                           rngs=nnx.Rngs(0))
     sd = _common_state(dino, adapters, fpn)
     sd.update(clip.state_dict())

@@ -34,7 +34,8 @@ def test_benchmark_imports_no_data_stack():
             f"spec = importlib.util.spec_from_file_location('b', {SCRIPT!r})\n"
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
             "import mfuser_jax.models.mfuser, mfuser_jax.evaluate, mfuser_jax.flops, optax\n"
-            "cfg = mfuser_jax.flops.plain_model_config()\n"
+            "from configs.base import plain_model_config\n"
+            "cfg = plain_model_config()\n"
             "print(sorted(k for k in sys.modules if k.split('.')[0] in "
             "('grain', 'ml_collections', 'tensorflow_datasets', 'tensorflow')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,

@@ -4,6 +4,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from configs.base import data_config
 from mfuser_jax.data import pipeline as P
 from mfuser_jax.data import prepare as prepare_data
 from mfuser_jax.data.fake import write_fake_tree
@@ -25,7 +26,7 @@ def root(tmp_path_factory):
 def make_config(root, **data):
     c = ml_collections.ConfigDict()
     c.seed, c.batch_size, c.data_root = 11, 4, str(root)
-    c.data = P.default_data_config()
+    c.data = data_config("synthetic", ("synthetic_real",))
     c.data.update(dict(train="gta+synthia", mix_ratios=(1.0, 3.0), crop_size=16,
                        photometric=False, cat_max_ratio=1.0))
     c.data.rcs.min_pixels = 150

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from configs.base import data_config
 from mfuser_jax.data import pipeline as P
 from mfuser_jax.data.fake import write_fake_tree
 from mfuser_jax.data.labels import colorize
@@ -20,7 +21,7 @@ def make_config(root, **data):
     c.seed = 3
     c.batch_size = 4
     c.data_root = str(root)
-    c.data = P.default_data_config()
+    c.data = data_config("synthetic", ("synthetic_real",))
     c.data.crop_size = 32
     c.data.rcs.min_pixels = 20
     c.data.update(data)
@@ -172,7 +173,7 @@ def test_rcs_prefers_crops_holding_the_sampled_class(tmp_path):
 def test_eval_covers_every_image_once_over_processes(tmp_path):
     write_fake_tree(str(tmp_path), "cityscapes", n=5, size=(20, 40), split="val")
     c = make_config(tmp_path)
-    assert P.eval_dataset_size(c, "cityscapes") == 5
+    assert len(P.make_eval_iterator(c, "cityscapes")) == 5
     names = []
     for p in range(2):
         it = P.make_eval_iterator(c, "cityscapes", process_index=p, process_count=2)

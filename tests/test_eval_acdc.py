@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from configs.base import data_config
 from mfuser_jax import evaluate as E
 from mfuser_jax.data import labels as L
 from mfuser_jax.data import pipeline as P
@@ -43,7 +44,7 @@ def numpy_iou(cm):
 def _config(root):
     c = ml_collections.ConfigDict()
     c.seed, c.batch_size, c.data_root = 0, 1, str(root)
-    c.data = P.default_data_config()
+    c.data = data_config("synthetic", ("synthetic_real",))
     c.data.eval = ("acdc",)
     c.model = ml_collections.ConfigDict(dict(class_names=L.CLASSES, num_classes=19))
     c.evaluation = ml_collections.ConfigDict(dict(crop_size=32, stride=21, crop_batch=4))

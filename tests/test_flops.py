@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
+from configs.base import mfuser_model_config
 from mfuser_jax import flops as F
+from mfuser_jax.data.labels import CLASSES
 from mfuser_jax.models.mfuser import MFuser
 from mfuser_jax.models.mvfuser import MVFuser
 
@@ -22,11 +24,14 @@ IMAGE = (128, 128)
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = F.plain_model_config(
-        width=128, layers=4, heads=2, output_dim=64, text_width=64, text_heads=2, text_layers=1,
-        out_indices=(0, 1, 2, 3), image_size=IMAGE[0], num_classes=5, decoder_width=64,
-        decoder_heads=2, pixel_layers=1, decoder_layers=2, ffn=128, context_width=64,
-        context_heads=2, loss_points=64, scan_backend="reference")
+    cfg = mfuser_model_config("tiny")  # 4 layers; widened below
+    cfg.image_size, cfg.num_classes, cfg.class_names = IMAGE[0], 5, CLASSES[:5]
+    cfg.clip.update(width=128, output_dim=64, text_width=64, text_layers=1)
+    cfg.dinov2.embed_dim = 128
+    cfg.decoder.update(feat_channels=64, ffn=128, pixel_ffn=128)
+    cfg.context_decoder.width = 64
+    cfg.loss.num_points = 64
+    cfg.mvfuser.scan_backend = "reference"
     model = MFuser(cfg, rngs=nnx.Rngs(0))
     model.eval()
     # XLA's cost analysis counts a scanned loop body once, not once per layer: compare the
@@ -90,7 +95,7 @@ def test_full_forward_vs_xla(tiny):
 
 
 def test_train_step_accounting():
-    cfg = F.plain_model_config()  # MFuser-CLIP-L, only read, never built
+    cfg = mfuser_model_config()  # MFuser-CLIP-L, only read, never built
     fwd = F.mfuser_forward_flops(cfg, 2, (512, 512))
     bb = F.backbone_flops(cfg, 2, (512, 512))
     step = F.train_step_flops(cfg, 2, (512, 512))

@@ -105,8 +105,9 @@ def test_head_and_pixel_decoder_start_as_the_original_constructs_them():
 def test_backbone_projections_and_fpn_are_torch_defaults():
     width, layers = 32, 4
     backbone = MFuserBackbone(image_size=64, patch_size=16, width=width, layers=layers,
-                              heads=2, output_dim=24, dino_dim=width, dino_heads=2,
-                              dino_init_values=0.5, out_indices=(0, 1, 2, 3),
+                              heads=2, output_dim=24, drop_path_rate=0.1, dino_dim=width,
+                              dino_heads=2, dino_mlp_ratio=4.0, dino_init_values=0.5,
+                              out_indices=(0, 1, 2, 3), d_state=16, d_conv=3, expand=1,
                               scan_backend="reference", rngs=nnx.Rngs(0))
     ours = torch_state_dict_of(backbone)
     fpn = 2 * width

@@ -4,7 +4,9 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,7 @@ from mfuser_jax.convert import WeightFileError, load_torch_state_dict
 from mfuser_jax.convert.dinov2 import load_dinov2_state_dict
 from mfuser_jax.convert.pretrained import convert_encoders
 from mfuser_jax.models.dinov2 import DinoVisionTransformer
+from mfuser_jax.models.factory import abstract_paths
 from mfuser_jax.models.mfuser import MFuser
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,6 +74,36 @@ def test_converted_encoders_load_into_mfuser(weight_files):
     # The CLIP text projection arrived; trainable adapters were left alone.
     assert not np.allclose(model.text_encoder.text_projection[...], 0)
     np.testing.assert_array_equal(model.backbone.adapter[0].in_proj.kernel[...], adapter_before)
+
+
+def test_pretrained_filter_selects_what_the_converted_encoders_fill(weight_files):
+    # create_model does not compute what pretrained_filter selects when it loads encoders
+    _, out, _ = weight_files
+    model = nnx.eval_shape(lambda: MFuser(_config(), rngs=nnx.Rngs(0)))  # every value abstract
+    rest = nnx.state(model, nnx.Not(model.pretrained_filter))
+    model.load_pretrained(out)
+    assert set(abstract_paths(model)) == {
+        jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(rest)}
+
+
+@pytest.mark.slow  # compiles the model's initialiser
+def test_create_model_leaves_the_encoders_to_load_pretrained(weight_files):
+    from mfuser_jax import train
+
+    _, out, _ = weight_files
+    config = ml_collections.ConfigDict(dict(seed=0, model=_config()))
+    config.model.pretrained = out
+    model = train.create_model(config)
+    assert abstract_paths(model)  # the encoders are left to load_pretrained
+    train.load_pretrained(model, out)
+    assert abstract_paths(model) == []
+    loaded = MFuser(_config(), rngs=nnx.Rngs(1))
+    loaded.load_pretrained(out)
+    np.testing.assert_array_equal(model.backbone.dinov2.cls_token[...],
+                                  loaded.backbone.dinov2.cls_token[...])
+    np.testing.assert_array_equal(model.text_encoder.text_projection[...],
+                                  loaded.text_encoder.text_projection[...])
+    assert np.all(np.isfinite(np.asarray(model.backbone.adapter[0].in_proj.kernel[...])))
 
 
 def test_mismatched_checkpoint_is_one_clear_error(weight_files, tmp_path):

@@ -15,10 +15,10 @@ transformers = pytest.importorskip("transformers")
 spm = pytest.importorskip("sentencepiece")
 import torch.nn.functional as F  # noqa: E402
 
-from configs.base import CLASSES  # noqa: E402
 from mfuser_jax.convert import WeightFileError, load_torch_state_dict  # noqa: E402
 from mfuser_jax.convert.siglip import siglip_state_dicts  # noqa: E402
 from mfuser_jax.convert.torch_io import read_state_dict  # noqa: E402
+from mfuser_jax.data.labels import CLASSES  # noqa: E402
 from mfuser_jax.models.siglip import SiglipTextTransformer, SiglipVisionTransformer  # noqa: E402
 from mfuser_jax.models.siglip_tokenizer import SiglipTokenizer  # noqa: E402
 

@@ -163,7 +163,7 @@ def load_mfuser_checkpoint(model: nnx.Module, state_dict: Mapping[str, Any], *,
     {"loaded": keys loaded, "dropped": unused keys dropped, "recomputed": rope tables checked}.
     """
     check_is_mfuser(state_dict, source)
-    vlm = getattr(model, "vlm", "clip")
+    vlm = model.vlm
     check_variant(state_dict, vlm, source)
     unused = re.compile("|".join(f"(?:{p})" for p in UNUSED_KEYS[vlm]))
     kept = {k: v for k, v in state_dict.items() if not unused.match(k)}
@@ -323,10 +323,10 @@ def convert_mfuser_checkpoint(config: Any, path: str, out: str, *, siglip_weight
         raise WeightFileError(f"{ckpt_dir} already holds checkpoints: choose an empty --out")
     config = config.copy_and_resolve_references()  # the caller's config stays as it was
     config.unlock()
-    vlm = config.model.get("vlm", "clip")
+    vlm = config.model.vlm
     tokenizer, scalars = None, None
     if vlm == "siglip":
-        tokenizer = siglip_tokenizer or config.model.siglip.get("tokenizer", "")
+        tokenizer = siglip_tokenizer or config.model.siglip.tokenizer
         if not tokenizer or not os.path.isfile(tokenizer):
             raise WeightFileError(
                 "a SigLIP release needs SigLIP's SentencePiece vocabulary: pass "

@@ -21,13 +21,7 @@ from flax import nnx
 from mfuser_jax.convert.torch_io import WeightFileError
 from mfuser_jax.models.stack import assign_slots, per_layer_params
 
-__all__ = ["ENCODER_PREFIXES", "encoder_tree", "load_pretrained_encoders",
-           "save_pretrained_encoders"]
-
-# Frozen sub-trees of MFuser filled from the converted checkpoint. The CLIP image tower's
-# parameters sit at the top of "backbone" (the fused backbone subclasses it), next to the
-# trainable adapters and FPN, which the checkpoint does not hold.
-ENCODER_PREFIXES = ("backbone", "text_encoder")
+__all__ = ["encoder_tree", "load_pretrained_encoders", "save_pretrained_encoders"]
 
 
 def _flatten(tree: Any, prefix: tuple = ()) -> dict[tuple, Any]:
@@ -68,6 +62,8 @@ def save_pretrained_encoders(path: str, tree: dict) -> None:
     from the towers, ``convert.mfuser.frozen_encoder_tree`` from a whole MFuser)."""
     import orbax.checkpoint as ocp
 
+    from mfuser_jax.models.variants import ENCODER_PREFIXES
+
     extra = sorted(set(tree) - set(ENCODER_PREFIXES))
     if extra:  # load_pretrained_encoders fills only these sub-trees: the rest would be lost
         raise ValueError(f"frozen parameters outside the encoders: {extra}")
@@ -98,10 +94,10 @@ def load_pretrained_encoders(model: nnx.Module, path: str) -> None:
     except Exception as e:
         raise WeightFileError(f"{path}: not a readable Orbax checkpoint ({type(e).__name__}: {e})") from e
     flat = _flatten(restored.get("params", {}))
-    from mfuser_jax.models.variants import is_trainable_path
+    from mfuser_jax.models.variants import is_pretrained_path
 
     params = per_layer_params(model)
-    expected = {p for p in params if p[0] in ENCODER_PREFIXES and not is_trainable_path(p)}
+    expected = {p for p in params if is_pretrained_path(p)}
     missing = sorted(".".join(p) for p in expected - set(flat))
     unexpected = sorted(".".join(p) for p in set(flat) - set(params))
     misshaped = [
@@ -139,7 +135,7 @@ def convert_encoders(model_config, out: str, *, dinov2_path: str, vlm_path: str,
     from mfuser_jax.models.dinov2 import DinoVisionTransformer
 
     step = progress or (lambda stage: None)
-    vlm = model_config.get("vlm", "clip")
+    vlm = model_config.vlm
     if vlm == "siglip" and not (tokenizer_path and os.path.isfile(tokenizer_path)):
         raise WeightFileError("SigLIP needs its SentencePiece vocabulary too: --siglip_tokenizer "
                               "spiece.model (from google/siglip-large-patch16-384)")

@@ -18,9 +18,10 @@ import time
 import ml_collections
 from PIL import Image
 
+from configs.base import data_config
 from mfuser_jax.data import imageio
 from mfuser_jax.data.fake import INVERSE
-from mfuser_jax.data.pipeline import default_data_config, make_train_iterator
+from mfuser_jax.data.pipeline import make_train_iterator
 from mfuser_jax.data.prepare import prepare
 from mfuser_jax.data.synthetic import render_scene
 
@@ -47,8 +48,7 @@ def cpu_name() -> str:
 
 def time_pipeline(root: str, batch: int, steps: int, workers: int, warmup: int = 2) -> dict:
     c = ml_collections.ConfigDict(dict(seed=0, batch_size=batch, data_root=root))
-    c.data = default_data_config()
-    c.data.train = "gta"
+    c.data = data_config("gta", ())
     c.data.num_workers = workers
     it = make_train_iterator(c)
     t0 = time.perf_counter()

@@ -53,7 +53,7 @@ class ClassList:
     names: tuple[str, ...]
     label_ids: tuple[int, ...]       # pixel value of each class in the label PNGs
     palette: tuple[tuple[int, int, int], ...]
-    ignore_index: int = 255
+    ignore_index: int = L.IGNORE_INDEX
 
     def __len__(self):
         return len(self.names)
@@ -147,7 +147,7 @@ def read_class_file(path: str) -> ClassList:
         names.append(name)
         ids.append(cid)
         colours.append(colour)
-    ignore = 255 if ignore is None else ignore
+    ignore = L.IGNORE_INDEX if ignore is None else ignore
     if not names:
         raise ClassFileError(f"{path}: no classes; lines are '<label id> <name> [<colour>]'")
     if ignore in ids:
@@ -192,7 +192,7 @@ def pair_files(root: str, split: str) -> tuple[list[str], list[str]]:
 class FolderDatasetSource(FolderSource):
     """One split of a generic folder dataset; labels -> class indices through a LUT."""
 
-    def __init__(self, root: str, split: str, label_ids=(), ignore_index: int = 255,
+    def __init__(self, root: str, split: str, label_ids=(), ignore_index: int = L.IGNORE_INDEX,
                  test_scale=None):
         images, labels = pair_files(root, split)
         super().__init__("folder", root, images, labels,

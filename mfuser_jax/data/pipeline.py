@@ -1,50 +1,48 @@
 """Training and evaluation input pipelines (grain), deterministic and resumable.
 
-Config fields read (``default_data_config()`` gives every ``data.*`` default):
+Config fields read (configs/base.py's ``data_config`` sets every ``data.*`` field and
+its default):
 
-  config.seed               int, default 0: the one seed of the run.
+  config.seed               the one seed of the run.
   config.batch_size         global batch; each process yields batch_size // process_count.
   config.data_root          folder holding gta/, synthia/, cityscapes/, bdd100k/,
-                            mapillary/ (default "data").
+                            mapillary/.
   data.train                training source: "gta", "synthia", "cityscapes", "bdd100k",
                             "mapillary", "folder", "synthetic" or "tfds:<name>";
                             "name:split" picks a split (defaults: gta/synthia all images,
                             cityscapes/bdd100k/folder train, mapillary training, synthetic
                             train). Several joined by '+' ("gta+synthia") are mixed
                             (mfuser_jax/data/mix.py).
-  data.mix_ratios           (): sampling weight of each '+'-joined training source
+  data.mix_ratios           sampling weight of each '+'-joined training source
                             (normalised; empty = equal shares).
-  data.eval                 ("synthetic_real",): tuple of evaluation sources: "cityscapes", "bdd100k",
+  data.eval                 tuple of evaluation sources: "cityscapes", "bdd100k",
                             "mapillary", "synthetic_real", "synthetic", "gta", "synthia",
                             "tfds:<name>", "acdc" (every condition and overall; "acdc:val:fog"
                             one), "dark_zurich", "folder", "name:split" (defaults: the val
                             splits).
-  data.folder               ConfigDict(root="", classes="", label_ids=(), ignore_index=255,
-                            test_scale=()): the generic dataset "folder"
-                            (mfuser_jax/data/custom.py; configs/custom.py fills it from a
-                            class list). Empty label_ids: labels are Cityscapes trainIds.
-  data.crop_size            512 (int or (h, w)).
-  data.ratio_range          (0.5, 2.0) random rescale of the original size; None = off.
-  data.cat_max_ratio        0.75 (1.0 disables the class-balanced crop retries).
-  data.flip_prob            0.5.
-  data.photometric          True: mmseg's PhotoMetricDistortion.
-  data.rcs                  ConfigDict(enabled=True, class_temp=100.0, min_pixels=3000,
-                            min_crop_ratio=0.5): rare-class sampling; needs the source's
-                            sample_class_stats.json (scripts/prepare_data.py) and stops
-                            with an error without it, as the reference does.
-                            enabled=False samples uniformly (a different recipe).
+  data.folder               root, classes, label_ids, ignore_index, test_scale: the generic
+                            dataset "folder" (mfuser_jax/data/custom.py; configs/custom.py
+                            fills it from a class list). Empty label_ids: labels are
+                            Cityscapes trainIds.
+  data.crop_size            int or (h, w).
+  data.ratio_range          random rescale of the original size; None = off.
+  data.cat_max_ratio        1.0 disables the class-balanced crop retries.
+  data.flip_prob            horizontal flip probability.
+  data.photometric          mmseg's PhotoMetricDistortion on or off.
+  data.rcs                  enabled, class_temp, min_pixels, min_crop_ratio: rare-class
+                            sampling; needs the source's sample_class_stats.json
+                            (scripts/prepare_data.py) and stops with an error without it,
+                            as the reference does. enabled=False samples uniformly (a
+                            different recipe).
   data.num_workers          0 = in-process; N = N grain worker processes.
-  data.worker_buffer_size   batches each worker prepares ahead (default 2).
-  data.read_threads         threads per process (or worker) preparing batches (2).
-  data.read_prefetch        batches read ahead by those threads (2).
+  data.worker_buffer_size   batches each worker prepares ahead.
+  data.read_threads         threads per process (or worker) preparing batches.
+  data.read_prefetch        batches read ahead by those threads.
   data.skip_corrupt         False: a corrupt file stops the run naming it; True: skip it
                             with a warning (the next image is used) and count it.
-  data.synthetic            ConfigDict(num_train=2000, num_eval=100, image_size=(128, 256),
-                            seed=0): the embedded demo domains.
-  data.tfds                 ConfigDict(name="", split="train", eval_split="validation",
-                            data_dir="", image_key="image_left",
-                            label_key="segmentation_label", label_map="cityscapes"):
-                            defaults fit TFDS's `cityscapes` builder (labelIds).
+  data.synthetic            num_train, num_eval, image_size, seed: the embedded demo domains.
+  data.tfds                 name, split, eval_split, data_dir, image_key, label_key,
+                            label_map: defaults fit TFDS's `cityscapes` builder (labelIds).
                             The dataset must be prepared as ArrayRecord
                             (`tfds build NAME --file_format=array_record`). Reading needs
                             no TensorFlow (tfds.features.Image decodes with PIL); writing
@@ -61,7 +59,6 @@ with 255 = ignore.
 from __future__ import annotations
 
 import atexit
-import copy
 import functools
 import logging
 import os
@@ -85,64 +82,18 @@ log = logging.getLogger(__name__)
 SKIPPED_FILES: list[str] = []
 
 
-def default_data_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.train = "synthetic"
-    c.eval = ("synthetic_real",)
-    c.crop_size = 512
-    c.ratio_range = (0.5, 2.0)
-    c.cat_max_ratio = 0.75
-    c.flip_prob = 0.5
-    c.photometric = True
-    c.rcs = ml_collections.ConfigDict(
-        dict(enabled=True, class_temp=100.0, min_pixels=3000, min_crop_ratio=0.5))
-    c.num_workers = 0
-    c.worker_buffer_size = 2
-    c.read_threads = 2
-    c.read_prefetch = 2
-    c.skip_corrupt = False
-    c.synthetic = ml_collections.ConfigDict(
-        dict(num_train=2000, num_eval=100, image_size=(128, 256), seed=0))
-    c.mix_ratios = ()
-    c.folder = ml_collections.ConfigDict(
-        dict(root="", classes="", label_ids=(), ignore_index=255, test_scale=()))
-    c.tfds = ml_collections.ConfigDict(
-        dict(name="", split="train", eval_split="validation", data_dir="",
-             image_key="image_left", label_key="segmentation_label",
-             label_map="cityscapes"))
-    return c
-
-
 def _to_plain(x):
     if isinstance(x, (ml_collections.ConfigDict, dict)):
-        return {k: _to_plain(v) for k, v in (x.items() if isinstance(x, dict)
-                                             else x.items())}
+        return {k: _to_plain(v) for k, v in x.items()}
     if isinstance(x, list):
         return tuple(_to_plain(v) for v in x)
     return x
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
 def resolve_config(config) -> dict:
-    """Plain (picklable) dict: seed, batch_size, data_root and data.* with defaults."""
-    get = (lambda k, d: config.get(k, d)) if hasattr(config, "get") else (
-        lambda k, d: getattr(config, k, d))
-    data = _to_plain(get("data", {}) or {})
-    return {
-        "seed": int(get("seed", 0)),
-        "batch_size": int(get("batch_size", 1)),
-        "data_root": str(get("data_root", "data")),
-        "data": _merge(_to_plain(default_data_config()), data),
-    }
+    """Plain (picklable) dict: seed, batch_size, data_root and data.*."""
+    return {"seed": int(config.seed), "batch_size": int(config.batch_size),
+            "data_root": str(config.data_root), "data": _to_plain(config.data)}
 
 
 def _split_name(name: str) -> tuple[str, str | None]:
@@ -178,15 +129,15 @@ def build_source(cfg: dict, name: str, *, train: bool):
         style = "synthetic" if base == "synthetic" else "real"
         split = split or ("train" if train else "val")
         num = syn["num_train"] if split == "train" else syn["num_eval"]
-        return SyntheticSource(num, seed=int(syn.get("seed", 0)), split=split,
+        return SyntheticSource(num, seed=int(syn["seed"]), split=split,
                                size=tuple(syn["image_size"]), style=style, name=base)
     if base.startswith("tfds:"):
         t = d["tfds"]
         tname = base[5:] or t["name"]
         split = split or (t["split"] if train else t["eval_split"])
-        return S.TFDSSource(tname, split, data_dir=t.get("data_dir") or None,
+        return S.TFDSSource(tname, split, data_dir=t["data_dir"] or None,
                             image_key=t["image_key"], label_key=t["label_key"],
-                            label_map=t.get("label_map", ""))
+                            label_map=t["label_map"])
     if base not in _FOLDER_SOURCES:
         raise ValueError(
             f"unknown dataset {name!r}: expected one of {sorted(_FOLDER_SOURCES)}, "
@@ -202,20 +153,19 @@ def build_source(cfg: dict, name: str, *, train: bool):
 
 
 def _folder_source(f: dict, split: str):
-    if not f.get("root"):
+    if not f["root"]:
         raise S.DatasetLayoutError(
             "dataset 'folder' needs config.data.folder.root (the folder holding images/ "
             "and labels/): use configs/custom.py:root=DIR or --config.data.folder.root=DIR")
-    return FolderDatasetSource(f["root"], split, tuple(f.get("label_ids") or ()),
-                               int(f.get("ignore_index", 255)),
-                               tuple(f.get("test_scale") or ()) or None)
+    return FolderDatasetSource(f["root"], split, tuple(f["label_ids"]),
+                               int(f["ignore_index"]), tuple(f["test_scale"]) or None)
 
 
 def _train_sampler(cfg: dict, source):
     """A mixed source gets its ratio sampler (over per-source RCS); others RCS or None."""
     if not isinstance(source, mix.MixedSource):
         return _make_sampler(cfg, source)
-    probs = mix.mix_probabilities(cfg["data"].get("mix_ratios"), len(source.sources),
+    probs = mix.mix_probabilities(cfg["data"]["mix_ratios"], len(source.sources),
                                   source.name)
     return mix.MixSampler(source, probs, [_make_sampler(cfg, s) for s in source.sources])
 
@@ -249,7 +199,7 @@ class TrainExample:
         self.kw = dict(crop_size=self.crop, ratio_range=tuple(rr) if rr else None,
                        cat_max_ratio=float(d["cat_max_ratio"]),
                        flip_prob=float(d["flip_prob"]), photometric=bool(d["photometric"]))
-        self.global_batch = local_batch * int(cfg.get("process_count", 1))
+        self.global_batch = local_batch * int(cfg["process_count"])
         self._perm_cache: dict[int, np.ndarray] = {}
 
     def _perm(self, epoch: int) -> np.ndarray:
@@ -281,7 +231,7 @@ class TrainExample:
 
 def _make_sampler(cfg: dict, source):
     rcs = cfg["data"]["rcs"]
-    if not rcs.get("enabled", False):
+    if not rcs["enabled"]:
         return None
     stats = S.load_class_stats(source)
     if stats is None:  # the reference fails here too; training uniformly changes the recipe
@@ -331,12 +281,12 @@ def make_train_iterator(config, *, start_step: int = 0, process_index: int = 0,
     ds = grain.MapDataset.range(start_step * b, stop).map(fn).batch(b)
     # Bounded read-ahead (grain's default is 16 threads and 500 elements per process).
     ds = ds.to_iter_dataset(grain.ReadOptions(
-        num_threads=int(cfg["data"].get("read_threads", 2)),
-        prefetch_buffer_size=int(cfg["data"].get("read_prefetch", 2))))
+        num_threads=int(cfg["data"]["read_threads"]),
+        prefetch_buffer_size=int(cfg["data"]["read_prefetch"])))
     if workers > 0:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=workers,
-            per_worker_buffer_size=int(cfg["data"].get("worker_buffer_size", 2))))
+            per_worker_buffer_size=int(cfg["data"]["worker_buffer_size"])))
     gen = _closing(iter(ds))
     _OPEN_ITERATORS.add(gen)
     return gen
@@ -394,11 +344,6 @@ def eval_dataset_groups(config, name: str) -> tuple[str, ...]:
     """Names of the groups (ACDC's conditions) an evaluation also reports; () if none."""
     return tuple(getattr(build_source(resolve_config(config), name, train=False),
                          "groups", ()))
-
-
-def eval_dataset_size(config, name: str) -> int:
-    """Number of images of an evaluation dataset (over all processes)."""
-    return len(build_source(resolve_config(config), name, train=False))
 
 
 def make_eval_iterator(config, name: str, *, process_index: int = 0,

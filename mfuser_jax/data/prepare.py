@@ -128,7 +128,7 @@ def convert_one(args):
     if not force and os.path.isfile(dst):
         try:
             out = imageio.read_label(dst)
-            bad = np.setdiff1d(np.unique(out), np.r_[np.arange(L.NUM_CLASSES), 255])
+            bad = np.setdiff1d(np.unique(out), np.r_[np.arange(L.NUM_CLASSES), L.IGNORE_INDEX])
             if bad.size == 0:
                 return dst, _stats(out), "skipped", None
         except imageio.DataFileError:

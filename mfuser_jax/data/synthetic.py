@@ -17,10 +17,10 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from mfuser_jax.data.labels import IGNORE_INDEX
+from mfuser_jax.data.labels import IGNORE_INDEX, NUM_CLASSES, PALETTE
 
 (ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, LIGHT, SIGN, VEGETATION, TERRAIN, SKY,
- PERSON, RIDER, CAR, TRUCK, BUS, TRAIN, MOTORCYCLE, BICYCLE) = range(19)
+ PERSON, RIDER, CAR, TRUCK, BUS, TRAIN, MOTORCYCLE, BICYCLE) = range(NUM_CLASSES)
 
 # Flat base colours of the synthetic style (deliberately not the Cityscapes palette).
 BASE_COLOURS = np.array(
@@ -186,7 +186,7 @@ def render(label: np.ndarray, inst: np.ndarray, rng: np.random.Generator,
     img = inst_col[inst]
     # Textures: two octaves of value noise, stronger on vegetation, terrain and walls.
     tex = (_value_noise(rng, h, w, 4) - 0.5) + 0.5 * (_value_noise(rng, h, w, 2) - 0.5)
-    amp = np.full(19, 30.0, np.float32)
+    amp = np.full(NUM_CLASSES, 30.0, np.float32)
     amp[[VEGETATION, TERRAIN, BUILDING, WALL]] = 70.0
     amp[SKY] = 15.0
     img = img + (amp[label] * tex)[..., None]
@@ -254,13 +254,16 @@ class SyntheticSource:
 
 # A five-class grouping of the scenes, written as a generic folder dataset
 # (mfuser_jax/data/custom.py): label ids 1..5 and ignore 0 exercise the id -> class table.
-FOLDER_CLASSES = (  # (label id, name, colour, trainIds grouped into it)
-    (1, "ground", (128, 64, 128), (ROAD, SIDEWALK, TERRAIN)),
-    (2, "building", (70, 70, 70), (BUILDING, WALL, FENCE)),
-    (3, "tree", (107, 142, 35), (VEGETATION,)),
-    (4, "sky", (70, 130, 180), (SKY,)),
-    (5, "vehicle", (0, 0, 142), (CAR, TRUCK, BUS, TRAIN, MOTORCYCLE, BICYCLE)),
-)
+# (label id, name, colour, trainIds grouped into it); each group has the Cityscapes colour
+# of its first member.
+FOLDER_CLASSES = tuple((cid, name, tuple(int(v) for v in PALETTE[members[0]]), members)
+                       for cid, name, members in (
+    (1, "ground", (ROAD, SIDEWALK, TERRAIN)),
+    (2, "building", (BUILDING, WALL, FENCE)),
+    (3, "tree", (VEGETATION,)),
+    (4, "sky", (SKY,)),
+    (5, "vehicle", (CAR, TRUCK, BUS, TRAIN, MOTORCYCLE, BICYCLE)),
+))
 FOLDER_IGNORE = 0  # poles, signs, lights, people: not in the list
 
 

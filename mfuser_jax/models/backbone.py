@@ -113,7 +113,8 @@ class FusedBackbone(nnx.Module):
     path and the fusers' dropout in train mode. ``remat``: recompute each fused layer in the
     backward pass, keeping only the two token streams between layers. ``scan``: False runs
     the same stacked layers in an unrolled Python loop (every layer compiled separately, and
-    XLA keeps every layer's activations whatever ``remat`` says).
+    XLA keeps every layer's activations whatever ``remat`` says). The sizes have no defaults
+    here or in the subclasses: ``models.variants.build_towers`` passes the model config's.
     """
 
     flatten_children = ("vlm",)
@@ -232,20 +233,6 @@ class FusedBackbone(nnx.Module):
         raise NotImplementedError
 
 
-_FUSION_DEFAULTS = dict(
-    dino_dim=1024, dino_heads=16, dino_mlp_ratio=4.0, dino_init_values=1e-5,
-    out_indices=(7, 11, 15, 23), d_state=16, d_conv=3, expand=1, scan_backend="auto",
-    remat=False, scan=True,
-)
-
-
-def _fusion_kwargs(kwargs: dict) -> dict:
-    unknown = set(kwargs) - set(_FUSION_DEFAULTS)
-    if unknown:
-        raise TypeError(f"unexpected arguments {sorted(unknown)}")
-    return {**_FUSION_DEFAULTS, **kwargs}
-
-
 class MFuserBackbone(FusedBackbone):
     """DINOv2-L + CLIP ViT-L fused by per-layer MVFusers (the CLIP variant).
 
@@ -253,9 +240,9 @@ class MFuserBackbone(FusedBackbone):
     ``ln_post``/``proj`` of clip tokens + proj3(DINOv2 tokens) (dim ``output_dim``).
     """
 
-    def __init__(self, *, image_size: int = 512, patch_size: int = 16, width: int = 1024,
-                 layers: int = 24, heads: int = 16, output_dim: int = 768,
-                 drop_path_rate: float = 0.1, dtype=jnp.float32, rngs: nnx.Rngs, **fusion):
+    def __init__(self, *, image_size: int, patch_size: int, width: int, layers: int,
+                 heads: int, output_dim: int, drop_path_rate: float, dtype=jnp.float32,
+                 rngs: nnx.Rngs, **fusion):
         clip = CLIPVisionTransformer(
             input_resolution=image_size, patch_size=patch_size, width=width, layers=layers,
             heads=heads, output_dim=output_dim, drop_path_rate=drop_path_rate,
@@ -263,7 +250,7 @@ class MFuserBackbone(FusedBackbone):
         )
         super().__init__(clip, image_size=image_size, patch_size=patch_size, layers=layers,
                          width=width, projections=True, dtype=dtype, rngs=rngs,
-                         **_fusion_kwargs(fusion))
+                         **fusion)
 
     def embeddings(self, clip_x, dino_x):
         tokens = clip_x.astype(jnp.float32) + self.adapter_proj3(dino_x).astype(jnp.float32)
@@ -278,17 +265,16 @@ class MFuserEVABackbone(FusedBackbone):
     1297 tokens each. Embeddings: EVA's ``head(norm(eva) + dinov2.norm(dino))``.
     """
 
-    def __init__(self, *, image_size: int = 512, patch_size: int = 14, width: int = 1024,
-                 layers: int = 24, heads: int = 16, mlp_ratio: float = 2.6667,
-                 output_dim: int = 768, pt_hw_seq_len: int = 16, dtype=jnp.float32,
-                 rngs: nnx.Rngs, **fusion):
+    def __init__(self, *, image_size: int, patch_size: int, width: int, layers: int,
+                 heads: int, mlp_ratio: float, output_dim: int, pt_hw_seq_len: int,
+                 dtype=jnp.float32, rngs: nnx.Rngs, **fusion):
         eva = EVAVisionTransformer(
             img_size=image_size, patch_size=patch_size, embed_dim=width, depth=layers,
             num_heads=heads, mlp_ratio=mlp_ratio, output_dim=output_dim,
             pt_hw_seq_len=pt_hw_seq_len, dtype=dtype, rngs=rngs,
         )
         super().__init__(eva, image_size=image_size, patch_size=patch_size, layers=layers,
-                         width=width, dtype=dtype, rngs=rngs, **_fusion_kwargs(fusion))
+                         width=width, dtype=dtype, rngs=rngs, **fusion)
 
     def embeddings(self, eva_x, dino_x):
         tokens = (self.vlm.norm(eva_x.astype(jnp.float32))
@@ -306,16 +292,16 @@ class MFuserSiglipBackbone(FusedBackbone):
     the score map into logits for the score-map loss.
     """
 
-    def __init__(self, *, image_size: int = 512, patch_size: int = 16, width: int = 1024,
-                 layers: int = 24, heads: int = 16, intermediate_size: int = 4096,
-                 dtype=jnp.float32, rngs: nnx.Rngs, **fusion):
+    def __init__(self, *, image_size: int, patch_size: int, width: int, layers: int,
+                 heads: int, intermediate_size: int, dtype=jnp.float32, rngs: nnx.Rngs,
+                 **fusion):
         siglip = SiglipVisionTransformer(
             image_size=image_size, patch_size=patch_size, hidden_size=width,
             num_hidden_layers=layers, num_attention_heads=heads,
             intermediate_size=intermediate_size, dtype=dtype, rngs=rngs,
         )
         super().__init__(siglip, image_size=image_size, patch_size=patch_size, layers=layers,
-                         width=width, dtype=dtype, rngs=rngs, **_fusion_kwargs(fusion))
+                         width=width, dtype=dtype, rngs=rngs, **fusion)
         # HF SiglipModel's initial values; the converted SigLIP weights overwrite them.
         self.logit_scale = nnx.Param(jnp.full((1,), math.log(10.0), jnp.float32))
         self.logit_bias = nnx.Param(jnp.full((1,), -10.0, jnp.float32))

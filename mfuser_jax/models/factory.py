@@ -2,7 +2,9 @@
 
 A model class registered here implements the training protocol used by `mfuser_jax.trainer`:
 `loss(images, labels, key) -> (total, parts)`, `predict(images, class_names=None) -> scores`,
-`trainable_filter`, `no_decay_filter` and `load_pretrained(path)`.
+`trainable_filter`, `no_decay_filter` and `load_pretrained(path)`; optionally
+`pretrained_filter`, the variables `load_pretrained` fills (`init_model` need not compute
+them).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable
 
+import jax
 from flax import nnx
 
 # name -> callable(model_config, *, rngs) -> nnx.Module
@@ -49,3 +52,28 @@ def _resolve(name: str) -> Callable[..., nnx.Module]:
 def build_model(model_config: Any, *, rngs: nnx.Rngs) -> nnx.Module:
     """Builds the model named by `model_config.name` with its parameters on the default device."""
     return _resolve(model_config.name)(model_config, rngs=rngs)
+
+
+def init_model(model_config: Any, *, seed: int, skip_pretrained: bool = False) -> nnx.Module:
+    """`build_model` without computing what is not needed: the structure from
+    `nnx.eval_shape`, then the values from one jitted run of the constructor that returns
+    only the wanted ones, so XLA leaves the others out.
+
+    `skip_pretrained`: the variables the model's `pretrained_filter` selects (the frozen
+    encoders `load_pretrained(path)` then fills) stay abstract, `jax.ShapeDtypeStruct`; a
+    model without that filter is built whole. Each value depends on `seed` alone, not on
+    what is skipped.
+    """
+    build = lambda: build_model(model_config, rngs=nnx.Rngs(seed))  # noqa: E731
+    model = nnx.eval_shape(build)
+    skip = getattr(model, "pretrained_filter", None) if skip_pretrained else None
+    wanted = ... if skip is None else nnx.Not(skip)
+    nnx.update(model, jax.jit(lambda: nnx.state(build(), wanted))())
+    return model
+
+
+def abstract_paths(model: nnx.Module) -> list[str]:
+    """Paths of the values still abstract (`jax.ShapeDtypeStruct`): none once loaded."""
+    leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model))
+    return [jax.tree_util.keystr(path) for path, x in leaves
+            if isinstance(x, jax.ShapeDtypeStruct)]

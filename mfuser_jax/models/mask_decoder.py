@@ -79,7 +79,6 @@ class TqdmHead(nnx.Module):
         num_queries: int = 19,
         num_transformer_feat_level: int = 3,
         text_dim: int = 768,
-        strides: Sequence[int] = (4, 8, 16, 32),
         num_groups: int = 32,
         # pixel decoder (tqdmMSDeformAttnPixelDecoder)
         pixel_decoder_layers: int = 6,
@@ -106,7 +105,6 @@ class TqdmHead(nnx.Module):
         self.dtype = dtype
         self.pixel_decoder = TqdmMSDeformAttnPixelDecoder(
             in_channels=in_channels,
-            strides=strides,
             feat_channels=feat_channels,
             out_channels=out_channels,
             text_dim=text_dim,
@@ -219,8 +217,3 @@ class TqdmHead(nnx.Module):
             layer, self.transformer_decoder.layers, (query, attn_mask), levels,
             remat=self.remat, unroll=not self.scan)
         return ([cls_pred, *cls_preds], [mask_pred, *mask_preds])
-
-    def predict(self, features, texts):
-        """forward_test: semantic scores (B, H/4, W/4, num_classes) from the last layer."""
-        cls_list, mask_list = self(features, texts, deterministic=True)
-        return semantic_inference(cls_list[-1], mask_list[-1])

@@ -11,6 +11,7 @@ keys map by rule. The model protocol the trainer relies on:
 * ``loss(images, labels, key) -> (total, parts)``: train-mode forward and every loss term.
 * ``predict(images, class_names=None) -> (B, H, W, K)`` semantic scores at input size.
 * ``trainable_filter`` / ``no_decay_filter``: nnx filters over parameters.
+* ``pretrained_filter``: the frozen encoder parameters ``load_pretrained`` fills.
 * ``load_pretrained(path)``: the frozen encoders from scripts/convert_weights.py output.
 """
 
@@ -35,6 +36,8 @@ from mfuser_jax.models.variants import (  # noqa: F401  (re-exported)
     build_towers,
     is_trainable_path,
     no_decay_filter_for,
+    pretrained_filter,
+    tower_config,
     trainable_filter,
 )
 from mfuser_jax.ops.resize import resize
@@ -55,22 +58,23 @@ def _l2_normalize(x, axis=-1, eps=1e-12):
 
 class MFuser(nnx.Module):
     trainable_filter = staticmethod(trainable_filter)
+    pretrained_filter = staticmethod(pretrained_filter)
 
     def __init__(self, config, *, rngs: nnx.Rngs):
         self.config = config
-        self.vlm = config.get("vlm", "clip")
+        c = tower_config(config)
+        self.vlm = config.vlm
         self.no_decay_filter = no_decay_filter_for(self.vlm)
-        dtype = jnp.dtype(config.get("dtype", "float32"))
+        dtype = jnp.dtype(config.dtype)
         self.dtype = dtype
         self.class_names = tuple(config.class_names)
         self.num_classes = int(config.num_classes)
         if len(self.class_names) != self.num_classes:
             raise ValueError(f"{len(self.class_names)} class_names for num_classes={self.num_classes}")
-        c = config[self.vlm]
         self.tau = float(config.loss.temperature)
         self.token_length = int(c.token_length)
         self.backbone, self.text_encoder, self._tokenize = build_towers(config, dtype, rngs)
-        attn = config.get("attn_implementation", "xla")
+        attn = config.attn_implementation
         if attn != "xla":  # "xla" keeps the towers' default core (einsums, compiled by XLA)
             for tower in (self.backbone, self.text_encoder):
                 set_attn_implementation(tower, attn)
@@ -92,7 +96,7 @@ class MFuser(nnx.Module):
             num_points=dec.deform_points, pixel_decoder_ffn_channels=dec.pixel_ffn,
             num_decoder_layers=dec.decoder_layers, decoder_heads=dec.num_heads,
             decoder_ffn_channels=dec.ffn, num_groups=min(32, dec.feat_channels),
-            remat=bool(config.get("remat", False)), dtype=dtype, rngs=rngs,
+            remat=bool(config.remat), dtype=dtype, rngs=rngs,
         )
         self.texts = self._tokenize(list(self.class_names))
         lc = config.loss
@@ -101,10 +105,10 @@ class MFuser(nnx.Module):
             importance_sample_ratio=float(lc.importance), no_object_weight=float(lc.no_object_weight),
             loss_cls_weight=float(lc.cls), loss_mask_weight=float(lc.mask),
             loss_dice_weight=float(lc.dice),
-            cls_norm_images=int(lc.get("cls_norm_images", 0)),
+            cls_norm_images=int(lc.cls_norm_images),
         )
         self.score_map_weight = float(lc.score_map)
-        self.set_layer_execution(scan=bool(config.get("scan_layers", True)))
+        self.set_layer_execution(scan=bool(config.scan_layers))
 
     def set_layer_execution(self, *, remat: bool | None = None, scan: bool | None = None):
         """How the stacked layers run (read at trace time): ``remat`` recomputes each layer

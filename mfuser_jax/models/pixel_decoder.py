@@ -328,7 +328,6 @@ class TqdmMSDeformAttnPixelDecoder(nnx.Module):
     def __init__(
         self,
         in_channels: Sequence[int] = (256, 512, 1024, 2048),
-        strides: Sequence[int] = (4, 8, 16, 32),
         feat_channels: int = 256,
         out_channels: int = 256,
         text_dim: int = 768,
@@ -348,7 +347,6 @@ class TqdmMSDeformAttnPixelDecoder(nnx.Module):
         dtype=_F32,
         rngs: nnx.Rngs,
     ):
-        self.strides = tuple(strides)
         self.num_input_levels = len(in_channels)
         self.num_encoder_levels = num_levels
         self.num_outs = num_outs

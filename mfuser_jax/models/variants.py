@@ -21,8 +21,9 @@ from mfuser_jax.models.siglip import SiglipTextTransformer
 from mfuser_jax.models.siglip_tokenizer import SiglipTokenizer
 from mfuser_jax.models.tokenizer import tokenize
 
-__all__ = ["NO_DECAY_KEYS", "TRAINABLE_PREFIXES", "build_text_encoder", "build_towers",
-           "is_trainable_path", "no_decay_filter_for", "trainable_filter"]
+__all__ = ["ENCODER_PREFIXES", "NO_DECAY_KEYS", "TRAINABLE_PREFIXES", "build_text_encoder",
+           "build_towers", "is_pretrained_path", "is_trainable_path", "no_decay_filter_for",
+           "pretrained_filter", "tower_config", "trainable_filter"]
 
 # What the reference leaves trainable: in the backbone only the adapters (MVFusers and
 # proj1/2/3) and the FPN; everything in the two image towers and the text tower is frozen.
@@ -60,6 +61,23 @@ def trainable_filter(path, value) -> bool:
     return isinstance(value, nnx.Param) and is_trainable_path(path)
 
 
+# The converted-encoder checkpoint (convert/pretrained.py) holds every frozen parameter
+# under these: the towers of the fused backbone (the VLM image tower's at its top level,
+# next to the trainable adapters and FPN) and the text tower.
+ENCODER_PREFIXES = ("backbone", "text_encoder")
+
+
+def is_pretrained_path(path: Sequence) -> bool:
+    path = tuple(str(p) for p in path)
+    return bool(path) and path[0] in ENCODER_PREFIXES and not is_trainable_path(path)
+
+
+def pretrained_filter(path, value) -> bool:
+    """nnx filter: the frozen encoder parameters ``load_pretrained`` fills from the
+    converted-encoder checkpoint (so a model built for loading need not compute them)."""
+    return isinstance(value, nnx.Param) and is_pretrained_path(path)
+
+
 def no_decay_filter_for(vlm: str):
     """nnx filter: the parameters the reference trains without weight decay."""
     keys = NO_DECAY_KEYS[vlm]
@@ -71,19 +89,23 @@ def no_decay_filter_for(vlm: str):
     return no_decay
 
 
+def tower_config(config):
+    """``config[config.vlm]``: the section of the VLM towers (an unknown vlm: ValueError)."""
+    if config.vlm not in NO_DECAY_KEYS:
+        raise ValueError(f"vlm={config.vlm!r}: choose 'clip', 'eva02' or 'siglip'")
+    return config[config.vlm]
+
+
 def build_towers(config, dtype, rngs):
     """(fused backbone, text tower, tokenize(names) -> (K, token_length) ids) for config.vlm."""
-    vlm = config.get("vlm", "clip")
-    if vlm not in NO_DECAY_KEYS:
-        raise ValueError(f"vlm={vlm!r}: choose 'clip', 'eva02' or 'siglip'")
-    c, d, mv = config[vlm], config.dinov2, config.mvfuser
+    vlm, c, d, mv = config.vlm, tower_config(config), config.dinov2, config.mvfuser
     fusion = dict(
         image_size=config.image_size, patch_size=config.patch_size, width=c.width,
         layers=c.layers, heads=c.heads, dino_dim=d.embed_dim, dino_heads=d.num_heads,
         dino_mlp_ratio=d.mlp_ratio, dino_init_values=d.init_values,
         out_indices=config.out_indices, d_state=mv.d_state, d_conv=mv.d_conv,
         expand=mv.expand, scan_backend=mv.scan_backend,
-        remat=bool(config.get("remat", False)), scan=bool(config.get("scan_layers", True)),
+        remat=bool(config.remat), scan=bool(config.scan_layers),
         dtype=dtype, rngs=rngs,
     )
     if vlm == "clip":
@@ -108,10 +130,7 @@ def build_towers(config, dtype, rngs):
 
 def build_text_encoder(config, *, dtype=jnp.float32, rngs: nnx.Rngs):
     """The variant's text tower with MFuser's positions (name tokens + learned contexts)."""
-    vlm = config.get("vlm", "clip")
-    if vlm not in NO_DECAY_KEYS:
-        raise ValueError(f"vlm={vlm!r}: choose 'clip', 'eva02' or 'siglip'")
-    c = config[vlm]
+    vlm, c = config.vlm, tower_config(config)
     context_length = c.token_length + c.n_ctx
     if vlm == "siglip":
         return SiglipTextTransformer(
@@ -121,14 +140,14 @@ def build_text_encoder(config, *, dtype=jnp.float32, rngs: nnx.Rngs):
     return CLIPTextContextEncoder(  # CLIP: QuickGELU; EVA02-CLIP (open_clip): exact GELU
         context_length=context_length, vocab_size=c.vocab_size, width=c.text_width,
         heads=c.text_heads, layers=c.text_layers, embed_dim=c.output_dim,
-        activation=c.get("text_activation", "quick_gelu"), dtype=dtype, rngs=rngs)
+        activation=c.text_activation, dtype=dtype, rngs=rngs)
 
 
 def _siglip_tokenizer_path(config) -> str:
     """SigLIP's SentencePiece model: config.siglip.tokenizer, else <pretrained>/spiece.model
     (scripts/convert_weights.py copies it there)."""
-    path = config.siglip.get("tokenizer", "") or (
-        os.path.join(config.pretrained, "spiece.model") if config.get("pretrained") else "")
+    path = config.siglip.tokenizer or (
+        os.path.join(config.pretrained, "spiece.model") if config.pretrained else "")
     if not path or not os.path.isfile(path):
         raise FileNotFoundError(
             "the SigLIP variant needs SigLIP's SentencePiece vocabulary (spiece.model from "
