@@ -88,14 +88,14 @@ def test_pretrained_filter_selects_what_the_converted_encoders_fill(weight_files
 
 @pytest.mark.slow  # compiles the model's initialiser
 def test_create_model_leaves_the_encoders_to_load_pretrained(weight_files):
-    from mfuser_jax import train
+    from mfuser_jax import startup
 
     _, out, _ = weight_files
     config = ml_collections.ConfigDict(dict(seed=0, model=_config()))
     config.model.pretrained = out
-    model = train.create_model(config)
+    model = startup.create_model(config)
     assert abstract_paths(model)  # the encoders are left to load_pretrained
-    train.load_pretrained(model, out)
+    startup.load_pretrained(model, out)
     assert abstract_paths(model) == []
     loaded = MFuser(_config(), rngs=nnx.Rngs(1))
     loaded.load_pretrained(out)
