@@ -40,7 +40,7 @@ from test_convert_mfuser_variants import _abstract, eva, sig  # noqa: E402,F401 
 from test_siglip import spiece  # noqa: E402,F401 (the fixture sig needs)
 from test_text_enhancer import TorchContextDecoder  # noqa: E402
 
-from mfuser_jax import train  # noqa: E402
+from mfuser_jax import startup  # noqa: E402
 from mfuser_jax.convert import WeightFileError  # noqa: E402
 from mfuser_jax.convert.mfuser import (  # noqa: E402
     convert_mfuser_checkpoint,
@@ -81,7 +81,7 @@ def _without_release_keys(got, release, *rebuilt):
 
 
 def test_a_converted_release_exports_unchanged(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "create_model", _fast_create_model)
+    monkeypatch.setattr(startup, "create_model", _fast_create_model)
     config = experiment_config()
     release = original_state_dict(config.model)
     pth = str(tmp_path / "iter_40.pth")
