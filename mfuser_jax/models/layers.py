@@ -113,7 +113,8 @@ class DepthwiseConv1d(nnx.Conv):
         x, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
         length = x.shape[-2]
         x = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(lo, hi), (0, 0)])
-        # a correlation, as nnx.Conv / torch's Conv1d: output t takes inputs t - lo ... t - lo + k - 1
+        # a correlation, as nnx.Conv and torch's Conv1d compute: output t takes inputs
+        # t - lo ... t - lo + k - 1
         y = sum(x[..., i:i + length, :] * kernel[i, 0] for i in range(k))
         return y if bias is None else y + bias
 
