@@ -120,8 +120,8 @@ class ImageEvaluator:
     every process evaluates its own images (image sizes differ, so no common SPMD
     program); the confusion matrices are summed afterwards."""
 
-    def __init__(self, model: nnx.Module, *, num_classes: int, crop: int = 512,
-                 stride: int = 341, crop_batch: int = 6, device: jax.Device | None = None,
+    def __init__(self, model: nnx.Module, *, num_classes: int, crop: int, stride: int,
+                 crop_batch: int, device: jax.Device | None = None,
                  mesh: jax.sharding.Mesh | None = None):
         model.eval()
         self.graphdef, state = nnx.split(model)
@@ -156,9 +156,8 @@ class ImageEvaluator:
 class SlidingWindowPredictor:
     """image (h, w, 3) uint8 -> (h, w, K) float32 scores, optionally for custom classes."""
 
-    def __init__(self, model: nnx.Module, *, crop: int = 512, stride: int = 341,
-                 crop_batch: int = 6, class_names: Sequence[str] | None = None,
-                 device: jax.Device | None = None):
+    def __init__(self, model: nnx.Module, *, crop: int, stride: int, crop_batch: int,
+                 class_names: Sequence[str] | None = None, device: jax.Device | None = None):
         model.eval()
         graphdef, state = nnx.split(model)
         self.device = device or jax.local_devices()[0]
@@ -316,13 +315,12 @@ def evaluate_model(model: nnx.Module, config: Any, *, step: int, workdir: str | 
     grouped sets such as ACDC) and .png and prints the IoU tables.
     """
     eval_iter_fn = eval_iter_fn or _default_eval_iter
-    ev_cfg = config.get("evaluation", {})
+    ev_cfg = config.evaluation
     class_names = list(config.model.class_names)
     num_classes = int(config.model.num_classes)
-    evaluator = ImageEvaluator(model, num_classes=num_classes,
-                               crop=int(ev_cfg.get("crop_size", 512)),
-                               stride=int(ev_cfg.get("stride", 341)),
-                               crop_batch=int(ev_cfg.get("crop_batch", 6)), mesh=mesh)
+    evaluator = ImageEvaluator(model, num_classes=num_classes, crop=int(ev_cfg.crop_size),
+                               stride=int(ev_cfg.stride), crop_batch=int(ev_cfg.crop_batch),
+                               mesh=mesh)
     results = {}
     for name in (datasets if datasets is not None else config.data.eval):
         batches = eval_iter_fn(config, name, process_index=jax.process_index(),

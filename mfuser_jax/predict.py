@@ -118,11 +118,9 @@ def predict(config, workdir, images, out, classes, step, alpha):
     print(f"{len(files)} image(s); restoring the model from {workdir} (building and "
           "compiling take a while at full size)", flush=True)
     model, step = restore_model(config, workdir, step)
-    ev = config.get("evaluation", {})
-    predictor = SlidingWindowPredictor(model, crop=int(ev.get("crop_size", 512)),
-                                       stride=int(ev.get("stride", 341)),
-                                       crop_batch=int(ev.get("crop_batch", 6)),
-                                       class_names=names)
+    ev = config.evaluation
+    predictor = SlidingWindowPredictor(model, crop=int(ev.crop_size), stride=int(ev.stride),
+                                       crop_batch=int(ev.crop_batch), class_names=names)
     pal = palette_for(names or default_names, default_names,
                       config.model.get("palette", None))
     failed = []
