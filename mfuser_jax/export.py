@@ -114,8 +114,8 @@ def export_stablehlo(config: Any, workdir: str, out: str, step: int | None = Non
     from mfuser_jax.errors import UserError
     from mfuser_jax.train import restore_model
 
-    ev = config.get("evaluation", {})
-    crop = int(ev.get("crop_size", 512))
+    ev = config.evaluation
+    crop, stride = int(ev.crop_size), int(ev.stride)
     height, width = int(height or crop), int(width or crop)
     if height < 1 or width < 1:
         raise UserError(f"--height and --width must be positive, got {height}x{width}")
@@ -127,12 +127,12 @@ def export_stablehlo(config: Any, workdir: str, out: str, step: int | None = Non
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     model, step = restore_model(config, workdir, step)
     exported, weights = export_predictor(
-        model, height, width, crop=crop, stride=int(ev.get("stride", 341)),
-        crop_batch=int(ev.get("crop_batch", 6)), class_names=names, platforms=platforms)
+        model, height, width, crop=crop, stride=stride,
+        crop_batch=int(ev.crop_batch), class_names=names, platforms=platforms)
     meta = {"step": step, "input": [height, width, 3], "input_dtype": "uint8",
             "output": list(exported.out_avals[0].shape), "output_dtype": "float32",
             "class_names": names or list(config.model.class_names), "crop_size": crop,
-            "stride": int(ev.get("stride", 341)), "platforms": list(exported.platforms)}
+            "stride": stride, "platforms": list(exported.platforms)}
     save_stablehlo(out, exported, weights, meta)
     print(f"predictor of checkpoint step {step} for {height}x{width} images "
           f"({', '.join(exported.platforms)}) written to {os.path.abspath(out)}", flush=True)

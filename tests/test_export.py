@@ -91,7 +91,8 @@ def test_classes_and_the_fixed_size(toy_run, tmp_path):
     predictor = load_stablehlo(str(tmp_path / "p.npz"))
     image = np.random.default_rng(1).integers(0, 256, (16, 16, 3), np.uint8)
     model, _ = T.restore_model(config, workdir)
-    live = SlidingWindowPredictor(model, crop=16, stride=11, class_names=["blue", "red"])
+    live = SlidingWindowPredictor(model, crop=16, stride=11, crop_batch=8,
+                                  class_names=["blue", "red"])
     assert predictor.class_names == ["blue", "red"] and predictor.meta["step"] == 2
     np.testing.assert_allclose(predictor(image), live(image), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match=r"exported for one uint8 image of shape \(16, 16, 3\)"):
