@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from mfuser_jax.files import atomic_write
+
 
 BACKGROUND = (255, 255, 255)
 INK = (30, 30, 30)
@@ -149,9 +151,8 @@ def write_eval_png(workdir: str, dataset: str, step: int, class_names: Sequence[
                    groups: Mapping[str, float] | None = None) -> str:
     """Writes W/eval/<dataset>_step<N>.png (atomically); returns its path."""
     path = eval_png_path(workdir, dataset, step)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     img = render_eval_png(f"{dataset} @ step {step}", class_names, cm, palette,
                           {g: v for g, v in (groups or {}).items() if not math.isnan(v)})
-    img.save(path + ".tmp", format="PNG", optimize=True)
-    os.replace(path + ".tmp", path)
+    with atomic_write(path) as (tmp,):
+        img.save(tmp, format="PNG", optimize=True)
     return path

@@ -23,6 +23,7 @@ from flax import nnx
 
 from mfuser_jax.data.labels import IGNORE_INDEX
 from mfuser_jax.eval_report import eval_json_path, iou_from_confusion, write_eval_png
+from mfuser_jax.files import atomic_write
 from mfuser_jax.ops.resize import resize
 
 
@@ -254,9 +255,8 @@ def write_eval_json(workdir: str, dataset: str, step: int, miou: float,
     if groups:
         report["groups"] = {g: {"miou": None if np.isnan(m) else float(m),
                                 "per_class": per_class(v)} for g, (m, v) in groups.items()}
-    with open(path + ".tmp", "w") as f:
+    with atomic_write(path) as (tmp,), open(tmp, "w") as f:
         json.dump(report, f, indent=1)
-    os.replace(path + ".tmp", path)
     return path
 
 

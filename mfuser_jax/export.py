@@ -143,24 +143,16 @@ def save_stablehlo(path: str, exported, weights: Sequence[Any], meta: dict) -> N
     """One uncompressed .npz: ``exported`` (the serialized bytes), ``meta`` (JSON, with
     the format's name added; ``class_names`` names the output channels) and ``w00000``...
     (the weights; dtypes numpy lacks, such as bfloat16, as raw bits)."""
-    from mfuser_jax.errors import UserError
+    # Imported here: load_stablehlo must not import any other mfuser_jax module.
+    from mfuser_jax.files import atomic_write
 
     arrays = {"exported": np.frombuffer(exported.serialize(), np.uint8),
               "meta": np.array(json.dumps({"format": FORMAT, **meta}))}
     for i, w in enumerate(weights):
         w = np.asarray(w)
         arrays[f"w{i:05d}"] = w.view(f"u{w.dtype.itemsize}") if w.dtype.kind == "V" else w
-    tmp = f"{path}.part"
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(tmp, "wb") as f:  # a file object: np.savez appends no ".npz"
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path) as (tmp,), open(tmp, "wb") as f:
+        np.savez(f, **arrays)  # a file object: np.savez appends no ".npz"
 
 
 class StableHLOPredictor:

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 
 from mfuser_jax.errors import UserError
+from mfuser_jax.files import atomic_write
 
 EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -76,20 +77,9 @@ def write_outputs(stem, mask, overlay):
     from PIL import Image
     targets = [(f"{stem}_mask.png", mask, {"format": "PNG"}),
                (f"{stem}_overlay.jpg", overlay, {"format": "JPEG", "quality": 92})]
-    tmps = []
-    try:
-        os.makedirs(os.path.dirname(stem), exist_ok=True)
-        for path, array, kw in targets:
-            tmps.append(path + ".part")
-            Image.fromarray(array).save(tmps[-1], **kw)
-        for tmp, (path, _, _) in zip(tmps, targets):
-            os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"cannot write {stem}_*: {e.strerror or e}") from None
-    finally:
-        for tmp in tmps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    with atomic_write(*(path for path, _, _ in targets)) as tmps:
+        for tmp, (_, array, kw) in zip(tmps, targets):
+            Image.fromarray(array).save(tmp, **kw)
     return targets[0][0]
 
 

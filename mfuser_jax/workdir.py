@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from mfuser_jax.errors import UserError
+from mfuser_jax.files import atomic_write
 
 CONFIG_FILE = "config.json"
 
@@ -38,9 +39,8 @@ def config_json(config: Any) -> str:
 def write_config(workdir: str, config: Any) -> None:
     """W/config.json, replaced atomically (a killed run never leaves half a file)."""
     path = os.path.join(workdir, CONFIG_FILE)
-    with open(path + ".tmp", "w") as f:
+    with atomic_write(path) as (tmp,), open(tmp, "w") as f:
         f.write(config_json(config))
-    os.replace(path + ".tmp", path)
 
 
 def read_model_config(workdir: str) -> dict | None:

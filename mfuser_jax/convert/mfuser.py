@@ -47,6 +47,7 @@ from mfuser_jax.convert.state_dict import (
     torch_state_dict_of,
 )
 from mfuser_jax.convert.torch_io import WeightFileError, _flatten, _import_torch
+from mfuser_jax.files import atomic_write
 
 __all__ = ["UNUSED_KEYS", "check_is_mfuser", "checkpoint_step", "convert_mfuser_checkpoint",
            "frozen_encoder_tree", "load_mfuser_checkpoint", "mfuser_state_dict",
@@ -253,16 +254,8 @@ def save_mfuser_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, np.
     torch = _import_torch(path)
     tensors = OrderedDict((k, torch.from_numpy(np.array(v, copy=None, order="C")))
                           for k, v in state_dict.items())
-    tmp = path + ".part"
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_write(path, error=WeightFileError) as (tmp,):
         torch.save({"meta": dict(meta), "state_dict": tensors}, tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise WeightFileError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def frozen_encoder_tree(model: nnx.Module) -> dict:

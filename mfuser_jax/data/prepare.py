@@ -34,6 +34,7 @@ import numpy as np
 from mfuser_jax.data import imageio, labels as L
 from mfuser_jax.data.rcs import save_class_stats
 from mfuser_jax.data.sources import LAYOUTS, README_SECTION
+from mfuser_jax.files import atomic_write
 
 OUT_SUFFIX = "_labelTrainIds.png"
 
@@ -142,10 +143,8 @@ def convert_one(args):
         return dst, None, "failed", (f"{src}: label values {bad[:10]} are not {name} class "
                                      "ids; is this the right dataset / file?")
     out = lut[raw]
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = dst + ".tmp.png"
-    imageio.write_label(tmp, out)
-    os.replace(tmp, dst)  # atomic: an interrupted run never leaves half a file
+    with atomic_write(dst) as (tmp,):  # an interrupted run never leaves half a file
+        imageio.write_label(tmp, out)
     return dst, _stats(out), "done", None
 
 
