@@ -9,7 +9,7 @@ time left), prints the per-class IoU table and writes W/eval/<dataset>_step<N>.j
 """
 
 import _cli  # noqa: F401
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/demo.py[:arg]",
