@@ -99,7 +99,8 @@ def test_the_toy_model_builds_and_its_loss_uses_its_logits(toy):
 
 def test_the_no_decay_filter_uses_its_keys(toy):
     param = nnx.Param(np.zeros(1))
-    toy_filter, clip_filter = variants.no_decay_filter_for(TOY), variants.no_decay_filter_for("clip")
+    toy_filter = variants.no_decay_filter_for(TOY)
+    clip_filter = variants.no_decay_filter_for("clip")
     assert toy_filter(("gamma",), param) and not clip_filter(("gamma",), param)
     assert toy_filter(("backbone", "fpn1", 1, "norm"), param)
     assert not toy_filter(("decode_head", "cls_embed", "bias"), param)
