@@ -83,6 +83,15 @@ def parse_arg(arg, **defaults):
     return out
 
 
+def vlm_spec(vlm):
+    """The registered VLM's spec (mfuser_jax/vlm); an unknown name is a ConfigError listing
+    the registered ones."""
+    try:
+        return vlm_registry.get_vlm(vlm)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def mfuser_model_config(size=ARGS["size"], vlm=ARGS["vlm"]):
     """config.model for MFuser (the fields mfuser_jax.models.mfuser.MFuser reads)."""
     return config_dict(plain_model_config(size, vlm))
@@ -91,10 +100,7 @@ def mfuser_model_config(size=ARGS["size"], vlm=ARGS["vlm"]):
 def plain_model_config(size=ARGS["size"], vlm=ARGS["vlm"]) -> Fields:
     """The same config.model as nested `Fields`, for code that must run without
     ml_collections (scripts/benchmark.py and mfuser_jax.flops on the GPU image)."""
-    try:
-        spec = vlm_registry.get_vlm(vlm)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    spec = vlm_spec(vlm)
     if size not in ("large", "tiny"):
         raise ConfigError(f"size={size!r}: choose 'large' or 'tiny'")
     large = size == "large"
@@ -213,7 +219,7 @@ def get_base_config(args):
         coordinator_address="", num_processes=1, process_id=0)
     c.optim = dict(
         # the reference's configs set it per VLM (CLIP 1e-4, EVA02 and SigLIP 1e-5)
-        lr=1e-4, min_lr=1e-6, weight_decay=vlm_registry.get_vlm(args.vlm).weight_decay,
+        lr=1e-4, min_lr=1e-6, weight_decay=vlm_spec(args.vlm).weight_decay,
         power=0.9, warmup_steps=1500,
         warmup_ratio=1e-6, b1=0.9, b2=0.999, eps=1e-8,
         grad_accum=1,                  # micro-batches per step (same global batch)
