@@ -5,7 +5,8 @@ argument after the file name, `--config configs/gta2cs.py:vlm=clip,small_gpu=Tru
 comma-separated list of key=value pairs:
 
   vlm=clip|eva02|siglip   the vision-language tower: CLIP ViT-L/14-336 (default),
-                          EVA02-CLIP-L/14-336 (patch 14) or SigLIP-L/16-384
+                          EVA02-CLIP-L/14-336 (patch 14) or SigLIP-L/16-384 (any name
+                          registered in mfuser_jax/vlm; its spec sets the tower section)
   size=large|tiny         model size (tiny: a few-layer model for smoke runs)
   small_gpu=True          for GPUs with less than ~80 GB: gradient accumulation over two
                           micro-batches (optim.grad_accum=2), activation rematerialisation
@@ -19,11 +20,19 @@ Every field can also be overridden on the command line: `--config.total_steps=40
 `--config.model.pretrained=weights/`, `--config.data_root=/data`.
 """
 
+from mfuser_jax import vlm as vlm_registry
 from mfuser_jax.data.labels import CLASSES, IGNORE_INDEX
 
-VLMS = ("clip", "eva02", "siglip")
 # The config argument's keys and defaults; configs/demo.py and configs/custom.py add theirs.
 ARGS = dict(vlm="clip", size="large", small_gpu=False)
+
+
+def __getattr__(name):
+    # VLMS: the registered VLM names (mfuser_jax.vlm), read when asked so that a VLM
+    # registered after this module was imported is a valid `vlm=` too.
+    if name == "VLMS":
+        return vlm_registry.names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ConfigError(Exception):
@@ -74,28 +83,13 @@ def parse_arg(arg, **defaults):
     return out
 
 
-def _vlm_config(vlm, large):
-    """The tower section config.model[vlm]: image tower, text tower and prompt lengths."""
-    pick = lambda big, tiny: big if large else tiny  # noqa: E731
-    if vlm == "clip":  # OpenAI ViT-L/14-336; text: QuickGELU, 5 name tokens + 5 contexts
-        return dict(
-            width=pick(1024, 32), layers=pick(24, 4), heads=pick(16, 2),
-            output_dim=pick(768, 32), drop_path_rate=0.1,
-            text_width=pick(768, 32), text_heads=pick(12, 2), text_layers=pick(12, 2),
-            text_activation="quick_gelu", vocab_size=49408, token_length=5, n_ctx=5)
-    if vlm == "eva02":  # EVA02-CLIP-L/14-336 (rotary, SwiGLU, sub-LN); text: exact GELU, 8 contexts
-        return dict(
-            width=pick(1024, 32), layers=pick(24, 4), heads=pick(16, 2), mlp_ratio=2.6667,
-            output_dim=pick(768, 32), pt_hw_seq_len=16,
-            text_width=pick(768, 32), text_heads=pick(12, 2), text_layers=pick(12, 2),
-            text_activation="gelu", vocab_size=49408, token_length=5, n_ctx=8)
-    # SigLIP-L/16-384: no projections (embedding dim = width); SentencePiece tokenizer
-    return dict(
-        width=pick(1024, 32), layers=pick(24, 4), heads=pick(16, 2),
-        intermediate_size=pick(4096, 64), output_dim=pick(1024, 32),
-        text_width=pick(1024, 32), text_heads=pick(16, 2), text_layers=pick(24, 2),
-        text_intermediate_size=pick(4096, 64), vocab_size=32000, token_length=5, n_ctx=5,
-        tokenizer="")  # spiece.model; "" = <model.pretrained>/spiece.model
+def vlm_spec(vlm):
+    """The registered VLM's spec (mfuser_jax/vlm); an unknown name is a ConfigError listing
+    the registered ones."""
+    try:
+        return vlm_registry.get_vlm(vlm)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def mfuser_model_config(size=ARGS["size"], vlm=ARGS["vlm"]):
@@ -106,8 +100,7 @@ def mfuser_model_config(size=ARGS["size"], vlm=ARGS["vlm"]):
 def plain_model_config(size=ARGS["size"], vlm=ARGS["vlm"]) -> Fields:
     """The same config.model as nested `Fields`, for code that must run without
     ml_collections (scripts/benchmark.py and mfuser_jax.flops on the GPU image)."""
-    if vlm not in VLMS:
-        raise ConfigError(f"vlm={vlm!r}: choose one of {VLMS}")
+    spec = vlm_spec(vlm)
     if size not in ("large", "tiny"):
         raise ConfigError(f"size={size!r}: choose 'large' or 'tiny'")
     large = size == "large"
@@ -116,8 +109,8 @@ def plain_model_config(size=ARGS["size"], vlm=ARGS["vlm"]) -> Fields:
     m.vlm = vlm
     m.num_classes = len(CLASSES)
     m.class_names = CLASSES
-    # EVA02 keeps patch 14 in both towers (36 x 36 tokens at 512 px); the others use 16.
-    m.patch_size = 14 if vlm == "eva02" else 16
+    # Both towers' patch size, the VLM's (EVA02: 14, 36 x 36 tokens at 512 px; others 16).
+    m.patch_size = spec.patch_size
     # Training crop; position tables fit it. data.crop_size and evaluation.crop_size must
     # equal it (checked at start-up): override all three together.
     m.image_size = 512 if large else 4 * m.patch_size
@@ -139,7 +132,8 @@ def plain_model_config(size=ARGS["size"], vlm=ARGS["vlm"]) -> Fields:
     m.dinov2 = Fields(
         embed_dim=1024 if large else 32, num_heads=16 if large else 2, mlp_ratio=4.0,
         init_values=1e-5)
-    m[vlm] = Fields(_vlm_config(vlm, large))
+    # The VLM's section: image tower, text tower and prompt lengths (mfuser_jax/vlm/<vlm>.py).
+    m[vlm] = Fields(spec.section(large))
     m.out_indices = (7, 11, 15, 23) if large else (0, 1, 2, 3)
     m.mvfuser = Fields(d_state=16, d_conv=3, expand=1, scan_backend="auto")
     m.context_decoder = Fields(
@@ -224,8 +218,9 @@ def get_base_config(args):
         enabled="auto",                # auto: jax.distributed when SLURM/MPI/TPU is detected
         coordinator_address="", num_processes=1, process_id=0)
     c.optim = dict(
-        # the reference's EVA02 and SigLIP configs use 1e-5, its CLIP config 1e-4
-        lr=1e-4, min_lr=1e-6, weight_decay=1e-4 if args.vlm == "clip" else 1e-5, power=0.9, warmup_steps=1500,
+        # the reference's configs set it per VLM (CLIP 1e-4, EVA02 and SigLIP 1e-5)
+        lr=1e-4, min_lr=1e-6, weight_decay=vlm_spec(args.vlm).weight_decay,
+        power=0.9, warmup_steps=1500,
         warmup_ratio=1e-6, b1=0.9, b2=0.999, eps=1e-8,
         grad_accum=1,                  # micro-batches per step (same global batch)
         grad_clip=0.0,                 # > 0: clip by global norm

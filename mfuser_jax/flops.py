@@ -37,6 +37,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from mfuser_jax.vlm import get_vlm, names
+
 __all__ = ["attention_block_flops", "mvfuser_flops", "backbone_flops", "decoder_flops",
            "text_flops", "mfuser_forward_flops", "train_step_flops", "xla_flops"]
 
@@ -66,11 +68,13 @@ def mvfuser_flops(length: int, d_model: int, d_state: int = 16, d_conv: int = 3,
 
 
 def _clip(model_cfg: Any):
-    """The tower section; the counts below are written for the CLIP variant's towers."""
+    """The tower section; the counts below are written for the CLIP variant's towers (a VLM
+    whose spec sets ``analytic_flops``: CLIP's layout, class token, 4x MLP, projections)."""
     vlm = model_cfg.vlm
-    if vlm != "clip":
-        raise ValueError(f"analytic FLOPs cover the CLIP variant only, not vlm={vlm!r}")
-    return model_cfg.clip
+    if not get_vlm(vlm).analytic_flops:
+        covered = [n for n in names() if get_vlm(n).analytic_flops]
+        raise ValueError(f"analytic FLOPs cover {', '.join(covered)} only, not vlm={vlm!r}")
+    return model_cfg[vlm]
 
 
 def _grid(image_hw, patch):

@@ -15,6 +15,7 @@ from flax import nnx
 
 from mfuser_jax.errors import UserError
 from mfuser_jax.models.factory import abstract_paths, init_model
+from mfuser_jax.vlm import get_vlm, names
 
 
 def _base_name(name: str) -> str:
@@ -98,10 +99,10 @@ def check_pretrained(config: Any) -> str | None:
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
         vlm = config.model.vlm
-        vlm_file = {"clip": "--clip ViT-L-14-336px.pt",
-                    "eva02": "--eva02 EVA02_CLIP_L_336_psz14_s6B.pt",
-                    "siglip": "--siglip siglip_vitl16_384.pth --siglip_tokenizer spiece.model",
-                    }.get(vlm, f"--{vlm} FILE")
+        try:
+            vlm_file = get_vlm(vlm).convert_args()
+        except ValueError:  # not a registered VLM: a model of its own (models.factory)
+            vlm_file = f"--{vlm} FILE"
         raise UserError(
             f"pretrained weights not found: {path}\n"
             f"convert the original DINOv2 and {vlm} checkpoints first:\n"
@@ -245,11 +246,21 @@ def build_and_load(config: Any, workdir: str | None = None) -> nnx.Module:
 
 
 def check_trainable_from(model: nnx.Module) -> None:
-    """Refuse to train a model whose frozen SigLIP logit scalars are unknown (a converted
-    release without the SigLIP weights): the score-map loss would be NaN from step 1."""
-    backbone = getattr(model, "backbone", None)
-    scalars = [getattr(backbone, n, None) for n in ("logit_scale", "logit_bias")]
-    if any(v is not None and not np.all(np.isfinite(np.asarray(v[...]))) for v in scalars):
-        raise UserError("SigLIP's logit_scale/logit_bias are unset in these weights (a "
-                        "release converted without --siglip): reconvert with --siglip "
-                        "siglip_vitl16_384.pth to train; evaluation does not need them")
+    """Refuse to train a model whose frozen scalars that releases lack are unknown
+    (``VLMSpec.release_scalars``: SigLIP's logit_scale/logit_bias, in a release converted
+    without the SigLIP weights): the score-map loss would be NaN from step 1."""
+    vlm = getattr(model, "vlm", None)
+    if vlm not in names():
+        return
+    spec = get_vlm(vlm)
+    unset = []
+    for key in spec.release_scalars:
+        value = model
+        for name in key.split("."):
+            value = getattr(value, name)
+        if not np.all(np.isfinite(np.asarray(value[...]))):
+            unset.append(name)
+    if unset:
+        raise UserError(f"{spec.title}'s {'/'.join(unset)} are unset in these weights (a "
+                        f"release converted without --{vlm}): reconvert with --{vlm} "
+                        f"{spec.weights_file} to train; evaluation does not need them")

@@ -15,6 +15,7 @@ from typing import Any
 
 from mfuser_jax.errors import UserError
 from mfuser_jax.files import atomic_write
+from mfuser_jax.vlm import names
 
 CONFIG_FILE = "config.json"
 
@@ -80,7 +81,7 @@ def check_model_config(config: Any) -> None:
     if vlm not in model or not hasattr(model[vlm], "keys"):
         raise UserError(f"config.model.vlm={vlm!r} has no config.model.{vlm} section: choose "
                         "the tower with the config argument, e.g. --config "
-                        "configs/gta2cs.py:vlm=eva02 (clip, eva02 or siglip)")
+                        f"configs/gta2cs.py:vlm=eva02 (one of {', '.join(names())})")
 
 
 def check_workdir_model(config: Any, workdir: str) -> None:

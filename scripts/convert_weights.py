@@ -14,9 +14,10 @@
 takes OpenAI's TorchScript .pt or an HF CLIPModel file; --eva02 the EVA02-CLIP .pt;
 --siglip the SigLIP .pth the reference uses or an HF SiglipModel file, with the
 SentencePiece vocabulary of google/siglip-large-patch16-384 (--siglip_tokenizer). The VLM
-flag must match the config's vlm. The result is an Orbax checkpoint of the three frozen
-towers at the sizes of --config's model (default configs/gta2cs.py); the paper configs
-look for it at pretrained/mfuser_<vlm>_l (`config.model.pretrained`).
+flag must match the config's vlm (each VLM registered in mfuser_jax/vlm brings its flag,
+and a tokenizer flag when its tokenizer reads a file). The result is an Orbax checkpoint
+of the three frozen towers at the sizes of --config's model (default configs/gta2cs.py);
+the paper configs look for it at pretrained/mfuser_<vlm>_l (`config.model.pretrained`).
 
     python scripts/convert_weights.py --mfuser mfuser_clip_gta2cs.pth \
         --config configs/gta2cs.py --out runs/mfuser_release
@@ -42,18 +43,16 @@ import _cli  # noqa: F401  (puts the repo on sys.path)
 from absl import flags
 from ml_collections import config_flags
 
-from configs.base import VLMS
+from mfuser_jax.vlm import get_vlm, names
 
 config_flags.DEFINE_config_file("config", os.path.join(_cli.REPO, "configs", "gta2cs.py"),
                                 "config whose model sizes to convert for")
 flags.DEFINE_string("dinov2", None, "DINOv2 ViT-L/14 weights (official .pth or HF)")
-flags.DEFINE_string("clip", None, "CLIP ViT-L/14-336 weights (OpenAI .pt or HF), for vlm=clip")
-flags.DEFINE_string("eva02", None, "EVA02-CLIP-L/14-336 weights (EVA02_CLIP_L_336_psz14_s6B.pt), "
-                    "for vlm=eva02")
-flags.DEFINE_string("siglip", None, "SigLIP-L/16-384 weights (siglip_vitl16_384.pth or HF), for "
-                    "vlm=siglip")
-flags.DEFINE_string("siglip_tokenizer", None, "SigLIP's spiece.model (google/siglip-large-"
-                    "patch16-384), for vlm=siglip")
+for _spec in map(get_vlm, names()):  # --clip, --eva02, --siglip --siglip_tokenizer, ...
+    flags.DEFINE_string(_spec.name, None, _spec.weights_help)
+    if _spec.tokenizer_flag:
+        flags.DEFINE_string(_spec.tokenizer_flag, None,
+                            f"{_spec.tokenizer_source}, for vlm={_spec.name}")
 flags.DEFINE_string("mfuser", None, "a released MFuser mmseg checkpoint .pth; replaces "
                     "--dinov2 and the VLM weights")
 flags.DEFINE_string("out", None, "output folder for the Orbax checkpoint")
@@ -75,24 +74,48 @@ def main(argv):
     start = time.time()
     if FLAGS.mfuser:
         return convert_release(start)
-    vlm = FLAGS.config.model.vlm
-    given = [name for name in VLMS if getattr(FLAGS, name)]
+    spec = config_vlm()
+    vlm = spec.name
+    given = [name for name in names() if getattr(FLAGS, name)]
     if not FLAGS.dinov2 or given != [vlm]:
+        others = " or ".join(f":vlm={n}" for n in names() if n != vlm)
         hint = (f" (the config builds vlm={vlm!r}; choose another with "
-                f"--config configs/gta2cs.py:vlm=eva02 or :vlm=siglip)")
+                f"--config configs/gta2cs.py{others})")
         fail(f"give --dinov2 and --{vlm} (the encoder weights), or --mfuser (a released "
              f"MFuser checkpoint){hint}")
+    check_tokenizer_flags(spec)
     progress = stage_printer(6, start)
 
     try:
         counts = convert_encoders(FLAGS.config.model, FLAGS.out, dinov2_path=FLAGS.dinov2,
                                   vlm_path=getattr(FLAGS, vlm),
-                                  tokenizer_path=FLAGS.siglip_tokenizer, progress=progress)
+                                  tokenizer_path=tokenizer_flag(spec), progress=progress)
     except (WeightFileError, ValueError, FileNotFoundError) as e:
         fail(e)
     for name, n in counts.items():
         print(f"  {name}: {n:,} parameters")
     print(f"wrote {os.path.abspath(FLAGS.out)} in {time.time() - start:.0f} s")
+
+
+def config_vlm():
+    """The spec of the config's vlm (an unknown one: the registered names, no traceback)."""
+    try:
+        return get_vlm(FLAGS.config.model.vlm)
+    except ValueError as e:
+        fail(e)
+
+
+def tokenizer_flag(spec):
+    """The value of ``spec``'s tokenizer flag (None when it has none)."""
+    return getattr(FLAGS, spec.tokenizer_flag) if spec.tokenizer_flag else None
+
+
+def check_tokenizer_flags(spec):
+    """Refuse tokenizer flags of another VLM than the config's."""
+    stray = [f"--{s.tokenizer_flag}" for s in map(get_vlm, names())
+             if s is not spec and s.tokenizer_flag and getattr(FLAGS, s.tokenizer_flag)]
+    if stray:
+        fail(f"{', '.join(stray)}: not read for vlm={spec.name!r}, the config's vlm")
 
 
 def stage_printer(stages, start):
@@ -111,21 +134,31 @@ def convert_release(start):
     from mfuser_jax.convert import WeightFileError
     from mfuser_jax.convert.mfuser import convert_mfuser_checkpoint
 
-    if FLAGS.dinov2 or FLAGS.clip or FLAGS.eva02:
-        fail("--mfuser brings its own encoders; drop --dinov2/--clip/--eva02")
-    progress = stage_printer(6 if FLAGS.siglip else 5, start)
+    spec = config_vlm()
+    # A release brings its own encoders; only the frozen scalars releases lack
+    # (VLMSpec.release_scalars: SigLIP's logit_scale/logit_bias) come from the VLM's file.
+    encoders = ["dinov2", *(n for n in names() if not get_vlm(n).release_scalars)]
+    if any(getattr(FLAGS, n) for n in encoders):
+        fail(f"--mfuser brings its own encoders; drop {'/'.join('--' + n for n in encoders)}")
+    stray = [f"--{n}" for n in names() if n != spec.name and getattr(FLAGS, n)]
+    if stray:
+        fail(f"{', '.join(stray)}: not read for vlm={spec.name!r}, the config's vlm")
+    check_tokenizer_flags(spec)
+    vlm_weights = getattr(FLAGS, spec.name)
+    progress = stage_printer(6 if vlm_weights else 5, start)
 
     try:
         info = convert_mfuser_checkpoint(
-            FLAGS.config, FLAGS.mfuser, FLAGS.out, siglip_weights=FLAGS.siglip,
-            siglip_tokenizer=FLAGS.siglip_tokenizer, progress=progress)
+            FLAGS.config, FLAGS.mfuser, FLAGS.out, vlm_weights=vlm_weights,
+            tokenizer=tokenizer_flag(spec), progress=progress)
     except (WeightFileError, ValueError, FileNotFoundError, OSError) as e:
         fail(e)
     extra = f", {info['recomputed']} rotary tables checked" if info["recomputed"] else ""
     print(f"  MFuser {info['vlm']}: {info['loaded']:,} tensors loaded ({info['dropped']} unused "
           f"keys dropped{extra}); {info['trainable']:,} trainable of {info['total']:,} parameters")
     if not info["logit_scalars"]:
-        print("  note: SigLIP's logit_scale/logit_bias are not in a release; without --siglip "
+        scalars = "/".join(k.split(".")[-1] for k in spec.release_scalars)
+        print(f"  note: {spec.title}'s {scalars} are not in a release; without --{spec.name} "
               "they are unset (NaN), which only matters for training from this folder")
     print(f"wrote {info['checkpoints']}/{info['step']} and {info['pretrained']} in "
           f"{time.time() - start:.0f} s")

@@ -158,7 +158,7 @@ def _round_trip(config, release, tmp_path, monkeypatch, scalars=None, **kwargs):
     restored, step = train.restore_model(config, out)
     assert step == 40
     want = _abstract(config)
-    load_mfuser_checkpoint(want, release, siglip_scalars=scalars)
+    load_mfuser_checkpoint(want, release, scalars=scalars)
     got_flat = dict(nnx.to_flat_state(nnx.state(restored, nnx.Any(nnx.Param, nnx.BatchStat))))
     want_flat = dict(nnx.to_flat_state(nnx.state(want, nnx.Any(nnx.Param, nnx.BatchStat))))
     assert set(got_flat) == set(want_flat)
@@ -186,7 +186,7 @@ def sig(spiece):
 def test_siglip_release_loads_strictly_and_predicts(sig):
     config, release = sig
     model = _abstract(config)
-    counts = load_mfuser_checkpoint(model, release, siglip_scalars={
+    counts = load_mfuser_checkpoint(model, release, scalars={
         "logit_scale": np.float32(2.5), "logit_bias": np.float32(-9.0)})
     n_proj = 4 * config.model.siglip.layers + 2  # adapter_proj1/2 weight+bias per layer, proj3
     assert counts == {"loaded": len(release) - 3 - n_proj, "dropped": 2 + n_proj,
@@ -217,7 +217,7 @@ def test_siglip_convert_then_restore_gives_the_same_model(sig, spiece, tmp_path,
     user_config = config.copy_and_resolve_references()
     user_config.model.siglip.tokenizer = ""  # the workdir brings its own copy
     info, got, want = _round_trip(config, release, tmp_path, monkeypatch, scalars=scalars,
-                                  siglip_weights=siglip_file, siglip_tokenizer=spiece)
+                                  vlm_weights=siglip_file, tokenizer=spiece)
     assert info["logit_scalars"] and info["dropped"] == 2 + 4 * config.model.siglip.layers + 2
     assert os.path.isfile(os.path.join(info["pretrained"], "spiece.model"))
     for path, var in want.items():
@@ -234,7 +234,7 @@ def test_siglip_release_without_its_weights_cannot_be_trained(sig, spiece, tmp_p
         cfg = config.copy_and_resolve_references()
         cfg.model.siglip.tokenizer = ""
         convert_mfuser_checkpoint(cfg, str(tmp_path / "x.pth"), str(tmp_path / "x"))
-    info, got, _ = _round_trip(config, release, tmp_path, monkeypatch, siglip_tokenizer=spiece)
+    info, got, _ = _round_trip(config, release, tmp_path, monkeypatch, tokenizer=spiece)
     assert not info["logit_scalars"]
     scale = [v for p, v in got.items() if p[-1] == "logit_scale"][0]
     assert np.isnan(np.asarray(scale.get_value())).all()

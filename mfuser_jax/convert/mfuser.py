@@ -5,7 +5,8 @@ mmseg segmentors saved by mmcv as ``{"state_dict": {...}, "meta": {...}}``. Thei
 attributes are backbone (VLM image tower + ``dinov2`` + MVFuser adapters + FPN),
 text_encoder, context_decoder, contexts, gamma and decode_head — the same names as
 ``MFuser``, so every key maps by the generic rule of ``load_torch_state_dict``. Keys that
-carry no state for us are dropped by name, each for a stated reason (``UNUSED_KEYS``):
+carry no state for us are dropped by name, each for a stated reason (``unused_keys``; the
+per-variant ones are in the VLM's spec, ``VLMSpec.release_unused`` in ``mfuser_jax/vlm``):
 
 * ``identity_head.*`` (all variants): mmseg's IdentityHead passes the score map through;
   its ``conv_seg`` (a 1x1 conv of a 1-channel map, only present in mmseg versions that do
@@ -17,11 +18,12 @@ carry no state for us are dropped by name, each for a stated reason (``UNUSED_KE
 * ``*.num_batches_tracked``: BatchNorm's step counter (momentum is fixed in both codes).
 
 EVA02's rotary tables (``backbone.rope.freqs_*`` and one copy per block, persistent
-buffers in PyTorch) are not weights: they are compared with the tables the JAX model
-computes and then dropped. SigLIP's ``logit_scale``/``logit_bias`` are not in a release at
-all (the original reads them from the SigLIP file at build time); they come from the
-SigLIP weights when given, else they are NaN so that training from such a workdir stops
-with a clear message (evaluation does not use them).
+buffers in PyTorch; ``VLMSpec.release_recomputed``) are not weights: they are compared with
+the tables the JAX model computes and then dropped. SigLIP's ``logit_scale``/``logit_bias``
+(``VLMSpec.release_scalars``) are not in a release at all (the original reads them from the
+SigLIP file at build time); they come from the SigLIP weights when given, else they are NaN
+so that training from such a workdir stops with a clear message (evaluation does not use
+them).
 
 Anything else that does not fit is reported, with every missing, unexpected and mis-shaped
 key in one ``StateDictMismatchError``.
@@ -48,21 +50,21 @@ from mfuser_jax.convert.state_dict import (
 )
 from mfuser_jax.convert.torch_io import WeightFileError, _flatten, _import_torch
 from mfuser_jax.files import atomic_write
+from mfuser_jax.vlm import get_vlm, names
 
-__all__ = ["UNUSED_KEYS", "check_is_mfuser", "checkpoint_step", "convert_mfuser_checkpoint",
+__all__ = ["check_is_mfuser", "checkpoint_step", "convert_mfuser_checkpoint",
            "frozen_encoder_tree", "load_mfuser_checkpoint", "mfuser_state_dict",
-           "read_mfuser_checkpoint", "save_mfuser_checkpoint"]
+           "read_mfuser_checkpoint", "release_variant", "save_mfuser_checkpoint",
+           "unused_keys"]
 
-# Keys of a released checkpoint that hold nothing the JAX model uses (see the docstring):
-# variant -> key regexes.
 _IDENTITY_HEAD = r"identity_head\."
-UNUSED_KEYS = {
-    "clip": (_IDENTITY_HEAD,),
-    "eva02": (_IDENTITY_HEAD, r"random_text$"),
-    "siglip": (_IDENTITY_HEAD, r"backbone\.adapter_proj[123]\."),
-}
-_EVA_ROPE_KEY = re.compile(r"^backbone\.(?:blocks\.\d+\.attn\.)?rope\.freqs_(cos|sin)$")
-SIGLIP_SCALARS = ("backbone.logit_scale", "backbone.logit_bias")
+
+
+def unused_keys(vlm: str) -> re.Pattern:
+    """The keys of a ``vlm`` release that hold nothing the JAX model uses (see the
+    docstring): identity_head's (every variant) and the VLM spec's ``release_unused``."""
+    return re.compile("|".join(f"(?:{p})" for p in (_IDENTITY_HEAD,
+                                                     *get_vlm(vlm).release_unused)))
 
 
 def read_mfuser_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
@@ -102,41 +104,29 @@ def check_is_mfuser(state_dict: Mapping[str, Any], source: str) -> None:
             k.startswith("decode_head.") for k in state_dict):
         raise WeightFileError(
             f"{source}: no 'backbone.*' and 'decode_head.*' keys: not an MFuser segmentor "
-            "checkpoint (for the encoder files use --dinov2 with --clip, --eva02 or --siglip "
-            "instead of --mfuser)")
+            "checkpoint (for the encoder files use --dinov2 with "
+            + " or ".join(f"--{n}" for n in names()) + " instead of --mfuser)")
 
 
-def _rope_tables(model: nnx.Module) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:
-    """(patch grid, cos, sin): EVA02's rotary tables at the model's training size."""
-    grid = model.backbone.grid_size(int(model.config.image_size), int(model.config.image_size))
-    cos, sin = (np.asarray(t) for t in model.backbone.vlm.rope(grid))
-    return grid, cos, sin
-
-
-def _check_rope_tables(model: nnx.Module, tables: Mapping[str, Any], source: str) -> None:
-    """EVA02's persistent rotary buffers must equal what the model computes at its size."""
-    grid, cos, sin = _rope_tables(model)
-    for key, value in tables.items():
-        want = cos if key.endswith("cos") else sin
-        value = np.asarray(value, np.float32)
+def _check_recomputed(model: nnx.Module, state_dict: dict, source: str) -> int:
+    """Pop the buffers the VLM's original saves and the JAX model computes (EVA02's rotary
+    tables) from ``state_dict``; each must equal the model's. Returns how many were checked."""
+    tables, what = get_vlm(model.vlm).release_recomputed(model)
+    found = [k for k in tables if k in state_dict]
+    for key in found:
+        value = np.asarray(state_dict.pop(key), np.float32)
+        want = tables[key]
         if value.shape != want.shape or not np.allclose(value, want, atol=1e-5):
             raise WeightFileError(
-                f"{source}: {key} {tuple(value.shape)} is not the rotary table of a "
-                f"{grid[0]}x{grid[1]} patch grid: was the checkpoint trained at another "
-                "image size than config.model.image_size?")
-
-
-# A key only each variant's backbone has.
-_VARIANT_KEYS = {
-    "clip": "backbone.conv1.weight",
-    "eva02": "backbone.patch_embed.proj.weight",
-    "siglip": "backbone.embeddings.patch_embedding.weight",
-}
+                f"{source}: {key} {tuple(value.shape)} is not {what}: was the checkpoint "
+                "trained at another image size than config.model.image_size?")
+    return len(found)
 
 
 def release_variant(state_dict: Mapping[str, Any]) -> str | None:
-    """'clip', 'eva02' or 'siglip' for a released MFuser state dict (None if unknown)."""
-    found = [vlm for vlm, key in _VARIANT_KEYS.items() if key in state_dict]
+    """The registered VLM a released MFuser state dict is of, by the key only that
+    variant's backbone has (``VLMSpec.release_key``); None if not exactly one fits."""
+    found = [vlm for vlm in names() if get_vlm(vlm).release_key in state_dict]
     return found[0] if len(found) == 1 else None
 
 
@@ -152,37 +142,36 @@ def check_variant(state_dict: Mapping[str, Any], vlm: str, source: str) -> None:
 
 def load_mfuser_checkpoint(model: nnx.Module, state_dict: Mapping[str, Any], *,
                            source: str = "the MFuser checkpoint",
-                           siglip_scalars: Mapping[str, Any] | None = None) -> dict[str, int]:
+                           scalars: Mapping[str, Any] | None = None) -> dict[str, int]:
     """Strictly copy a released MFuser state dict into ``model`` (an ``MFuser`` of the same
     variant, ``model.vlm``).
 
     Every parameter and BatchNorm statistic of the model must be present with the original
-    PyTorch shape and every key must be consumed, except the documented ``UNUSED_KEYS``,
-    EVA02's rotary tables (checked, then dropped) and ``num_batches_tracked``. Raises
-    ``StateDictMismatchError`` listing all problems. ``siglip_scalars``: SigLIP's
-    {"logit_scale", "logit_bias"} from its weight file (NaN when not given). Returns counts:
-    {"loaded": keys loaded, "dropped": unused keys dropped, "recomputed": rope tables checked}.
+    PyTorch shape and every key must be consumed, except the documented ``unused_keys``,
+    the buffers the model recomputes (EVA02's rotary tables: checked, then dropped) and
+    ``num_batches_tracked``. Raises ``StateDictMismatchError`` listing all problems.
+    ``scalars``: the frozen parameters releases lack (``VLMSpec.release_scalars``, by last
+    name: SigLIP's {"logit_scale", "logit_bias"}) from the VLM's weight file (NaN when not
+    given). Returns counts: {"loaded": keys loaded, "dropped": unused keys dropped,
+    "recomputed": buffers checked}.
     """
     check_is_mfuser(state_dict, source)
     vlm = model.vlm
     check_variant(state_dict, vlm, source)
-    unused = re.compile("|".join(f"(?:{p})" for p in UNUSED_KEYS[vlm]))
+    unused = unused_keys(vlm)
     kept = {k: v for k, v in state_dict.items() if not unused.match(k)}
     dropped = len(state_dict) - len(kept)
-    rope = {k: kept.pop(k) for k in list(kept) if vlm == "eva02" and _EVA_ROPE_KEY.match(k)}
-    if rope:
-        _check_rope_tables(model, rope, source)
-    if vlm == "siglip":
-        scalars = siglip_scalars or {}
-        for key in SIGLIP_SCALARS:
-            name = key.split(".")[-1]
-            kept[key] = np.asarray(scalars[name], np.float32).reshape(1) if name in scalars \
-                else np.full((1,), np.nan, np.float32)
+    recomputed = _check_recomputed(model, kept, source)
+    added = get_vlm(vlm).release_scalars
+    scalars = scalars or {}
+    for key in added:
+        name = key.split(".")[-1]
+        kept[key] = np.asarray(scalars[name], np.float32).reshape(1) if name in scalars \
+            else np.full((1,), np.nan, np.float32)
     load_torch_state_dict(model, kept, strict=True, module_name=f"MFuser from {source}")
     n_ignored = sum(k.endswith("num_batches_tracked") for k in kept)
-    n_added = len(SIGLIP_SCALARS) if vlm == "siglip" else 0
-    return {"loaded": len(kept) - n_ignored - n_added, "dropped": dropped,
-            "recomputed": len(rope)}
+    return {"loaded": len(kept) - n_ignored - len(added), "dropped": dropped,
+            "recomputed": recomputed}
 
 
 def mfuser_state_dict(model: nnx.Module, *, step: int,
@@ -192,14 +181,17 @@ def mfuser_state_dict(model: nnx.Module, *, step: int,
     MFuser_{CLIP,EVA_CLIP,SIGLIP} saves, which its ``load_state_dict(strict=True)`` takes.
 
     Parameters and BatchNorm statistics come out by the inverse rules of
-    ``torch_state_dict_of`` (float32, PyTorch layouts, per-layer names); SigLIP's
-    ``logit_scale``/``logit_bias`` stay out (the original does not save them). The keys the
-    import drops are written again, so that every key the original expects is there:
+    ``torch_state_dict_of`` (float32, PyTorch layouts, per-layer names); the spec's
+    ``release_scalars`` (SigLIP's ``logit_scale``/``logit_bias``) stay out (the original does
+    not save them). The keys the import drops are written again, so that every key the
+    original expects is there:
 
     * ``*.num_batches_tracked``: ``step`` (int64); nothing reads it (fixed momentum);
-    * EVA02's rotary tables: recomputed (equal to the original's up to float32 rounding);
-    * EVA02's ``random_text`` and SigLIP's ``backbone.adapter_proj{1,2,3}``: zeros of the
-      original's shapes (the original never reads them either);
+    * the spec's ``release_recomputed`` (EVA02's rotary tables): recomputed (equal to the
+      original's up to float32 rounding);
+    * the spec's ``release_zeros`` (EVA02's ``random_text``, SigLIP's
+      ``backbone.adapter_proj{1,2,3}``): zeros of the original's shapes (the original never
+      reads them either);
     * ``identity_head.*``: none (the original's IdentityHead sets ``conv_seg = None``).
 
     ``reference``: a state dict of the release this model was converted from (or of another
@@ -207,29 +199,16 @@ def mfuser_state_dict(model: nnx.Module, *, step: int,
     included, and the result must have exactly its keys and shapes (else
     ``WeightFileError`` lists every difference): a converted release comes out unchanged.
     """
-    vlm = getattr(model, "vlm", "clip")
-    m = model.config
-    scalars = SIGLIP_SCALARS if vlm == "siglip" else ()
+    spec = get_vlm(getattr(model, "vlm", "clip"))
     sd = {k: np.asarray(v, np.float32) for k, v in torch_state_dict_of(model).items()
-          if k not in scalars}
+          if k not in spec.release_scalars}
     extra = {k.removesuffix("running_mean") + "num_batches_tracked": np.array(step, np.int64)
              for k in sd if k.endswith(".running_mean")}
-    if vlm == "eva02":
-        _, cos, sin = _rope_tables(model)
-        for prefix in ["backbone.", *(f"backbone.blocks.{i}.attn." for i in
-                                      range(int(m.eva02.layers)))]:
-            extra[prefix + "rope.freqs_cos"], extra[prefix + "rope.freqs_sin"] = cos, sin
-        # MFuser_EVA_CLIP: nn.Parameter(torch.randn(num_classes, 768)), 768 whatever the size
-        extra["random_text"] = np.zeros((int(m.num_classes), 768), np.float32)
-    if vlm == "siglip":  # SiglipVisionTransformer: Linear(1024 = DINOv2-L's width, width)...
-        w, d, n = int(m.siglip.width), int(m.dinov2.embed_dim), int(m.siglip.layers)
-        linears = [*((f"adapter_proj1.{i}", w, d) for i in range(n)),
-                   *((f"adapter_proj2.{i}", d, w) for i in range(n)), ("adapter_proj3", w, d)]
-        for name, out_dim, in_dim in linears:
-            extra[f"backbone.{name}.weight"] = np.zeros((out_dim, in_dim), np.float32)
-            extra[f"backbone.{name}.bias"] = np.zeros((out_dim,), np.float32)
+    extra.update(spec.release_recomputed(model)[0])
+    extra.update({k: np.zeros(shape, np.float32)
+                  for k, shape in spec.release_zeros(model.config).items()})
     if reference is not None:
-        unused = re.compile("|".join(f"(?:{p})" for p in UNUSED_KEYS[vlm]))
+        unused = unused_keys(spec.name)
         ours = sd | extra
         mismatched = [(k, np.shape(reference[k]), np.shape(v)) for k, v in ours.items()
                       if k in reference and np.shape(reference[k]) != np.shape(v)]
@@ -288,8 +267,8 @@ def checkpoint_step(meta: Mapping, total_steps: int) -> int:
     return int(total_steps)
 
 
-def convert_mfuser_checkpoint(config: Any, path: str, out: str, *, siglip_weights=None,
-                              siglip_tokenizer=None, progress=None) -> dict:
+def convert_mfuser_checkpoint(config: Any, path: str, out: str, *, vlm_weights=None,
+                              tokenizer=None, progress=None) -> dict:
     """A released MFuser .pth -> a trainer workdir ``out`` that eval/predict restore.
 
     Writes ``out/checkpoints/<step>/`` in the model format of ``mfuser_jax.checkpoints``
@@ -298,9 +277,10 @@ def convert_mfuser_checkpoint(config: Any, path: str, out: str, *, siglip_weight
     part; restore_model takes the frozen one from ``config.model.pretrained``),
     and ``out/config.json`` with ``model.pretrained`` pointing there. ``config`` is an
     experiment config (configs/*.py) of the release's variant; it is not modified.
-    SigLIP releases need SigLIP's SentencePiece file (``siglip_tokenizer``, copied to
-    ``out/pretrained/spiece.model``) and take ``logit_scale``/``logit_bias`` from
-    ``siglip_weights`` (the SigLIP .pth/HF file) when given. Returns a summary dict.
+    Releases of a VLM whose tokenizer reads a file need it (``tokenizer``; SigLIP's
+    SentencePiece file, copied to ``out/pretrained/spiece.model``), and those lacking frozen
+    scalars (``VLMSpec.release_scalars``: SigLIP's ``logit_scale``/``logit_bias``) take them
+    from ``vlm_weights`` (the VLM's weight file) when given. Returns a summary dict.
     """
     import shutil
 
@@ -316,35 +296,37 @@ def convert_mfuser_checkpoint(config: Any, path: str, out: str, *, siglip_weight
         raise WeightFileError(f"{ckpt_dir} already holds checkpoints: choose an empty --out")
     config = config.copy_and_resolve_references()  # the caller's config stays as it was
     config.unlock()
-    vlm = config.model.vlm
-    tokenizer, scalars = None, None
-    if vlm == "siglip":
-        tokenizer = siglip_tokenizer or config.model.siglip.tokenizer
+    spec = get_vlm(config.model.vlm)
+    vlm, scalars = spec.name, None
+    if spec.tokenizer_file:
+        tokenizer = tokenizer or config.model[vlm].tokenizer
         if not tokenizer or not os.path.isfile(tokenizer):
             raise WeightFileError(
-                "a SigLIP release needs SigLIP's SentencePiece vocabulary: pass "
-                "--siglip_tokenizer spiece.model (from google/siglip-large-patch16-384)")
-        config.model.siglip.tokenizer = os.path.abspath(tokenizer)
-    elif siglip_weights or siglip_tokenizer:
-        raise WeightFileError(f"--siglip/--siglip_tokenizer are for SigLIP releases; the "
-                              f"config builds vlm={vlm!r}")
+                f"a {spec.title} release needs {spec.tokenizer_source}: pass "
+                f"--{spec.tokenizer_flag} {spec.tokenizer_file}")
+        config.model[vlm].tokenizer = os.path.abspath(tokenizer)
+    elif tokenizer:
+        raise WeightFileError(f"vlm={vlm!r} reads no tokenizer file: drop the tokenizer flag")
+    if vlm_weights and not spec.release_scalars:
+        raise WeightFileError(f"a {vlm} release holds all its weights: --{vlm} is not read "
+                              "with --mfuser")
 
     step_cb(f"reading {path}")
     state_dict, meta = read_mfuser_checkpoint(path)
     check_is_mfuser(state_dict, os.fspath(path))
     check_variant(state_dict, vlm, os.fspath(path))
-    if siglip_weights:
-        from mfuser_jax.convert.siglip import siglip_state_dicts
+    if vlm_weights:
         from mfuser_jax.convert.torch_io import read_state_dict
 
-        step_cb(f"reading logit_scale/logit_bias from {siglip_weights}")
-        scalars = siglip_state_dicts(read_state_dict(siglip_weights))[2]
+        step_cb(f"reading {', '.join(k.split('.')[-1] for k in spec.release_scalars)} from "
+                f"{vlm_weights}")
+        scalars = spec.scalars_from(read_state_dict(vlm_weights))
     step_cb("building the model")
     config.model.pretrained = ""  # every weight comes from the release
     model = startup.create_model(config)
     step_cb("loading the weights")
     counts = load_mfuser_checkpoint(model, state_dict, source=os.fspath(path),
-                                    siglip_scalars=scalars)
+                                    scalars=scalars)
     del state_dict
     step = checkpoint_step(meta, int(config.total_steps))
 
@@ -352,9 +334,9 @@ def convert_mfuser_checkpoint(config: Any, path: str, out: str, *, siglip_weight
     os.makedirs(out, exist_ok=True)
     pretrained = os.path.join(out, "pretrained")
     save_pretrained_encoders(pretrained, frozen_encoder_tree(model))
-    if tokenizer:  # found as <pretrained>/spiece.model from now on
-        shutil.copyfile(tokenizer, os.path.join(pretrained, "spiece.model"))
-        config.model.siglip.tokenizer = ""
+    if spec.tokenizer_file:  # found as <pretrained>/<tokenizer_file> from now on
+        shutil.copyfile(tokenizer, os.path.join(pretrained, spec.tokenizer_file))
+        config.model[vlm].tokenizer = ""
     config.model.pretrained = pretrained
     write_config(out, config)  # as training writes it: eval/predict check their model against it
 
@@ -371,4 +353,4 @@ def convert_mfuser_checkpoint(config: Any, path: str, out: str, *, siglip_weight
     return {"step": step, "vlm": vlm, "loaded": counts["loaded"], "dropped": counts["dropped"],
             "recomputed": counts["recomputed"], "trainable": n_train, "total": n_all,
             "pretrained": pretrained, "checkpoints": ckpt_dir,
-            "logit_scalars": vlm != "siglip" or scalars is not None}
+            "logit_scalars": not spec.release_scalars or scalars is not None}

@@ -1,12 +1,13 @@
 """The converted-encoder checkpoint: frozen DINOv2 and VLM (image and text) weights.
 
 ``scripts/convert_weights.py`` builds the three towers at MFuser's sizes (the VLM named by
-``config.model.vlm``: CLIP, EVA02-CLIP or SigLIP), loads the official (or HF) weights into
-them and saves their parameters with Orbax as the nested tree
-``{"backbone": {VLM image tower..., "dinov2": {...}}, "text_encoder": {...}}`` — the
-per-layer paths of ``MFuser`` (``models.stack.per_layer_params``: stacked layers under their
-indices, the original's names), so the file does not depend on how layers are stored. ``load_pretrained_encoders`` copies that tree into a model,
-checking every path and shape. A SigLIP folder also holds the tokenizer, ``spiece.model``.
+``config.model.vlm``: CLIP, EVA02-CLIP, SigLIP or another registered in ``mfuser_jax.vlm``),
+loads the official (or HF) weights into them and saves their parameters with Orbax as the
+nested tree ``{"backbone": {VLM image tower..., "dinov2": {...}}, "text_encoder": {...}}``
+— the per-layer paths of ``MFuser`` (``models.stack.per_layer_params``: stacked layers under
+their indices, the original's names), so the file does not depend on how layers are stored.
+``load_pretrained_encoders`` copies that tree into a model, checking every path and shape.
+A VLM whose tokenizer reads a file keeps it in the folder too (SigLIP: ``spiece.model``).
 """
 
 from __future__ import annotations
@@ -123,91 +124,57 @@ def convert_encoders(model_config, out: str, *, dinov2_path: str, vlm_path: str,
     """Official/HF DINOv2 and VLM files -> the converted-encoder checkpoint at ``out``.
 
     Towers are built at the sizes ``model_config`` asks for (e.g. CLIP: 512 px, patch 16,
-    10 text positions), the weights resized as the reference does, loaded strictly, and
-    saved. ``vlm_path`` is the file of ``model_config.vlm`` (OpenAI/HF CLIP, EVA02-CLIP
-    .pt, SigLIP .pth/HF); SigLIP also needs ``tokenizer_path`` (its spiece.model), copied
-    into ``out``. Returns the parameter count of each tower. ``progress(stage)`` is called
-    per step (6 steps).
+    10 text positions) by the builders the model uses (``models.variants``: the fused
+    backbone, whose VLM image tower and DINOv2 are filled, and the text tower), the weights
+    resized as the reference does, loaded strictly, and saved. ``vlm_path`` is the file of
+    ``model_config.vlm`` (OpenAI/HF CLIP, EVA02-CLIP .pt, SigLIP .pth/HF), renamed by its
+    spec's ``convert_encoder``; a VLM whose tokenizer reads a file (SigLIP's spiece.model)
+    also needs ``tokenizer_path``, copied into ``out``. Returns the parameter count of each
+    tower. ``progress(stage)`` is called per step (6 steps).
     """
+    import jax.numpy as jnp
+
     from mfuser_jax.convert.dinov2 import load_dinov2_state_dict
     from mfuser_jax.convert.state_dict import load_torch_state_dict
     from mfuser_jax.convert.torch_io import read_state_dict
-    from mfuser_jax.models.dinov2 import DinoVisionTransformer
+    from mfuser_jax.models.variants import build_backbone, build_text_encoder, vlm_spec
 
     step = progress or (lambda stage: None)
-    vlm = model_config.vlm
-    if vlm == "siglip" and not (tokenizer_path and os.path.isfile(tokenizer_path)):
-        raise WeightFileError("SigLIP needs its SentencePiece vocabulary too: --siglip_tokenizer "
-                              "spiece.model (from google/siglip-large-patch16-384)")
-    c, d = model_config[vlm], model_config.dinov2
+    spec = vlm_spec(model_config)
+    vlm = spec.name
+    if spec.tokenizer_file and not (tokenizer_path and os.path.isfile(tokenizer_path)):
+        raise WeightFileError(f"{spec.title} needs {spec.tokenizer_source} too: "
+                              f"--{spec.tokenizer_flag} {spec.tokenizer_file}")
+    c = model_config[vlm]
     size, patch = model_config.image_size, model_config.patch_size
     rngs = nnx.Rngs(0)
 
     step(f"reading {dinov2_path}")
     dino_sd = load_dinov2_state_dict(dinov2_path, patch_size=patch, img_size=size)
     step("loading DINOv2")
-    dinov2 = DinoVisionTransformer(img_size=size, patch_size=patch, embed_dim=d.embed_dim,
-                                   depth=c.layers, num_heads=d.num_heads,
-                                   mlp_ratio=d.mlp_ratio, init_values=d.init_values, rngs=rngs)
-    load_torch_state_dict(dinov2, dino_sd, module_name=f"DINOv2 from {dinov2_path}")
+    # The model's own construction path; the adapters and FPN it builds too are not saved.
+    backbone = build_backbone(model_config, jnp.float32, rngs)
+    text_encoder = build_text_encoder(model_config, rngs=rngs)
+    load_torch_state_dict(backbone.dinov2, dino_sd, module_name=f"DINOv2 from {dinov2_path}")
     del dino_sd
 
     step(f"reading {vlm_path}")
-    visual, text_encoder, visual_sd, text_sd, extra = _vlm_towers(
-        vlm, model_config, read_state_dict(vlm_path), rngs)
+    visual_sd, text_sd, extra = spec.convert_encoder(
+        read_state_dict(vlm_path), img_size=size, patch_size=patch,
+        context_length=c.token_length + c.n_ctx)
     step(f"loading the {vlm} image tower")
-    load_torch_state_dict(visual, visual_sd, module_name=f"{vlm} image tower from {vlm_path}")
+    load_torch_state_dict(backbone.vlm, visual_sd,
+                          module_name=f"{vlm} image tower from {vlm_path}")
     step(f"loading the {vlm} text tower")
     load_torch_state_dict(text_encoder, text_sd, module_name=f"{vlm} text tower from {vlm_path}")
 
     step(f"writing {out}")
-    save_pretrained_encoders(out, encoder_tree(visual=visual, dinov2=dinov2,
+    save_pretrained_encoders(out, encoder_tree(visual=backbone.vlm, dinov2=backbone.dinov2,
                                                text_encoder=text_encoder, extra=extra))
-    if vlm == "siglip":
+    if spec.tokenizer_file:  # found there as <model.pretrained>/<tokenizer_file>
         import shutil
 
-        shutil.copyfile(tokenizer_path, os.path.join(out, "spiece.model"))
+        shutil.copyfile(tokenizer_path, os.path.join(out, spec.tokenizer_file))
     count = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))  # noqa: E731
-    return {"dinov2": count(dinov2), f"{vlm}_visual": count(visual),
+    return {"dinov2": count(backbone.dinov2), f"{vlm}_visual": count(backbone.vlm),
             f"{vlm}_text": count(text_encoder)}
-
-
-def _vlm_towers(vlm, model_config, state_dict, rngs):
-    """(image tower, text tower, their state dicts, extra backbone arrays) for ``vlm``,
-    built at ``model_config``'s sizes with the weights renamed/resized as the reference."""
-    from mfuser_jax.models.variants import build_text_encoder
-
-    c = model_config[vlm]
-    size, patch = model_config.image_size, model_config.patch_size
-    context_length = c.token_length + c.n_ctx
-    text = build_text_encoder(model_config, rngs=rngs)
-    extra = {}
-    if vlm == "clip":
-        from mfuser_jax.convert.clip import mfuser_clip_state_dicts
-        from mfuser_jax.models.clip import CLIPVisionTransformer
-
-        visual_sd, text_sd = mfuser_clip_state_dicts(
-            state_dict, patch_size=patch, img_size=size, context_length=context_length)
-        visual = CLIPVisionTransformer(size, patch, c.width, c.layers, c.heads, c.output_dim,
-                                       rngs=rngs)
-    elif vlm == "eva02":
-        from mfuser_jax.convert.eva02 import eva02_state_dicts
-        from mfuser_jax.models.eva02 import EVAVisionTransformer
-
-        visual_sd, text_sd = eva02_state_dicts(
-            state_dict, img_size=size, patch_size=patch, context_length=context_length)
-        visual = EVAVisionTransformer(
-            img_size=size, patch_size=patch, embed_dim=c.width, depth=c.layers,
-            num_heads=c.heads, mlp_ratio=c.mlp_ratio, output_dim=c.output_dim,
-            pt_hw_seq_len=c.pt_hw_seq_len, rngs=rngs)
-    else:
-        from mfuser_jax.convert.siglip import siglip_state_dicts
-        from mfuser_jax.models.siglip import SiglipVisionTransformer
-
-        visual_sd, text_sd, scalars = siglip_state_dicts(
-            state_dict, img_size=size, patch_size=patch, context_length=context_length)
-        visual = SiglipVisionTransformer(
-            image_size=size, patch_size=patch, hidden_size=c.width, num_hidden_layers=c.layers,
-            num_attention_heads=c.heads, intermediate_size=c.intermediate_size, rngs=rngs)
-        extra = {k: np.asarray(v, np.float32).reshape(1) for k, v in scalars.items()}
-    return visual, text, visual_sd, text_sd, extra

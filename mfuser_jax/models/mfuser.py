@@ -4,9 +4,10 @@ Ported from devinxzhang/MFuser models/segmentors/mfuser_clip.py, mfuser_eva_clip
 mfuser_siglip.py (MFuser_CLIP, MFuser_EVA_CLIP, MFuser_SIGLIP), which differ only in the
 towers (``config.vlm``: "clip", "eva02", "siglip"; see ``models/backbone.py``), the
 tokenizer, and how the score map becomes logits (cosine / 0.07; SigLIP: cosine *
-exp(logit_scale) + logit_bias). Attribute names follow the originals (backbone,
-text_encoder, context_decoder, contexts, gamma, decode_head), so a released checkpoint's
-keys map by rule. The model protocol the trainer relies on:
+exp(logit_scale) + logit_bias). Those differences come from the VLM's spec
+(``mfuser_jax.vlm``); this class never branches on the name. Attribute names follow the
+originals (backbone, text_encoder, context_decoder, contexts, gamma, decode_head), so a
+released checkpoint's keys map by rule. The model protocol the trainer relies on:
 
 * ``loss(images, labels, key) -> (total, parts)``: train-mode forward and every loss term.
 * ``predict(images, class_names=None) -> (B, H, W, K)`` semantic scores at input size.
@@ -39,6 +40,7 @@ from mfuser_jax.models.variants import (  # noqa: F401  (re-exported)
     pretrained_filter,
     tower_config,
     trainable_filter,
+    vlm_spec,
 )
 from mfuser_jax.ops.resize import resize
 
@@ -65,6 +67,8 @@ class MFuser(nnx.Module):
         c = tower_config(config)
         self.vlm = config.vlm
         self.no_decay_filter = no_decay_filter_for(self.vlm)
+        # score map -> (logits, temperature) of the score-map loss, as the VLM's original does
+        self._score_logits = vlm_spec(config).score_logits
         dtype = jnp.dtype(config.dtype)
         self.dtype = dtype
         self.class_names = tuple(config.class_names)
@@ -162,10 +166,7 @@ class MFuser(nnx.Module):
             for k, v in losses.mask2former_loss(
                 all_cls, all_masks, labels, point_key, self.loss_config).items()
         }
-        if self.vlm == "siglip":  # the reference's SigLIP loss: sigmoid-calibrated logits
-            logits, temperature = self.backbone.score_logits(score_map), 1.0
-        else:
-            logits, temperature = score_map, self.tau
+        logits, temperature = self._score_logits(self.backbone, score_map, self.tau)
         parts["scr_map.loss_seg"] = self.score_map_weight * losses.score_map_loss(
             logits, labels, temperature=temperature)
         total = sum(parts.values())

@@ -1,29 +1,26 @@
-"""What differs between MFuser's variants (config.vlm: "clip", "eva02", "siglip") and what
-they share: the towers built from a model config (one path for the model and the weight
-converters), which parameters train, and which train without weight decay.
+"""What differs between MFuser's variants and what they share: the towers built from a model
+config (one path for the model and the weight converters), which parameters train, and
+which train without weight decay.
 
-Follows devinxzhang/MFuser's segmentors (mfuser_clip.py, mfuser_eva_clip.py,
-mfuser_siglip.py) and their optimizer configs.
+What differs is asked of the VLM's spec (``mfuser_jax.vlm``, one per ``config.vlm``); what
+is shared lives here. Follows devinxzhang/MFuser's segmentors (mfuser_clip.py,
+mfuser_eva_clip.py, mfuser_siglip.py) and their optimizer configs.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from mfuser_jax.models.backbone import MFuserBackbone, MFuserEVABackbone, MFuserSiglipBackbone
-from mfuser_jax.models.clip import CLIPTextContextEncoder
-from mfuser_jax.models.siglip import SiglipTextTransformer
-from mfuser_jax.models.siglip_tokenizer import SiglipTokenizer
-from mfuser_jax.models.tokenizer import tokenize
+from mfuser_jax.vlm import get_vlm, names
 
-__all__ = ["ENCODER_PREFIXES", "NO_DECAY_KEYS", "TRAINABLE_PREFIXES", "build_text_encoder",
-           "build_towers", "is_pretrained_path", "is_trainable_path", "no_decay_filter_for",
-           "pretrained_filter", "tower_config", "trainable_filter"]
+__all__ = ["ENCODER_PREFIXES", "NO_DECAY_KEYS", "TRAINABLE_PREFIXES", "build_backbone",
+           "build_text_encoder", "build_tokenizer", "build_towers", "is_pretrained_path",
+           "is_trainable_path", "no_decay_filter_for", "pretrained_filter", "tower_config",
+           "tokenizer_path", "trainable_filter", "vlm_spec"]
 
 # What the reference leaves trainable: in the backbone only the adapters (MVFusers and
 # proj1/2/3) and the FPN; everything in the two image towers and the text tower is frozen.
@@ -43,12 +40,22 @@ TRAINABLE_PREFIXES = (
 # gives decay_mult 0 to parameters whose full name contains one of these custom_keys and
 # full weight decay to everything else — biases, BatchNorm/GroupNorm scales, gamma, A_log
 # and D included (its bias/norm multipliers default to 1; mamba's _no_weight_decay tags are
-# not read by mmcv). Our module paths spell the same names.
-NO_DECAY_KEYS = {
-    "clip": ("norm",),
-    "eva02": ("norm", "level_embed", "query_embed"),
-    "siglip": ("norm", "level_embed", "query_embed"),
-}
+# not read by mmcv). Our module paths spell the same names. Each VLM's spec holds its keys
+# (``VLMSpec.no_decay_keys``); NO_DECAY_KEYS reads them: vlm -> keys.
+class _NoDecayKeys(Mapping):
+    def __getitem__(self, vlm: str) -> tuple[str, ...]:
+        if vlm not in names():
+            raise KeyError(vlm)
+        return get_vlm(vlm).no_decay_keys
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(names())
+
+    def __len__(self) -> int:
+        return len(names())
+
+
+NO_DECAY_KEYS = _NoDecayKeys()
 
 
 def is_trainable_path(path: Sequence) -> bool:
@@ -80,7 +87,7 @@ def pretrained_filter(path, value) -> bool:
 
 def no_decay_filter_for(vlm: str):
     """nnx filter: the parameters the reference trains without weight decay."""
-    keys = NO_DECAY_KEYS[vlm]
+    keys = get_vlm(vlm).no_decay_keys
 
     def no_decay(path, value) -> bool:
         name = ".".join(str(p) for p in path)
@@ -89,18 +96,23 @@ def no_decay_filter_for(vlm: str):
     return no_decay
 
 
+def vlm_spec(config):
+    """The spec of ``config.vlm`` (an unknown vlm: ValueError listing the registered)."""
+    return get_vlm(config.vlm)
+
+
 def tower_config(config):
     """``config[config.vlm]``: the section of the VLM towers (an unknown vlm: ValueError)."""
-    if config.vlm not in NO_DECAY_KEYS:
-        raise ValueError(f"vlm={config.vlm!r}: choose 'clip', 'eva02' or 'siglip'")
+    vlm_spec(config)
     return config[config.vlm]
 
 
-def build_towers(config, dtype, rngs):
-    """(fused backbone, text tower, tokenize(names) -> (K, token_length) ids) for config.vlm."""
-    vlm, c, d, mv = config.vlm, tower_config(config), config.dinov2, config.mvfuser
-    fusion = dict(
-        image_size=config.image_size, patch_size=config.patch_size, width=c.width,
+def build_backbone(config, dtype, rngs):
+    """The fused backbone of config.vlm: the VLM image tower and DINOv2 at the model
+    config's sizes, the MVFusers and the FPN. Also what the encoder converter builds."""
+    c, d, mv = tower_config(config), config.dinov2, config.mvfuser
+    return vlm_spec(config).build_backbone(
+        c, image_size=config.image_size, patch_size=config.patch_size, width=c.width,
         layers=c.layers, heads=c.heads, dino_dim=d.embed_dim, dino_heads=d.num_heads,
         dino_mlp_ratio=d.mlp_ratio, dino_init_values=d.init_values,
         out_indices=config.out_indices, d_state=mv.d_state, d_conv=mv.d_conv,
@@ -108,50 +120,41 @@ def build_towers(config, dtype, rngs):
         remat=bool(config.remat), scan=bool(config.scan_layers),
         dtype=dtype, rngs=rngs,
     )
-    if vlm == "clip":
-        backbone = MFuserBackbone(output_dim=c.output_dim, drop_path_rate=c.drop_path_rate,
-                                  **fusion)
-    elif vlm == "eva02":
-        backbone = MFuserEVABackbone(output_dim=c.output_dim, mlp_ratio=c.mlp_ratio,
-                                     pt_hw_seq_len=c.pt_hw_seq_len, **fusion)
-    else:
-        backbone = MFuserSiglipBackbone(intermediate_size=c.intermediate_size, **fusion)
-    text = build_text_encoder(config, dtype=dtype, rngs=rngs)
-    if vlm == "siglip":
-        spm = SiglipTokenizer(_siglip_tokenizer_path(config))
-
-        def tokenizer(names):
-            return np.asarray(spm.tokenize(names, c.token_length))
-    else:  # EVA02-CLIP uses OpenAI's BPE vocabulary too
-        def tokenizer(names):
-            return np.asarray(tokenize(names, context_length=c.token_length))
-    return backbone, text, tokenizer
 
 
 def build_text_encoder(config, *, dtype=jnp.float32, rngs: nnx.Rngs):
     """The variant's text tower with MFuser's positions (name tokens + learned contexts)."""
-    vlm, c = config.vlm, tower_config(config)
-    context_length = c.token_length + c.n_ctx
-    if vlm == "siglip":
-        return SiglipTextTransformer(
-            context_length=context_length, vocab_size=c.vocab_size, hidden_size=c.text_width,
-            num_hidden_layers=c.text_layers, num_attention_heads=c.text_heads,
-            intermediate_size=c.text_intermediate_size, dtype=dtype, rngs=rngs)
-    return CLIPTextContextEncoder(  # CLIP: QuickGELU; EVA02-CLIP (open_clip): exact GELU
-        context_length=context_length, vocab_size=c.vocab_size, width=c.text_width,
-        heads=c.text_heads, layers=c.text_layers, embed_dim=c.output_dim,
-        activation=c.text_activation, dtype=dtype, rngs=rngs)
+    c = tower_config(config)
+    return vlm_spec(config).build_text(c, context_length=c.token_length + c.n_ctx,
+                                       dtype=dtype, rngs=rngs)
 
 
-def _siglip_tokenizer_path(config) -> str:
-    """SigLIP's SentencePiece model: config.siglip.tokenizer, else <pretrained>/spiece.model
-    (scripts/convert_weights.py copies it there)."""
-    path = config.siglip.tokenizer or (
-        os.path.join(config.pretrained, "spiece.model") if config.pretrained else "")
+def build_tokenizer(config):
+    """tokenize(names) -> (K, token_length) ids for config.vlm."""
+    spec = vlm_spec(config)
+    return spec.tokenizer(tower_config(config), tokenizer_path(config))
+
+
+def build_towers(config, dtype, rngs):
+    """(fused backbone, text tower, tokenize(names) -> (K, token_length) ids) for config.vlm."""
+    backbone = build_backbone(config, dtype, rngs)
+    text = build_text_encoder(config, dtype=dtype, rngs=rngs)
+    return backbone, text, build_tokenizer(config)
+
+
+def tokenizer_path(config) -> str | None:
+    """The file the VLM's tokenizer reads (``VLMSpec.tokenizer_file``, e.g. SigLIP's
+    spiece.model): config[vlm].tokenizer, else <pretrained>/<file> (scripts/convert_weights.py
+    copies it there). None for a VLM that needs none; FileNotFoundError when it is missing."""
+    spec = vlm_spec(config)
+    if not spec.tokenizer_file:
+        return None
+    path = config[spec.name].tokenizer or (
+        os.path.join(config.pretrained, spec.tokenizer_file) if config.pretrained else "")
     if not path or not os.path.isfile(path):
         raise FileNotFoundError(
-            "the SigLIP variant needs SigLIP's SentencePiece vocabulary (spiece.model from "
-            "google/siglip-large-patch16-384): pass it to scripts/convert_weights.py "
-            "--siglip_tokenizer, or set --config.model.siglip.tokenizer=PATH"
+            f"the {spec.name} variant needs {spec.tokenizer_source}: pass it to "
+            f"scripts/convert_weights.py --{spec.tokenizer_flag}, or set "
+            f"--config.model.{spec.name}.tokenizer=PATH"
             + (f" (looked for {path})" if path else ""))
     return path
