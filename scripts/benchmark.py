@@ -190,22 +190,22 @@ def _err(e):
 
 class _SelfAttention(nnx.Module):
     """The quadratic alternative to MVFuser: one multi-head self-attention layer (qkv + out
-    projections, softmax in float32) over the same concatenated DINOv2 + CLIP tokens."""
+    projections) over the same concatenated DINOv2 + CLIP tokens, through the model's
+    attention core (``--attn``'s path; logits and softmax in float32)."""
 
-    def __init__(self, width, heads, *, dtype, rngs):
-        from flax import nnx
-
-        self.heads, self.dtype = heads, dtype
+    def __init__(self, width, heads, *, implementation, dtype, rngs):
+        self.heads, self.implementation = heads, implementation
         self.qkv = nnx.Linear(width, 3 * width, dtype=dtype, rngs=rngs)
         self.proj = nnx.Linear(width, width, dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
+        from mfuser_jax.models.layers import dot_product_attention
+
         b, l, w = x.shape
         q, k, v = jnp.split(self.qkv(x).reshape(b, l, 3, self.heads, w // self.heads), 3, axis=2)
-        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        probs = jax.nn.softmax(logits / np.sqrt(w // self.heads), axis=-1).astype(self.dtype)
-        return self.proj(jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, l, w))
+        out = dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0],
+                                    implementation=self.implementation)
+        return self.proj(out.reshape(b, l, w))
 
 
 def bench_mvfuser_vs_attention(args, env):
@@ -220,7 +220,8 @@ def bench_mvfuser_vs_attention(args, env):
         width, heads, crops, batch, dtype = 1024, 16, (512, 640, 768, 896, 1024), 2, jnp.bfloat16
     deadline = _deadline(args)
     models = {"mvfuser": MVFuser(width, scan_backend=args.scan_backend, dtype=dtype, rngs=nnx.Rngs(0)),
-              "attention": _SelfAttention(width, heads, dtype=dtype, rngs=nnx.Rngs(0))}
+              "attention": _SelfAttention(width, heads, implementation=args.attn, dtype=dtype,
+                                          rngs=nnx.Rngs(0))}
     rows = args.rows
     for crop in crops:
         length = 2 * ((crop // 16) ** 2 + 1)  # DINOv2 + CLIP tokens, class token each
@@ -542,7 +543,8 @@ def main(argv=None):
     parser.add_argument("--measure-s", type=float, default=2.0, help="time budget per timing")
     parser.add_argument("--scan-backend", default="auto", help="MVFuser scan backend in the model sections")
     parser.add_argument("--attn", default="xla", choices=("xla", "cudnn"),
-                        help="the towers' attention in the model sections (cudnn: GPU, bfloat16)")
+                        help="every attention of the model (towers and heads) and of the "
+                             "mvfuser_vs_attention baseline (cudnn: GPU, bfloat16)")
     parser.add_argument("--train-cases", default="2:0,4:0,8:0,2:1,4:1,8:1",
                         help="train_step cases, comma-separated batch:remat (remat 0/1)")
     parser.add_argument("--crop-batch", type=int, default=6, help="sliding-window crops per model call")

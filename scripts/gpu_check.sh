@@ -13,8 +13,8 @@
 #   bash scripts/gpu_check.sh --smoke   (or SMOKE=1): tiny shapes, to try the whole script on a CPU.
 # Knobs: OUT (default bench_results), PYTHON (default python3), TOTAL_S, LIMIT_SCALE (multiplies
 #   every step's limit; 3 with --smoke), SECTIONS (comma list),
-#   SCAN_BACKEND (model sections' scan backend, default auto), ATTN (xla|cudnn, the towers'
-#   attention in the model sections), TRAIN_CASES (batch:remat list for train_step),
+#   SCAN_BACKEND (model sections' scan backend, default auto), ATTN (xla|cudnn, every
+#   attention of the model and of the attention baseline), TRAIN_CASES (batch:remat list for train_step),
 #   SCAN_TESTS (pytest -k expression for step 2), BENCH_EXTRA (more benchmark.py arguments).
 set -u
 cd "$(dirname "$0")/.."

@@ -1,6 +1,6 @@
-"""The towers' attention core: the cudnn path's token padding + length masking (run here with
-XLA's implementation, the same padding logic) against unpadded attention, its routing, and the
-config field that selects the implementation for every tower."""
+"""The attention core: the cudnn path's token padding + length masking (run here with XLA's
+implementation, the same padding logic) against unpadded attention, its routing, and the
+config field that selects the implementation for every tower and head."""
 
 import functools
 
@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from configs.base import mfuser_model_config
-from mfuser_jax.models import layers
+from mfuser_jax.models import dinov2, eva02, layers, siglip, text_enhancer
 from mfuser_jax.models.mfuser import MFuser
 from mfuser_jax.models.stack import iter_layer_modules
 
@@ -79,6 +79,28 @@ def test_cudnn_route_pads_to_the_multiple_and_passes_lengths(monkeypatch):
         layers.dot_product_attention(*_qkv(1, 4, 4), implementation="cudnn")
 
 
+def test_cudnn_route_pads_the_mask(monkeypatch):
+    # The mask goes to jax.nn.dot_product_attention broadcast and padded to the padded token
+    # axes (cuDNN takes it as a full-size bias); run with XLA's implementation, the result is
+    # the unpadded masked attention.
+    calls, original = [], jax.nn.dot_product_attention
+
+    def recording(q, k, v, **kw):
+        calls.append(kw["mask"].shape)
+        return original(q, k, v, **{**kw, "implementation": "xla"})
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+    q, k, v = _qkv(2, 19, 70, d=16, dtype=jnp.bfloat16)
+    keep = np.random.default_rng(3).random((2, 1, 19, 70)) < 0.6
+    keep[..., 0] = True
+    out = layers.dot_product_attention(q, k, v, implementation="cudnn", mask=jnp.asarray(keep))
+    assert calls == [(2, 1, 64, 128)]
+    want = layers.dot_product_attention(*(t.astype(jnp.float32) for t in (q, k, v)),
+                                        mask=jnp.asarray(keep))
+    assert out.shape == q.shape
+    np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=3e-2)
+
+
 def test_config_field_reaches_every_tower_attention():
     def implementations(impl):
         cfg = mfuser_model_config("tiny")
@@ -95,3 +117,75 @@ def test_config_field_reaches_every_tower_attention():
     with pytest.raises(ValueError, match="attn_implementation must be"):
         implementations("flash")
 
+
+
+# Every attention module of the model: the packed torch MHA (CLIP, SigLIP's pooling head, the
+# pixel decoder's and the mask decoder's), the DINOv2, EVA02 and SigLIP towers' own, and the
+# text enhancer's.
+ATTENTION_TYPES = (layers.TorchMultiheadAttention, dinov2.Attention, eva02.Attention,
+                   siglip.SiglipAttention, text_enhancer.Attention)
+
+
+def _tiny(vlm, tmp_path):
+    cfg = mfuser_model_config("tiny", vlm)
+    if vlm == "siglip":  # a tiny SentencePiece model laid out as SigLIP's (pad 0, eos 1, unk 2)
+        spm = pytest.importorskip("sentencepiece")
+        (tmp_path / "corpus.txt").write_text("\n".join([" ".join(cfg.class_names)] * 20))
+        spm.SentencePieceTrainer.train(
+            input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "spiece"),
+            vocab_size=60, hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1,
+            unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
+            minloglevel=2)
+        cfg.siglip.tokenizer = str(tmp_path / "spiece.model")
+    return cfg
+
+
+@pytest.mark.parametrize("vlm", ["clip", "eva02", "siglip"])
+def test_set_attn_implementation_reaches_every_attention_of_the_model(vlm, tmp_path):
+    cfg = _tiny(vlm, tmp_path)
+    cfg.attn_implementation = "cudnn"
+    model = nnx.eval_shape(lambda: MFuser(cfg, rngs=nnx.Rngs(0)))  # abstract: no weights drawn
+    attention = {path: m for path, m in nnx.iter_graph(model) if isinstance(m, ATTENTION_TYPES)}
+    # the config reached them all at build time, the heads and the text enhancer included
+    assert {m.attn_implementation for m in attention.values()} == {"cudnn"}
+    assert {p[0] for p in attention} == {"backbone", "text_encoder", "context_decoder",
+                                         "decode_head"}
+    assert {p[1] for p in attention if p[0] == "decode_head"} == {"pixel_decoder",
+                                                                  "transformer_decoder"}
+    # set_attn_implementation sets exactly these (a stacked layer's module counts once)
+    assert layers.set_attn_implementation(model, None) == len(attention)
+    assert {m.attn_implementation for m in attention.values()} == {None}
+    if vlm == "siglip":
+        assert ("backbone", "vlm", "head", "attention") in attention
+
+
+def test_every_attention_call_takes_the_configured_path(monkeypatch):
+    # Trace the tiny model's inference abstractly, recording the (query, key) token counts of
+    # each call to jax.nn.dot_product_attention: with "xla" the towers' and the heads' calls
+    # all go there (the 19 class queries of the text enhancer and the mask decoder, the
+    # pixel decoder's image tokens attending to the 19 texts); with None none does.
+    calls, original = [], jax.nn.dot_product_attention
+
+    def recording(q, k, v, **kw):
+        calls.append((q.shape[1], k.shape[1]))
+        return original(q, k, v, **kw)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+    model = nnx.eval_shape(lambda: MFuser(mfuser_model_config("tiny"), rngs=nnx.Rngs(0)))
+    size, k = model.config.image_size, model.num_classes
+    images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+
+    def traced_calls(impl):
+        layers.set_attn_implementation(model, impl)
+        graphdef, state = nnx.split(model)
+        calls.clear()
+        jax.eval_shape(lambda s, x: nnx.merge(graphdef, s).predict(x), state, images)
+        return set(calls)
+
+    found = traced_calls("xla")
+    grid = (size // model.config.patch_size) ** 2
+    assert (1 + grid, 1 + grid) in found  # the image towers (class token + patches)
+    assert (k, k) in found  # text enhancer, mask decoder self-attention
+    assert any(lq == k and lk not in (k, 1 + grid) for lq, lk in found)  # masked cross-attn
+    assert any(lk == k and lq != k for lq, lk in found)  # pixel decoder -> texts
+    assert traced_calls(None) == set()

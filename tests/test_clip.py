@@ -27,6 +27,7 @@ from mfuser_jax.models.clip import (  # noqa: E402
     CLIPVisionTransformer,
     ResidualAttentionBlock,
 )
+from mfuser_jax.models.layers import set_attn_implementation  # noqa: E402
 
 W, HEADS, LAYERS, PATCH, IMG, EMBED, VOCAB, CTX = 64, 4, 2, 8, 32, 48, 100, 16
 EOT = VOCAB - 1
@@ -213,15 +214,20 @@ def _loaded(ctor, sd):
     return module
 
 
+def _with_impl(module, impl):
+    set_attn_implementation(module, impl)  # the tower's attention path; raises on a bad name
+    return module
+
+
 def _vision(sd, res=IMG, patch=PATCH, mfuser=True, dtype=jnp.float32, impl=None):
-    return _loaded(lambda: CLIPVisionTransformer(
+    return _with_impl(_loaded(lambda: CLIPVisionTransformer(
         res, patch, W, LAYERS, HEADS, EMBED, mfuser_class_token=mfuser, dtype=dtype,
-        attn_implementation=impl, rngs=nnx.Rngs(0)), sd)
+        rngs=nnx.Rngs(0)), sd), impl)
 
 
 def _text(sd, cls=CLIPTextEncoder, ctx=CTX, impl=None):
-    return _loaded(lambda: cls(ctx, VOCAB, W, HEADS, LAYERS, EMBED, attn_implementation=impl,
-                               rngs=nnx.Rngs(0)), sd)
+    return _with_impl(_loaded(lambda: cls(ctx, VOCAB, W, HEADS, LAYERS, EMBED,
+                                          rngs=nnx.Rngs(0)), sd), impl)
 
 
 # one compiled forward per (module structure, input shapes) instead of op-by-op dispatch

@@ -26,6 +26,7 @@ from mfuser_jax.convert.eva02 import (  # noqa: E402
 )
 from mfuser_jax.models.clip import CLIPTextContextEncoder  # noqa: E402
 from mfuser_jax.models.eva02 import EVAVisionTransformer, eva_rope_table, rotate_half  # noqa: E402
+from mfuser_jax.models.layers import set_attn_implementation  # noqa: E402
 
 IMG, PATCH, DIM, HEADS, DEPTH, RATIO, OUT = 56, 14, 64, 4, 3, 2.6667, 48
 VOCAB, TW, THEADS, TLAYERS = 100, 64, 4, 2
@@ -191,7 +192,8 @@ def _visual_sd(tmod):
 
 def _ours(sd, img=IMG, dtype=jnp.float32, impl=None, **kw):
     m = EVAVisionTransformer(img, PATCH, DIM, DEPTH, HEADS, RATIO, OUT, dtype=dtype,
-                             attn_implementation=impl, rngs=nnx.Rngs(0), **kw)
+                             rngs=nnx.Rngs(0), **kw)
+    set_attn_implementation(m, impl)  # the tower's attention path; raises on a bad name
     return load_torch_state_dict(m, sd)
 
 

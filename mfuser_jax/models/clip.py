@@ -7,7 +7,9 @@ proj, token_embedding, ln_final, text_projection ...), so an OpenAI state dict s
 ``mfuser_jax.convert.clip.split_openai`` loads with ``load_torch_state_dict`` by rule.
 
 Layout: images NHWC (already CLIP-normalised), tokens (batch, length, width); PyTorch's
-sequence-first layout inside nn.MultiheadAttention is not kept, the math is the same.
+sequence-first layout inside nn.MultiheadAttention is not kept, the math is the same (its
+port is ``layers.TorchMultiheadAttention``, the attention core ``layers.dot_product_attention``;
+``layers.set_attn_implementation(tower, impl)`` picks the core's path).
 Parameters are float32; ``dtype`` is the compute dtype; layer norms and the attention softmax
 run in float32.
 """
@@ -21,11 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mfuser_jax.models.layers import (
-    check_attn_implementation,
-    dot_product_attention,
-    torch_layer_norm,
-)
+from mfuser_jax.models.layers import TorchMultiheadAttention, torch_layer_norm
 from mfuser_jax.models.stack import DropPath, LayerStack, scan_layers
 from mfuser_jax.ops.resize import resize
 
@@ -33,7 +31,6 @@ __all__ = [
     "CLIPTextContextEncoder",
     "CLIPTextEncoder",
     "CLIPVisionTransformer",
-    "MultiheadAttention",
     "ResidualAttentionBlock",
     "Transformer",
 ]
@@ -47,51 +44,6 @@ __all__ = [
 def _layer_norm(ln: nnx.LayerNorm, x: jax.Array) -> jax.Array:
     # CLIP's LayerNorm subclass: normalise in float32, hand back the input dtype
     return ln(x.astype(jnp.float32)).astype(x.dtype)
-
-
-class MultiheadAttention(nnx.Module):
-    """torch.nn.MultiheadAttention (batch-first math) with its packed projection params.
-
-    ``in_proj_weight`` (3W, W) and ``in_proj_bias`` (3W,) stay raw Params in PyTorch layout
-    so that OpenAI keys load unchanged; ``out_proj`` is a Linear.
-
-    ``attn_implementation``: None computes attention with explicit einsums (logits and
-    softmax in float32); "xla" or "cudnn" call ``jax.nn.dot_product_attention`` with that
-    implementation (same math; for cudnn the token axes are padded and masked, see
-    ``layers.dot_product_attention``).
-    """
-
-    def __init__(
-        self, width: int, heads: int, *, attn_implementation: str | None = None,
-        dtype=jnp.float32, rngs: nnx.Rngs,
-    ):
-        if width % heads:
-            raise ValueError(f"width {width} is not divisible by heads {heads}")
-        check_attn_implementation(attn_implementation)
-        self.num_heads = heads
-        self.attn_implementation = attn_implementation
-        self.dtype = dtype
-        std = width**-0.5
-        self.in_proj_weight = nnx.Param(
-            std * jax.random.normal(rngs.params(), (3 * width, width), jnp.float32)
-        )
-        self.in_proj_bias = nnx.Param(jnp.zeros((3 * width,), jnp.float32))
-        self.out_proj = nnx.Linear(
-            width, width, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
-            bias_init=nnx.initializers.zeros_init(),
-        )
-
-    def __call__(self, x: jax.Array, causal: bool = False) -> jax.Array:
-        b, n, w = x.shape
-        h = self.num_heads
-        x = x.astype(self.dtype)
-        qkv = x @ self.in_proj_weight[...].T.astype(self.dtype)
-        qkv = qkv + self.in_proj_bias[...].astype(self.dtype)
-        q, k, v = jnp.split(qkv.reshape(b, n, 3, h, w // h), 3, axis=2)
-        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # (b, n, h, d)
-        out = dot_product_attention(q, k, v, implementation=self.attn_implementation,
-                                    causal=causal)
-        return self.out_proj(out.reshape(b, n, w))
 
 
 _ACTIVATIONS = ("quick_gelu", "gelu")
@@ -136,14 +88,15 @@ class ResidualAttentionBlock(nnx.Module):
 
     def __init__(
         self, width: int, heads: int, drop_path: float = 0.0, causal: bool = False,
-        *, attn_implementation: str | None = None, activation: str = "quick_gelu",
-        dtype=jnp.float32, rngs: nnx.Rngs,
+        *, activation: str = "quick_gelu", dtype=jnp.float32, rngs: nnx.Rngs,
     ):
         self.causal = causal
         self.ln_1 = torch_layer_norm(width, rngs)
-        self.attn = MultiheadAttention(
-            width, heads, attn_implementation=attn_implementation, dtype=dtype, rngs=rngs
-        )
+        # OpenAI's in_proj init, N(0, width**-0.5), and Flax's default out_proj kernel
+        # (the checkpoint overwrites both)
+        self.attn = TorchMultiheadAttention(
+            width, heads, in_proj_init=nnx.initializers.normal(width**-0.5),
+            out_proj_init=nnx.initializers.lecun_normal(), dtype=dtype, rngs=rngs)
         self.ln_2 = torch_layer_norm(width, rngs)
         self.mlp = MLP(width, activation=activation, dtype=dtype, rngs=rngs)
         # rate 0 (frozen towers, text tower): no drop path, so no RNG state to carry.
@@ -170,8 +123,8 @@ class Transformer(nnx.Module):
 
     def __init__(
         self, width: int, layers: int, heads: int, causal: bool = False,
-        drop_path_rate: float = 0.0, *, attn_implementation: str | None = None,
-        activation: str = "quick_gelu", dtype=jnp.float32, rngs: nnx.Rngs,
+        drop_path_rate: float = 0.0, *, activation: str = "quick_gelu", dtype=jnp.float32,
+        rngs: nnx.Rngs,
     ):
         self.width = width
         self.layers = layers
@@ -179,9 +132,8 @@ class Transformer(nnx.Module):
         self.drop_path_rates = tuple(float(r) for r in rates)
         self.resblocks = LayerStack(
             lambda r: ResidualAttentionBlock(
-                width, heads, float(drop_path_rate), causal,
-                attn_implementation=attn_implementation, activation=activation, dtype=dtype,
-                rngs=r),
+                width, heads, float(drop_path_rate), causal, activation=activation,
+                dtype=dtype, rngs=r),
             layers, rngs=rngs)
 
     def layer_inputs(self, key: jax.Array | None):
@@ -242,7 +194,6 @@ class CLIPVisionTransformer(nnx.Module):
         drop_path_rate: float = 0.0,
         *,
         mfuser_class_token: bool = True,
-        attn_implementation: str | None = None,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -268,8 +219,8 @@ class CLIPVisionTransformer(nnx.Module):
         )
         self.ln_pre = torch_layer_norm(width, rngs)
         self.transformer = Transformer(
-            width, layers, heads, causal=False, drop_path_rate=drop_path_rate,
-            attn_implementation=attn_implementation, dtype=dtype, rngs=rngs,
+            width, layers, heads, causal=False, drop_path_rate=drop_path_rate, dtype=dtype,
+            rngs=rngs,
         )
         self.ln_post = torch_layer_norm(width, rngs)
         self.proj = nnx.Param(scale * jax.random.normal(rngs.params(), (width, output_dim)))
@@ -355,7 +306,6 @@ class CLIPTextEncoder(nnx.Module):
         layers: int = 12,
         embed_dim: int = 768,
         *,
-        attn_implementation: str | None = None,
         activation: str = "quick_gelu",
         dtype=jnp.float32,
         rngs: nnx.Rngs,
@@ -373,8 +323,7 @@ class CLIPTextEncoder(nnx.Module):
             0.01 * jax.random.normal(rngs.params(), (context_length, width))
         )
         self.transformer = Transformer(
-            width, layers, heads, causal=True, attn_implementation=attn_implementation,
-            activation=activation, dtype=dtype, rngs=rngs,
+            width, layers, heads, causal=True, activation=activation, dtype=dtype, rngs=rngs,
         )
         self.ln_final = torch_layer_norm(width, rngs)
         self.text_projection = nnx.Param(

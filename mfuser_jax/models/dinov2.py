@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mfuser_jax.models.layers import check_attn_implementation, dot_product_attention
+from mfuser_jax.models.layers import dot_product_attention
 from mfuser_jax.models.stack import DropPath, LayerStack, scan_layers
 from mfuser_jax.ops.resize import resize
 
@@ -93,13 +93,15 @@ class PatchEmbed(nnx.Module):
 
 class Attention(nnx.Module):
     def __init__(self, dim, num_heads=8, qkv_bias=True, proj_bias=True, *,
-                 attn_implementation="xla", dtype=jnp.float32, rngs: nnx.Rngs):
+                 dtype=jnp.float32, rngs: nnx.Rngs):
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        check_attn_implementation(attn_implementation)
         self.num_heads = num_heads
         self.dtype = dtype
-        self.attn_implementation = attn_implementation
+        # The towers' shared core (layers.dot_product_attention); "xla" is
+        # jax.nn.dot_product_attention's XLA path, this tower's computation before the core
+        # existed (logits and softmax in float32). set_attn_implementation changes it.
+        self.attn_implementation = "xla"
         self.qkv = _linear(dim, 3 * dim, dtype, rngs, use_bias=qkv_bias)
         self.proj = _linear(dim, dim, dtype, rngs, use_bias=proj_bias)
 
@@ -108,8 +110,6 @@ class Attention(nnx.Module):
         # Output features of qkv are ordered (3, heads, head_dim), as the PyTorch reshape.
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        # The towers' shared core; "xla" is jax.nn.dot_product_attention's XLA path, this
-        # tower's computation before the core existed (logits and softmax in float32).
         out = dot_product_attention(q, k, v, implementation=self.attn_implementation)
         return self.proj(out.reshape(b, n, c))
 

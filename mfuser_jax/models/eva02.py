@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mfuser_jax.models.layers import check_attn_implementation, dot_product_attention, torch_linear
+from mfuser_jax.models.layers import dot_product_attention, torch_linear
 from mfuser_jax.models.stack import LayerStack, scan_layers
 from mfuser_jax.ops.resize import resize
 
@@ -113,20 +113,16 @@ class Attention(nnx.Module):
     Params (k has no bias), rope on q and k of the patch tokens, ``inner_attn_ln`` on the
     heads' output before ``proj``. Scale head_dim**-0.5.
 
-    ``attn_implementation``: None (explicit einsums, logits and softmax in float32), or
-    "xla"/"cudnn" for ``jax.nn.dot_product_attention`` (same math).
+    ``attn_implementation``: the core's path (``layers.dot_product_attention``): None
+    (explicit einsums, logits and softmax in float32) until ``set_attn_implementation``.
     """
 
-    def __init__(
-        self, dim: int, num_heads: int, *, attn_implementation: str | None = None,
-        dtype=jnp.float32, rngs: nnx.Rngs,
-    ):
+    def __init__(self, dim: int, num_heads: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        check_attn_implementation(attn_implementation)
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.attn_implementation = attn_implementation
+        self.attn_implementation = None
         self.dtype = dtype
         lin = dict(dtype=dtype, rngs=rngs)
         self.q_proj = torch_linear(dim, dim, use_bias=False, **lin)
@@ -171,13 +167,11 @@ class Block(nnx.Module):
     """Pre-norm block without layer scale or drop path (EVA02-CLIP-L's drop_path_rate is 0)."""
 
     def __init__(
-        self, dim: int, num_heads: int, mlp_ratio: float, *,
-        attn_implementation: str | None = None, dtype=jnp.float32, rngs: nnx.Rngs,
+        self, dim: int, num_heads: int, mlp_ratio: float, *, dtype=jnp.float32,
+        rngs: nnx.Rngs,
     ):
         self.norm1 = _eva_layer_norm(dim, rngs)
-        self.attn = Attention(
-            dim, num_heads, attn_implementation=attn_implementation, dtype=dtype, rngs=rngs
-        )
+        self.attn = Attention(dim, num_heads, dtype=dtype, rngs=rngs)
         self.norm2 = _eva_layer_norm(dim, rngs)
         self.mlp = SwiGLU(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
 
@@ -230,7 +224,6 @@ class EVAVisionTransformer(nnx.Module):
         output_dim: int = 768,
         pt_hw_seq_len: int = 16,
         *,
-        attn_implementation: str | None = None,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -250,8 +243,7 @@ class EVAVisionTransformer(nnx.Module):
         self.cls_token = nnx.Param(init(rngs.params(), (1, 1, embed_dim), jnp.float32))
         self.pos_embed = nnx.Param(init(rngs.params(), (1, n_pos, embed_dim), jnp.float32))
         self.blocks = LayerStack(
-            lambda r: Block(embed_dim, num_heads, mlp_ratio,
-                            attn_implementation=attn_implementation, dtype=dtype, rngs=r),
+            lambda r: Block(embed_dim, num_heads, mlp_ratio, dtype=dtype, rngs=r),
             depth, rngs=rngs)
         self.norm = _eva_layer_norm(embed_dim, rngs)
         self.head = torch_linear(embed_dim, output_dim, dtype=dtype, rngs=rngs)

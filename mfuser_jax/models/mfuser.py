@@ -78,10 +78,6 @@ class MFuser(nnx.Module):
         self.tau = float(config.loss.temperature)
         self.token_length = int(c.token_length)
         self.backbone, self.text_encoder, self._tokenize = build_towers(config, dtype, rngs)
-        attn = config.attn_implementation
-        if attn != "xla":  # "xla" keeps the towers' default core (einsums, compiled by XLA)
-            for tower in (self.backbone, self.text_encoder):
-                set_attn_implementation(tower, attn)
         cd = config.context_decoder
         self.context_decoder = ContextDecoder(
             cd.width, cd.heads, cd.layers, c.output_dim, cd.dropout,
@@ -113,6 +109,8 @@ class MFuser(nnx.Module):
         )
         self.score_map_weight = float(lc.score_map)
         self.set_layer_execution(scan=bool(config.scan_layers))
+        # One path for every attention, towers and heads (layers.dot_product_attention).
+        set_attn_implementation(self, config.attn_implementation)
 
     def set_layer_execution(self, *, remat: bool | None = None, scan: bool | None = None):
         """How the stacked layers run (read at trace time): ``remat`` recomputes each layer

@@ -37,11 +37,11 @@ import numpy as np
 from flax import nnx
 
 from mfuser_jax.models.layers import (
+    TorchMultiheadAttention,
     mmcv_conv_module_init,
     torch_conv,
     torch_layer_norm,
     torch_linear,
-    torch_mha_in_proj_init,
 )
 from mfuser_jax.models.stack import LayerStack, dropout_stream, scan_layers
 from mfuser_jax.ops.deform_attn import multi_scale_deformable_attention
@@ -128,57 +128,19 @@ class ConvModule(nnx.Module):
         return jax.nn.relu(y) if self.relu else y
 
 
-class TorchMultiheadAttentionCore(nnx.Module):
-    """torch.nn.MultiheadAttention's parameters and arithmetic (batch-first here).
-
-    Keys: in_proj_weight (3E, E), in_proj_bias (3E,), out_proj.weight/bias.
-    ``attn_mask`` is boolean with True = may NOT attend (PyTorch's convention), shape
-    broadcastable to (B, heads, Q, S); a fully masked row gives NaN, as in PyTorch.
-    """
-
-    def __init__(self, embed_dims, num_heads, attn_drop=0.0, *, dtype=_F32, rngs: nnx.Rngs):
-        if embed_dims % num_heads:
-            raise ValueError(f"embed_dims {embed_dims} not divisible by num_heads {num_heads}")
-        self.embed_dims = embed_dims
-        self.num_heads = num_heads
-        self.dtype = dtype
-        self.in_proj_weight = nnx.Param(
-            torch_mha_in_proj_init(rngs.params(), (3 * embed_dims, embed_dims), _F32))
-        self.in_proj_bias = nnx.Param(jnp.zeros((3 * embed_dims,), _F32))
-        self.out_proj = torch_linear(embed_dims, embed_dims, dtype=dtype, rngs=rngs,
-                                     bias_init=nnx.initializers.zeros)
-        self.attn_drop = nnx.Dropout(attn_drop, rngs=dropout_stream(rngs))
-
-    def __call__(self, query, key, value, attn_mask=None, *, deterministic=None):
-        e, h = self.embed_dims, self.num_heads
-        w = self.in_proj_weight[...].astype(self.dtype)
-        bias = self.in_proj_bias[...].astype(self.dtype)
-
-        def project(x, i):
-            y = jnp.einsum("ble,fe->blf", x.astype(self.dtype), w[i * e : (i + 1) * e])
-            y = y + bias[i * e : (i + 1) * e]
-            return y.reshape(*y.shape[:2], h, e // h)
-
-        q = project(query, 0) * (1.0 / math.sqrt(e // h))
-        k = project(key, 1)
-        v = project(value, 2)
-        logits = jnp.einsum("bqhd,bshd->bhqs", q, k, preferred_element_type=_F32)
-        if attn_mask is not None:
-            logits = jnp.where(attn_mask, -jnp.inf, logits)
-        probs = jax.nn.softmax(logits, axis=-1)
-        probs = self.attn_drop(probs, deterministic=deterministic)
-        out = jnp.einsum("bhqs,bshd->bqhd", probs.astype(self.dtype), v)
-        return self.out_proj(out.reshape(*out.shape[:2], e))
-
-
 class MultiheadAttention(nnx.Module):
-    """mmcv's MultiheadAttention wrapper: positions added to query/key, residual added."""
+    """mmcv's MultiheadAttention wrapper: positions added to query/key, residual added.
+    ``attn`` is torch.nn.MultiheadAttention (``layers.TorchMultiheadAttention``, keys
+    attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.*). ``attn_mask`` is boolean,
+    True = may NOT attend (PyTorch's convention): (B, Q, S), the same for every head, or
+    broadcastable to (B, heads, Q, S); a fully masked row gives NaN with the default
+    einsum core, as in PyTorch (see ``layers.dot_product_attention`` for the others)."""
 
     def __init__(self, embed_dims, num_heads, attn_drop=0.0, proj_drop=0.0, *, dtype=_F32,
                  rngs: nnx.Rngs):
         self.embed_dims = embed_dims
-        self.attn = TorchMultiheadAttentionCore(embed_dims, num_heads, attn_drop, dtype=dtype,
-                                                rngs=rngs)
+        self.attn = TorchMultiheadAttention(embed_dims, num_heads, attn_drop, dtype=dtype,
+                                            rngs=rngs)
         self.proj_drop = nnx.Dropout(proj_drop, rngs=dropout_stream(rngs))
 
     def __call__(self, query, key, value, *, query_pos=None, key_pos=None, attn_mask=None,
@@ -188,7 +150,7 @@ class MultiheadAttention(nnx.Module):
         k = key if key_pos is None else key + key_pos
         if attn_mask is not None and attn_mask.ndim == 3:
             attn_mask = attn_mask[:, None]  # same mask for every head, as the original
-        out = self.attn(q, k, value, attn_mask, deterministic=deterministic)
+        out = self.attn(q, k, value, attn_mask=attn_mask, deterministic=deterministic)
         return identity + self.proj_drop(out, deterministic=deterministic).astype(identity.dtype)
 
 

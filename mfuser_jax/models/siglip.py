@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mfuser_jax.models.layers import (
-    check_attn_implementation,
+    TorchMultiheadAttention,
     dot_product_attention,
     torch_linear,
 )
@@ -50,13 +50,11 @@ def _ln(ln: nnx.LayerNorm, x: jax.Array) -> jax.Array:
 class SiglipAttention(nnx.Module):
     """Multi-head self-attention with separate q/k/v/out projections (all with bias)."""
 
-    def __init__(self, dim: int, heads: int, *, attn_implementation=None, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(self, dim: int, heads: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
         if dim % heads:
             raise ValueError(f"hidden size {dim} is not divisible by {heads} heads")
-        check_attn_implementation(attn_implementation)
         self.num_heads = heads
-        self.attn_implementation = attn_implementation
+        self.attn_implementation = None  # the core's path: see layers.set_attn_implementation
         self.dtype = dtype
         lin = dict(dtype=dtype, rngs=rngs)
         self.q_proj = torch_linear(dim, dim, **lin)
@@ -87,10 +85,9 @@ class SiglipMLP(nnx.Module):
 class SiglipEncoderLayer(nnx.Module):
     """Pre-norm block: x + attn(layer_norm1 x); x + mlp(layer_norm2 x)."""
 
-    def __init__(self, dim: int, heads: int, hidden: int, *, attn_implementation=None,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
-        self.self_attn = SiglipAttention(dim, heads, attn_implementation=attn_implementation,
-                                         dtype=dtype, rngs=rngs)
+    def __init__(self, dim: int, heads: int, hidden: int, *, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.self_attn = SiglipAttention(dim, heads, dtype=dtype, rngs=rngs)
         self.layer_norm1 = _layer_norm(dim, rngs)
         self.mlp = SiglipMLP(dim, hidden, dtype=dtype, rngs=rngs)
         self.layer_norm2 = _layer_norm(dim, rngs)
@@ -103,12 +100,10 @@ class SiglipEncoderLayer(nnx.Module):
 class SiglipEncoder(nnx.Module):
     """``layers``: a ``LayerStack`` of encoder layers (stacked parameters, scanned)."""
 
-    def __init__(self, dim: int, layers: int, heads: int, hidden: int, *,
-                 attn_implementation=None, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, dim: int, layers: int, heads: int, hidden: int, *, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         self.layers = LayerStack(
-            lambda r: SiglipEncoderLayer(dim, heads, hidden,
-                                         attn_implementation=attn_implementation,
-                                         dtype=dtype, rngs=r),
+            lambda r: SiglipEncoderLayer(dim, heads, hidden, dtype=dtype, rngs=r),
             layers, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, remat: bool = False) -> jax.Array:
@@ -116,47 +111,17 @@ class SiglipEncoder(nnx.Module):
         return x
 
 
-class TorchMultiheadAttention(nnx.Module):
-    """torch.nn.MultiheadAttention (batch_first) for queries other than the keys: packed
-    ``in_proj_weight`` (3D, D) / ``in_proj_bias`` kept raw in PyTorch layout, ``out_proj``."""
-
-    def __init__(self, dim: int, heads: int, *, attn_implementation=None, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
-        check_attn_implementation(attn_implementation)
-        self.num_heads = heads
-        self.attn_implementation = attn_implementation
-        self.dtype = dtype
-        self.in_proj_weight = nnx.Param(
-            nnx.initializers.xavier_uniform()(rngs.params(), (3 * dim, dim), jnp.float32))
-        self.in_proj_bias = nnx.Param(jnp.zeros((3 * dim,), jnp.float32))
-        self.out_proj = torch_linear(dim, dim, dtype=dtype, rngs=rngs,
-                                     bias_init=nnx.initializers.zeros_init())
-
-    def __call__(self, query: jax.Array, key_value: jax.Array) -> jax.Array:
-        w = self.in_proj_weight[...].astype(self.dtype)
-        bias = self.in_proj_bias[...].astype(self.dtype)
-        d = w.shape[1]
-        h = self.num_heads
-
-        def project(x, i):
-            y = x.astype(self.dtype) @ w[i * d:(i + 1) * d].T + bias[i * d:(i + 1) * d]
-            return y.reshape(*x.shape[:2], h, d // h)
-
-        q, k, v = project(query, 0), project(key_value, 1), project(key_value, 2)
-        out = dot_product_attention(q, k, v, implementation=self.attn_implementation)
-        return self.out_proj(out.reshape(*query.shape[:2], d))
-
-
 class SiglipMultiheadAttentionPoolingHead(nnx.Module):
     """The attention-pooling head as MFuser modified it: besides HF's learnt-probe branch
     (``global``), every token queries the same attention (``local``); both then go through
     the same residual layernorm + MLP. Returns (global (B, 1, D), local (B, N, D))."""
 
-    def __init__(self, dim: int, heads: int, hidden: int, *, attn_implementation=None,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, dim: int, heads: int, hidden: int, *, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         self.probe = nnx.Param(jax.random.normal(rngs.params(), (1, 1, dim), jnp.float32))
-        self.attention = TorchMultiheadAttention(
-            dim, heads, attn_implementation=attn_implementation, dtype=dtype, rngs=rngs)
+        # torch.nn.MultiheadAttention(batch_first=True): the probe and every token query
+        # the tokens
+        self.attention = TorchMultiheadAttention(dim, heads, dtype=dtype, rngs=rngs)
         self.layernorm = _layer_norm(dim, rngs)
         self.mlp = SiglipMLP(dim, hidden, dtype=dtype, rngs=rngs)
 
@@ -193,20 +158,17 @@ class SiglipVisionTransformer(nnx.Module):
 
     def __init__(self, image_size: int = 384, patch_size: int = 16, hidden_size: int = 1024,
                  num_hidden_layers: int = 24, num_attention_heads: int = 16,
-                 intermediate_size: int = 4096, *, attn_implementation=None,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 intermediate_size: int = 4096, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.patch_size = int(patch_size)
         self.hidden_size = hidden_size
         self.dtype = dtype
         self.embeddings = SiglipVisionEmbeddings(hidden_size, image_size, patch_size,
                                                  dtype=dtype, rngs=rngs)
         self.encoder = SiglipEncoder(hidden_size, num_hidden_layers, num_attention_heads,
-                                     intermediate_size, attn_implementation=attn_implementation,
-                                     dtype=dtype, rngs=rngs)
+                                     intermediate_size, dtype=dtype, rngs=rngs)
         self.post_layernorm = _layer_norm(hidden_size, rngs)
         self.head = SiglipMultiheadAttentionPoolingHead(
-            hidden_size, num_attention_heads, intermediate_size,
-            attn_implementation=attn_implementation, dtype=dtype, rngs=rngs)
+            hidden_size, num_attention_heads, intermediate_size, dtype=dtype, rngs=rngs)
 
     @property
     def num_layers(self) -> int:
@@ -270,15 +232,14 @@ class SiglipTextTransformer(nnx.Module):
     def __init__(self, context_length: int = 64, vocab_size: int = 32000,
                  hidden_size: int = 1024, num_hidden_layers: int = 24,
                  num_attention_heads: int = 16, intermediate_size: int = 4096, *,
-                 attn_implementation=None, dtype=jnp.float32, rngs: nnx.Rngs):
+                 dtype=jnp.float32, rngs: nnx.Rngs):
         self.context_length = context_length
         self.hidden_size = hidden_size
         self.dtype = dtype
         self.embeddings = SiglipTextEmbeddings(hidden_size, vocab_size, context_length,
                                                rngs=rngs)
         self.encoder = SiglipEncoder(hidden_size, num_hidden_layers, num_attention_heads,
-                                     intermediate_size, attn_implementation=attn_implementation,
-                                     dtype=dtype, rngs=rngs)
+                                     intermediate_size, dtype=dtype, rngs=rngs)
         self.final_layer_norm = _layer_norm(hidden_size, rngs)
         self.head = torch_linear(hidden_size, hidden_size, dtype=dtype, rngs=rngs)
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mfuser_jax.models.layers import GELU, torch_layer_norm, torch_linear
+from mfuser_jax.models.layers import GELU, dot_product_attention, torch_layer_norm, torch_linear
 from mfuser_jax.models.mvfuser import MVFuser
 
 __all__ = ["Attention", "ContextDecoder", "MTEnhancer"]
@@ -26,8 +26,10 @@ __all__ = ["Attention", "ContextDecoder", "MTEnhancer"]
 
 class Attention(nnx.Module):
     """Multi-head attention with separate q/k/v projections (no bias by default) and an
-    output projection with bias. Softmax in float32. (The original also builds an
-    ``attn_drop`` that its forward never applies; it has no parameters, so it is left out.)
+    output projection with bias. The attention is ``layers.dot_product_attention`` (logits
+    and softmax in float32; ``attn_implementation`` None until ``set_attn_implementation``).
+    (The original also builds an ``attn_drop`` that its forward never applies; it has no
+    parameters, so it is left out.)
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class Attention(nnx.Module):
             raise ValueError(f"Attention width {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.attn_implementation = None
         self.dtype = dtype
         self.q_proj = torch_linear(dim, dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
         self.k_proj = torch_linear(dim, dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
@@ -61,9 +64,8 @@ class Attention(nnx.Module):
         q = self.q_proj(q).reshape(b, n, h, c // h)
         k = self.k_proj(k).reshape(b, m, h, c // h)
         v = self.v_proj(v).reshape(b, m, h, c // h)
-        logits = jnp.einsum("bnhc,bmhc->bhnm", q, k).astype(jnp.float32) * self.scale
-        attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        x = jnp.einsum("bhnm,bmhc->bnhc", attn, v).reshape(b, n, c)
+        x = dot_product_attention(q, k, v, implementation=self.attn_implementation,
+                                  scale=self.scale).reshape(b, n, c)
         return self.proj_drop(self.proj(x))
 
 
