@@ -10,11 +10,10 @@ import ml_collections
 import numpy as np
 import pytest
 import torch
-import transformers
 from flax import nnx
-from safetensors.torch import save_file
 
 from configs.base import mfuser_model_config
+from hf_models import random_dinov2_and_clip, save_safetensors
 from mfuser_jax.convert import WeightFileError, load_torch_state_dict
 from mfuser_jax.convert.dinov2 import load_dinov2_state_dict
 from mfuser_jax.convert.pretrained import convert_encoders
@@ -38,20 +37,9 @@ def weight_files(tmp_path_factory):
     c, d = cfg.clip, cfg.dinov2
     folder = tmp_path_factory.mktemp("weights")
     torch.manual_seed(0)
-    dino = transformers.Dinov2Model(transformers.Dinov2Config(
-        hidden_size=d.embed_dim, num_hidden_layers=c.layers, num_attention_heads=d.num_heads,
-        intermediate_size=4 * d.embed_dim, image_size=56, patch_size=14, layer_norm_eps=1e-6))
-    clip = transformers.CLIPModel(transformers.CLIPConfig(
-        text_config=dict(hidden_size=c.text_width, intermediate_size=4 * c.text_width,
-                         num_hidden_layers=c.text_layers, num_attention_heads=c.text_heads,
-                         vocab_size=c.vocab_size, max_position_embeddings=77),
-        vision_config=dict(hidden_size=c.width, intermediate_size=4 * c.width,
-                           num_hidden_layers=c.layers, num_attention_heads=c.heads,
-                           image_size=56, patch_size=14),
-        projection_dim=c.output_dim))
-    paths = {"dinov2": str(folder / "dinov2.safetensors"), "clip": str(folder / "clip.safetensors")}
-    for model, path in ((dino, paths["dinov2"]), (clip, paths["clip"])):
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    dino, clip = random_dinov2_and_clip(c, d, image_size=56)
+    paths = {"dinov2": save_safetensors(dino, str(folder / "dinov2.safetensors")),
+             "clip": save_safetensors(clip, str(folder / "clip.safetensors"))}
     out = str(folder / "converted")
     counts = convert_encoders(cfg, out, dinov2_path=paths["dinov2"], vlm_path=paths["clip"])
     return paths, out, counts

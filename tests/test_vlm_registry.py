@@ -137,29 +137,17 @@ def test_the_toy_is_gone_after_its_test():
 
 def test_the_encoder_converter_runs_the_toys_renames(toy, tmp_path):
     torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    safetensors_torch = pytest.importorskip("safetensors.torch")
+    pytest.importorskip("transformers")
+    from hf_models import random_dinov2_and_clip, save_safetensors
+
     from mfuser_jax.convert.pretrained import convert_encoders
 
     cfg = toy_config()
     c, d = cfg[TOY], cfg.dinov2
     torch.manual_seed(0)
-    dino = transformers.Dinov2Model(transformers.Dinov2Config(
-        hidden_size=d.embed_dim, num_hidden_layers=c.layers, num_attention_heads=d.num_heads,
-        intermediate_size=4 * d.embed_dim, image_size=28, patch_size=14, layer_norm_eps=1e-6))
-    clip = transformers.CLIPModel(transformers.CLIPConfig(
-        text_config=dict(hidden_size=c.text_width, intermediate_size=4 * c.text_width,
-                         num_hidden_layers=c.text_layers, num_attention_heads=c.text_heads,
-                         vocab_size=c.vocab_size, max_position_embeddings=77),
-        vision_config=dict(hidden_size=c.width, intermediate_size=4 * c.width,
-                           num_hidden_layers=c.layers, num_attention_heads=c.heads,
-                           image_size=28, patch_size=14),
-        projection_dim=c.output_dim))
-    paths = {}
-    for name, model in (("dinov2", dino), ("toy", clip)):
-        paths[name] = str(tmp_path / f"{name}.safetensors")
-        safetensors_torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                                    paths[name])
+    dino, clip = random_dinov2_and_clip(c, d, image_size=28)
+    paths = {name: save_safetensors(model, str(tmp_path / f"{name}.safetensors"))
+             for name, model in (("dinov2", dino), ("toy", clip))}
     out = str(tmp_path / "converted")
     counts = convert_encoders(cfg, out, dinov2_path=paths["dinov2"], vlm_path=paths["toy"])
     # the spec's renames ran once, at the toy's sizes: 32 px, patch 8, 5 + 3 text positions
