@@ -19,6 +19,23 @@ from mfuser_jax.models.layers import (
 )
 
 
+def _assert_same_outputs_and_gradients(fast, reference, x, tol):
+    """Outputs, parameter gradients and input gradients of two layers holding the same
+    parameters agree; the loss weights make every output element's gradient distinct."""
+    def loss(layer, x):
+        y = layer(x).astype(jnp.float32)
+        return jnp.sum(y * jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape) / y.size)
+
+    np.testing.assert_allclose(np.asarray(fast(x), np.float32),
+                               np.asarray(reference(x), np.float32), rtol=tol, atol=tol)
+    grad = nnx.grad(loss, argnums=(0, 1))
+    (g_fast, gx_fast), (g_ref, gx_ref) = grad(fast, x), grad(reference, x)
+    for a, b in zip(jax.tree.leaves(nnx.state(g_fast)) + [gx_fast],
+                    jax.tree.leaves(nnx.state(g_ref)) + [gx_ref]):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_tiled_conv_transpose_equals_the_convolution_and_its_gradients(dtype, tol):
     tiled = torch_conv_transpose(6, 5, 2, stride=2, dtype=dtype, rngs=nnx.Rngs(0))
@@ -27,20 +44,8 @@ def test_tiled_conv_transpose_equals_the_convolution_and_its_gradients(dtype, to
                              rngs=nnx.Rngs(1))
     nnx.update(conv, nnx.state(tiled))  # same kernel and bias
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 4, 6)), jnp.float32)
-
-    def loss(layer, x):  # the weights make every output element's gradient distinct
-        y = layer(x).astype(jnp.float32)
-        return jnp.sum(y * jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape) / y.size)
-
     assert tiled(x).shape == conv(x).shape == (2, 6, 8, 5)
-    np.testing.assert_allclose(np.asarray(tiled(x), np.float32), np.asarray(conv(x), np.float32),
-                               rtol=tol, atol=tol)
-    grad = nnx.grad(loss, argnums=(0, 1))
-    (g_tiled, gx_tiled), (g_conv, gx_conv) = grad(tiled, x), grad(conv, x)
-    for a, b in zip(jax.tree.leaves(nnx.state(g_tiled)) + [gx_tiled],
-                    jax.tree.leaves(nnx.state(g_conv)) + [gx_conv]):
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                                   rtol=tol, atol=tol)
+    _assert_same_outputs_and_gradients(tiled, conv, x, tol)
 
 
 def test_other_transposed_convolutions_stay_convolutions():
@@ -56,19 +61,7 @@ def test_depthwise_conv1d_equals_the_grouped_convolution_and_its_gradients(k, pa
                     dtype=dtype, rngs=nnx.Rngs(1))
     nnx.update(conv, nnx.state(shifted))
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 6)), jnp.float32)
-
-    def loss(layer, x):
-        y = layer(x).astype(jnp.float32)
-        return jnp.sum(y * jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape) / y.size)
-
-    np.testing.assert_allclose(np.asarray(shifted(x), np.float32),
-                               np.asarray(conv(x), np.float32), rtol=tol, atol=tol)
-    grad = nnx.grad(loss, argnums=(0, 1))
-    (g_shifted, gx_shifted), (g_conv, gx_conv) = grad(shifted, x), grad(conv, x)
-    for a, b in zip(jax.tree.leaves(nnx.state(g_shifted)) + [gx_shifted],
-                    jax.tree.leaves(nnx.state(g_conv)) + [gx_conv]):
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                                   rtol=tol, atol=tol)
+    _assert_same_outputs_and_gradients(shifted, conv, x, tol)
 
 
 # ---------------------------------------------------------------------------------------------
