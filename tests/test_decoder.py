@@ -20,8 +20,10 @@ import torch.nn.functional as F
 from flax import nnx
 
 from mfuser_jax.convert.state_dict import _targets, load_torch_state_dict, torch_state_dict_of
-from mfuser_jax.models.mask_decoder import TqdmHead, semantic_inference, unmask_full_rows
+from mfuser_jax.models.mask_decoder import (TqdmHead, pad_levels, semantic_inference,
+                                            unmask_full_rows)
 from mfuser_jax.models.pixel_decoder import MultiheadAttention, sine_positional_encoding
+from mfuser_jax.ops.resize import resize
 
 TINY = dict(in_channels=(16, 16, 16, 16), feat_channels=32, out_channels=32, num_classes=5,
             num_queries=5, text_dim=24, num_groups=4, pixel_decoder_layers=2,
@@ -451,6 +453,40 @@ def test_all_background_prediction_attends_everywhere(tiny_head):
     np.testing.assert_allclose(np.asarray(masked), np.asarray(free), rtol=1e-6, atol=1e-6)
     # Without the rule the fully-masked softmax is NaN, as in PyTorch.
     assert np.all(np.isnan(np.asarray(layer(q, mem, mem, attn_masks=[full, None]))))
+
+
+def test_padded_level_matches_the_unpadded_level(tiny_head):
+    # The 9 layers run as one scanned body over levels padded to one key count: a layer on
+    # a padded level (padding blocked, fully-masked rows unmasked over the real keys only)
+    # must equal the same layer on the level itself, and the padded resize must be ops.resize.
+    rng = np.random.default_rng(3)
+    small, big = (rng.standard_normal((2, *hw, 32)).astype(np.float32) for hw in ((3, 4), (5, 6)))
+    pos = [rng.standard_normal((1, *m.shape[1:])).astype(np.float32) for m in (small, big)]
+    levels = pad_levels([jnp.asarray(small), jnp.asarray(big)], [jnp.asarray(p) for p in pos],
+                        (10, 12))
+    assert levels.memory.shape == (2, 2, 30, 32) and int(levels.valid[0].sum()) == 12
+
+    mask_logits = jnp.asarray(rng.standard_normal((2, 5, 10, 12)), jnp.float32)
+    for i, (h, w) in enumerate(((3, 4), (5, 6))):
+        grid = jnp.einsum("jw,bqiw->bqij", levels.resize_w[i],
+                          jnp.einsum("ih,bqhw->bqiw", levels.resize_h[i], mask_logits))
+        np.testing.assert_allclose(grid[:, :, :h, :w], resize(mask_logits, (h, w)),
+                                   rtol=1e-6, atol=1e-6)
+        assert not np.any(np.asarray(grid[:, :, h:])) and not np.any(np.asarray(grid[:, :, :, w:]))
+
+    layer = tiny_head.transformer_decoder.layers[0]
+    q = jnp.asarray(rng.standard_normal((2, 5, 32)), jnp.float32)
+    mask = rng.random((2, 5, 3, 4)) < 0.5
+    mask[:, 0] = True  # a fully masked row: attends to every real key, never to padding
+    padded = np.ones((2, 5, 5, 6), bool)
+    padded[:, :, :3, :4] = mask
+    out = layer(q, levels.memory[0], levels.memory[0], key_pos=levels.pos[0],
+                attn_masks=[unmask_full_rows(jnp.asarray(padded.reshape(2, 5, 30)),
+                                             levels.valid[0]), None])
+    want = layer(q, jnp.asarray(small.reshape(2, 12, 32)), jnp.asarray(small.reshape(2, 12, 32)),
+                 key_pos=jnp.asarray(pos[0].reshape(1, 12, 32)),
+                 attn_masks=[unmask_full_rows(jnp.asarray(mask.reshape(2, 5, 12))), None])
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
 def test_attention_mask_blocks_keys():

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from mfuser_jax.convert.state_dict import load_torch_state_dict, torch_state_dict_of
-from mfuser_jax.models.stack import LayerStack, emit_group, scan_layers, scan_periodic
+from mfuser_jax.models.stack import LayerStack, emit_group, scan_layers
 
 
 class _Tower(nnx.Module):
@@ -57,24 +57,27 @@ def test_scan_emits_after_the_chosen_layers(remat, unroll):
     assert np.all(np.abs(np.asarray(g["blocks"]["layers"]["kernel"][...])).sum(axis=(1, 2)) > 0)
 
 
-def test_periodic_scan_cycles_positions_and_keeps_layer_order():
+@pytest.mark.parametrize("remat,unroll", [(False, False), (True, False), (False, True)])
+def test_scan_collects_per_layer_outputs_in_layer_order(remat, unroll):
     stack = LayerStack(lambda r: nnx.Linear(4, 4, rngs=r), 6, rngs=nnx.Rngs(1))
-    inputs = [jnp.full((2, 4), float(j + 1)) for j in range(3)]  # a different input per position
+    inputs = jnp.stack([jnp.full((2, 4), float(j + 1)) for j in range(3)])  # one per level
 
-    def body(layer, carry, position):
-        carry = jnp.tanh(layer(carry) + inputs[position])
+    def body(layers, carry, level):  # the mask decoder's pattern: a level per layer
+        carry = jnp.tanh(layers[0](carry) + inputs[level])
         return carry, carry.sum()
 
     x = jnp.ones((2, 4))
-    scanned = jax.jit(lambda x: scan_periodic(body, stack, x, 3, remat=True))(x)
-    unrolled = scan_periodic(body, stack, x, 3, unroll=True)
-    manual, ys = x, []
+    levels = jnp.arange(6) % 3
+    carry, ys = jax.jit(lambda x: scan_layers(body, (stack,), x, levels, remat=remat,
+                                              unroll=unroll, outputs=True))(x)
+    manual, want = x, []
     for i in range(6):
-        manual, y = body(stack[i], manual, i % 3)
-        ys.append(y)
-    for carry, out in (scanned, unrolled):
-        np.testing.assert_allclose(carry, manual, rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(out, np.stack(ys), rtol=1e-6, atol=1e-6)
+        manual, y = body((stack[i],), manual, i % 3)
+        want.append(y)
+    np.testing.assert_allclose(carry, manual, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ys, np.stack(want), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="emit or outputs"):
+        scan_layers(body, (stack,), x, levels, outputs=True, emit=lambda t: t)
 
 
 def test_per_layer_names_round_trip():

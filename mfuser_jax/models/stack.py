@@ -25,7 +25,7 @@ from flax import nnx
 
 __all__ = ["DropPath", "dropout_stream", "LayerStack", "Slot", "assign_slots", "emit_group", "iter_layer_modules",
            "per_layer_params",
-           "scan_layers", "scan_periodic", "stack_prefixes"]
+           "scan_layers", "stack_prefixes"]
 
 
 class LayerStack(nnx.Module):
@@ -73,21 +73,24 @@ def _index(tree, i):
 
 def scan_layers(body: Callable, stacks: Sequence[LayerStack], carry, xs=None, *,
                 remat: bool = False, unroll: bool = False, group: int | None = None,
-                emit: Callable | None = None):
+                emit: Callable | None = None, outputs: bool = False):
     """Run ``carry = body(layers, carry, x)`` over the layers of ``stacks`` in step.
 
     ``layers`` is a tuple with layer i of every stack; ``x`` is slice i of ``xs`` (a pytree
-    with leading axis num_layers, or None). With ``emit``, ``emit(carry)`` is collected after
-    every ``group`` layers (stacked on a new leading axis): a scan over groups of an inner
-    scan over layers, so outputs taken between layers (the backbone's feature maps) need no
-    per-layer buffer. ``remat`` recomputes each layer in the backward pass and keeps only the
-    carry. ``unroll`` runs a Python loop over the same stacked parameters instead (the
-    pre-scan program: every layer traced and compiled separately; for comparisons).
-    Returns ``(carry, ys)``; ``ys`` is None without ``emit``.
+    with leading axis num_layers, or None). With ``outputs``, ``body`` returns
+    ``(carry, y)`` and the ys of all layers come back stacked. With ``emit``, ``emit(carry)``
+    is collected after every ``group`` layers (stacked on a new leading axis): a scan over
+    groups of an inner scan over layers, so outputs taken between layers (the backbone's
+    feature maps) need no per-layer buffer. ``remat`` recomputes each layer in the backward
+    pass and keeps only the carry. ``unroll`` runs a Python loop over the same stacked
+    parameters instead (the pre-scan program: every layer traced and compiled separately;
+    for comparisons). Returns ``(carry, ys)``; ``ys`` is None without ``emit`` or ``outputs``.
     """
     n = len(stacks[0])
     if any(len(s) != n for s in stacks):
         raise ValueError(f"stacks of different depths: {[len(s) for s in stacks]}")
+    if outputs and emit is not None:
+        raise ValueError("give emit or outputs, not both")
     group = n if group is None else int(group)
     if group < 1 or n % group:
         raise ValueError(f"group {group} does not divide {n} layers")
@@ -96,22 +99,26 @@ def scan_layers(body: Callable, stacks: Sequence[LayerStack], carry, xs=None, *,
     def step(carry, sliced):
         layer_states, x = sliced
         layers = tuple(nnx.merge(g, s) for g, s in zip(graphdefs, layer_states))
-        return body(layers, carry, x), None
+        out = body(layers, carry, x)
+        return out if outputs else (out, None)
 
     if remat:
         step = jax.checkpoint(step, prevent_cse=False,
                               policy=jax.checkpoint_policies.nothing_saveable)
     per_layer = (tuple(states), xs)
+    stack_ys = lambda ys: jax.tree.map(lambda *a: jnp.stack(a), *ys) if ys else None  # noqa: E731
     if unroll:
         ys = []
         for i in range(n):
-            carry, _ = step(carry, _index(per_layer, i))
-            if emit is not None and (i + 1) % group == 0:
+            carry, y = step(carry, _index(per_layer, i))
+            if outputs:
+                ys.append(y)
+            elif emit is not None and (i + 1) % group == 0:
                 ys.append(emit(carry))
-        return carry, (jax.tree.map(lambda *a: jnp.stack(a), *ys) if ys else None)
+        return carry, stack_ys(ys)
     if emit is None:
-        carry, _ = jax.lax.scan(step, carry, per_layer)
-        return carry, None
+        carry, ys = jax.lax.scan(step, carry, per_layer)
+        return carry, ys
     # (n, ...) -> (n / group, group, ...): a reshape of the leading axis, no copy.
     grouped = jax.tree.map(lambda a: a.reshape(n // group, group, *a.shape[1:]), per_layer)
 
@@ -120,48 +127,6 @@ def scan_layers(body: Callable, stacks: Sequence[LayerStack], carry, xs=None, *,
         return carry, emit(carry)
 
     return jax.lax.scan(outer, carry, grouped)
-
-
-def scan_periodic(body: Callable, stack: LayerStack, carry, period: int, *,
-                  remat: bool = False, unroll: bool = False):
-    """Layers that cycle through ``period`` differently shaped inputs (the mask decoder's
-    feature levels): ``lax.scan`` over rounds of ``period`` layers, the round unrolled.
-
-    ``body(layer, carry, position) -> (carry, y)`` with ``position`` = layer index mod
-    ``period``; the carry may change shape within a round but must return to its shape at
-    the end of it. Returns ``(carry, ys)``, ``ys`` stacked in layer order. Depths that are
-    not a multiple of ``period`` (and ``unroll``) run as a Python loop.
-    """
-    n = len(stack)
-    graphdef, state = nnx.split(stack.layers)
-
-    def one(position):
-        def step(carry, layer_state):
-            return body(nnx.merge(graphdef, layer_state), carry, position)
-        if remat:
-            step = jax.checkpoint(step, prevent_cse=False,
-                                  policy=jax.checkpoint_policies.nothing_saveable)
-        return step
-
-    steps = [one(j) for j in range(period)]
-    stack_ys = lambda ys: jax.tree.map(lambda *a: jnp.stack(a), *ys)  # noqa: E731
-    if unroll or n % period:
-        ys = []
-        for i in range(n):
-            carry, y = steps[i % period](carry, _index(state, i))
-            ys.append(y)
-        return carry, stack_ys(ys)
-
-    def one_round(carry, round_state):
-        ys = []
-        for j in range(period):
-            carry, y = steps[j](carry, _index(round_state, j))
-            ys.append(y)
-        return carry, stack_ys(ys)
-
-    rounds = jax.tree.map(lambda a: a.reshape(n // period, period, *a.shape[1:]), state)
-    carry, ys = jax.lax.scan(one_round, carry, rounds)
-    return carry, jax.tree.map(lambda a: a.reshape(n, *a.shape[2:]), ys)
 
 
 def emit_group(indices: Sequence[int], num_layers: int) -> int:
