@@ -38,6 +38,7 @@ from mfuser_jax.convert.mfuser import (  # noqa: E402
     read_mfuser_checkpoint,
 )
 from mfuser_jax.convert.state_dict import StateDictMismatchError  # noqa: E402
+from mfuser_jax.models.factory import abstract_paths  # noqa: E402
 from mfuser_jax.models.mfuser import MFuser  # noqa: E402
 from mfuser_jax.models.tokenizer import tokenize  # noqa: E402
 
@@ -161,9 +162,9 @@ def _concrete(model):
 
 
 def _fast_create_model(config):
-    """Stands in for startup.create_model: its jitted random init costs ~35 s here on 2
-    cores, and every value it would produce is overwritten by the converter's strict load
-    or by restore_model (trainable part from the checkpoint, frozen part from W/pretrained)."""
+    """Stands in for startup.create_model where restore_model builds the model: its jitted
+    random init costs ~35 s here on 2 cores, and every value it would produce is overwritten
+    (trainable part from the checkpoint, frozen part from W/pretrained)."""
     return _concrete(nnx.eval_shape(lambda: MFuser(config.model, rngs=nnx.Rngs(0))))
 
 
@@ -254,6 +255,52 @@ def test_convert_then_restore_gives_the_same_model(config, release, tmp_path, mo
 
     # The training loop sees a finished run: the checkpoint step is the run's length.
     assert step >= int(cfg.total_steps)
+
+
+def test_the_converter_computes_nothing_the_release_brings(config, release, tmp_path,
+                                                          monkeypatch):
+    # Built from shapes: when the strict load starts, every parameter and BatchNorm
+    # statistic is still abstract (none was drawn at random to be overwritten) and all
+    # the rest (RNG state, the tokenized class names) is computed.
+    import mfuser_jax.convert.mfuser as convert
+
+    pth = str(tmp_path / "iter_40.pth")
+    _save_pth(pth, release, {"iter": 39})
+    seen, load = {}, convert.load_mfuser_checkpoint
+
+    def spy(model, *args, **kwargs):
+        loaded = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
+        seen["loaded"] = {jax.tree_util.keystr(p)
+                          for p, _ in jax.tree_util.tree_leaves_with_path(loaded)}
+        seen["abstract"] = set(abstract_paths(model))
+        return load(model, *args, **kwargs)
+
+    monkeypatch.setattr(convert, "load_mfuser_checkpoint", spy)
+    info = convert_mfuser_checkpoint(config, pth, str(tmp_path / "w"))
+    assert len(seen["loaded"]) > 100 and seen["abstract"] == seen["loaded"]
+    assert info["loaded"] == 362
+
+
+def test_the_converter_refuses_a_value_neither_loaded_nor_computed(config, release, tmp_path,
+                                                                   monkeypatch):
+    # A parameter load_torch_state_dict does not reach (here: in a tuple) is not in the
+    # strict load's accounts: it is named, not saved at random.
+    import mfuser_jax.models.factory as factory
+
+    pth = str(tmp_path / "iter_40.pth")
+    _save_pth(pth, release, {"iter": 39})
+    build = factory.build_model
+
+    def build_model(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.hidden = nnx.data((nnx.Param(jnp.ones(3)),))
+        return model
+
+    monkeypatch.setattr(factory, "build_model", build_model)
+    out = str(tmp_path / "w")
+    with pytest.raises(RuntimeError, match=r"MFuser from .*: 1 values .*\['hidden'\]\[0\]"):
+        convert_mfuser_checkpoint(config, pth, out)
+    assert not os.path.exists(out)
 
 
 def test_cli_reports_errors_without_traceback(tmp_path):

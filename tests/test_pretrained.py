@@ -94,6 +94,75 @@ def test_create_model_leaves_the_encoders_to_load_pretrained(weight_files):
     assert np.all(np.isfinite(np.asarray(model.backbone.adapter[0].in_proj.kernel[...])))
 
 
+def _concrete_leaves(module):
+    """The values of ``module`` that are computed arrays (not tracers, not abstract)."""
+    return [x for x in jax.tree.leaves(nnx.state(module))
+            if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)]
+
+
+def test_the_encoder_converter_computes_nothing_it_overwrites_or_drops(
+        weight_files, tmp_path, monkeypatch):
+    # Every backbone the converter builds is built inside a trace (nnx.eval_shape, or the
+    # jit of compute_values): its random initial values, the adapters' and FPN's that are
+    # never saved included, are never computed. The tower values come from the loads alone.
+    import mfuser_jax.models.variants as variants
+
+    paths, _, counts = weight_files
+    built, build = [], variants.build_backbone
+    monkeypatch.setattr(variants, "build_backbone",
+                        lambda *a, **k: built.append(build(*a, **k)) or built[-1])
+    assert convert_encoders(_config(), str(tmp_path / "o"), dinov2_path=paths["dinov2"],
+                            vlm_path=paths["clip"]) == counts
+    assert built and all(not _concrete_leaves(b) for b in built)
+    assert jax.tree.leaves(nnx.state(built[0].adapter)) and jax.tree.leaves(
+        nnx.state(built[0].fpn1))  # what is checked is there
+
+
+def _text_tower_with(monkeypatch, **attrs):
+    """Make the converter's text tower hold ``attrs`` too (each made by a function of the
+    tower, inside its construction); returns the list the towers converted are put in."""
+    import mfuser_jax.convert.pretrained as pretrained
+    import mfuser_jax.models.variants as variants
+
+    build = variants.build_text_encoder
+
+    def build_text_encoder(*a, **k):
+        tower = build(*a, **k)
+        for name, make in attrs.items():
+            setattr(tower, name, make(tower))
+        return tower
+
+    saved, tree = [], pretrained.encoder_tree
+    monkeypatch.setattr(variants, "build_text_encoder", build_text_encoder)
+    monkeypatch.setattr(pretrained, "encoder_tree",
+                        lambda **k: saved.append(k["text_encoder"]) or tree(**k))
+    return saved
+
+
+def test_the_encoder_converter_computes_the_buffers_the_towers_compute(
+        weight_files, tmp_path, monkeypatch):
+    # A buffer a tower's constructor computes (e.g. position ids) is not in the weight files:
+    # it is computed, not left abstract.
+    paths, _, _ = weight_files
+    saved = _text_tower_with(monkeypatch, position_ids=lambda t: nnx.Variable(
+        jnp.arange(t.positional_embedding.shape[0]) * 2))
+    convert_encoders(_config(), str(tmp_path / "o"), dinov2_path=paths["dinov2"],
+                     vlm_path=paths["clip"])
+    np.testing.assert_array_equal(saved[0].position_ids[...], np.arange(10) * 2)
+
+
+def test_the_encoder_converter_refuses_a_parameter_no_load_fills(
+        weight_files, tmp_path, monkeypatch):
+    # A parameter load_torch_state_dict does not reach (here: in a tuple) would be neither
+    # loaded nor computed: refused by name, nothing written.
+    paths, _, _ = weight_files
+    _text_tower_with(monkeypatch, hidden=lambda t: nnx.data((nnx.Param(jnp.ones(3)),)))
+    with pytest.raises(RuntimeError, match=r"text tower: 1 values .*\['hidden'\]\[0\]"):
+        convert_encoders(_config(), str(tmp_path / "o"), dinov2_path=paths["dinov2"],
+                         vlm_path=paths["clip"])
+    assert not os.path.exists(tmp_path / "o")
+
+
 def test_mismatched_checkpoint_is_one_clear_error(weight_files, tmp_path):
     _, out, _ = weight_files
     cfg = _config()

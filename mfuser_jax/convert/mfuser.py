@@ -284,8 +284,10 @@ def convert_mfuser_checkpoint(config: Any, path: str, out: str, *, vlm_weights=N
     """
     import shutil
 
-    from mfuser_jax import checkpoints, startup
+    from mfuser_jax import checkpoints
     from mfuser_jax.convert.pretrained import save_pretrained_encoders
+    from mfuser_jax.convert.state_dict import LOADED
+    from mfuser_jax.models.factory import init_model, require_concrete
     from mfuser_jax.trainer import trained_state
     from mfuser_jax.workdir import write_config
 
@@ -323,11 +325,14 @@ def convert_mfuser_checkpoint(config: Any, path: str, out: str, *, vlm_weights=N
         scalars = spec.scalars_from(read_state_dict(vlm_weights))
     step_cb("building the model")
     config.model.pretrained = ""  # every weight comes from the release
-    model = startup.create_model(config)
+    # From shapes: the strict load fills every parameter and BatchNorm statistic, so only
+    # the rest (RNG state, the tokenized class names) is computed; nothing random is drawn.
+    model = init_model(config.model, seed=int(config.seed), skip=LOADED)
     step_cb("loading the weights")
     counts = load_mfuser_checkpoint(model, state_dict, source=os.fspath(path),
                                     scalars=scalars)
     del state_dict
+    require_concrete(model, f"MFuser from {os.fspath(path)}")
     step = checkpoint_step(meta, int(config.total_steps))
 
     step_cb(f"writing {out}/pretrained")

@@ -125,18 +125,21 @@ def convert_encoders(model_config, out: str, *, dinov2_path: str, vlm_path: str,
 
     Towers are built at the sizes ``model_config`` asks for (e.g. CLIP: 512 px, patch 16,
     10 text positions) by the builders the model uses (``models.variants``: the fused
-    backbone, whose VLM image tower and DINOv2 are filled, and the text tower), the weights
-    resized as the reference does, loaded strictly, and saved. ``vlm_path`` is the file of
-    ``model_config.vlm`` (OpenAI/HF CLIP, EVA02-CLIP .pt, SigLIP .pth/HF), renamed by its
-    spec's ``convert_encoder``; a VLM whose tokenizer reads a file (SigLIP's spiece.model)
-    also needs ``tokenizer_path``, copied into ``out``. Returns the parameter count of each
-    tower. ``progress(stage)`` is called per step (6 steps).
+    backbone, whose VLM image tower and DINOv2 are filled, and the text tower) from shapes
+    (``nnx.eval_shape``: nothing is drawn at random, the backbone's adapters and FPN are
+    never computed), the weights resized as the reference does, loaded strictly, and
+    saved. ``vlm_path`` is the file of ``model_config.vlm`` (OpenAI/HF CLIP, EVA02-CLIP
+    .pt, SigLIP .pth/HF), renamed by its spec's ``convert_encoder``; a VLM whose tokenizer
+    reads a file (SigLIP's spiece.model) also needs ``tokenizer_path``, copied into
+    ``out``. Returns the parameter count of each tower. ``progress(stage)`` is called per
+    step (6 steps).
     """
     import jax.numpy as jnp
 
     from mfuser_jax.convert.dinov2 import load_dinov2_state_dict
-    from mfuser_jax.convert.state_dict import load_torch_state_dict
+    from mfuser_jax.convert.state_dict import LOADED, load_torch_state_dict
     from mfuser_jax.convert.torch_io import read_state_dict
+    from mfuser_jax.models.factory import compute_values, require_concrete
     from mfuser_jax.models.variants import build_backbone, build_text_encoder, vlm_spec
 
     step = progress or (lambda stage: None)
@@ -147,14 +150,24 @@ def convert_encoders(model_config, out: str, *, dinov2_path: str, vlm_path: str,
                               f"--{spec.tokenizer_flag} {spec.tokenizer_file}")
     c = model_config[vlm]
     size, patch = model_config.image_size, model_config.patch_size
-    rngs = nnx.Rngs(0)
+
+    def build():  # the model's own construction path
+        rngs = nnx.Rngs(0)
+        return (build_backbone(model_config, jnp.float32, rngs),
+                build_text_encoder(model_config, rngs=rngs))
+
+    def in_towers(path, _):  # in build's (backbone, text tower): the three towers' values
+        return path[0] == 1 or path[1] in ("vlm", "dinov2")
 
     step(f"reading {dinov2_path}")
     dino_sd = load_dinov2_state_dict(dinov2_path, patch_size=patch, img_size=size)
     step("loading DINOv2")
-    # The model's own construction path; the adapters and FPN it builds too are not saved.
-    backbone = build_backbone(model_config, jnp.float32, rngs)
-    text_encoder = build_text_encoder(model_config, rngs=rngs)
+    # Built from shapes: the strict loads fill every parameter and statistic of the towers
+    # and the adapters and FPN the backbone holds too are not saved, so nothing is drawn at
+    # random. Only the towers' other variables (buffers their constructors compute; the
+    # built-in VLMs have none) are computed, by a jitted run of build that returns just them.
+    backbone, text_encoder = towers = nnx.eval_shape(build)
+    compute_values(towers, build, nnx.All(in_towers, nnx.Not(LOADED)))
     load_torch_state_dict(backbone.dinov2, dino_sd, module_name=f"DINOv2 from {dinov2_path}")
     del dino_sd
 
@@ -168,6 +181,9 @@ def convert_encoders(model_config, out: str, *, dinov2_path: str, vlm_path: str,
     step(f"loading the {vlm} text tower")
     load_torch_state_dict(text_encoder, text_sd, module_name=f"{vlm} text tower from {vlm_path}")
 
+    for name, tower in (("DINOv2", backbone.dinov2), (f"the {vlm} image tower", backbone.vlm),
+                        (f"the {vlm} text tower", text_encoder)):
+        require_concrete(tower, name)  # e.g. a parameter the loader does not reach
     step(f"writing {out}")
     save_pretrained_encoders(out, encoder_tree(visual=backbone.vlm, dinov2=backbone.dinov2,
                                                text_encoder=text_encoder, extra=extra))

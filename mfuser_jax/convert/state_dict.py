@@ -20,7 +20,11 @@ from flax import nnx
 
 from mfuser_jax.models.stack import Slot, assign_slots, iter_layer_modules
 
-__all__ = ["StateDictMismatchError", "load_torch_state_dict", "torch_state_dict_of"]
+__all__ = ["LOADED", "StateDictMismatchError", "load_torch_state_dict", "torch_state_dict_of"]
+
+# The variables load_torch_state_dict fills (with strict=True, every one of the module's):
+# a module built only to be loaded need not compute them (models.factory.compute_values).
+LOADED = nnx.Any(nnx.Param, nnx.BatchStat)
 
 
 class StateDictMismatchError(ValueError):

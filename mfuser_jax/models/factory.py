@@ -54,22 +54,33 @@ def build_model(model_config: Any, *, rngs: nnx.Rngs) -> nnx.Module:
     return _resolve(model_config.name)(model_config, rngs=rngs)
 
 
-def init_model(model_config: Any, *, seed: int, skip_pretrained: bool = False) -> nnx.Module:
+def init_model(model_config: Any, *, seed: int, skip_pretrained: bool = False,
+               skip: Any = None) -> nnx.Module:
     """`build_model` without computing what is not needed: the structure from
     `nnx.eval_shape`, then the values from one jitted run of the constructor that returns
-    only the wanted ones, so XLA leaves the others out.
+    only the wanted ones, so XLA leaves the others out (`compute_values`).
 
     `skip_pretrained`: the variables the model's `pretrained_filter` selects (the frozen
     encoders `load_pretrained(path)` then fills) stay abstract, `jax.ShapeDtypeStruct`; a
-    model without that filter is built whole. Each value depends on `seed` alone, not on
-    what is skipped.
+    model without that filter is built whole. `skip`: an nnx filter of more variables to
+    leave abstract (what a loader then fills, e.g. every parameter for a strict load of a
+    released checkpoint). Each value depends on `seed` alone, not on what is skipped.
     """
     build = lambda: build_model(model_config, rngs=nnx.Rngs(seed))  # noqa: E731
     model = nnx.eval_shape(build)
-    skip = getattr(model, "pretrained_filter", None) if skip_pretrained else None
-    wanted = ... if skip is None else nnx.Not(skip)
-    nnx.update(model, jax.jit(lambda: nnx.state(build(), wanted))())
+    skips = [f for f in (getattr(model, "pretrained_filter", None) if skip_pretrained else None,
+                         skip) if f is not None]
+    compute_values(model, build, nnx.Not(nnx.Any(*skips)) if skips else ...)
     return model
+
+
+def compute_values(model: Any, build: Callable[[], Any], wanted: Any) -> None:
+    """Fill the values of `model` (`nnx.eval_shape(build)`: a module or a tuple of them)
+    that the nnx filter `wanted` selects, from one jitted run of `build` that returns only
+    those: XLA drops every computation they do not need. Nothing runs when nothing is
+    selected; the rest stays as it is."""
+    if jax.tree.leaves(nnx.state(model, wanted)):
+        nnx.update(model, jax.jit(lambda: nnx.state(build(), wanted))())
 
 
 def abstract_paths(model: nnx.Module) -> list[str]:
@@ -77,3 +88,13 @@ def abstract_paths(model: nnx.Module) -> list[str]:
     leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model))
     return [jax.tree_util.keystr(path) for path, x in leaves
             if isinstance(x, jax.ShapeDtypeStruct)]
+
+
+def require_concrete(model: Any, what: str) -> None:
+    """RuntimeError naming the values of `model` still abstract: neither loaded nor
+    computed (e.g. a parameter the loader does not reach), they would otherwise fail
+    later with a less clear error."""
+    left = abstract_paths(model)
+    if left:
+        raise RuntimeError(f"{what}: {len(left)} values were neither loaded nor computed: "
+                           + ", ".join(left[:8]) + (" ..." if len(left) > 8 else ""))
