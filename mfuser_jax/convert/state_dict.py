@@ -24,7 +24,8 @@ __all__ = ["LOADED", "StateDictMismatchError", "load_torch_state_dict", "torch_s
 
 # The variables load_torch_state_dict fills (with strict=True, every one of the module's):
 # a module built only to be loaded need not compute them (models.factory.compute_values).
-LOADED = nnx.Any(nnx.Param, nnx.BatchStat)
+# A class tuple: both an isinstance test and an nnx filter.
+LOADED = (nnx.Param, nnx.BatchStat)
 
 
 class StateDictMismatchError(ValueError):
@@ -143,7 +144,7 @@ def _targets(module: nnx.Module):
                     yield _join(path + (torch_name,)), slot, to_flax, torch_shape(slot.shape)
         # Raw variables owned directly by this module keep their PyTorch name and layout.
         for attr, var in vars(sub).items():
-            if attr in handled or not isinstance(var, (nnx.Param, nnx.BatchStat)):
+            if attr in handled or not isinstance(var, LOADED):
                 continue
             slot = Slot(var, index)
             yield _join(path + (attr,)), slot, _identity, slot.shape
