@@ -14,14 +14,14 @@ Behaviour kept from the original:
     attention mask is the previous mask prediction resized (bilinear, align_corners=False,
     no antialias) to that level, masked where sigmoid < 0.5, and a query whose row is fully
     masked attends everywhere instead.
+  * Post-norm order cross_attn, norm, self_attn, norm, ffn, norm; queries' positions are
+    the learnt ``query_embed``; memories get a sine encoding (keys) and ``level_embed``.
 
 The three levels are padded to one key count (top-left in the largest grid, padding keys
 always masked), so all 9 layers are one scanned body whose level is a scan input: one
 compiled layer instead of three (a fifth fewer kernels in the full-size train step).
 Masked keys get zero attention weight, so the padding changes no result; it costs the
 K/V projections of the padded keys (under 0.5% of the model's FLOPs at 512 px).
-  * Post-norm order cross_attn, norm, self_attn, norm, ffn, norm; queries' positions are
-    the learnt ``query_embed``; memories get a sine encoding (keys) and ``level_embed``.
 """
 
 from __future__ import annotations

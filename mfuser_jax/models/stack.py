@@ -117,8 +117,7 @@ def scan_layers(body: Callable, stacks: Sequence[LayerStack], carry, xs=None, *,
                 ys.append(emit(carry))
         return carry, stack_ys(ys)
     if emit is None:
-        carry, ys = jax.lax.scan(step, carry, per_layer)
-        return carry, ys
+        return jax.lax.scan(step, carry, per_layer)
     # (n, ...) -> (n / group, group, ...): a reshape of the leading axis, no copy.
     grouped = jax.tree.map(lambda a: a.reshape(n // group, group, *a.shape[1:]), per_layer)
 
