@@ -17,9 +17,16 @@ per-variant ones are in the VLM's spec, ``VLMSpec.release_unused`` in ``mfuser_j
   variant's projections but its forward never calls them.
 * ``*.num_batches_tracked``: BatchNorm's step counter (momentum is fixed in both codes).
 
-EVA02's rotary tables (``backbone.rope.freqs_*`` and one copy per block, persistent
-buffers in PyTorch; ``VLMSpec.release_recomputed``) are not weights: they are compared with
-the tables the JAX model computes and then dropped. SigLIP's ``logit_scale``/``logit_bias``
+Buffers are not weights (``VLMSpec.release_recomputed``): EVA02's rotary tables
+(``backbone.rope.freqs_*`` and one copy per block, persistent) and its text tower's causal
+mask ``text_encoder.attn_mask``, SigLIP's ``backbone.embeddings.position_ids`` and
+``text_encoder.embeddings.position_ids``. The last three are ``persistent=False`` in the
+original, so torch's ``state_dict()`` leaves them out, but mmcv 1.5.1's ``save_checkpoint``
+(runner/checkpoint.py ``get_state_dict``) writes every buffer, so real releases hold them.
+Each one found is compared with what the JAX model computes (a clear error naming the key
+and the difference otherwise) and then dropped. CLIP's text mask is a plain attribute in the
+original (not saved), and DINOv2, the MVFusers and the decoder register no buffers but
+BatchNorm's statistics. SigLIP's ``logit_scale``/``logit_bias``
 (``VLMSpec.release_scalars``) are not in a release at all (the original reads them from the
 SigLIP file at build time); they come from the SigLIP weights when given, else they are NaN
 so that training from such a workdir stops with a clear message (evaluation does not use
@@ -108,18 +115,36 @@ def check_is_mfuser(state_dict: Mapping[str, Any], source: str) -> None:
             + " or ".join(f"--{n}" for n in names()) + " instead of --mfuser)")
 
 
+def _difference(value: np.ndarray, want: np.ndarray) -> str | None:
+    """None if ``value`` is ``want`` (floats to 1e-5, infinities equal), else how it differs."""
+    if value.shape != want.shape:
+        return f"shape {tuple(value.shape)}, expected {tuple(want.shape)}"
+    if np.issubdtype(want.dtype, np.floating):
+        value = value.astype(np.float64)
+        bad = ~np.isclose(value, want, rtol=0, atol=1e-5)
+    else:
+        bad = value != want
+    if not bad.any():
+        return None
+    diff = np.abs(value[bad].astype(np.float64) - want[bad].astype(np.float64))
+    return (f"{int(bad.sum())} of {bad.size} values differ, by up to "
+            f"{np.where(np.isnan(diff), np.inf, diff).max():.3g}")
+
+
 def _check_recomputed(model: nnx.Module, state_dict: dict, source: str) -> int:
-    """Pop the buffers the VLM's original saves and the JAX model computes (EVA02's rotary
-    tables) from ``state_dict``; each must equal the model's. Returns how many were checked."""
-    tables, what = get_vlm(model.vlm).release_recomputed(model)
-    found = [k for k in tables if k in state_dict]
+    """Pop the buffers the VLM's original saves and the JAX model computes (``VLMSpec.
+    release_recomputed``: EVA02's rotary tables and text mask, SigLIP's position ids) from
+    ``state_dict``; each must equal the model's, else a WeightFileError names the key and
+    the difference. Returns how many were checked (a release need not hold them: torch's own
+    ``state_dict()`` leaves the non-persistent ones out)."""
+    buffers = get_vlm(model.vlm).release_recomputed(model)
+    found = [k for k in buffers if k in state_dict]
     for key in found:
-        value = np.asarray(state_dict.pop(key), np.float32)
-        want = tables[key]
-        if value.shape != want.shape or not np.allclose(value, want, atol=1e-5):
-            raise WeightFileError(
-                f"{source}: {key} {tuple(value.shape)} is not {what}: was the checkpoint "
-                "trained at another image size than config.model.image_size?")
+        value = np.asarray(state_dict.pop(key))
+        want, what = buffers[key]
+        difference = _difference(value, np.asarray(want))
+        if difference is not None:
+            raise WeightFileError(f"{source}: {key} is not {what}: {difference}")
     return len(found)
 
 
@@ -148,8 +173,8 @@ def load_mfuser_checkpoint(model: nnx.Module, state_dict: Mapping[str, Any], *,
 
     Every parameter and BatchNorm statistic of the model must be present with the original
     PyTorch shape and every key must be consumed, except the documented ``unused_keys``,
-    the buffers the model recomputes (EVA02's rotary tables: checked, then dropped) and
-    ``num_batches_tracked``. Raises ``StateDictMismatchError`` listing all problems.
+    the buffers the model recomputes (``VLMSpec.release_recomputed``: checked, then
+    dropped) and ``num_batches_tracked``. Raises ``StateDictMismatchError`` listing all problems.
     ``scalars``: the frozen parameters releases lack (``VLMSpec.release_scalars``, by last
     name: SigLIP's {"logit_scale", "logit_bias"}) from the VLM's weight file (NaN when not
     given). Returns counts: {"loaded": keys loaded, "dropped": unused keys dropped,
@@ -187,8 +212,9 @@ def mfuser_state_dict(model: nnx.Module, *, step: int,
     original expects is there:
 
     * ``*.num_batches_tracked``: ``step`` (int64); nothing reads it (fixed momentum);
-    * the spec's ``release_recomputed`` (EVA02's rotary tables): recomputed (equal to the
-      original's up to float32 rounding);
+    * the spec's ``release_recomputed`` (EVA02's rotary tables and text mask, SigLIP's
+      position ids): recomputed, in the original's dtypes, as mmcv's saver writes them
+      (the rotary tables equal the original's up to float32 rounding);
     * the spec's ``release_zeros`` (EVA02's ``random_text``, SigLIP's
       ``backbone.adapter_proj{1,2,3}``): zeros of the original's shapes (the original never
       reads them either);
@@ -204,7 +230,7 @@ def mfuser_state_dict(model: nnx.Module, *, step: int,
           if k not in spec.release_scalars}
     extra = {k.removesuffix("running_mean") + "num_batches_tracked": np.array(step, np.int64)
              for k in sd if k.endswith(".running_mean")}
-    extra.update(spec.release_recomputed(model)[0])
+    extra.update({k: v for k, (v, _) in spec.release_recomputed(model).items()})
     extra.update({k: np.zeros(shape, np.float32)
                   for k, shape in spec.release_zeros(model.config).items()})
     if reference is not None:
