@@ -44,7 +44,7 @@ def release_buffers(model):
 
     size = int(model.config.image_size)
     grid = model.backbone.grid_size(size, size)
-    cos, sin = (np.asarray(t, np.float32) for t in model.backbone.vlm.rope(grid))
+    cos, sin = (np.array(t, np.float32) for t in model.backbone.vlm.rope(grid))  # writable
     rope = (f"the rotary table of a {grid[0]}x{grid[1]} patch grid (was the checkpoint "
             "trained at another image size than config.model.image_size?)")
     buffers = {}
