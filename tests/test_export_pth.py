@@ -38,6 +38,7 @@ import torch.nn as tnn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_convert_mfuser import (  # noqa: E402
+    NON_PERSISTENT,
     _fast_create_model,
     _save_pth,
     experiment_config,
@@ -141,6 +142,13 @@ def test_eva02_and_siglip_releases_round_trip(eva, sig):
         model = _abstract(config)
         load_mfuser_checkpoint(model, release)  # SigLIP: logit scalars NaN, not exported
         _assert_identical(mfuser_state_dict(model, step=40, reference=release), release)
+        # a release saved by torch's state_dict() (no non-persistent buffers) also comes
+        # back unchanged
+        vlm = config.model.vlm
+        saved_by_torch = {k: v for k, v in release.items() if k not in NON_PERSISTENT[vlm]}
+        assert len(saved_by_torch) < len(release)
+        _assert_identical(mfuser_state_dict(model, step=40, reference=saved_by_torch),
+                          saved_by_torch)
 
         got = mfuser_state_dict(model, step=40)
         found = _without_release_keys(got, release, *rebuilt)

@@ -222,19 +222,24 @@ def mfuser_state_dict(model: nnx.Module, *, step: int,
 
     ``reference``: a state dict of the release this model was converted from (or of another
     model of the same architecture). Those keys are then copied from it, identity_head's
-    included, and the result must have exactly its keys and shapes (else
-    ``WeightFileError`` lists every difference): a converted release comes out unchanged.
+    included (the buffers only where it holds them), and the result must have exactly its
+    keys and shapes (else ``WeightFileError`` lists every difference): a converted release
+    comes out unchanged.
     """
     spec = get_vlm(getattr(model, "vlm", "clip"))
     sd = {k: np.asarray(v, np.float32) for k, v in torch_state_dict_of(model).items()
           if k not in spec.release_scalars}
     extra = {k.removesuffix("running_mean") + "num_batches_tracked": np.array(step, np.int64)
              for k in sd if k.endswith(".running_mean")}
-    extra.update({k: v for k, (v, _) in spec.release_recomputed(model).items()})
+    buffers = spec.release_recomputed(model)
+    extra.update({k: v for k, (v, _) in buffers.items()})
     extra.update({k: np.zeros(shape, np.float32)
                   for k, shape in spec.release_zeros(model.config).items()})
     if reference is not None:
         unused = unused_keys(spec.name)
+        # the import accepts releases without the buffers (saved by torch's state_dict(),
+        # not mmcv's saver): the reference decides whether they are written
+        extra = {k: v for k, v in extra.items() if k in reference or k not in buffers}
         ours = sd | extra
         mismatched = [(k, np.shape(reference[k]), np.shape(v)) for k, v in ours.items()
                       if k in reference and np.shape(reference[k]) != np.shape(v)]
