@@ -25,8 +25,9 @@ original, so torch's ``state_dict()`` leaves them out, but mmcv 1.5.1's ``save_c
 (runner/checkpoint.py ``get_state_dict``) writes every buffer, so real releases hold them.
 Each one found is compared with what the JAX model computes (a clear error naming the key
 and the difference otherwise) and then dropped. CLIP's text mask is a plain attribute in the
-original (not saved), and DINOv2, the MVFusers and the decoder register no buffers but
-BatchNorm's statistics. SigLIP's ``logit_scale``/``logit_bias``
+original (not saved); DINOv2, the MVFusers, the FPN (BatchNorm's persistent statistics
+aside), the ContextDecoder and the decoder register no buffers. SigLIP's
+``logit_scale``/``logit_bias``
 (``VLMSpec.release_scalars``) are not in a release at all (the original reads them from the
 SigLIP file at build time); they come from the SigLIP weights when given, else they are NaN
 so that training from such a workdir stops with a clear message (evaluation does not use
@@ -174,7 +175,8 @@ def load_mfuser_checkpoint(model: nnx.Module, state_dict: Mapping[str, Any], *,
     Every parameter and BatchNorm statistic of the model must be present with the original
     PyTorch shape and every key must be consumed, except the documented ``unused_keys``,
     the buffers the model recomputes (``VLMSpec.release_recomputed``: checked, then
-    dropped) and ``num_batches_tracked``. Raises ``StateDictMismatchError`` listing all problems.
+    dropped) and ``num_batches_tracked``. Raises ``StateDictMismatchError`` listing all
+    problems.
     ``scalars``: the frozen parameters releases lack (``VLMSpec.release_scalars``, by last
     name: SigLIP's {"logit_scale", "logit_bias"}) from the VLM's weight file (NaN when not
     given). Returns counts: {"loaded": keys loaded, "dropped": unused keys dropped,
