@@ -37,9 +37,10 @@ def export_pth(config: Any, workdir: str, out: str, step: int | None = None,
     ``{"state_dict": ..., "meta": ...}`` of the original MFuser of the config's variant.
 
     ``reference``: the release the workdir was converted from (or any checkpoint of the
-    same architecture); the keys the JAX model does not hold (BatchNorm counters, EVA02's
-    rotary tables, the never-read ``random_text``/``adapter_proj*``/``identity_head``) are
-    copied from it, so a converted release round-trips exactly."""
+    same architecture); the keys the JAX model does not hold (BatchNorm counters, the
+    buffers of ``VLMSpec.release_recomputed``, the never-read ``random_text``/
+    ``adapter_proj*``/``identity_head``) are copied from it, so a converted release
+    round-trips exactly."""
     from mfuser_jax.convert.mfuser import (
         check_is_mfuser,
         check_variant,

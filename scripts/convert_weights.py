@@ -153,7 +153,7 @@ def convert_release(start):
             tokenizer=tokenizer_flag(spec), progress=progress)
     except (WeightFileError, ValueError, FileNotFoundError, OSError) as e:
         fail(e)
-    extra = f", {info['recomputed']} rotary tables checked" if info["recomputed"] else ""
+    extra = f", {info['recomputed']} buffers checked" if info["recomputed"] else ""
     print(f"  MFuser {info['vlm']}: {info['loaded']:,} tensors loaded ({info['dropped']} unused "
           f"keys dropped{extra}); {info['trainable']:,} trainable of {info['total']:,} parameters")
     if not info["logit_scalars"]:

@@ -4,7 +4,8 @@ The reference state dict is assembled from the PyTorch restatements of the origi
 the other test files define (models/backbones/clip/models.py, adapter_module.py, the tqdm
 head), with the prefixes MFuser_CLIP gives them, plus the parts only the segmentor and the
 fused backbone own (adapter_proj1/2/3, fpn1/fpn2 with their BatchNorm, contexts, gamma) and
-identity_head.conv_seg. Its keys are never derived from the JAX model.
+identity_head.conv_seg, each saved as mmcv's save_checkpoint saves it (every buffer,
+persistent or not: ``mmcv_state_dict``). Its keys are never derived from the JAX model.
 """
 
 import os
@@ -64,13 +65,50 @@ class TText(tnn.Module):
         self.text_projection = tnn.Parameter(torch.randn(w, embed) * w ** -0.5)
 
 
-def _prefixed(prefix, module):
-    return {f"{prefix}{k}": v.detach().numpy().copy() for k, v in module.state_dict().items()}
+def mmcv_state_dict(module, prefix=""):
+    """What mmcv 1.5.1's save_checkpoint writes for ``module`` (runner/checkpoint.py
+    get_state_dict / _save_to_state_dict): every parameter and every buffer that is not
+    None, ``persistent=False`` ones included, recursively; torch's state_dict() leaves the
+    non-persistent buffers out."""
+    out = {}
+    for name, value in [*module._parameters.items(), *module._buffers.items()]:
+        if value is not None:
+            out[prefix + name] = value.detach().numpy().copy()
+    for name, child in module._modules.items():
+        if child is not None:
+            out.update(mmcv_state_dict(child, f"{prefix}{name}."))
+    return out
 
 
-def _shared_parts(m, vlm_width, text_dim, fpn_seed=0):
+def torch_state_dict(module, prefix=""):
+    """torch's own ``module.state_dict()`` (persistent buffers only), as numpy."""
+    return {prefix + k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
+
+
+# The buffers each original registers with persistent=False, which mmcv's saver writes into
+# every release while torch's state_dict() leaves them out; read off the original code
+# (devinxzhang/MFuser: every register_buffer of the modules each segmentor builds).
+# CLIP: models/backbones/clip/models.py keeps its text mask as a plain attribute (not
+# saved); EVA02: eva_clip/transformer.py TextTransformer's causal mask (its rotary tables,
+# rope.py, are persistent); SigLIP: siglip/modeling_siglip.py SiglipVisionEmbeddings and
+# SiglipTextEmbeddings. DINOv2 (dino_v2.py, dino_layers/), the MVFusers (adapter_module.py
+# with mamba_ssm's RMSNormGated), the FPN (BatchNorm: persistent statistics), the
+# ContextDecoder and the tqdm head with its pixel decoder register none.
+NON_PERSISTENT = {
+    "clip": set(),
+    "eva02": {"text_encoder.attn_mask"},
+    "siglip": {"backbone.embeddings.position_ids", "text_encoder.embeddings.position_ids"},
+}
+
+
+def _prefixed(saver, prefix, module):
+    return saver(module, prefix)
+
+
+def _shared_parts(m, vlm_width, text_dim, fpn_seed=0, saver=mmcv_state_dict):
     """What every variant's checkpoint has besides the VLM towers: DINOv2, MVFusers, FPN,
-    ContextDecoder, tqdm head, contexts, gamma, identity_head.conv_seg."""
+    ContextDecoder, tqdm head, contexts, gamma, identity_head.conv_seg; ``saver`` writes
+    each module's keys (mmcv's, as the releases are saved, or torch's state_dict)."""
     c, d, mv, cd, dec = m[m.vlm], m.dinov2, m.mvfuser, m.context_decoder, m.decoder
     layers, dd = c.layers, d.embed_dim
     sd = {}
@@ -79,8 +117,8 @@ def _shared_parts(m, vlm_width, text_dim, fpn_seed=0):
         intermediate_size=int(d.mlp_ratio * dd), image_size=m.image_size,
         patch_size=m.patch_size, layerscale_value=d.init_values))
     sd.update({f"backbone.dinov2.{k}": np.asarray(v)
-               for k, v in hf_to_official(hf.state_dict()).items()})
-    sd.update(_prefixed("backbone.adapter.", tnn.Sequential(
+               for k, v in hf_to_official(saver(hf)).items()})
+    sd.update(_prefixed(saver, "backbone.adapter.", tnn.Sequential(
         *[TorchMVFuser(vlm_width, mv.d_state, mv.d_conv, mv.expand) for _ in range(layers)])))
     fpn = vlm_width + dd
     fpn1 = tnn.Sequential(tnn.ConvTranspose2d(fpn, fpn, 2, 2), tnn.BatchNorm2d(fpn), tnn.GELU(),
@@ -90,10 +128,11 @@ def _shared_parts(m, vlm_width, text_dim, fpn_seed=0):
         fpn1[1].running_var.uniform_(0.5, 2.0)
         fpn1[1].weight.uniform_(0.5, 1.5)
         fpn1[1].num_batches_tracked.fill_(20000)
-    sd.update(_prefixed("backbone.fpn1.", fpn1))
-    sd.update(_prefixed("backbone.fpn2.", tnn.Sequential(tnn.ConvTranspose2d(fpn, fpn, 2, 2))))
-    sd.update(_prefixed("context_decoder.", TorchContextDecoder(cd.width, cd.heads, cd.layers,
-                                                                text_dim, cd.dropout)))
+    sd.update(_prefixed(saver, "backbone.fpn1.", fpn1))
+    sd.update(_prefixed(saver, "backbone.fpn2.",
+                        tnn.Sequential(tnn.ConvTranspose2d(fpn, fpn, 2, 2))))
+    sd.update(_prefixed(saver, "context_decoder.", TorchContextDecoder(
+        cd.width, cd.heads, cd.layers, text_dim, cd.dropout)))
     head_cfg = dict(
         in_channels=(fpn,) * 4, feat_channels=dec.feat_channels,
         out_channels=dec.feat_channels, num_classes=m.num_classes, num_queries=m.num_classes,
@@ -102,7 +141,7 @@ def _shared_parts(m, vlm_width, text_dim, fpn_seed=0):
         num_points=dec.deform_points, pixel_decoder_ffn_channels=dec.pixel_ffn,
         num_decoder_layers=dec.decoder_layers, decoder_heads=dec.num_heads,
         decoder_ffn_channels=dec.ffn)
-    sd.update(_prefixed("decode_head.", THead(_torch_cfg(head_cfg))))
+    sd.update(_prefixed(saver, "decode_head.", THead(_torch_cfg(head_cfg))))
     rng = np.random.default_rng(fpn_seed)
     sd["contexts"] = rng.normal(size=(1, c.n_ctx, c.text_width)).astype(np.float32)
     sd["gamma"] = rng.normal(size=(text_dim,)).astype(np.float32)
@@ -111,24 +150,24 @@ def _shared_parts(m, vlm_width, text_dim, fpn_seed=0):
     return sd
 
 
-def original_state_dict(m, seed=0):
+def original_state_dict(m, seed=0, saver=mmcv_state_dict):
     """The state dict MFuser_CLIP(config m) saves, at m's (tiny) sizes, random values."""
     torch.manual_seed(seed)
     c, d = m.clip, m.dinov2
     w, dd, layers = c.width, d.embed_dim, c.layers
-    sd = _shared_parts(m, w, c.output_dim, seed)
+    sd = _shared_parts(m, w, c.output_dim, seed, saver)
     # backbone: the CLIP image tower at the top level (CLIPVisionTransformer) and the
     # three projections only this variant has
-    sd.update(_prefixed("backbone.", TVisual(m.image_size, m.patch_size, w, layers, c.heads,
-                                             c.output_dim)))
-    sd.update(_prefixed("backbone.adapter_proj1.",
+    sd.update(_prefixed(saver, "backbone.", TVisual(m.image_size, m.patch_size, w, layers,
+                                                    c.heads, c.output_dim)))
+    sd.update(_prefixed(saver, "backbone.adapter_proj1.",
                         tnn.Sequential(*[tnn.Linear(dd, w) for _ in range(layers)])))
-    sd.update(_prefixed("backbone.adapter_proj2.",
+    sd.update(_prefixed(saver, "backbone.adapter_proj2.",
                         tnn.Sequential(*[tnn.Linear(w, dd) for _ in range(layers)])))
-    sd.update(_prefixed("backbone.adapter_proj3.", tnn.Linear(dd, w)))
-    sd.update(_prefixed("text_encoder.", TText(c.token_length + c.n_ctx, c.vocab_size,
-                                               c.text_width, c.text_layers, c.text_heads,
-                                               c.output_dim)))
+    sd.update(_prefixed(saver, "backbone.adapter_proj3.", tnn.Linear(dd, w)))
+    sd.update(_prefixed(saver, "text_encoder.", TText(c.token_length + c.n_ctx, c.vocab_size,
+                                                      c.text_width, c.text_layers,
+                                                      c.text_heads, c.output_dim)))
     return sd
 
 

@@ -496,9 +496,17 @@ def test_convert_patch_size_and_errors():
         eva02_state_dicts({**sd, "extra.weight": np.zeros(2)}, img_size=IMG, context_length=8)
 
 
+def t_resize_float16_on_gpu(pos, new_size):
+    """resize_evaclip_pos_embed on a float16 table as MFuser runs it: loaded onto the GPU,
+    whose bicubic kernel computes a float16 input in float32 and rounds once. On the CPU
+    that is the float32 kernel on the same layout, then the rounding (the CPU's float16
+    kernel keeps its weights in float16 instead)."""
+    return t_resize_evaclip_pos_embed(pos.float(), new_size).half()
+
+
 def test_float16_file_pos_embed_rounded_like_original(tmp_path):
-    # For a float16 file the original resizes pos_embed in float16 on the GPU (float
-    # accumulation, one final rounding) before copying it into float32.
+    # For a float16 file the original resizes pos_embed in float32 arithmetic with one
+    # final rounding to float16, before copying it into float32.
     sd = {k: (v.half() if v.is_floating_point() else v)
           for k, v in _fake_clip_sd(_torch_tower(17), _torch_text(18)).items()}
     path = tmp_path / "eva02_fp16.pt"
@@ -506,12 +514,27 @@ def test_float16_file_pos_embed_rounded_like_original(tmp_path):
     visual, text = read_eva02_clip(path, img_size=84, context_length=8)
     assert visual["pos_embed"].dtype == np.float32 and text["text_projection"].dtype == np.float32
     exact = t_resize_evaclip_pos_embed(sd["visual.pos_embed"].float(), 6)
-    ref = exact.half().float().numpy()
-    got = visual["pos_embed"]
-    np.testing.assert_array_equal(got.astype(np.float16).astype(np.float32), got)
-    assert np.mean(got == ref) > 0.99  # rounding ties aside, bit-equal
-    np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3)
-    assert not np.array_equal(got, exact.numpy())
+    ref = t_resize_float16_on_gpu(sd["visual.pos_embed"], 6).float().numpy()
+    np.testing.assert_array_equal(visual["pos_embed"], ref)
+    assert not np.array_equal(visual["pos_embed"], exact.numpy())
+
+
+def test_float16_pos_embed_at_full_size_is_bit_equal_to_the_originals():
+    # The released table (24 x 24 x 1024, float16) resized to MFuser's 36 x 36 grid: every
+    # entry as the original's float32 arithmetic rounds it. A float64 resize rounded to
+    # float16 lands one float16 step away in about 1 of 800 entries.
+    rng = np.random.default_rng(3)
+    pos = torch.from_numpy((rng.normal(size=(1, 577, 1024)) * 0.02).astype(np.float16))
+    sd = {"visual.pos_embed": pos.numpy(), "visual.patch_embed.proj.weight": np.zeros(
+        (1, 3, 14, 14), np.float16), "text.positional_embedding": np.zeros((77, 4))}
+    sd.update({k: np.zeros(1) for k in ("visual.cls_token", "visual.blocks.0.attn.q_proj.weight",
+                                        "visual.blocks.0.attn.q_bias",
+                                        "visual.blocks.0.mlp.w3.weight",
+                                        "text.token_embedding.weight", "text.text_projection")})
+    visual, _ = eva02_state_dicts(sd, img_size=512, patch_size=14, context_length=13)
+    ref = t_resize_float16_on_gpu(pos, 36).float().numpy()
+    assert visual["pos_embed"].shape == (1, 1297, 1024)
+    np.testing.assert_array_equal(visual["pos_embed"], ref)
 
 
 # --------------------------------------------------------------------------------------

@@ -14,6 +14,10 @@ asserted below:
 * EVA02's rotary tables: recomputed, equal to float32 rounding (not bit for bit);
 * EVA02's random_text and SigLIP's backbone.adapter_proj{1,2,3}.*: zeros (never read).
 
+The non-persistent buffers mmcv's saver writes (EVA02's text_encoder.attn_mask, SigLIP's
+*.embeddings.position_ids) come back recomputed and identical, dtypes included, and an
+export read back, imported and exported again is unchanged.
+
 Strict loading: the key set and shapes equal those of the original modules' state dicts,
 and parts of the file load into those modules with load_state_dict(strict=True).
 """
@@ -22,8 +26,11 @@ import os
 import re
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -31,6 +38,7 @@ import torch.nn as tnn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_convert_mfuser import (  # noqa: E402
+    NON_PERSISTENT,
     _fast_create_model,
     _save_pth,
     experiment_config,
@@ -47,8 +55,10 @@ from mfuser_jax.convert.mfuser import (  # noqa: E402
     load_mfuser_checkpoint,
     mfuser_state_dict,
     read_mfuser_checkpoint,
+    save_mfuser_checkpoint,
 )
 from mfuser_jax.export import export_pth  # noqa: E402
+from mfuser_jax.vlm import get_vlm  # noqa: E402
 
 IDENTITY_HEAD = re.compile(r"identity_head\.")
 COUNTER = re.compile(r".*\.num_batches_tracked$")
@@ -80,10 +90,15 @@ def _without_release_keys(got, release, *rebuilt):
     return found
 
 
-def test_a_converted_release_exports_unchanged(tmp_path, monkeypatch):
-    monkeypatch.setattr(startup, "create_model", _fast_create_model)
+@pytest.fixture(scope="module")
+def clip():
     config = experiment_config()
-    release = original_state_dict(config.model)
+    return config, original_state_dict(config.model)
+
+
+def test_a_converted_release_exports_unchanged(clip, tmp_path, monkeypatch):
+    monkeypatch.setattr(startup, "create_model", _fast_create_model)
+    config, release = clip
     pth = str(tmp_path / "iter_40.pth")
     _save_pth(pth, release, {"iter": 39})
     workdir = str(tmp_path / "w")
@@ -127,6 +142,13 @@ def test_eva02_and_siglip_releases_round_trip(eva, sig):
         model = _abstract(config)
         load_mfuser_checkpoint(model, release)  # SigLIP: logit scalars NaN, not exported
         _assert_identical(mfuser_state_dict(model, step=40, reference=release), release)
+        # a release saved by torch's state_dict() (no non-persistent buffers) also comes
+        # back unchanged
+        vlm = config.model.vlm
+        saved_by_torch = {k: v for k, v in release.items() if k not in NON_PERSISTENT[vlm]}
+        assert len(saved_by_torch) < len(release)
+        _assert_identical(mfuser_state_dict(model, step=40, reference=saved_by_torch),
+                          saved_by_torch)
 
         got = mfuser_state_dict(model, step=40)
         found = _without_release_keys(got, release, *rebuilt)
@@ -158,3 +180,31 @@ def test_a_reference_of_another_model_is_refused(eva):
     assert "missing keys (1):\n    decode_head.extra.weight" in msg
     assert "unexpected keys (1):\n    gamma" in msg
     assert "random_text: expected (19, 10) (PyTorch layout), got (19, 768)" in msg
+
+
+def test_export_import_export_keeps_every_key_and_value(clip, eva, sig, tmp_path):
+    # For each variant: a workdir's model exported (mmcv's key set, the buffers written as
+    # mmcv saves them), read back from the file, imported and exported again gives the same
+    # keys, dtypes, shapes and values.
+    buffers = {"clip": {}, "eva02": {"text_encoder.attn_mask": np.float32},
+               "siglip": {"backbone.embeddings.position_ids": np.int64,
+                          "text_encoder.embeddings.position_ids": np.int64}}
+    for config, release in (clip, eva, sig):
+        vlm = config.model.vlm
+        model = _abstract(config)
+        load_mfuser_checkpoint(model, release)
+        first = mfuser_state_dict(model, step=40)
+        assert sorted(first) == sorted(k for k in release if not IDENTITY_HEAD.match(k)), vlm
+        path = str(tmp_path / f"{vlm}.pth")
+        save_mfuser_checkpoint(path, first, {"iter": 39})
+        saved, _ = read_mfuser_checkpoint(path)
+        _assert_identical(saved, first)
+        for key, dtype in buffers[vlm].items():
+            assert saved[key].dtype == dtype, key
+            np.testing.assert_array_equal(saved[key], release[key], err_msg=key)
+        # import into the same model, zeroed first: every value comes from the file
+        nnx.update(model, jax.tree.map(jnp.zeros_like,
+                                       nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))))
+        counts = load_mfuser_checkpoint(model, saved)
+        assert counts["recomputed"] == len(get_vlm(vlm).release_recomputed(model)), vlm
+        _assert_identical(mfuser_state_dict(model, step=40), first)

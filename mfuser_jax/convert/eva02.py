@@ -10,7 +10,8 @@ MFuser's loader (eva_clip/factory.py ``load_state_dict`` / ``load_checkpoint`` a
 - drop the rotary ``freqs_cos`` / ``freqs_sin`` buffers (recomputed from the grid; our
   ``EVAVisionTransformer.rope``), ``logit_scale`` and ``text.logit_scale``;
 - resize ``visual.pos_embed``'s square grid (24 x 24 at 336 px) to the new grid (36 x 36 at
-  512 px) with bicubic F.interpolate(align_corners=False), class position kept;
+  512 px) with torch's bicubic F.interpolate(align_corners=False) in float32, class
+  position kept, a float16 table rounded back to float16 (the original's arithmetic);
 - resize the patch kernel bicubically if the patch size changes (14 -> 14 is the identity);
 - cut ``text.positional_embedding`` to the text context length (MFuser: 13 of 77).
 
@@ -96,6 +97,31 @@ def _describe_mismatch(sd: Mapping[str, Any]) -> str:
     )
 
 
+def _interpolate_like_original(tokens: np.ndarray, orig: int, grid: tuple) -> np.ndarray:
+    """The (orig*orig, D) position rows resized to ``grid`` by torch's own bicubic kernel
+    in float32, laid out as resize_evaclip_pos_embed lays them out (utils.py of the
+    original: reshape to (1, g, g, D), permute to NCHW). Not ops.resize: its float64 result
+    rounds to float16 one step away from torch's float32 one for about 1 in 800 entries of
+    the full-size table, and a float32 restatement cannot follow the compiler's fused
+    multiply-adds in torch's weights and sums. Reading the EVA02 .pt file needs torch anyway.
+    This is torch's CPU kernel; the original ran the GPU's, which computes in float32 too
+    but may contract other multiply-adds (not measured here).
+    """
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise WeightFileError(
+            "resizing EVA02's visual.pos_embed as the original does needs PyTorch (the CPU "
+            "build is enough)") from e
+    d = tokens.shape[-1]
+    x = torch.from_numpy(np.ascontiguousarray(tokens, np.float32)).reshape(1, orig, orig, d)
+    with torch.no_grad():
+        out = F.interpolate(x.permute(0, 3, 1, 2), size=tuple(grid), mode="bicubic",
+                            align_corners=False)
+    return out.permute(0, 2, 3, 1).reshape(-1, d).numpy().copy()
+
+
 def eva02_state_dicts(
     sd: Mapping[str, Any],
     *,
@@ -106,7 +132,8 @@ def eva02_state_dicts(
     """(visual_sd, text_sd) for EVAVisionTransformer and CLIPTextContextEncoder.
 
     Prefixes are stripped, floating arrays become float32 (before resizing; a float16
-    ``pos_embed`` is rounded back to float16 after its resize, as the original's is), the rotary
+    ``pos_embed`` is resized by torch in float32 and rounded back to float16, as the
+    original's is), the rotary
     buffers and logit scales dropped, ``pos_embed`` and the patch kernel resized to
     ``img_size // patch_size`` / ``patch_size`` (bicubic, align_corners=False, class position
     kept) and the text positions cut to ``context_length``. WeightFileError if ``sd`` is not
@@ -144,12 +171,11 @@ def eva02_state_dicts(
     if orig * orig != n_spatial:
         raise WeightFileError(f"visual.pos_embed has {n_spatial} spatial rows, not a square grid")
     if (orig, orig) != grid:
-        spatial = pos[0, 1:].reshape(orig, orig, pos.shape[2])
-        spatial = resize(spatial, grid, axes=(0, 1), mode="bicubic").reshape(-1, pos.shape[2])
+        spatial = _interpolate_like_original(pos[0, 1:], orig, grid)
         if pos_dtype == np.float16:
             # The original interpolates the tensor as stored (the EVA-CLIP releases appear
-            # to be float16; MFuser loads onto the GPU: float accumulation, one rounding at
-            # the end), then copies it into the float32 parameter: round the same way.
+            # to be float16; MFuser loads them onto the GPU, whose kernel computes a float16
+            # input in float32 and rounds once), then copies it into the float32 parameter.
             spatial = spatial.astype(np.float16).astype(np.float32)
         visual["pos_embed"] = np.concatenate([pos[0, :1], spatial], axis=0)[None]
     kernel = visual["patch_embed.proj.weight"]

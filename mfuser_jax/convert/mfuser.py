@@ -17,9 +17,17 @@ per-variant ones are in the VLM's spec, ``VLMSpec.release_unused`` in ``mfuser_j
   variant's projections but its forward never calls them.
 * ``*.num_batches_tracked``: BatchNorm's step counter (momentum is fixed in both codes).
 
-EVA02's rotary tables (``backbone.rope.freqs_*`` and one copy per block, persistent
-buffers in PyTorch; ``VLMSpec.release_recomputed``) are not weights: they are compared with
-the tables the JAX model computes and then dropped. SigLIP's ``logit_scale``/``logit_bias``
+Buffers are not weights (``VLMSpec.release_recomputed``): EVA02's rotary tables
+(``backbone.rope.freqs_*`` and one copy per block, persistent) and its text tower's causal
+mask ``text_encoder.attn_mask``, SigLIP's ``backbone.embeddings.position_ids`` and
+``text_encoder.embeddings.position_ids``. The last three are ``persistent=False`` in the
+original, so torch's ``state_dict()`` leaves them out, but mmcv 1.5.1's ``save_checkpoint``
+(runner/checkpoint.py ``get_state_dict``) writes every buffer, so real releases hold them.
+Each one found is compared with what the JAX model computes (a clear error naming the key
+and the difference otherwise) and then dropped. CLIP's text mask is a plain attribute in the
+original (not saved); DINOv2, the MVFusers, the FPN (BatchNorm's persistent statistics
+aside), the ContextDecoder and the decoder register no buffers. SigLIP's
+``logit_scale``/``logit_bias``
 (``VLMSpec.release_scalars``) are not in a release at all (the original reads them from the
 SigLIP file at build time); they come from the SigLIP weights when given, else they are NaN
 so that training from such a workdir stops with a clear message (evaluation does not use
@@ -108,18 +116,36 @@ def check_is_mfuser(state_dict: Mapping[str, Any], source: str) -> None:
             + " or ".join(f"--{n}" for n in names()) + " instead of --mfuser)")
 
 
+def _difference(value: np.ndarray, want: np.ndarray) -> str | None:
+    """None if ``value`` is ``want`` (floats to 1e-5, infinities equal), else how it differs."""
+    if value.shape != want.shape:
+        return f"shape {tuple(value.shape)}, expected {tuple(want.shape)}"
+    if np.issubdtype(want.dtype, np.floating):
+        value = value.astype(np.float64)
+        bad = ~np.isclose(value, want, rtol=0, atol=1e-5)
+    else:
+        bad = value != want
+    if not bad.any():
+        return None
+    diff = np.abs(value[bad].astype(np.float64) - want[bad].astype(np.float64))
+    return (f"{int(bad.sum())} of {bad.size} values differ, by up to "
+            f"{np.where(np.isnan(diff), np.inf, diff).max():.3g}")
+
+
 def _check_recomputed(model: nnx.Module, state_dict: dict, source: str) -> int:
-    """Pop the buffers the VLM's original saves and the JAX model computes (EVA02's rotary
-    tables) from ``state_dict``; each must equal the model's. Returns how many were checked."""
-    tables, what = get_vlm(model.vlm).release_recomputed(model)
-    found = [k for k in tables if k in state_dict]
+    """Pop the buffers the VLM's original saves and the JAX model computes (``VLMSpec.
+    release_recomputed``: EVA02's rotary tables and text mask, SigLIP's position ids) from
+    ``state_dict``; each must equal the model's, else a WeightFileError names the key and
+    the difference. Returns how many were checked (a release need not hold them: torch's own
+    ``state_dict()`` leaves the non-persistent ones out)."""
+    buffers = get_vlm(model.vlm).release_recomputed(model)
+    found = [k for k in buffers if k in state_dict]
     for key in found:
-        value = np.asarray(state_dict.pop(key), np.float32)
-        want = tables[key]
-        if value.shape != want.shape or not np.allclose(value, want, atol=1e-5):
-            raise WeightFileError(
-                f"{source}: {key} {tuple(value.shape)} is not {what}: was the checkpoint "
-                "trained at another image size than config.model.image_size?")
+        value = np.asarray(state_dict.pop(key))
+        want, what = buffers[key]
+        difference = _difference(value, np.asarray(want))
+        if difference is not None:
+            raise WeightFileError(f"{source}: {key} is not {what}: {difference}")
     return len(found)
 
 
@@ -148,8 +174,9 @@ def load_mfuser_checkpoint(model: nnx.Module, state_dict: Mapping[str, Any], *,
 
     Every parameter and BatchNorm statistic of the model must be present with the original
     PyTorch shape and every key must be consumed, except the documented ``unused_keys``,
-    the buffers the model recomputes (EVA02's rotary tables: checked, then dropped) and
-    ``num_batches_tracked``. Raises ``StateDictMismatchError`` listing all problems.
+    the buffers the model recomputes (``VLMSpec.release_recomputed``: checked, then
+    dropped) and ``num_batches_tracked``. Raises ``StateDictMismatchError`` listing all
+    problems.
     ``scalars``: the frozen parameters releases lack (``VLMSpec.release_scalars``, by last
     name: SigLIP's {"logit_scale", "logit_bias"}) from the VLM's weight file (NaN when not
     given). Returns counts: {"loaded": keys loaded, "dropped": unused keys dropped,
@@ -187,8 +214,9 @@ def mfuser_state_dict(model: nnx.Module, *, step: int,
     original expects is there:
 
     * ``*.num_batches_tracked``: ``step`` (int64); nothing reads it (fixed momentum);
-    * the spec's ``release_recomputed`` (EVA02's rotary tables): recomputed (equal to the
-      original's up to float32 rounding);
+    * the spec's ``release_recomputed`` (EVA02's rotary tables and text mask, SigLIP's
+      position ids): recomputed, in the original's dtypes, as mmcv's saver writes them
+      (the rotary tables equal the original's up to float32 rounding);
     * the spec's ``release_zeros`` (EVA02's ``random_text``, SigLIP's
       ``backbone.adapter_proj{1,2,3}``): zeros of the original's shapes (the original never
       reads them either);
@@ -196,19 +224,24 @@ def mfuser_state_dict(model: nnx.Module, *, step: int,
 
     ``reference``: a state dict of the release this model was converted from (or of another
     model of the same architecture). Those keys are then copied from it, identity_head's
-    included, and the result must have exactly its keys and shapes (else
-    ``WeightFileError`` lists every difference): a converted release comes out unchanged.
+    included (the buffers only where it holds them), and the result must have exactly its
+    keys and shapes (else ``WeightFileError`` lists every difference): a converted release
+    comes out unchanged.
     """
     spec = get_vlm(getattr(model, "vlm", "clip"))
     sd = {k: np.asarray(v, np.float32) for k, v in torch_state_dict_of(model).items()
           if k not in spec.release_scalars}
     extra = {k.removesuffix("running_mean") + "num_batches_tracked": np.array(step, np.int64)
              for k in sd if k.endswith(".running_mean")}
-    extra.update(spec.release_recomputed(model)[0])
+    buffers = spec.release_recomputed(model)
+    extra.update({k: v for k, (v, _) in buffers.items()})
     extra.update({k: np.zeros(shape, np.float32)
                   for k, shape in spec.release_zeros(model.config).items()})
     if reference is not None:
         unused = unused_keys(spec.name)
+        # the import accepts releases without the buffers (saved by torch's state_dict(),
+        # not mmcv's saver): the reference decides whether they are written
+        extra = {k: v for k, v in extra.items() if k in reference or k not in buffers}
         ours = sd | extra
         mismatched = [(k, np.shape(reference[k]), np.shape(v)) for k, v in ours.items()
                       if k in reference and np.shape(reference[k]) != np.shape(v)]

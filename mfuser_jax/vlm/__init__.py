@@ -40,7 +40,7 @@ def _nothing(model_config):
 
 def _no_buffers(model):
     del model
-    return {}, ""
+    return {}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -86,9 +86,10 @@ class VLMSpec:
       release_key: a key only this variant's releases hold (detects the variant).
       release_unused: regexes of keys the original saves but never reads (dropped on import).
       release_zeros(model_config) -> {key: shape}: those keys written back as zeros on export.
-      release_recomputed(model) -> ({key: array}, what): buffers the original saves that the
-        JAX model computes (checked against the release on import, written on export);
-        ``what`` describes them for the error message.
+      release_recomputed(model) -> {key: (array, what)}: the buffers the original registers
+        (persistent or not: mmcv's saver writes both) that the JAX model computes, with the
+        dtype and value the original saves; checked against the release on import (then
+        dropped), written on export. ``what`` describes each for the error message.
       release_scalars: frozen backbone parameters a release lacks (the original reads them
         from the VLM file): on import they come from ``scalars_from(VLM state dict)`` when
         the VLM file is given (``--<name>``), else NaN, and training from them is refused.
@@ -114,7 +115,7 @@ class VLMSpec:
     tokenizer_source: str = ""
     release_unused: tuple[str, ...] = ()
     release_zeros: Callable[[Any], Mapping[str, tuple]] = _nothing
-    release_recomputed: Callable[[Any], tuple] = _no_buffers
+    release_recomputed: Callable[[Any], Mapping[str, tuple]] = _no_buffers
     release_scalars: tuple[str, ...] = ()
     scalars_from: Callable[[Mapping], Mapping] = _no_scalars
 

@@ -5,7 +5,8 @@ EVA02 configs: rotary attention, SwiGLU and sub-LN in the image tower
 (``models.backbone.MFuserEVABackbone``), patch 14 in both towers (36 x 36 tokens at 512 px),
 open_clip's text tower (exact GELU) with 8 learned contexts, OpenAI's BPE tokenizer, weight
 decay 1e-5 with 'norm', 'level_embed' and 'query_embed' at decay_mult 0. Its releases hold
-the rotary tables as persistent buffers (recomputed here) and an unused ``random_text``.
+the rotary tables and the text tower's causal mask as buffers (recomputed here) and an
+unused ``random_text``.
 """
 
 from __future__ import annotations
@@ -30,19 +31,32 @@ def convert_encoder(state_dict, *, img_size, patch_size, context_length):
     return visual, text, {}
 
 
-def rope_tables(model):
-    """The rotary tables MFuser_EVA_CLIP saves (``backbone.rope.freqs_{cos,sin}`` and one copy
-    per block): persistent buffers in PyTorch, computed by the JAX model at its image size."""
+def release_buffers(model):
+    """The buffers MFuser_EVA_CLIP's releases hold, as the JAX model computes them:
+
+    * the rotary tables ``backbone.rope.freqs_{cos,sin}`` and one copy per block (persistent
+      buffers of eva_clip/rope.py's VisionRotaryEmbeddingFast, shared by the blocks);
+    * ``text_encoder.attn_mask``: the text tower's additive causal mask (eva_clip/
+      transformer.py TextTransformer, ``persistent=False``, but mmcv's saver writes every
+      buffer), float32 with -inf above the diagonal; the JAX tower masks causally itself.
+    """
     import numpy as np
 
     size = int(model.config.image_size)
     grid = model.backbone.grid_size(size, size)
-    cos, sin = (np.asarray(t) for t in model.backbone.vlm.rope(grid))
-    tables = {}
+    cos, sin = (np.array(t, np.float32) for t in model.backbone.vlm.rope(grid))  # writable
+    rope = (f"the rotary table of a {grid[0]}x{grid[1]} patch grid (was the checkpoint "
+            "trained at another image size than config.model.image_size?)")
+    buffers = {}
     for prefix in ["backbone.", *(f"backbone.blocks.{i}.attn." for i in
                                   range(int(model.config[model.vlm].layers)))]:
-        tables[prefix + "rope.freqs_cos"], tables[prefix + "rope.freqs_sin"] = cos, sin
-    return tables, f"the rotary table of a {grid[0]}x{grid[1]} patch grid"
+        buffers[prefix + "rope.freqs_cos"] = (cos, rope)
+        buffers[prefix + "rope.freqs_sin"] = (sin, rope)
+    n = int(model.text_encoder.context_length)
+    mask = np.triu(np.full((n, n), -np.inf, np.float32), 1)  # build_attention_mask's
+    buffers["text_encoder.attn_mask"] = (
+        mask, f"the causal mask of {n} text positions (-inf above the diagonal, 0 elsewhere)")
+    return buffers
 
 
 def random_text(model_config):
@@ -71,5 +85,5 @@ SPEC = register_vlm(VLMSpec(
     # MFuser_EVA_CLIP creates this parameter and never reads it
     release_unused=(r"random_text$",),
     release_zeros=random_text,
-    release_recomputed=rope_tables,
+    release_recomputed=release_buffers,
 ))

@@ -7,7 +7,8 @@ google/siglip-large-patch16-384 (not shipped: given to convert_weights.py and co
 the converted weights), weight decay 1e-5 with 'norm', 'level_embed' and 'query_embed' at
 decay_mult 0, and the sigmoid-calibrated score-map logits (cosine * exp(logit_scale) +
 logit_bias, temperature 1). Its releases lack logit_scale/logit_bias (the original reads
-them from the SigLIP file) and hold never-called ``adapter_proj{1,2,3}``.
+them from the SigLIP file) and hold never-called ``adapter_proj{1,2,3}`` and both towers'
+``position_ids`` buffers (recomputed here).
 """
 
 from __future__ import annotations
@@ -85,6 +86,26 @@ def unused_projections(model_config):
     return shapes
 
 
+def release_buffers(model):
+    """The buffers MFuser_SIGLIP's releases hold, as the JAX model computes them: the
+    ``position_ids`` of both towers' embeddings (siglip/modeling_siglip.py
+    SiglipVisionEmbeddings and SiglipTextEmbeddings, ``persistent=False``, but mmcv's saver
+    writes every buffer), int64 ``arange(positions)`` of shape (1, positions)."""
+    import numpy as np
+
+    gh, gw = model.backbone.vlm.embeddings.grid
+    n_text = int(model.text_encoder.context_length)
+    return {
+        "backbone.embeddings.position_ids": (
+            np.arange(gh * gw, dtype=np.int64)[None],
+            f"the position indices of a {gh}x{gw} patch grid (was the checkpoint trained "
+            "at another image size than config.model.image_size?)"),
+        "text_encoder.embeddings.position_ids": (
+            np.arange(n_text, dtype=np.int64)[None],
+            f"the position indices of {n_text} text positions"),
+    }
+
+
 SPEC = register_vlm(VLMSpec(
     name="siglip",
     title="SigLIP-L/16-384",
@@ -109,6 +130,7 @@ SPEC = register_vlm(VLMSpec(
     release_key="backbone.embeddings.patch_embedding.weight",
     release_unused=(r"backbone\.adapter_proj[123]\.",),
     release_zeros=unused_projections,
+    release_recomputed=release_buffers,
     release_scalars=SCALARS,
     scalars_from=scalars_from,
 ))
