@@ -32,7 +32,8 @@ def tiny():
     cfg.context_decoder.width = 64
     cfg.loss.num_points = 64
     cfg.mvfuser.scan_backend = "reference"
-    model = MFuser(cfg, rngs=nnx.Rngs(0))
+    # abstract: the FLOP counts need shapes only (XLA compiles from them), not drawn weights
+    model = nnx.eval_shape(lambda: MFuser(cfg, rngs=nnx.Rngs(0)))
     model.eval()
     # XLA's cost analysis counts a scanned loop body once, not once per layer: compare the
     # analytic count with the same layers unrolled.
