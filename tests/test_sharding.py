@@ -76,7 +76,8 @@ def test_eight_fake_devices():
         np.testing.assert_array_equal(shd.to_host(placed["big"]), tree["big"])
         print("OK")
     """)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    flags = os.environ.get("XLA_FLAGS", "")  # the suite's settings, then the device count
+    env = dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, timeout=300)

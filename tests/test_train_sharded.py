@@ -38,7 +38,8 @@ def single_device_losses(tmp_path_factory):
 
 def _env(devices):
     return dict(os.environ, JAX_PLATFORMS="cpu",
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+                XLA_FLAGS=os.environ.get("XLA_FLAGS", "")  # the suite's settings, then ours
+                + f" --xla_force_host_platform_device_count={devices}")
 
 
 def test_eight_devices_match_one(tmp_path, single_device_losses):

@@ -20,6 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_compile_only_reports_memory_and_a_second_process_loads_it_from_the_cache(tmp_path):
     # the toy step compiles in well under JAX's 1 s caching threshold: cache everything here
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the suite's shared cache would take precedence
     cmd = [sys.executable, "scripts/train.py", "--config", "tests/toy_config.py",
            "--compile_only", "--workdir", str(tmp_path)]
     runs = [subprocess.run(cmd + ["--config.compile_cache=workdir"], cwd=REPO, env=env,
