@@ -16,10 +16,17 @@ Backends share one signature (axlearn's ssm.py style):
   "auto"        pallas on a GPU where its kernels compile and agree with the reference
                 at a tiny shape (probed once per process, see ``auto_backend``),
                 reference on a CPU, associative elsewhere.
+
+The choice follows the platform a program is lowered for, not the machine that traces it:
+"auto" and "pallas" stage one branch per platform (``lax.platform_dependent``) and the lowering
+keeps the branch of its target. A train step lowered for "cuda" on a CPU machine (ahead-of-time
+compilation, ``jax.export``, a compile cache filled on a login node) thus holds the Triton
+kernels, and the same trace run on the CPU holds the lax.scan loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from collections.abc import Callable
@@ -30,7 +37,8 @@ import jax.numpy as jnp
 from mfuser_jax.ops import selective_scan_pallas as _selective_scan_pallas
 from mfuser_jax.ops.selective_scan_reference import discretize_delta, finish_output, scan_reference
 
-__all__ = ["BACKENDS", "auto_backend", "selective_scan", "register_backend", "naive_associative_scan"]
+__all__ = ["BACKENDS", "auto_backend", "multi_platform_lowering", "selective_scan", "register_backend",
+           "naive_associative_scan"]
 
 ScanFn = Callable[..., jax.Array]
 BACKENDS: dict[str, ScanFn] = {}
@@ -113,32 +121,70 @@ def _scan_associative(u, delta, A, B, C, D, z, delta_bias, delta_softplus, *, ch
 
 
 def _platform() -> str:
+    """The platform of the machine tracing (jax's default backend): "cpu", "gpu", "tpu"."""
     return jax.default_backend()
 
 
-@functools.cache
-def auto_backend() -> str:
-    """The backend ``backend="auto"`` runs, decided once per process.
+GPU_PLATFORMS = _selective_scan_pallas.GPU_PLATFORMS
 
-    "pallas" on a GPU where the fused kernels lower, compile and agree with the lax.scan
-    reference at a tiny shape; otherwise "associative", with one warning naming the reason when a
-    GPU was there but the kernels could not run on it (an unsupported card, a JAX without the
+
+@functools.cache
+def auto_backend(platform: str | None = None) -> str:
+    """The backend ``backend="auto"`` runs on ``platform`` (a lowering platform: "cpu", "cuda",
+    "rocm", "tpu"; "gpu" and the default None mean this machine's platform), decided once per
+    process and platform.
+
+    On a GPU, "pallas" where the fused kernels lower, compile and agree with the lax.scan
+    reference at a tiny shape; otherwise "associative", with one warning naming the reason when
+    a GPU was there but the kernels could not run on it (an unsupported card, a JAX without the
     Triton lowering, any lowering or compile error), so that a run never fails on the kernel.
-    On a CPU "reference": the sequential loop does the least work, and a CPU gains nothing from
-    the associative form's parallel passes (one full-size MVFuser, L=2050, on the 2-core
-    development box: forward 0.41 s vs 1.51 s, forward+backward 1.9 s vs 3.9 s).
+    The probe needs the GPU: a machine without one that lowers a program for a GPU takes
+    "pallas" (what a GPU that passes the probe runs). On a CPU "reference": the sequential loop
+    does the least work, and a CPU gains nothing from the associative form's parallel passes
+    (one full-size MVFuser, L=2050, on the 2-core development box: forward 0.41 s vs 1.51 s,
+    forward+backward 1.9 s vs 3.9 s). Elsewhere "associative".
     """
-    platform = _platform()
+    host = _platform()
+    platform = host if platform in (None, "gpu") else platform
     if platform == "cpu":
         return "reference"
-    if platform != "gpu":
+    if platform not in GPU_PLATFORMS + ("gpu",):
         return "associative"
+    if host != "gpu":
+        return "pallas"
     reason = _selective_scan_pallas.unavailable_reason()
     if reason is None:
         return "pallas"
     warnings.warn(f"selective_scan backend 'auto': the Pallas kernel cannot run here ({reason}); "
                   "using the 'associative' backend", RuntimeWarning, stacklevel=2)
     return "associative"
+
+
+_MULTI_PLATFORM = [False]
+
+
+@contextlib.contextmanager
+def multi_platform_lowering():
+    """Programs traced inside are lowered for several platforms at once (``jax.export`` with
+    ``platforms=("cpu", "cuda")``). Such a module lowers every platform's branch for every
+    platform, and a Pallas kernel refuses a CPU lowering (JAX 0.10), so inside "auto" runs
+    "associative" on GPUs and "pallas" is refused. Read while tracing: jit reuses a function's
+    earlier trace, so trace a new function (closure) inside."""
+    previous, _MULTI_PLATFORM[0] = _MULTI_PLATFORM[0], True
+    try:
+        yield
+    finally:
+        _MULTI_PLATFORM[0] = previous
+
+
+def _auto_branches() -> dict[str, ScanFn]:
+    """platform_dependent_scan's branches for "auto": one function per backend name, so that
+    platforms running the same backend share one branch."""
+    names = {"cpu": auto_backend("cpu"), "default": auto_backend("tpu"),
+             "gpu": "associative" if _MULTI_PLATFORM[0] else auto_backend("cuda")}
+    fns = {name: functools.partial(BACKENDS[name], interpret=False) if name == "pallas" else BACKENDS[name]
+           for name in set(names.values())}
+    return {k: fns[name] for k, name in names.items()}
 
 
 def selective_scan(
@@ -155,9 +201,7 @@ def selective_scan(
     backend: str = "auto",
 ):
     """Selective scan; see the module docstring for shapes and semantics."""
-    if backend == "auto":
-        backend = auto_backend()
-    if backend not in BACKENDS:
+    if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown selective_scan backend {backend!r}; choose from {sorted(BACKENDS)} or 'auto'")
     batch, dim, length = u.shape
     if A.shape[0] != dim or B.shape != (batch, A.shape[1], length) or C.shape != B.shape:
@@ -165,4 +209,10 @@ def selective_scan(
             f"selective_scan shapes: u {u.shape}, A {A.shape}, B {B.shape}, C {C.shape}; "
             "expected A (dim, state) and B, C (batch, state, length)"
         )
-    return BACKENDS[backend](u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if backend == "pallas" and _MULTI_PLATFORM[0]:
+        raise ValueError("the 'pallas' selective_scan backend lowers for one platform at a time; "
+                         "lower for cuda alone, or use the 'associative' backend")
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if backend == "auto":
+        return _selective_scan_pallas.platform_dependent_scan(_auto_branches(), *args)
+    return BACKENDS[backend](*args)  # "pallas" chooses kernel or interpret mode per platform
