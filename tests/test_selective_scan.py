@@ -204,13 +204,13 @@ def test_backend_follows_the_lowering_platform_not_the_host(backend, cpu_loops):
         assert "triton" not in cpu and cpu.count("stablehlo.while") == loops
 
 
-def test_multi_platform_lowering_runs_portable_backends():
+def test_portable_lowering_holds_no_kernel():
     # A module for cpu and cuda at once lowers each branch for both; Pallas kernels cannot be
     # lowered for a CPU, so "auto" takes the associative scan on the GPU there.
     fn = lambda *a: ss.selective_scan(*a, True)  # noqa: E731
-    with ss.multi_platform_lowering():
+    with ss.portable_lowering():
         text = _lowered(fn, SMALL_ARGS, "cpu", "cuda")
-        with pytest.raises(ValueError, match="one platform at a time"):
+        with pytest.raises(ValueError, match="several platforms at once"):
             _lowered(lambda *a: ss.selective_scan(*a, True, backend="pallas"), SMALL_ARGS, "cpu", "cuda")
     assert "triton" not in text
     with pytest.raises(ValueError, match="Only interpret mode is supported on CPU"):

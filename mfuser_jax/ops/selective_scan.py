@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from mfuser_jax.ops import selective_scan_pallas as _selective_scan_pallas
 from mfuser_jax.ops.selective_scan_reference import discretize_delta, finish_output, scan_reference
 
-__all__ = ["BACKENDS", "auto_backend", "multi_platform_lowering", "selective_scan", "register_backend",
+__all__ = ["BACKENDS", "auto_backend", "portable_lowering", "selective_scan", "register_backend",
            "naive_associative_scan"]
 
 ScanFn = Callable[..., jax.Array]
@@ -160,28 +160,30 @@ def auto_backend(platform: str | None = None) -> str:
     return "associative"
 
 
-_MULTI_PLATFORM = [False]
+_PORTABLE = [False]
 
 
 @contextlib.contextmanager
-def multi_platform_lowering():
-    """Programs traced inside are lowered for several platforms at once (``jax.export`` with
-    ``platforms=("cpu", "cuda")``). Such a module lowers every platform's branch for every
-    platform, and a Pallas kernel refuses a CPU lowering (JAX 0.10), so inside "auto" runs
-    "associative" on GPUs and "pallas" is refused. Read while tracing: jit reuses a function's
-    earlier trace, so trace a new function (closure) inside."""
-    previous, _MULTI_PLATFORM[0] = _MULTI_PLATFORM[0], True
+def portable_lowering():
+    """Programs traced inside hold no Pallas kernel: "auto" runs "associative" on GPUs and
+    "pallas" is refused. For ``jax.export``, whose serialization refuses custom calls without a
+    compatibility guarantee (the Triton kernels are such calls: their IR is read by the jaxlib
+    that wrote it), and for modules lowered for several platforms at once (each branch is
+    lowered for every platform there, and a Pallas kernel refuses a CPU lowering in JAX 0.10).
+    Read while tracing: jit reuses a function's earlier trace, so trace a new function
+    (closure) inside."""
+    previous, _PORTABLE[0] = _PORTABLE[0], True
     try:
         yield
     finally:
-        _MULTI_PLATFORM[0] = previous
+        _PORTABLE[0] = previous
 
 
 def _auto_branches() -> dict[str, ScanFn]:
     """platform_dependent_scan's branches for "auto": one function per backend name, so that
     platforms running the same backend share one branch."""
     names = {"cpu": auto_backend("cpu"), "default": auto_backend("tpu"),
-             "gpu": "associative" if _MULTI_PLATFORM[0] else auto_backend("cuda")}
+             "gpu": "associative" if _PORTABLE[0] else auto_backend("cuda")}
     fns = {name: functools.partial(BACKENDS[name], interpret=False) if name == "pallas" else BACKENDS[name]
            for name in set(names.values())}
     return {k: fns[name] for k, name in names.items()}
@@ -209,9 +211,10 @@ def selective_scan(
             f"selective_scan shapes: u {u.shape}, A {A.shape}, B {B.shape}, C {C.shape}; "
             "expected A (dim, state) and B, C (batch, state, length)"
         )
-    if backend == "pallas" and _MULTI_PLATFORM[0]:
-        raise ValueError("the 'pallas' selective_scan backend lowers for one platform at a time; "
-                         "lower for cuda alone, or use the 'associative' backend")
+    if backend == "pallas" and _PORTABLE[0]:
+        raise ValueError("the 'pallas' selective_scan backend cannot be exported or lowered for "
+                         "several platforms at once (Triton custom calls); use 'associative' or "
+                         "'auto' there")
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     if backend == "auto":
         return _selective_scan_pallas.platform_dependent_scan(_auto_branches(), *args)
