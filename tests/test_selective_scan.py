@@ -257,8 +257,8 @@ def test_auto_falls_back_once_when_the_kernel_cannot_compile(fresh_auto):
         text = _lowered(lambda *a: ss.selective_scan(*a, True), SMALL_ARGS, "cuda")  # in a trace: no new probe
     assert len([w for w in rec if "Pallas" in str(w.message)]) == 1 and len(fresh_auto) == 1
     assert ss.auto_backend("cuda") == "associative"
-    assert "triton" not in text and text == _lowered(
-        lambda *a: ss.selective_scan(*a, True, backend="associative"), SMALL_ARGS, "cuda")
+    # the associative scan's (batch, dim, chunk, state) decays (chunk 128 of L=200), no kernel
+    assert "triton" not in text and "tensor<2x40x128x16xf32>" in text
     x = make_inputs(1, 4, 9, 2, seed=0)
     np.testing.assert_array_equal(y_auto, ss.selective_scan(*(jnp.asarray(x[k]) for k in NAMES),
                                                             backend="reference"))

@@ -179,13 +179,23 @@ def portable_lowering():
         _PORTABLE[0] = previous
 
 
+# Under differentiation, the branches of one platform_dependent share their residuals: every
+# platform's program carries (as zeros) what any branch saves for its backward. The lax.scan
+# reference saves every step's state, a (length, batch, channels, state) tensor (268 MB per
+# full-size MVFuser), which a GPU program would then allocate too; inside "auto" it is
+# rematerialised instead (its residuals are its inputs; the backward reruns the forward scan).
+# The Pallas kernels save (batch, chunks, channels, state), the associative scan its chunk states.
+_reference_remat = jax.checkpoint(scan_reference, static_argnums=(8,))
+
+
 def _auto_branches() -> dict[str, ScanFn]:
     """platform_dependent_scan's branches for "auto": one function per backend name, so that
     platforms running the same backend share one branch."""
     names = {"cpu": auto_backend("cpu"), "default": auto_backend("tpu"),
              "gpu": "associative" if _PORTABLE[0] else auto_backend("cuda")}
-    fns = {name: functools.partial(BACKENDS[name], interpret=False) if name == "pallas" else BACKENDS[name]
-           for name in set(names.values())}
+    fns = {"pallas": functools.partial(BACKENDS["pallas"], interpret=False),
+           "reference": _reference_remat}
+    fns = {name: fns.get(name, BACKENDS[name]) for name in set(names.values())}
     return {k: fns[name] for k, name in names.items()}
 
 
