@@ -211,6 +211,7 @@ def lower_train_step_job(config: Any, platform: str, out: str | None = None,
                          log: Callable[[str], None] = print) -> dict:
     """``scripts/train.py --compile_only --platform P``: the train step lowered for P, no
     compile; the StableHLO text to ``out``; one summary line. Returns the summary."""
+    check_platform(config, platform)
     devices = "this machine's mesh" if num_devices is None else f"{num_devices} devices"
     log(f"lowering the train step for {platform} ({devices}) at batch {config.batch_size}, "
         f"{config.data.crop_size} px, model built from shapes ...")
@@ -227,6 +228,7 @@ def lower_eval_step_job(config: Any, platform: str, height: int, width: int,
     height x width image lowered for P, no compile, no checkpoint; as ``lower_train_step_job``."""
     if height < 1 or width < 1:
         raise UserError(f"--height and --width must be positive, got {height}x{width}")
+    check_platform(config, platform)
     ev = config.evaluation
     log(f"lowering the evaluation step for {platform}: one {height}x{width} image, windows "
         f"{ev.crop_size} px, stride {ev.stride}, {ev.crop_batch} per batch ...")
