@@ -30,6 +30,7 @@ cd "$(dirname "$0")/.."
 SMOKE=${SMOKE:-0}
 LOWER_ONLY=${LOWER_ONLY:-0}
 LOWER_TESTS="lower or follows or portable"  # tests/test_selective_scan.py: the kernels for cuda
+[ "$SMOKE" = 1 ] && LOWER_TESTS="lower_to_triton and float32"  # one of them: the step runs
 OUT=${OUT:-bench_results}
 PYTHON=${PYTHON:-python3}
 SCAN_BACKEND=${SCAN_BACKEND:-auto}
