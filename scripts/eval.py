@@ -9,7 +9,7 @@ time left), prints the per-class IoU table and writes W/eval/<dataset>_step<N>.j
 """
 
 import _cli  # noqa: F401
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/demo.py[:arg]",
@@ -30,14 +30,14 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     if FLAGS.lower_only != (FLAGS.platform is not None):
-        raise app.UsageError("--lower_only and --platform go together")
+        _cli.fail("--lower_only and --platform go together (see --help)")
     if FLAGS.lower_only:
         from mfuser_jax.lowering import lower_eval_step_job
         _cli.run_main(lower_eval_step_job, FLAGS.config, FLAGS.platform, FLAGS.height,
                       FLAGS.width, FLAGS.lowered_out)
         return
     if not FLAGS.workdir:
-        raise app.UsageError("--workdir is required (except with --lower_only)")
+        _cli.fail("--workdir is required (see --help)")
     from mfuser_jax.train import evaluate_checkpoint
     _cli.run_main(evaluate_checkpoint, FLAGS.config, FLAGS.workdir, FLAGS.step)
 

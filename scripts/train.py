@@ -37,10 +37,10 @@ def main(argv):
     del argv
     from mfuser_jax.train import compile_train_step, train_and_evaluate
     if FLAGS.platform is None and (FLAGS.lowered_out or FLAGS.devices):
-        raise app.UsageError("--lowered_out and --devices go with --compile_only --platform")
+        _cli.fail("--lowered_out and --devices go with --compile_only --platform (see --help)")
     if FLAGS.platform is not None:
         if not FLAGS.compile_only:
-            raise app.UsageError("--platform goes with --compile_only")
+            _cli.fail("--platform goes with --compile_only (see --help)")
         from mfuser_jax.lowering import lower_train_step_job
         _cli.run_main(lower_train_step_job, FLAGS.config, FLAGS.platform, FLAGS.lowered_out,
                       FLAGS.devices)

@@ -49,20 +49,24 @@ def _config(variant):
 
 
 @pytest.fixture(scope="module", params=sorted(SETTINGS))
-def lowered(request):
+def lowered(request, tmp_path_factory):
     variant = request.param
     config = _config(variant)
     if variant == "siglip":  # its class names need a SentencePiece vocabulary
         config.model.siglip.tokenizer = request.getfixturevalue("spiece")
-    low, trainer, _ = lw.lower_train_step(config, "cuda", num_devices=SETTINGS[variant]["devices"])
+    devices = SETTINGS[variant]["devices"]
+    if devices is None:  # through the job behind --compile_only --platform=cuda --lowered_out
+        out = tmp_path_factory.mktemp("lowered") / "step.mlir"
+        lines = []
+        lw.lower_train_step_job(config, "cuda", str(out), log=lines.append)
+        return variant, config, out.read_text(), lines
+    low, _, _ = lw.lower_train_step(config, "cuda", num_devices=devices)
     # With debug info the main function's arguments carry their names (sharding check).
-    text = low.as_text(debug_info=SETTINGS[variant]["devices"] is not None)
-    del low
-    return variant, config, text
+    return variant, config, low.as_text(debug_info=True), None
 
 
 def test_train_step_holds_the_scan_kernels_forward_and_backward(lowered):
-    _, _, text = lowered
+    _, _, text, _ = lowered
     _, kernels = lw.custom_calls(text)
     assert set(kernels) == FORWARD | BACKWARD, kernels
     # remat recomputes the fused layers' forward in the backward: forward kernels twice there
@@ -70,7 +74,7 @@ def test_train_step_holds_the_scan_kernels_forward_and_backward(lowered):
 
 
 def test_no_batch_length_channel_state_tensor(lowered):
-    variant, config, text = lowered
+    variant, config, text, _ = lowered
     length = LENGTH[variant]
     types = lw.tensor_types(text)
     micro = int(config.batch_size) // int(config.optim.get("grad_accum", 1))
@@ -82,7 +86,7 @@ def test_no_batch_length_channel_state_tensor(lowered):
 
 
 def test_matmuls_follow_the_model_dtype(lowered):
-    _, config, text = lowered
+    _, config, text, _ = lowered
     dots = lw.dot_flops(text)
     total = sum(f for _, f in dots.values())
     bf16 = dots.get("bf16", (0, 0))[1] / total
@@ -95,7 +99,7 @@ def test_matmuls_follow_the_model_dtype(lowered):
 
 
 def test_eight_device_mesh_shardings(lowered):
-    variant, config, text = lowered
+    variant, config, text, _ = lowered
     if SETTINGS[variant]["devices"] is None:
         pytest.skip("lowered on this machine's mesh")
     args = lw.main_arg_shardings(text)
@@ -119,15 +123,18 @@ def test_eight_device_mesh_shardings(lowered):
     assert sum(math.prod(s) for _, s, _ in split) > 500e6, len(split)
 
 
-def test_sliding_window_step_lowers():
-    config = _config("clip")
-    text = lw.lower_eval_step(config, "cuda", 1024, 2048).as_text()
-    _, kernels = lw.custom_calls(text)
-    assert set(kernels) == FORWARD  # inference: no backward kernels
-    main = next(line for line in text.splitlines() if "func.func public @main(" in line)
+def test_sliding_window_step_lowers(tmp_path):
+    # through the job behind scripts/eval.py --lower_only --platform=cuda, at Cityscapes' size
+    lines = []
+    out = tmp_path / "eval.mlir"
+    summary = lw.lower_eval_step_job(_config("clip"), "cuda", 1024, 2048, str(out), log=lines.append)
+    assert len(lines) == 2 and lines[1].startswith("evaluation step for cuda"), lines
+    assert set(summary["triton_kernels"]) == FORWARD  # inference: no backward kernels
+    main = next(line for line in out.read_text().splitlines() if "func.func public @main(" in line)
     assert main.rstrip(" {").endswith("-> (tensor<19x19xi32> {jax.result_info = \"result\"})"), main[-200:]
-    summary = lw.format_summary(lw.module_summary(text))
-    assert "_chunk_output_kernel" in summary and "dot_general by FLOPs: f32" in summary
+    assert summary["dot_general"].keys() == {"f32"}
+    with pytest.raises(UserError, match="must be positive"):
+        lw.lower_eval_step_job(_config("clip"), "cuda", 0, 2048)
 
 
 def test_cudnn_attention_is_refused_in_one_line_without_cudnn():
@@ -141,3 +148,27 @@ def test_cudnn_attention_is_refused_in_one_line_without_cudnn():
         lw.lower_train_step(config, "cuda")
     with pytest.raises(UserError, match="unknown platform 'gpu'"):
         lw.check_platform(_config("clip"), "gpu")
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_job_writes_the_module_and_one_summary_line(lowered):
+    variant, config, text, lines = lowered
+    if lines is None:
+        pytest.skip("lowered over an abstract mesh, not through the job")
+    assert len(lines) == 2 and lines[1].startswith("train step for cuda"), lines
+    assert lines[1].endswith(".mlir") and "_chunk_grad_kernel x2" in lines[1]
+    assert f"module {len(text.encode()) / 2**20:.1f} MiB" in lines[1]
+    dtype = "bf16" if config.model.dtype == "bfloat16" else "f32"
+    assert f"dot_general by FLOPs: {dtype} " in lines[1] and "largest tensor " in lines[1]
+
+
+def test_cli_mistake_is_one_line():
+    import subprocess
+
+    done = subprocess.run([sys.executable, "scripts/train.py", "--config", "configs/demo.py",
+                           "--platform=cuda"], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: --platform goes with --compile_only (see --help)"
