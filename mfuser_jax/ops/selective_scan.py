@@ -128,11 +128,10 @@ def _platform() -> str:
 GPU_PLATFORMS = _selective_scan_pallas.GPU_PLATFORMS
 
 
-@functools.cache
 def auto_backend(platform: str | None = None) -> str:
     """The backend ``backend="auto"`` runs on ``platform`` (a lowering platform: "cpu", "cuda",
-    "rocm", "tpu"; "gpu" and the default None mean this machine's platform), decided once per
-    process and platform.
+    "rocm", "tpu", or "gpu"; None: this machine's). On this machine's GPU the decision is
+    probed once per process.
 
     On a GPU, "pallas" where the fused kernels lower, compile and agree with the lax.scan
     reference at a tiny shape; otherwise "associative", with one warning naming the reason when
@@ -145,20 +144,28 @@ def auto_backend(platform: str | None = None) -> str:
     forward+backward 1.9 s vs 3.9 s). Elsewhere "associative".
     """
     host = _platform()
-    platform = host if platform in (None, "gpu") else platform
+    platform = host if platform is None else platform
     if platform == "cpu":
         return "reference"
     if platform not in GPU_PLATFORMS + ("gpu",):
         return "associative"
     if host != "gpu":
         return "pallas"
+    return _gpu_decision()
+
+
+@functools.cache
+def _gpu_decision() -> str:
+    """auto_backend on this machine's GPU: the probe, once per process."""
     reason = _selective_scan_pallas.unavailable_reason()
     if reason is None:
         return "pallas"
     warnings.warn(f"selective_scan backend 'auto': the Pallas kernel cannot run here ({reason}); "
-                  "using the 'associative' backend", RuntimeWarning, stacklevel=2)
+                  "using the 'associative' backend", RuntimeWarning, stacklevel=3)
     return "associative"
 
+
+auto_backend.cache_clear = _gpu_decision.cache_clear  # a fresh decision (tests)
 
 _PORTABLE = [False]
 
