@@ -100,7 +100,12 @@ def export_predictor(model: Any, height: int, width: int, *, crop: int, stride: 
 
     specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
     image = jax.ShapeDtypeStruct((height, width, 3), jnp.uint8)
-    exported = jax.export.export(jax.jit(predict), platforms=platforms)(specs, image)
+    # jax.export refuses the scan's Triton kernels (custom calls with no compatibility
+    # guarantee), and a module for several platforms cannot hold them: on GPUs the export
+    # holds the associative scan.
+    from mfuser_jax.ops.selective_scan import portable_lowering
+    with portable_lowering():
+        exported = jax.export.export(jax.jit(predict), platforms=platforms)(specs, image)
     return exported, leaves
 
 

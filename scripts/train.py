@@ -22,6 +22,13 @@ flags.DEFINE_string("workdir", None, "output folder (checkpoints, metrics, eval 
 flags.DEFINE_bool("compile_only", False, "build the model from shapes, compile the train step "
                   "and print its memory analysis (no data, no weights; --workdir optional: "
                   "its compile cache then holds the step)")
+flags.DEFINE_string("platform", None, "with --compile_only: lower the train step for this "
+                    "platform (cuda, rocm, tpu, cpu) on any machine, without compiling, and "
+                    "print what the module holds (Triton kernels, custom calls, largest tensor, "
+                    "matmul dtypes)")
+flags.DEFINE_string("lowered_out", None, "with --platform: write the StableHLO text here")
+flags.DEFINE_integer("devices", None, "with --platform: lower for a mesh of this many devices "
+                     "(abstract: none needed here; default this machine's)")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
@@ -29,7 +36,15 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     from mfuser_jax.train import compile_train_step, train_and_evaluate
-    if FLAGS.compile_only:
+    if FLAGS.platform is None and (FLAGS.lowered_out or FLAGS.devices):
+        _cli.fail("--lowered_out and --devices go with --compile_only --platform (see --help)")
+    if FLAGS.platform is not None:
+        if not FLAGS.compile_only:
+            _cli.fail("--platform goes with --compile_only (see --help)")
+        from mfuser_jax.lowering import lower_train_step_job
+        _cli.run_main(lower_train_step_job, FLAGS.config, FLAGS.platform, FLAGS.lowered_out,
+                      FLAGS.devices)
+    elif FLAGS.compile_only:
         _cli.run_main(compile_train_step, FLAGS.config, FLAGS.workdir)
     elif not FLAGS.workdir:
         raise app.UsageError("--workdir is required (except with --compile_only)")
