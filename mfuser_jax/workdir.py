@@ -20,6 +20,8 @@ from mfuser_jax.vlm import names
 CONFIG_FILE = "config.json"
 
 # Fields of config.model (at any depth) that define the network or what its weights mean.
+# image_size: the position tables are built for it, and a model restored at another size
+# runs (the tables are resized) but computes something else than what was trained.
 # Everything else (dtype, remat, pretrained path, losses, dropout and drop-path rates,
 # scan backend, class names) may differ between training and evaluation.
 ARCHITECTURE_KEYS = frozenset({
@@ -28,7 +30,7 @@ ARCHITECTURE_KEYS = frozenset({
     "text_layers", "vocab_size", "token_length", "n_ctx", "intermediate_size",
     "text_intermediate_size", "out_indices", "d_state", "d_conv", "expand",
     "feat_channels", "pixel_decoder_layers", "decoder_layers", "ffn", "pixel_ffn",
-    "deform_points"})
+    "deform_points", "image_size"})
 
 
 def config_json(config: Any) -> str:
