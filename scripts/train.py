@@ -12,8 +12,8 @@ launch one process per machine with the same command under SLURM/MPI (detected),
 --config.distributed.process_id=I; W must be on a shared file system.
 """
 
-import _cli  # noqa: F401  (puts the repo on sys.path)
-from absl import app, flags
+import _cli  # (also puts the repo on sys.path)
+from absl import flags
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/demo.py[:arg]",
@@ -32,7 +32,8 @@ def main(argv):
     if FLAGS.compile_only:
         _cli.run_main(compile_train_step, FLAGS.config, FLAGS.workdir)
     elif not FLAGS.workdir:
-        raise app.UsageError("--workdir is required (except with --compile_only)")
+        # absl's UsageError would print the whole --help and exit 1
+        _cli.fail("--workdir is required (except with --compile_only)")
     else:
         _cli.run_main(train_and_evaluate, FLAGS.config, FLAGS.workdir)
 

@@ -38,3 +38,10 @@ def test_workdir_guard_compares_image_size(tmp_path):
     with pytest.raises(UserError, match=r"model.image_size=128 there, 64 here"):
         check_workdir_model(smaller, str(tmp_path))
     check_workdir_model(demo.get_config(), str(tmp_path))  # the same size passes
+
+
+def test_train_without_workdir_is_one_line():
+    """It printed the whole --help and exited 1 (eval/predict: one line, exit 2)."""
+    out = _run("scripts/train.py", "--config", "configs/demo.py")
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == "error: --workdir is required (except with --compile_only)"
