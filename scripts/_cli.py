@@ -102,6 +102,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     ml_collections defers a missing config file until the config is first read (so that
     --help works without one): it is read here, so the mistake surfaces before any work."""
     from absl import flags
+    argv = resolve_config_paths(argv)
     if "-h" in _before_separator(argv[1:]):  # absl knows --help and -? only
         argv = [a if a != "-h" or i > _separator(argv) else "--help" for i, a in enumerate(argv)]
     try:
@@ -121,6 +122,29 @@ def parse_flags(argv: list[str]) -> list[str]:
         except Exception as e:  # noqa: BLE001
             fail(describe_config_file_error(arg, e))
     return rest
+
+
+def resolve_config_paths(argv: list[str]) -> list[str]:
+    """A relative --config path that is not below the current folder but is below the
+    repository (configs/demo.py run from elsewhere) is taken from the repository."""
+    names = [n for n, _ in _config_flag_values(parsed_only=False)]
+    out, end = list(argv), _separator(argv)
+    for i in range(1, end):
+        for name in names:
+            for prefix in (f"--{name}=", f"-{name}="):
+                if out[i].startswith(prefix):
+                    out[i] = prefix + _resolve_config_path(out[i][len(prefix):])
+            if out[i] in (f"--{name}", f"-{name}") and i + 1 < end:
+                out[i + 1] = _resolve_config_path(out[i + 1])
+    return out
+
+
+def _resolve_config_path(arg: str) -> str:
+    path, sep, rest = arg.partition(":")
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return arg
+    in_repo = os.path.join(REPO, path)
+    return in_repo + sep + rest if os.path.exists(in_repo) else arg
 
 
 def describe_flag_error(e: BaseException, argv: list[str]) -> str:
@@ -162,7 +186,9 @@ def describe_config_file_error(arg: str, e: BaseException) -> str:
         if not path:
             return "--config needs a file, e.g. --config configs/demo.py"
         if not os.path.exists(path):
-            return f"config file not found: {path}"
+            where = (f" (looked in {os.getcwd()} and {REPO})"
+                     if not os.path.isabs(path) else "")
+            return f"config file not found: {path}{where}"
         if os.path.isdir(path):
             return f"--config needs a file, not the folder {path} (e.g. {path}/demo.py)"
         return f"cannot read config file {path}: {getattr(e, 'strerror', None) or e}"

@@ -45,3 +45,15 @@ def test_train_without_workdir_is_one_line():
     out = _run("scripts/train.py", "--config", "configs/demo.py")
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip() == "error: --workdir is required (except with --compile_only)"
+
+
+def test_relative_config_found_from_another_folder(tmp_path):
+    """`--config configs/demo.py` from another folder: the repository's configs/."""
+    out = _run(os.path.join(REPO, "scripts", "eval.py"), "--config", "configs/demo.py",
+               "--config.totl_steps=1", "--workdir", str(tmp_path), cwd=str(tmp_path))
+    assert out.returncode == 2 and "did you mean config.total_steps" in out.stderr, out.stderr
+    out = _run(os.path.join(REPO, "scripts", "eval.py"), "--config=configs/nope.py:vlm=clip",
+               "--workdir", str(tmp_path), cwd=str(tmp_path))
+    assert out.returncode == 2
+    assert out.stderr.strip() == (f"error: config file not found: configs/nope.py (looked in "
+                                  f"{tmp_path} and {REPO})")
