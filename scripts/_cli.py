@@ -8,6 +8,7 @@ terminated (SIGTERM); scripts/predict.py also exits 1 when some images could not
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 import sys
@@ -47,10 +48,32 @@ def user_error_types() -> tuple[type, ...]:
 
 def quiet_logging():
     """Library INFO logs (Orbax, XLA backends) drown the progress lines: show warnings and
-    up unless the user asked for a --verbosity."""
+    up unless the user asked for a --verbosity. The package's own warnings are lines for
+    the user ('warning: ...'), not absl records with time, thread and source line."""
     from absl import flags, logging
     if "verbosity" in flags.FLAGS and not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+    plain_package_warnings()
+
+
+class _PlainFormatter(logging.Formatter):
+    def format(self, record):
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def plain_package_warnings():
+    """mfuser_jax's loggers print 'warning: <message>' on stderr, once (no propagation to
+    absl's handler on the root logger). Returns the handler."""
+    logger = logging.getLogger("mfuser_jax")
+    for h in logger.handlers:
+        if isinstance(h.formatter, _PlainFormatter):
+            return h
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_PlainFormatter())
+    handler.setLevel(logging.WARNING)
+    logger.addHandler(handler)
+    logger.propagate = False
+    return handler
 
 
 def run_main(fn, *args, **kwargs):

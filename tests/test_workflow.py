@@ -57,3 +57,57 @@ def test_relative_config_found_from_another_folder(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip() == (f"error: config file not found: configs/nope.py (looked in "
                                   f"{tmp_path} and {REPO})")
+
+
+def test_scripts_help_keeps_the_examples_line_breaks():
+    """A lone backslash at a docstring line's end joined the example lines in --help."""
+    import ast
+    import re
+    for name in sorted(os.listdir(os.path.join(REPO, "scripts"))):
+        if name.endswith(".py"):
+            with open(os.path.join(REPO, "scripts", name)) as f:
+                doc = ast.get_docstring(ast.parse(f.read()), clean=False) or ""
+            assert not re.search(r"\S {5,}--", doc), name  # "...pth         --clip ..."
+    out = _run("scripts/convert_weights.py", "--help")
+    assert "\n        --clip ViT-L-14-336px.pt --out pretrained/mfuser_clip_l\n" in out.stdout
+
+
+def test_gitignore_covers_data_and_pretrained():
+    lines = open(os.path.join(REPO, ".gitignore")).read().split()
+    assert "/data/" in lines and "/pretrained/" in lines
+
+
+def test_package_warnings_are_plain_lines(capsys):
+    """Rare-class warnings printed as absl records (time, thread, file:line)."""
+    import logging
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import _cli
+    from mfuser_jax.data.rcs import RareClassSampler
+    handler = _cli.plain_package_warnings()
+    try:
+        assert _cli.plain_package_warnings() is handler  # installed once
+        stats = [{0: 5000, 1: 10}, {0: 4000, 2: 20}]
+        RareClassSampler(stats, min_pixels=3000)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ["warning: rare-class sampling: no image has more than 3000 pixels of "
+                       "classes [1, 2]; they are not sampled"]
+    finally:
+        logger = logging.getLogger("mfuser_jax")
+        logger.removeHandler(handler)
+        logger.propagate = True
+
+
+def test_one_acdc_condition_prints_one_table(tmp_path):
+    """acdc with one condition printed the same table twice (the group, then the whole)."""
+    from tests.test_eval_acdc import PaletteModel, _config
+    from mfuser_jax import evaluate as E
+    from mfuser_jax.data.fake import write_fake_tree
+    write_fake_tree(str(tmp_path), "acdc", n=1, size=(24, 40), seed=5)
+    c = _config(tmp_path)
+    c.data.eval = ("acdc:val:night",)
+    lines = []
+    E.evaluate_model(PaletteModel(np.arange(19)), c, step=1, workdir=str(tmp_path / "w"),
+                     log=lines.append)
+    assert sum("per-class IoU" in x for x in lines) == 1, lines
+    report = json.load(open(tmp_path / "w/eval/acdc_val_night_step1.json"))
+    assert set(report["groups"]) == {"night"}
