@@ -48,6 +48,7 @@ def export_pth(config: Any, workdir: str, out: str, step: int | None = None,
         save_mfuser_checkpoint,
     )
     from mfuser_jax.errors import UserError
+    from mfuser_jax.files import check_writable
     from mfuser_jax.predict import palette_for
     from mfuser_jax.train import restore_model
 
@@ -56,6 +57,7 @@ def export_pth(config: Any, workdir: str, out: str, step: int | None = None,
         raise UserError(f"--to pth writes the original MFuser's checkpoint; "
                         f"config.model.name={name!r} has no PyTorch original "
                         "(--to stablehlo exports any model)")
+    check_writable(out)  # before the restore; torch.save's own failure is a traceback
     ref = None
     if reference:  # read first: a wrong file fails before the model is built
         ref, _ = read_mfuser_checkpoint(reference)
@@ -112,6 +114,7 @@ def export_stablehlo(config: Any, workdir: str, out: str, step: int | None = Non
     ``load_stablehlo`` reads it. ``classes``: comma-separated class names for the output
     channels (default the config's; others are zero-shot, as in scripts/predict.py)."""
     from mfuser_jax.errors import UserError
+    from mfuser_jax.files import check_writable
     from mfuser_jax.train import restore_model
 
     ev = config.evaluation
@@ -125,6 +128,7 @@ def export_stablehlo(config: Any, workdir: str, out: str, step: int | None = Non
         raise UserError(f"unknown platform(s) {', '.join(unknown)}: choose from "
                         f"{', '.join(PLATFORMS)}")
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    check_writable(out)
     model, step = restore_model(config, workdir, step)
     exported, weights = export_predictor(
         model, height, width, crop=crop, stride=stride,

@@ -111,3 +111,21 @@ def test_one_acdc_condition_prints_one_table(tmp_path):
     assert sum("per-class IoU" in x for x in lines) == 1, lines
     report = json.load(open(tmp_path / "w/eval/acdc_val_night_step1.json"))
     assert set(report["groups"]) == {"night"}
+
+
+UNWRITABLE = "/sys"  # refuses new files even to root (chmod does not stop root)
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel"),
+                    reason="needs Linux sysfs as an unwritable folder")
+def test_export_into_an_unwritable_folder_is_one_line_before_any_work(tmp_path):
+    """torch.save's failure came as a raw traceback, after the restore."""
+    out = _run("scripts/export.py", "--config", "configs/demo.py", "--workdir",
+               str(tmp_path / "none"), "--to", "pth", "--out", f"{UNWRITABLE}/m.pth")
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == f"error: cannot write to {UNWRITABLE}: Permission denied"
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    out = _run("scripts/export.py", "--config", "configs/demo.py", "--workdir",
+               str(tmp_path / "none"), "--to", "stablehlo", "--out", f"{blocked}/m.npz")
+    assert out.returncode == 2 and out.stderr.startswith(f"error: cannot write to {blocked}")
