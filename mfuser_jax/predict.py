@@ -94,23 +94,98 @@ def palette_for(names, default_names, trained_palette=None):
                      for i, n in enumerate(names)], np.uint8).reshape(-1, 3)
 
 
-def predict(config, workdir, images, out, classes, step, alpha):
-    """Segments every readable image; returns the number of images that could not be read."""
+NATIVE = "native"
+
+
+def parse_scale(config, scale=None):
+    """The test-time resize scale (w, h) prediction uses, or None for the images' own size.
+
+    scale None or "": the protocol of the first evaluation dataset (config.data.eval[0]:
+    2048x1024 for Cityscapes, 1280x720 for BDD100K, none for ACDC or synthetic scenes),
+    so a photo is segmented at the scale the reported numbers come from; "native": each
+    image at its own size; "W,H" or "WxH": that scale (keep-ratio, as mmseg's Resize)."""
+    from mfuser_jax.data.pipeline import eval_test_scale
+    if scale is None or str(scale).strip() == "":
+        evals = list(config.data.get("eval", ()) or ())
+        return eval_test_scale(config, evals[0]) if evals else None
+    text = str(scale).strip().lower()
+    if text == NATIVE:
+        return None
+    parts = text.replace("x", ",").split(",")
+    try:
+        w, h = (int(p) for p in parts)
+    except ValueError:
+        w = h = 0
+    if w < 1 or h < 1:
+        raise UserError(f"--scale={scale!r}: give W,H (e.g. 2048,1024), 'native' or nothing "
+                        "(the first evaluation dataset's test scale)")
+    return w, h
+
+
+class Segmenter:
+    """A restored model at the evaluation protocol: image (h, w, 3) uint8 -> class index
+    map (h, w), or scores (h, w, K).
+
+    As scripts/eval.py does: the image is resized (keep-ratio, bilinear) to `test_scale`,
+    the sliding window (config.evaluation) averages the window scores, the score map is
+    resized bilinearly back to the image's size, then argmax. `test_scale` None segments
+    at the image's own size (each new size compiles the predictor once)."""
+
+    def __init__(self, model, config, *, class_names=None, test_scale=None):
+        from mfuser_jax.evaluate import SlidingWindowPredictor
+        ev = config.evaluation
+        self.class_names = list(class_names or config.model.class_names)
+        self.test_scale = tuple(test_scale) if test_scale else None
+        self.predictor = SlidingWindowPredictor(
+            model, crop=int(ev.crop_size), stride=int(ev.stride),
+            crop_batch=int(ev.crop_batch), class_names=class_names)
+        self._resizers = {}
+
+    def scores(self, image):
+        """(h, w, K) float32 scores for a uint8 (h, w, 3) image, at the image's size."""
+        from mfuser_jax.data.transforms import test_resize
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+            raise UserError(f"expected a uint8 (h, w, 3) RGB image, got {image.dtype} "
+                            f"{image.shape}")
+        h, w = image.shape[:2]
+        scores = self.predictor(test_resize(image, self.test_scale))
+        if scores.shape[:2] != (h, w):
+            scores = np.asarray(self._resizer(h, w)(scores))
+        return scores
+
+    def __call__(self, image):
+        """(h, w) int32: the index of each pixel's class in `class_names`."""
+        return self.scores(image).argmax(-1).astype(np.int32)
+
+    def _resizer(self, h, w):
+        """The evaluator's resize of the score map to the label size (jitted per size)."""
+        if (h, w) not in self._resizers:
+            import jax
+
+            from mfuser_jax.ops.resize import resize
+            self._resizers[(h, w)] = jax.jit(lambda s: resize(s, (h, w), axes=(0, 1)))
+        return self._resizers[(h, w)]
+
+
+def predict(config, workdir, images, out, classes, step, alpha, scale=None):
+    """Segments every readable image; returns the number of images that could not be read.
+    `scale`: see parse_scale (default: the first evaluation dataset's test scale)."""
     from tqdm import tqdm
 
-    from mfuser_jax.evaluate import SlidingWindowPredictor
     from mfuser_jax.train import restore_model
 
     files = list_images(images, out)
     stems = output_stems(files, out)
     default_names = list(config.model.class_names)
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
-    print(f"{len(files)} image(s); restoring the model from {workdir} (building and "
-          "compiling take a while at full size)", flush=True)
+    test_scale = parse_scale(config, scale)
+    at = (f"resized to the evaluation scale {test_scale[0]}x{test_scale[1]} and back"
+          if test_scale else "at their own size")
+    print(f"{len(files)} image(s), segmented {at}; restoring the model from {workdir} "
+          "(building and compiling take a while at full size)", flush=True)
     model, step = restore_model(config, workdir, step)
-    ev = config.evaluation
-    predictor = SlidingWindowPredictor(model, crop=int(ev.crop_size), stride=int(ev.stride),
-                                       crop_batch=int(ev.crop_batch), class_names=names)
+    segmenter = Segmenter(model, config, class_names=names, test_scale=test_scale)
     pal = palette_for(names or default_names, default_names,
                       config.model.get("palette", None))
     failed = []
@@ -121,7 +196,7 @@ def predict(config, workdir, images, out, classes, step, alpha):
                 failed.append(f)
                 tqdm.write(f"skipped {f}: not a readable image ({reason})", file=sys.stderr)
             else:
-                mask = pal[predictor(image).argmax(-1)]
+                mask = pal[segmenter(image)]
                 overlay = (image * (1 - alpha) + mask * alpha).astype(np.uint8)
                 write_outputs(stem, mask, overlay)
             bar.update(1)

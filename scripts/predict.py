@@ -13,6 +13,12 @@ palette; generated colours for other class names) and preds/frames/0001_png_over
 --classes segments any list of class names (the model was trained on the 19 Cityscapes
 classes; others are zero-shot).
 
+Each image is segmented as the evaluation segments: resized (keep-ratio) to the first
+evaluation dataset's test scale (config.data.eval[0]: 2048x1024 for Cityscapes, 1280x720
+for BDD100K), sliding window, scores resized back to the image's size, argmax. --scale
+native segments each image at its own size (another scale than the reported numbers';
+each new size compiles once); --scale W,H picks a scale.
+
 An image that cannot be read is reported by name and skipped; the others are segmented and
 the exit status is 1. Exit status 2: a usage mistake (nothing segmented), 130: Ctrl-C.
 """
@@ -32,6 +38,10 @@ flags.DEFINE_string("out", None, "output folder")
 flags.DEFINE_string("classes", None, "comma-separated class names (default: the config's)")
 flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
 flags.DEFINE_float("alpha", 0.5, "mask opacity in the overlay")
+flags.DEFINE_string("scale", "", "test-time resize before the sliding window: empty = the "
+                    "first evaluation dataset's scale (the protocol the mIoU comes from, "
+                    "e.g. 2048,1024 for Cityscapes); 'native' = each image's own size; "
+                    "or W,H")
 flags.mark_flags_as_required(["config", "workdir", "images", "out"])
 FLAGS = flags.FLAGS
 
@@ -42,7 +52,7 @@ def main(argv):
     images = list(FLAGS.images) + list(argv[1:])  # the paths after the first one
     from mfuser_jax.predict import predict
     failed = _cli.run_main(predict, FLAGS.config, FLAGS.workdir, images, FLAGS.out,
-                           FLAGS.classes, FLAGS.step, FLAGS.alpha)
+                           FLAGS.classes, FLAGS.step, FLAGS.alpha, FLAGS.scale)
     if failed:
         sys.exit(EXIT_SOME_FAILED)
 

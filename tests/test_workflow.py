@@ -26,6 +26,59 @@ def _run(*args, cwd=REPO):
                           text=True, timeout=300)
 
 
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """(config, workdir) of a 4-step toy run: checkpoints 2 and 4, W/config.json."""
+    workdir = str(tmp_path_factory.mktemp("toy_workflow"))
+    config = toy_config(total_steps=4, checkpoint_every=2, eval_every=4)
+    T.train_and_evaluate(config, workdir, train_iter_fn=fake_train_iter,
+                         eval_iter_fn=fake_eval_iter, log=lambda s: None)
+    return config, workdir
+
+
+def _folder_eval(config, scale):
+    """The config with a folder dataset of test scale `scale` as its first target."""
+    import ml_collections
+    c = config.copy_and_resolve_references()
+    c.data.eval = ("folder",)
+    c.data.folder = ml_collections.ConfigDict(dict(root="", test_scale=scale))
+    return c
+
+
+def test_predict_resizes_to_the_evaluation_scale_and_back(toy, tmp_path):
+    """Photos were segmented at their own size, not at the protocol's test scale."""
+    from PIL import Image
+
+    from mfuser_jax import predict as P
+    from mfuser_jax.data.transforms import test_resize
+    from mfuser_jax.evaluate import ImageEvaluator
+    config, workdir = toy
+    c = _folder_eval(config, (40, 20))
+    assert P.parse_scale(c) == (40, 20)
+    assert P.parse_scale(c, "native") is None and P.parse_scale(c, "64x32") == (64, 32)
+    assert P.parse_scale(config) is None  # the toy's synthetic target: own size
+    with pytest.raises(UserError, match="--scale='big': give W,H"):
+        P.parse_scale(c, "big")
+    image = np.random.default_rng(3).integers(0, 256, (30, 60, 3), np.uint8)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    assert P.predict(c, workdir, [str(tmp_path / "a.png")], str(tmp_path / "out"), None,
+                     None, 0.5) == 0
+    mask = np.asarray(Image.open(tmp_path / "out" / "a_png_mask.png"))
+    pal = P.palette_for(["red", "green", "blue"], ["red", "green", "blue"])
+    classes = np.argmax((mask[..., None, :] == pal).all(-1), -1)
+    # the evaluator, given the 40x20 test-resized image and this map as the label, agrees
+    # on every pixel: the same resize, window, resize back and argmax
+    model, _ = T.restore_model(config, workdir)
+    small = test_resize(image, (40, 20))
+    assert small.shape == (20, 40, 3)
+    cm = np.asarray(ImageEvaluator(model, num_classes=3, crop=16, stride=11, crop_batch=8)(
+        small[None], classes[None]))
+    assert cm.sum() == 30 * 60 and np.trace(cm) == cm.sum(), cm
+    # at the native size the map differs (the toy sees other pixels)
+    native = P.Segmenter(model, c, test_scale=P.parse_scale(c, "native"))(image)
+    assert native.shape == (30, 60) and (native != classes).any()
+
+
 def test_workdir_guard_compares_image_size(tmp_path):
     """A 128 px workdir evaluated with a 64 px config ran silently (mIoU 3.6)."""
     sys.path.insert(0, REPO)

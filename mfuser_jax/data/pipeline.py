@@ -340,6 +340,17 @@ class EvalExample:
         return out
 
 
+def eval_test_scale(config, name: str) -> tuple[int, int] | None:
+    """The test-time resize scale (w, h) of evaluation dataset `name`, read from the
+    config without touching the disk; None: evaluated at the images' own size (ACDC,
+    Dark Zurich, synthetic, TFDS, a folder dataset without data.folder.test_scale)."""
+    base = name.split(":", 1)[0]
+    if base == "folder":
+        scale = tuple(config.data.get("folder", {}).get("test_scale", ()) or ())
+        return tuple(int(v) for v in scale) or None
+    return S.TEST_SCALES.get(base)
+
+
 def eval_dataset_groups(config, name: str) -> tuple[str, ...]:
     """Names of the groups (ACDC's conditions) an evaluation also reports; () if none."""
     return tuple(getattr(build_source(resolve_config(config), name, train=False),
