@@ -7,7 +7,7 @@ import sys
 import numpy as np
 
 from mfuser_jax.errors import UserError
-from mfuser_jax.files import atomic_write
+from mfuser_jax.files import atomic_write, check_writable
 
 EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -59,6 +59,16 @@ def output_stems(files, out):
         taken.add(candidate)
         stems.append(candidate)
     return stems
+
+
+def probe_image(path):
+    """None when PIL recognises `path` as an image (its header only), else the reason."""
+    from PIL import Image
+    try:
+        with Image.open(path):
+            return None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        return str(e) or type(e).__name__
 
 
 def read_image(path):
@@ -180,6 +190,22 @@ def predict(config, workdir, images, out, classes, step, alpha, scale=None):
     default_names = list(config.model.class_names)
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     test_scale = parse_scale(config, scale)
+    # Everything the user can get wrong is checked before the restore (minutes at full
+    # size): the output folder, and each input's header.
+    check_writable(out, folder=True, hint=" (give --out a writable folder)")
+    failed = []
+    for f in files:
+        reason = probe_image(f)
+        if reason is not None:
+            failed.append(f)
+            print(f"skipped {f}: not a readable image ({reason})", file=sys.stderr,
+                  flush=True)
+    if len(failed) == len(files):
+        raise UserError(f"none of the {len(files)} image(s) is a readable image: "
+                        f"{', '.join(failed)}")
+    bad = set(failed)
+    stems = [s for f, s in zip(files, stems) if f not in bad]
+    todo = [f for f in files if f not in bad]
     at = (f"resized to the evaluation scale {test_scale[0]}x{test_scale[1]} and back"
           if test_scale else "at their own size")
     print(f"{len(files)} image(s), segmented {at}; restoring the model from {workdir} "
@@ -188,10 +214,10 @@ def predict(config, workdir, images, out, classes, step, alpha, scale=None):
     segmenter = Segmenter(model, config, class_names=names, test_scale=test_scale)
     pal = palette_for(names or default_names, default_names,
                       config.model.get("palette", None))
-    failed = []
-    with tqdm(total=len(files), desc="predict", unit="img", dynamic_ncols=True) as bar:
-        for f, stem in zip(files, stems):
-            image, reason = read_image(f)
+    with tqdm(total=len(files), initial=len(failed), desc="predict", unit="img",
+              dynamic_ncols=True) as bar:
+        for f, stem in zip(todo, stems):
+            image, reason = read_image(f)  # a file may still fail past its header
             if image is None:
                 failed.append(f)
                 tqdm.write(f"skipped {f}: not a readable image ({reason})", file=sys.stderr)

@@ -182,3 +182,27 @@ def test_export_into_an_unwritable_folder_is_one_line_before_any_work(tmp_path):
     out = _run("scripts/export.py", "--config", "configs/demo.py", "--workdir",
                str(tmp_path / "none"), "--to", "stablehlo", "--out", f"{blocked}/m.npz")
     assert out.returncode == 2 and out.stderr.startswith(f"error: cannot write to {blocked}")
+
+
+def test_predict_checks_out_and_inputs_before_the_restore(tmp_path, capsys):
+    """--out and the inputs were checked only after the restore and the first image; with
+    no readable image the report named a folder never created. The workdir here does
+    not exist: reaching the restore would fail with 'no checkpoints'."""
+    from PIL import Image
+
+    from mfuser_jax import predict as P
+    config = toy_config()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "ok.png")
+    (tmp_path / "bad.jpg").write_text("not an image")
+    none = str(tmp_path / "no_workdir")
+    if os.path.isdir("/sys/kernel"):
+        with pytest.raises(UserError, match=r"^cannot write to /sys/preds: .* \(give --out"):
+            P.predict(config, none, [str(tmp_path / "ok.png")], "/sys/preds", None, None, 0.5)
+    with pytest.raises(UserError, match=r"none of the 1 image\(s\) is a readable image: "):
+        P.predict(config, none, [str(tmp_path / "bad.jpg")], str(tmp_path / "o1"), None,
+                  None, 0.5)
+    with pytest.raises(UserError, match="no checkpoints in"):
+        P.predict(config, none, [str(tmp_path)], str(tmp_path / "o2"), None, None, 0.5)
+    err = capsys.readouterr().err  # the bad file is named before the restore
+    assert f"skipped {tmp_path / 'bad.jpg'}: not a readable image" in err
+    assert os.path.isdir(tmp_path / "o2")
