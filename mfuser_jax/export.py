@@ -115,6 +115,7 @@ def export_stablehlo(config: Any, workdir: str, out: str, step: int | None = Non
     channels (default the config's; others are zero-shot, as in scripts/predict.py)."""
     from mfuser_jax.errors import UserError
     from mfuser_jax.files import check_writable
+    from mfuser_jax.predict import parse_class_names
     from mfuser_jax.train import restore_model
 
     ev = config.evaluation
@@ -127,7 +128,7 @@ def export_stablehlo(config: Any, workdir: str, out: str, step: int | None = Non
     if unknown:
         raise UserError(f"unknown platform(s) {', '.join(unknown)}: choose from "
                         f"{', '.join(PLATFORMS)}")
-    names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    names = parse_class_names(classes)
     check_writable(out)
     model, step = restore_model(config, workdir, step)
     exported, weights = export_predictor(

@@ -95,13 +95,30 @@ def write_outputs(stem, mask, overlay):
 
 def palette_for(names, default_names, trained_palette=None):
     """A trained class keeps its colour (config.model.palette, else the Cityscapes colour
-    of a Cityscapes name); any other name gets an evenly spaced hue."""
-    from mfuser_jax.data.custom import default_palette, generated_colour
+    of a Cityscapes name); any other name gets a colour far from the others shown."""
+    from mfuser_jax.data.custom import default_palette, distinct_colours
     base = np.asarray(trained_palette if trained_palette else default_palette(default_names),
                       np.uint8).reshape(-1, 3)
     index = {n: i for i, n in enumerate(default_names)}
-    return np.array([base[index[n]] if n in index else generated_colour(i)
-                     for i, n in enumerate(names)], np.uint8).reshape(-1, 3)
+    known = [tuple(base[index[n]]) for n in names if n in index]
+    new = iter(distinct_colours(known, sum(n not in index for n in names)))
+    return np.array([base[index[n]] if n in index else next(new) for n in names],
+                    np.uint8).reshape(-1, 3)
+
+
+def parse_class_names(text, flag="--classes"):
+    """'road, car' -> ['road', 'car']; None/'' -> None. An empty entry or a name given
+    twice is refused: each name is one output channel (one query)."""
+    if text is None or not str(text).strip():
+        return None
+    names = [c.strip() for c in str(text).split(",")]
+    if "" in names:
+        raise UserError(f"{flag}={text!r}: entry {names.index('') + 1} is empty (give "
+                        "comma-separated class names)")
+    dup = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if dup is not None:
+        raise UserError(f"{flag}={text!r}: {dup!r} is given twice")
+    return names
 
 
 NATIVE = "native"
@@ -188,7 +205,7 @@ def predict(config, workdir, images, out, classes, step, alpha, scale=None):
     files = list_images(images, out)
     stems = output_stems(files, out)
     default_names = list(config.model.class_names)
-    names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    names = parse_class_names(classes)
     test_scale = parse_scale(config, scale)
     # Everything the user can get wrong is checked before the restore (minutes at full
     # size): the output folder, and each input's header.

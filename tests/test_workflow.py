@@ -206,3 +206,27 @@ def test_predict_checks_out_and_inputs_before_the_restore(tmp_path, capsys):
     err = capsys.readouterr().err  # the bad file is named before the restore
     assert f"skipped {tmp_path / 'bad.jpg'}: not a readable image" in err
     assert os.path.isdir(tmp_path / "o2")
+
+
+def test_class_list_mistakes_and_distinct_generated_colours(tmp_path):
+    """'road,,road' silently became fewer classes; generated colours came within 27 (RGB
+    distance) of Cityscapes' sidewalk."""
+    from PIL import Image
+
+    from mfuser_jax import predict as P
+    from mfuser_jax.data.labels import CLASSES
+    assert P.parse_class_names(" road , car ") == ["road", "car"]
+    assert P.parse_class_names("") is None and P.parse_class_names(None) is None
+    with pytest.raises(UserError, match=r"--classes='road,,road': entry 2 is empty"):
+        P.parse_class_names("road,,road")
+    with pytest.raises(UserError, match=r"--classes='road,car,road': 'road' is given twice"):
+        P.parse_class_names("road,car,road")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    with pytest.raises(UserError, match="is given twice"):  # before any restore
+        P.predict(toy_config(), str(tmp_path / "none"), [str(tmp_path / "a.png")],
+                  str(tmp_path / "o"), "road,road", None, 0.5)
+    names = list(CLASSES) + [f"thing {i}" for i in range(12)]
+    pal = P.palette_for(names, list(CLASSES)).astype(float)
+    assert (pal[:19] == np.asarray(P.palette_for(CLASSES, CLASSES))).all()  # kept
+    dist = np.sqrt(((pal[:, None] - pal[None]) ** 2).sum(-1)) + 1e9 * np.eye(len(pal))
+    assert dist[19:].min() > 50, dist[19:].min()
