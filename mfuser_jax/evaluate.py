@@ -242,10 +242,11 @@ def sum_over_processes(cm: np.ndarray) -> np.ndarray:
 
 def write_eval_json(workdir: str, dataset: str, step: int, miou: float,
                     class_names: Sequence[str], iou: np.ndarray,
-                    groups: dict[str, tuple[float, np.ndarray]] | None = None) -> str:
-    """`groups` {name: (miou, iou)} adds {"groups": {name: {"miou", "per_class"}}}."""
-    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-    path = eval_json_path(workdir, dataset, step)
+                    groups: dict[str, tuple[float, np.ndarray]] | None = None,
+                    eval_dir: str | None = None) -> str:
+    """`groups` {name: (miou, iou)} adds {"groups": {name: {"miou", "per_class"}}}.
+    `eval_dir`: the folder instead of W/eval."""
+    path = eval_json_path(workdir, dataset, step, eval_dir)
 
     def per_class(values):
         return {n: (None if np.isnan(v) else float(v)) for n, v in zip(class_names, values)}
@@ -295,24 +296,26 @@ def _report_groups(log, name, step, class_names, groups, by_group):
     return out
 
 
-def write_eval_report(workdir, name, step, config, cm, groups=None):
+def write_eval_report(workdir, name, step, config, cm, groups=None, eval_dir=None):
     """The PNG beside the JSON (mfuser_jax/eval_report.py)."""
     palette = config.model.get("palette", None) or None
     write_eval_png(workdir, name, step, list(config.model.class_names), cm,
                    palette=np.asarray(palette, np.uint8) if palette else None,
-                   groups={g: m for g, (m, _) in (groups or {}).items()})
+                   groups={g: m for g, (m, _) in (groups or {}).items()}, eval_dir=eval_dir)
 
 
 def evaluate_model(model: nnx.Module, config: Any, *, step: int, workdir: str | None,
                    datasets: Sequence[str] | None = None,
                    eval_iter_fn: Callable[..., Iterable[dict]] | None = None,
                    log: Callable[[str], None] = print,
-                   mesh: jax.sharding.Mesh | None = None) -> dict[str, float]:
+                   mesh: jax.sharding.Mesh | None = None,
+                   eval_dir: str | None = None) -> dict[str, float]:
     """Evaluates `model` on every dataset (default config.data.eval); returns {name: mIoU %}.
 
     Each process evaluates its share of the images; confusion matrices are summed over
     processes; process 0 writes W/eval/<dataset>_step<N>.json (with per-group entries for
-    grouped sets such as ACDC) and .png and prints the IoU tables.
+    grouped sets such as ACDC) and .png (in `eval_dir` instead of W/eval when given) and
+    prints the IoU tables.
     """
     eval_iter_fn = eval_iter_fn or _default_eval_iter
     ev_cfg = config.evaluation
@@ -344,7 +347,9 @@ def evaluate_model(model: nnx.Module, config: Any, *, step: int, workdir: str | 
                                         step, class_names, groups, by_group)
                          if groups else None)
             log(format_iou_table(f"{name} @ step {step}", class_names, iou, miou))
-            if workdir is not None:
-                write_eval_json(workdir, name, step, miou, class_names, iou, per_group)
-                write_eval_report(workdir, name, step, config, cm, per_group)
+            if workdir is not None or eval_dir is not None:
+                write_eval_json(workdir, name, step, miou, class_names, iou, per_group,
+                                eval_dir=eval_dir)
+                write_eval_report(workdir, name, step, config, cm, per_group,
+                                  eval_dir=eval_dir)
     return results

@@ -22,6 +22,7 @@ from mfuser_jax.checkpoints import (checkpoint_manager, restore_checkpoint,
                                     restore_model_state, save_checkpoint)
 from mfuser_jax.errors import Preempted, TrainingDiverged, UserError
 from mfuser_jax.evaluate import eval_json_path, evaluate_model
+from mfuser_jax.files import check_writable
 from mfuser_jax.models.factory import build_model
 from mfuser_jax.monitoring import (MetricWriter, StepProfiler, StopSignals, format_loss_parts,
                                    format_step_line)
@@ -257,17 +258,24 @@ def restore_model(config: Any, workdir: str, step: int | None = None
 
 def evaluate_checkpoint(config: Any, workdir: str, step: int | None = None, *,
                         eval_iter_fn: Callable[..., Any] | None = None,
-                        log: Callable[[str], None] | None = None) -> dict[str, float]:
-    """Restores W/checkpoints/<step> (default latest) and evaluates config.data.eval."""
+                        log: Callable[[str], None] | None = None,
+                        out: str | None = None) -> dict[str, float]:
+    """Restores W/checkpoints/<step> (default latest) and evaluates config.data.eval; the
+    JSON and PNG reports go to `out` (default W/eval), checked writable first."""
     shd.maybe_initialize_distributed(config)
     log = log or (lambda s: print(s, flush=True) if jax.process_index() == 0 else None)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     if eval_iter_fn is None:
         check_data_for_eval(config)
+    eval_dir = os.path.abspath(os.path.expanduser(out)) if out else os.path.join(workdir,
+                                                                                "eval")
+    if jax.process_index() == 0:  # a read-only workdir (a shared release) fails here
+        check_writable(eval_dir, folder=True,
+                       hint=" (a read-only workdir? give scripts/eval.py --out DIR)")
     eval_sets = available_eval_datasets(config, log)
     log(f"restoring the model from {workdir} (building and compiling take a while at full "
         "size)")
     model, step = restore_model(config, workdir, step)
     return evaluate_model(model, config, step=step, workdir=workdir, datasets=eval_sets,
                           eval_iter_fn=eval_iter_fn, log=log,
-                          mesh=shd.make_mesh(config.get("mesh", None)))
+                          mesh=shd.make_mesh(config.get("mesh", None)), eval_dir=eval_dir)

@@ -5,7 +5,7 @@
 
 Restores W/checkpoints/<N> (default: the latest), shows a progress bar per dataset (images/s,
 time left), prints the per-class IoU table and writes W/eval/<dataset>_step<N>.json and .png
-(IoU bars, confusion matrix).
+(IoU bars, confusion matrix); --out DIR writes them to DIR instead (a read-only workdir).
 """
 
 import _cli  # noqa: F401
@@ -16,6 +16,8 @@ config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/demo.
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "training output folder holding checkpoints/")
 flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
+flags.DEFINE_string("out", None, "folder for the JSON and PNG reports (default: W/eval; "
+                    "for a read-only workdir, e.g. a shared release)")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -23,7 +25,8 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     from mfuser_jax.train import evaluate_checkpoint
-    _cli.run_main(evaluate_checkpoint, FLAGS.config, FLAGS.workdir, FLAGS.step)
+    _cli.run_main(evaluate_checkpoint, FLAGS.config, FLAGS.workdir, FLAGS.step,
+                  out=FLAGS.out)
 
 
 if __name__ == "__main__":

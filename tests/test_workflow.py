@@ -230,3 +230,35 @@ def test_class_list_mistakes_and_distinct_generated_colours(tmp_path):
     assert (pal[:19] == np.asarray(P.palette_for(CLASSES, CLASSES))).all()  # kept
     dist = np.sqrt(((pal[:, None] - pal[None]) ** 2).sum(-1)) + 1e9 * np.eye(len(pal))
     assert dist[19:].min() > 50, dist[19:].min()
+
+
+def test_eval_of_a_read_only_workdir_fails_first_or_writes_to_out(toy, tmp_path, capsys):
+    """Eval of a read-only workdir ran to the end, then could not write its JSON (after a
+    compilation-cache warning). An unwritable W/eval and W/compile_cache are played by
+    files in their place (chmod does not stop root)."""
+    import shutil
+    config, workdir = toy
+    copy = tmp_path / "w"
+    shutil.copytree(workdir, copy)
+    shutil.rmtree(copy / "eval")
+    (copy / "eval").write_text("")
+    (copy / "compile_cache").write_text("")
+    c = config.copy_and_resolve_references()
+    c.compile_cache = "workdir"
+    used = []
+
+    def eval_iter(*a, **kw):
+        used.append(1)
+        return fake_eval_iter(*a, **kw)
+
+    with pytest.raises(UserError, match=r"cannot write to .*/w/eval: .*give scripts/eval.py "
+                                        r"--out DIR\)"):
+        T.evaluate_checkpoint(c, str(copy), eval_iter_fn=eval_iter)
+    assert not used  # before any image
+    res = T.evaluate_checkpoint(c, str(copy), eval_iter_fn=eval_iter,
+                                out=str(tmp_path / "results"))
+    assert used
+    got = json.load(open(tmp_path / "results" / "synthetic_toy_step4.json"))
+    assert got["miou"] == pytest.approx(res["synthetic_toy"])
+    assert (tmp_path / "results" / "synthetic_toy_step4.png").exists()
+    assert "compiling without the persistent cache" in capsys.readouterr().out
