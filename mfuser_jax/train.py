@@ -44,14 +44,46 @@ def _eval_done(workdir: str, datasets: list[str], step: int) -> bool:
     return all(os.path.exists(eval_json_path(workdir, d, step)) for d in datasets)
 
 
+def _latest_on_disk(workdir: str) -> int | None:
+    ckpt = os.path.join(workdir, "checkpoints")
+    steps = [int(n) for n in os.listdir(ckpt) if n.isdigit()] if os.path.isdir(ckpt) else []
+    return max(steps) if steps else None
+
+
+def check_schedule_unchanged(config: Any, workdir: str, new_schedule: bool = False,
+                             log: Callable[[str], None] = print) -> None:
+    """Resuming with another total_steps than W/config.json's silently moved the poly
+    learning-rate curve (a finished 600-step run raised to 620: lr 1.3e-5 at step 600,
+    then 1.5e-4): refused unless `new_schedule`, which continues on the new curve."""
+    from mfuser_jax.optim import lr_schedule
+    from mfuser_jax.workdir import read_saved_config
+    saved = (read_saved_config(workdir) or {}).get("total_steps")
+    latest = _latest_on_disk(workdir)
+    total = int(config.total_steps)
+    if saved is None or not latest or int(saved) == total or latest >= total:
+        return
+    old = float(lr_schedule(config.optim, int(saved))(latest))
+    new = float(lr_schedule(config.optim, total)(latest))
+    what = (f"{workdir} was trained with total_steps={saved} (checkpoint at step {latest}); "
+            f"the poly learning-rate schedule is a function of total_steps, so with "
+            f"total_steps={total} the lr at step {latest} is {new:.2e} instead of {old:.2e}")
+    if not new_schedule:
+        raise UserError(f"{what}: pass --config.total_steps={saved} to resume the run as it "
+                        "was, or --new_schedule to continue on the new schedule")
+    log(f"note: {what} (--new_schedule)")
+
+
 def train_and_evaluate(config: Any, workdir: str, *,
                        train_iter_fn: Callable[..., Iterator[dict]] | None = None,
                        eval_iter_fn: Callable[..., Any] | None = None,
-                       log: Callable[[str], None] | None = None) -> dict:
+                       log: Callable[[str], None] | None = None,
+                       new_schedule: bool = False) -> dict:
     """Trains (resuming from W/checkpoints if present), evaluates, returns the last metrics.
 
     `train_iter_fn` / `eval_iter_fn` replace the data pipeline's iterator factories
     (same signatures as mfuser_jax.data.pipeline.make_train_iterator / make_eval_iterator).
+    `new_schedule`: resume with another total_steps than the run was started with (the
+    learning-rate curve moves; see check_schedule_unchanged).
     """
     shd.maybe_initialize_distributed(config)
     is_main = jax.process_index() == 0
@@ -61,6 +93,7 @@ def train_and_evaluate(config: Any, workdir: str, *,
     check_data(config)
     check_pretrained(config)
     check_workdir_model(config, workdir)  # before config.json records this config
+    check_schedule_unchanged(config, workdir, new_schedule, log)
     profile = parse_profile_steps(config)
     os.makedirs(workdir, exist_ok=True)
     if is_main:

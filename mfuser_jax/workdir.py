@@ -46,6 +46,16 @@ def write_config(workdir: str, config: Any) -> None:
         f.write(config_json(config))
 
 
+def read_saved_config(workdir: str) -> dict | None:
+    """W/config.json as a dict; None without a readable file."""
+    try:
+        with open(os.path.join(workdir, CONFIG_FILE)) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
 def read_model_config(workdir: str) -> dict | None:
     """config.model as W/config.json recorded it; None without a readable file."""
     try:

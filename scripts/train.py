@@ -2,7 +2,8 @@
 """Train MFuser: `python scripts/train.py --config configs/gta2cs.py --workdir runs/gta2cs`.
 
 Running the same command again resumes from the latest checkpoint in W/checkpoints; a
-finished run exits at once. Ctrl-C (or SIGTERM) finishes the current step, saves it and
+finished run exits at once; resuming with another --config.total_steps (which moves the
+learning-rate schedule) needs --new_schedule. Ctrl-C (or SIGTERM) finishes the current step, saves it and
 exits 130 (143); a second Ctrl-C quits at once. A workdir trained with another model
 (W/config.json) is refused with the config argument to use. Outputs: W/checkpoints/<step>/, W/metrics.jsonl,
 W/eval/<dataset>_step<N>.json, W/config.json and TensorBoard event files in W.
@@ -22,6 +23,9 @@ flags.DEFINE_string("workdir", None, "output folder (checkpoints, metrics, eval 
 flags.DEFINE_bool("compile_only", False, "build the model from shapes, compile the train step "
                   "and print its memory analysis (no data, no weights; --workdir optional: "
                   "its compile cache then holds the step)")
+flags.DEFINE_bool("new_schedule", False, "resume with another --config.total_steps than the "
+                  "run started with: the poly learning-rate curve is recomputed for the new "
+                  "total (refused without this flag)")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
@@ -35,7 +39,8 @@ def main(argv):
         # absl's UsageError would print the whole --help and exit 1
         _cli.fail("--workdir is required (except with --compile_only)")
     else:
-        _cli.run_main(train_and_evaluate, FLAGS.config, FLAGS.workdir)
+        _cli.run_main(train_and_evaluate, FLAGS.config, FLAGS.workdir,
+                      new_schedule=FLAGS.new_schedule)
 
 
 if __name__ == "__main__":

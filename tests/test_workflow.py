@@ -262,3 +262,27 @@ def test_eval_of_a_read_only_workdir_fails_first_or_writes_to_out(toy, tmp_path,
     assert got["miou"] == pytest.approx(res["synthetic_toy"])
     assert (tmp_path / "results" / "synthetic_toy_step4.png").exists()
     assert "compiling without the persistent cache" in capsys.readouterr().out
+
+
+def test_raising_total_steps_needs_new_schedule(toy, tmp_path):
+    """Raising total_steps on a finished run silently restarted the lr schedule."""
+    import shutil
+
+    from mfuser_jax.optim import lr_schedule
+    config, workdir = toy
+    copy = str(tmp_path / "w")
+    shutil.copytree(workdir, copy)
+    longer = toy_config(total_steps=6, checkpoint_every=2, eval_every=100, **{"data.eval": ()})
+    with pytest.raises(UserError, match=r"trained with total_steps=4 \(checkpoint at step 4\)"
+                                        r".* pass --config.total_steps=4 to resume the run as "
+                                        r"it was, or --new_schedule"):
+        T.train_and_evaluate(longer, copy, train_iter_fn=fake_train_iter)
+    logged = []
+    T.train_and_evaluate(longer, copy, train_iter_fn=fake_train_iter, new_schedule=True,
+                         log=logged.append)
+    assert any(x.startswith("note: ") and "--new_schedule" in x for x in logged)
+    lines = [json.loads(x) for x in open(os.path.join(copy, "metrics.jsonl"))]
+    step5 = [x for x in lines if x.get("step") == 5 and "lr" in x][0]
+    assert step5["lr"] == pytest.approx(float(lr_schedule(longer.optim, 6)(4)))
+    # the same total resumes (and a finished run stays finished) without the flag
+    T.train_and_evaluate(longer, copy, train_iter_fn=fake_train_iter)
