@@ -56,6 +56,27 @@ def read_saved_config(workdir: str) -> dict | None:
     return saved if isinstance(saved, dict) else None
 
 
+def config_from_workdir(workdir: str) -> Any:
+    """The config W was trained (or converted) with, from W/config.json: what
+    scripts/eval.py and predict.py use without --config. JSON lists become tuples again,
+    as the config files write them."""
+    import ml_collections
+    path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), CONFIG_FILE)
+    saved = read_saved_config(os.path.dirname(path))
+    if saved is None:
+        raise UserError(f"no readable {path} (training and the release converter write it): "
+                        "give the config with --config")
+
+    def tuples(x):
+        if isinstance(x, dict):
+            return {k: tuples(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return tuple(tuples(v) for v in x)
+        return x
+
+    return ml_collections.ConfigDict(tuples(saved))
+
+
 def read_model_config(workdir: str) -> dict | None:
     """config.model as W/config.json recorded it; None without a readable file."""
     try:

@@ -94,6 +94,17 @@ def run_main(fn, *args, **kwargs):
              f"file not found: {e.filename}")
 
 
+def config_or_workdir(config, workdir: str):
+    """--config when given, else the config W/config.json recorded (one error line when
+    there is none)."""
+    if config is not None:
+        return config
+    from mfuser_jax.workdir import config_from_workdir
+    config = run_main(config_from_workdir, workdir)
+    print(f"config: {os.path.join(os.path.abspath(workdir), 'config.json')}", flush=True)
+    return config
+
+
 def run_app(main, *, positional_args: bool = False):
     """absl's app.run with the flags parsed by `parse_flags`: --help exits 0; a bad flag or
     config file ends in one message and exit 2. `positional_args`: main takes paths after

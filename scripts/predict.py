@@ -4,6 +4,9 @@
   python scripts/predict.py --config configs/gta2cs.py --workdir runs/gta2cs \\
       --images photo.jpg street.png frames/ --out preds/ [--classes "road,car,person"] [--step N]
 
+Without --config, the config W/config.json recorded (training and the release converter
+write it) is used.
+
 --images takes any number of files and folders (also repeated: --images a.jpg --images
 b/); folders are searched (not recursively) for .png/.jpg/.jpeg/.bmp/.webp images. Outputs
 mirror the inputs' folders below their common parent and keep each input's extension in
@@ -29,7 +32,8 @@ import _cli
 from absl import flags
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/demo.py[:arg]",
+config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/demo.py[:arg] "
+                                "(default: the workdir's config.json, as trained)",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "training output folder holding checkpoints/")
 flags.DEFINE_multi_string("images", None, "image files or folders: any number after one "
@@ -42,7 +46,7 @@ flags.DEFINE_string("scale", "", "test-time resize before the sliding window: em
                     "first evaluation dataset's scale (the protocol the mIoU comes from, "
                     "e.g. 2048,1024 for Cityscapes); 'native' = each image's own size; "
                     "or W,H")
-flags.mark_flags_as_required(["config", "workdir", "images", "out"])
+flags.mark_flags_as_required(["workdir", "images", "out"])
 FLAGS = flags.FLAGS
 
 EXIT_SOME_FAILED = 1
@@ -51,7 +55,8 @@ EXIT_SOME_FAILED = 1
 def main(argv):
     images = list(FLAGS.images) + list(argv[1:])  # the paths after the first one
     from mfuser_jax.predict import predict
-    failed = _cli.run_main(predict, FLAGS.config, FLAGS.workdir, images, FLAGS.out,
+    config = _cli.config_or_workdir(FLAGS.config, FLAGS.workdir)
+    failed = _cli.run_main(predict, config, FLAGS.workdir, images, FLAGS.out,
                            FLAGS.classes, FLAGS.step, FLAGS.alpha, FLAGS.scale)
     if failed:
         sys.exit(EXIT_SOME_FAILED)

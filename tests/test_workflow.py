@@ -286,3 +286,19 @@ def test_raising_total_steps_needs_new_schedule(toy, tmp_path):
     assert step5["lr"] == pytest.approx(float(lr_schedule(longer.optim, 6)(4)))
     # the same total resumes (and a finished run stays finished) without the flag
     T.train_and_evaluate(longer, copy, train_iter_fn=fake_train_iter)
+
+
+def test_eval_and_predict_without_config_read_the_workdirs(toy, tmp_path):
+    """eval/predict needed --config even though W/config.json records it."""
+    from mfuser_jax.workdir import config_from_workdir
+    config, workdir = toy
+    loaded = config_from_workdir(workdir)
+    assert loaded.to_dict() == config.to_dict()  # tuples stay tuples
+    res = T.evaluate_checkpoint(loaded, workdir, eval_iter_fn=fake_eval_iter,
+                                out=str(tmp_path / "e"))
+    want = json.load(open(os.path.join(workdir, "eval", "synthetic_toy_step4.json")))
+    assert res["synthetic_toy"] == pytest.approx(want["miou"])
+    out = _run("scripts/eval.py", "--workdir", str(tmp_path))
+    assert out.returncode == 2 and out.stderr.strip() == (
+        f"error: no readable {tmp_path}/config.json (training and the release converter "
+        "write it): give the config with --config")
