@@ -1,5 +1,6 @@
-"""Segmenting images with a trained checkpoint: inputs, unique output names, colour masks
-and overlays written atomically. The command line is scripts/predict.py."""
+"""Segmenting images with a trained checkpoint: inputs, unique output names, colour masks,
+overlays, class-index and label-id PNGs written atomically, a legend; `Segmenter` is the
+Python inference path. The command line is scripts/predict.py."""
 
 import os
 import sys
@@ -9,13 +10,32 @@ import numpy as np
 from mfuser_jax.errors import UserError
 from mfuser_jax.files import atomic_write, check_writable
 
-EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+# What predict can write per image (scripts/predict.py --outputs): the colour mask, the
+# overlay, the class index (trainId) PNG and the label-id PNG (Cityscapes' server format,
+# mmseg's --format-only; a class list's own label ids for a folder dataset).
+OUTPUTS = {"mask": "_mask.png", "overlay": "_overlay.jpg", "trainid": "_trainIds.png",
+           "labelid": "_labelIds.png"}
 
 
-def list_images(paths, out=None):
+def _folder_images(folder, recursive):
+    if not recursive:
+        return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                      if f.lower().endswith(EXTS) and os.path.isfile(os.path.join(folder, f)))
+    found = []
+    for dirpath, dirnames, files in os.walk(folder):
+        dirnames.sort()
+        found.extend(os.path.join(dirpath, f) for f in sorted(files)
+                     if f.lower().endswith(EXTS))
+    return found
+
+
+def list_images(paths, out=None, recursive=False):
     """Image files from files and folders (a path that does not exist may be a
-    comma-separated list), each once, in the given order (folders sorted). A folder's
-    files inside `out` are earlier results, not inputs."""
+    comma-separated list), each once, in the given order (folders sorted; `recursive`:
+    their sub-folders too, e.g. Cityscapes' city folders). A folder's files inside `out`
+    are earlier results, not inputs."""
     skip = os.path.join(os.path.realpath(out), "") if out else None
     found_all, seen = [], set()
     for p in paths:
@@ -23,9 +43,7 @@ def list_images(paths, out=None):
             if not item:
                 continue
             if os.path.isdir(item):
-                found = sorted(os.path.join(item, f) for f in os.listdir(item)
-                               if f.lower().endswith(EXTS)
-                               and os.path.isfile(os.path.join(item, f)))
+                found = _folder_images(item, recursive)
                 if skip:
                     found = [f for f in found if not os.path.realpath(f).startswith(skip)]
             elif os.path.isfile(item):
@@ -37,7 +55,8 @@ def list_images(paths, out=None):
                     seen.add(os.path.realpath(f))
                     found_all.append(f)
     if not found_all:
-        raise UserError(f"no images found in {', '.join(paths)}")
+        sub = "" if recursive else " (sub-folders are searched with --recursive)"
+        raise UserError(f"no images ({', '.join(EXTS)}) found in {', '.join(paths)}{sub}")
     return found_all
 
 
@@ -81,16 +100,68 @@ def read_image(path):
         return None, str(e) or type(e).__name__
 
 
-def write_outputs(stem, mask, overlay):
-    """Writes <stem>_mask.png and <stem>_overlay.jpg together or not at all: each goes to a
-    temporary name first, renamed once both are complete."""
+def write_outputs(stem, arrays):
+    """Writes <stem><suffix> for each {kind: array} (suffixes: OUTPUTS) together or not at
+    all: each goes to a temporary name first, renamed once all are complete."""
     from PIL import Image
-    targets = [(f"{stem}_mask.png", mask, {"format": "PNG"}),
-               (f"{stem}_overlay.jpg", overlay, {"format": "JPEG", "quality": 92})]
+    targets = [(f"{stem}{OUTPUTS[kind]}", array,
+                {"format": "JPEG", "quality": 92} if kind == "overlay" else {"format": "PNG"})
+               for kind, array in arrays.items()]
     with atomic_write(*(path for path, _, _ in targets)) as tmps:
         for tmp, (_, array, kw) in zip(tmps, targets):
             Image.fromarray(array).save(tmp, **kw)
     return targets[0][0]
+
+
+def check_outputs(outputs):
+    outputs = tuple(o.strip().lower() for o in outputs if o.strip())
+    unknown = [o for o in outputs if o not in OUTPUTS]
+    if unknown or not outputs:
+        raise UserError(f"--outputs={','.join(outputs)}: choose from {', '.join(OUTPUTS)}")
+    return outputs
+
+
+def label_ids_for(names, config):
+    """(K,) uint8: the label id written for each class in --outputs labelid. The 19
+    Cityscapes classes in their order take Cityscapes' labelIds (the benchmark server's
+    format); the classes of a class list (configs/custom.py) its own ids."""
+    from mfuser_jax.data.labels import CITYSCAPES_ID_TO_TRAINID, CLASSES
+    folder_ids = tuple(config.data.get("folder", {}).get("label_ids", ()) or ())
+    if folder_ids and list(names) == list(config.model.class_names):
+        return np.asarray(folder_ids, np.uint8)
+    if tuple(names) == tuple(CLASSES):
+        ids = {t: i for i, t in CITYSCAPES_ID_TO_TRAINID.items()}
+        return np.asarray([ids[t] for t in range(len(CLASSES))], np.uint8)
+    raise UserError("--outputs labelid needs the 19 Cityscapes classes in their order or a "
+                    "class list with label ids (configs/custom.py); --outputs trainid writes "
+                    "the class index of any class list")
+
+
+def write_legend(out, names, palette, label_ids=None):
+    """out/legend.png (a swatch and the name of each class, in output-channel order) and
+    out/legend.txt ('<index> <#rrggbb> [label id] <name>' per line)."""
+    from PIL import Image, ImageDraw
+
+    from mfuser_jax.eval_report import _font
+    row, sw, pad = 22, 40, 6
+    font = _font(14)
+    width = sw + 3 * pad + max(int(font.getlength(f"{i:>2} {n}")) for i, n in enumerate(names))
+    img = Image.new("RGB", (width, row * len(names) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    lines = []
+    for i, (name, colour) in enumerate(zip(names, palette)):
+        y = pad + i * row
+        draw.rectangle([pad, y, pad + sw - 1, y + row - pad - 1], fill=tuple(int(c) for c in colour))
+        draw.text((sw + 2 * pad, y), f"{i:>2} {name}", fill=(30, 30, 30), font=font)
+        hexc = "#" + "".join(f"{int(c):02x}" for c in colour)
+        lid = f" {int(label_ids[i])}" if label_ids is not None else ""
+        lines.append(f"{i} {hexc}{lid} {name}")
+    png, txt = os.path.join(out, "legend.png"), os.path.join(out, "legend.txt")
+    with atomic_write(png, txt) as (tmp_png, tmp_txt):
+        img.save(tmp_png, format="PNG")
+        with open(tmp_txt, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return png
 
 
 def palette_for(names, default_names, trained_palette=None):
@@ -195,17 +266,22 @@ class Segmenter:
         return self._resizers[(h, w)]
 
 
-def predict(config, workdir, images, out, classes, step, alpha, scale=None):
+def predict(config, workdir, images, out, classes, step, alpha, scale=None,
+            outputs=("mask", "overlay"), recursive=False):
     """Segments every readable image; returns the number of images that could not be read.
-    `scale`: see parse_scale (default: the first evaluation dataset's test scale)."""
+    `scale`: see parse_scale (default: the first evaluation dataset's test scale).
+    `outputs`: which files per image (OUTPUTS); out/legend.png and legend.txt name the
+    colours (and label ids). `recursive`: folders' sub-folders too."""
     from tqdm import tqdm
 
     from mfuser_jax.train import restore_model
 
-    files = list_images(images, out)
+    outputs = check_outputs(outputs)
+    files = list_images(images, out, recursive)
     stems = output_stems(files, out)
     default_names = list(config.model.class_names)
     names = parse_class_names(classes)
+    label_ids = label_ids_for(names or default_names, config) if "labelid" in outputs else None
     test_scale = parse_scale(config, scale)
     # Everything the user can get wrong is checked before the restore (minutes at full
     # size): the output folder, and each input's header.
@@ -231,6 +307,7 @@ def predict(config, workdir, images, out, classes, step, alpha, scale=None):
     segmenter = Segmenter(model, config, class_names=names, test_scale=test_scale)
     pal = palette_for(names or default_names, default_names,
                       config.model.get("palette", None))
+    write_legend(out, names or default_names, pal, label_ids)
     with tqdm(total=len(files), initial=len(failed), desc="predict", unit="img",
               dynamic_ncols=True) as bar:
         for f, stem in zip(todo, stems):
@@ -239,13 +316,17 @@ def predict(config, workdir, images, out, classes, step, alpha, scale=None):
                 failed.append(f)
                 tqdm.write(f"skipped {f}: not a readable image ({reason})", file=sys.stderr)
             else:
-                mask = pal[segmenter(image)]
-                overlay = (image * (1 - alpha) + mask * alpha).astype(np.uint8)
-                write_outputs(stem, mask, overlay)
+                cls = segmenter(image)
+                mask = pal[cls]
+                arrays = {"mask": mask,
+                          "overlay": (image * (1 - alpha) + mask * alpha).astype(np.uint8),
+                          "trainid": cls.astype(np.uint8),
+                          "labelid": None if label_ids is None else label_ids[cls]}
+                write_outputs(stem, {k: arrays[k] for k in outputs})
             bar.update(1)
     done = len(files) - len(failed)
-    print(f"{done} image(s) segmented with checkpoint step {step}: masks and overlays in "
-          f"{os.path.abspath(out)}", flush=True)
+    print(f"{done} image(s) segmented with checkpoint step {step}: {', '.join(outputs)} "
+          f"and legend.png in {os.path.abspath(out)}", flush=True)
     if failed:
         print(f"error: {len(failed)} of {len(files)} image(s) could not be read: "
               f"{', '.join(failed)}", file=sys.stderr, flush=True)

@@ -8,11 +8,15 @@ Without --config, the config W/config.json recorded (training and the release co
 write it) is used.
 
 --images takes any number of files and folders (also repeated: --images a.jpg --images
-b/); folders are searched (not recursively) for .png/.jpg/.jpeg/.bmp/.webp images. Outputs
-mirror the inputs' folders below their common parent and keep each input's extension in
-the name, so no two inputs share an output: frames/0001.png gives
-preds/frames/0001_png_mask.png (colours: config.model.palette, else the Cityscapes
-palette; generated colours for other class names) and preds/frames/0001_png_overlay.jpg. Since the queries come from text,
+b/); folders are searched for .png/.jpg/.jpeg/.bmp/.webp/.tif/.tiff images (with
+--recursive their sub-folders too, e.g. Cityscapes' city folders). Outputs mirror the
+inputs' folders below their common parent and keep each input's extension in the name, so
+no two inputs share an output: frames/0001.png gives preds/frames/0001_png_mask.png
+(colours: config.model.palette, else the Cityscapes palette; generated colours for other
+class names) and preds/frames/0001_png_overlay.jpg; --outputs adds _trainIds.png (class
+index) and _labelIds.png (Cityscapes label ids, the benchmark server's format, as mmseg's
+--format-only; a class list's own ids for configs/custom.py). preds/legend.png and
+legend.txt give each class's colour (and label id). Since the queries come from text,
 --classes segments any list of class names (the model was trained on the 19 Cityscapes
 classes; others are zero-shot).
 
@@ -42,6 +46,11 @@ flags.DEFINE_string("out", None, "output folder")
 flags.DEFINE_string("classes", None, "comma-separated class names (default: the config's)")
 flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
 flags.DEFINE_float("alpha", 0.5, "mask opacity in the overlay")
+flags.DEFINE_list("outputs", ["mask", "overlay"], "files per image: mask (colours), overlay "
+                  "(.jpg), trainid (class index PNG), labelid (label-id PNG: Cityscapes ids, "
+                  "the benchmark server's format, or a class list's own ids)")
+flags.DEFINE_bool("recursive", False, "search the folders' sub-folders too (e.g. Cityscapes' "
+                  "leftImg8bit/test with its city folders)")
 flags.DEFINE_string("scale", "", "test-time resize before the sliding window: empty = the "
                     "first evaluation dataset's scale (the protocol the mIoU comes from, "
                     "e.g. 2048,1024 for Cityscapes); 'native' = each image's own size; "
@@ -57,7 +66,8 @@ def main(argv):
     from mfuser_jax.predict import predict
     config = _cli.config_or_workdir(FLAGS.config, FLAGS.workdir)
     failed = _cli.run_main(predict, config, FLAGS.workdir, images, FLAGS.out,
-                           FLAGS.classes, FLAGS.step, FLAGS.alpha, FLAGS.scale)
+                           FLAGS.classes, FLAGS.step, FLAGS.alpha, FLAGS.scale,
+                           FLAGS.outputs, FLAGS.recursive)
     if failed:
         sys.exit(EXIT_SOME_FAILED)
 

@@ -302,3 +302,51 @@ def test_eval_and_predict_without_config_read_the_workdirs(toy, tmp_path):
     assert out.returncode == 2 and out.stderr.strip() == (
         f"error: no readable {tmp_path}/config.json (training and the release converter "
         "write it): give the config with --config")
+
+
+# cityscapesScripts' labels.py: trainId -> id of the 19 evaluated classes
+CITYSCAPES_TRAINID_TO_ID = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31,
+                            32, 33)
+
+
+def test_predict_outputs_legend_recursive_tif(toy, tmp_path):
+    """Label-id and trainId PNGs, a legend, city sub-folders and .tif inputs."""
+    from PIL import Image
+
+    from mfuser_jax import predict as P
+    from mfuser_jax.data.labels import CLASSES
+    config, workdir = toy
+    ids = P.label_ids_for(CLASSES, config)  # the Cityscapes server's ids
+    assert ids.tolist() == list(CITYSCAPES_TRAINID_TO_ID)
+    with pytest.raises(UserError, match="--outputs labelid needs the 19 Cityscapes classes"):
+        P.label_ids_for(["red", "green", "blue"], config)
+    with pytest.raises(UserError, match="--outputs=mask,jpeg: choose from"):
+        P.check_outputs(["mask", "jpeg"])
+    rng = np.random.default_rng(4)
+    src = tmp_path / "leftImg8bit"
+    for rel, shape in {"aachen/a.png": (18, 24), "bremen/b.tif": (20, 20)}.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (*shape, 3), np.uint8)).save(src / rel)
+    with pytest.raises(UserError, match=r"found in .*leftImg8bit \(sub-folders are searched "
+                                        r"with --recursive\)"):
+        P.list_images([str(src)])
+    c = config.copy_and_resolve_references()  # a class list's own label ids
+    c.data.folder = {"label_ids": (10, 20, 30)}
+    out = tmp_path / "out"
+    assert P.predict(c, workdir, [str(src)], str(out), None, None, 0.5,
+                     outputs=["trainid", "labelid", "mask"], recursive=True) == 0
+    for rel, shape in (("aachen/a_png", (18, 24)), ("bremen/b_tif", (20, 20))):
+        train_ids = np.asarray(Image.open(out / f"{rel}_trainIds.png"))
+        label = np.asarray(Image.open(out / f"{rel}_labelIds.png"))
+        mask = np.asarray(Image.open(out / f"{rel}_mask.png"))
+        assert train_ids.shape == label.shape == shape and train_ids.max() < 3
+        np.testing.assert_array_equal(label, np.asarray([10, 20, 30])[train_ids])
+        np.testing.assert_array_equal(mask, P.palette_for(["red", "green", "blue"],
+                                                          ["red", "green", "blue"])[train_ids])
+        assert not (out / f"{rel}_overlay.jpg").exists()
+    pal = P.palette_for(["red", "green", "blue"], ["red", "green", "blue"])
+    legend = (out / "legend.txt").read_text().splitlines()
+    assert legend == [f"{i} #{''.join(f'{v:02x}' for v in pal[i])} {10 * (i + 1)} {n}"
+                      for i, n in enumerate(["red", "green", "blue"])]
+    img = np.asarray(Image.open(out / "legend.png").convert("RGB"))
+    assert [tuple(img[6 + 22 * i + 5, 12]) for i in range(3)] == [tuple(p) for p in pal]
