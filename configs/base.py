@@ -228,7 +228,11 @@ def get_base_config(args):
     c.model = mfuser_model_config(args.size, args.vlm)
     # Sliding window of the training crop, stride 2/3 of it (512 / 341 in the reference).
     crop = c.model.image_size
-    c.evaluation = dict(crop_size=crop, stride=(2 * crop) // 3, crop_batch=6)
+    # Test-time augmentation (off in the paper's protocol), as mmseg's aug_test: flip adds
+    # each image mirrored; ratios, e.g. (0.5, 0.75, 1.0, 1.25, 1.5, 1.75), evaluate each
+    # ratio of the dataset's test scale; probabilities averaged.
+    c.evaluation = dict(crop_size=crop, stride=(2 * crop) // 3, crop_batch=6, flip=False,
+                        ratios=())
     if args.small_gpu:
         c.optim.grad_accum = 2
         c.model.remat = True

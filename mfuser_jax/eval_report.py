@@ -61,6 +61,18 @@ def iou_from_confusion(cm: np.ndarray) -> tuple[np.ndarray, float]:
     return iou, miou
 
 
+def accuracy_from_confusion(cm: np.ndarray) -> tuple[float, np.ndarray, float]:
+    """mmseg's aAcc (all pixels), per-class Acc (a class's labelled pixels predicted as it,
+    NaN for classes absent from the labels) and mAcc (their nanmean), in percent."""
+    cm = np.asarray(cm, np.float64)
+    total, rows = cm.sum(), cm.sum(1)
+    aacc = float(np.trace(cm) / total * 100.0) if total > 0 else float("nan")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc = np.where(rows > 0, np.diag(cm) / rows, np.nan) * 100.0
+    macc = float(np.nanmean(acc)) if np.any(~np.isnan(acc)) else float("nan")
+    return aacc, acc, macc
+
+
 def eval_json_path(workdir: str, dataset: str, step: int, eval_dir: str | None = None
                    ) -> str:
     """W/eval/<dataset>_step<N>.json (':' and '/' of 'name:split' names become '_'); in

@@ -292,9 +292,11 @@ def restore_model(config: Any, workdir: str, step: int | None = None
 def evaluate_checkpoint(config: Any, workdir: str, step: int | None = None, *,
                         eval_iter_fn: Callable[..., Any] | None = None,
                         log: Callable[[str], None] | None = None,
-                        out: str | None = None) -> dict[str, float]:
+                        out: str | None = None,
+                        show_dir: str | None = None) -> dict[str, float]:
     """Restores W/checkpoints/<step> (default latest) and evaluates config.data.eval; the
-    JSON and PNG reports go to `out` (default W/eval), checked writable first."""
+    JSON and PNG reports go to `out` (default W/eval), checked writable first; `show_dir`:
+    each image's prediction in colours (evaluate_model)."""
     shd.maybe_initialize_distributed(config)
     log = log or (lambda s: print(s, flush=True) if jax.process_index() == 0 else None)
     workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -305,10 +307,13 @@ def evaluate_checkpoint(config: Any, workdir: str, step: int | None = None, *,
     if jax.process_index() == 0:  # a read-only workdir (a shared release) fails here
         check_writable(eval_dir, folder=True,
                        hint=" (a read-only workdir? give scripts/eval.py --out DIR)")
+        if show_dir:
+            check_writable(show_dir, folder=True)
     eval_sets = available_eval_datasets(config, log)
     log(f"restoring the model from {workdir} (building and compiling take a while at full "
         "size)")
     model, step = restore_model(config, workdir, step)
     return evaluate_model(model, config, step=step, workdir=workdir, datasets=eval_sets,
                           eval_iter_fn=eval_iter_fn, log=log,
-                          mesh=shd.make_mesh(config.get("mesh", None)), eval_dir=eval_dir)
+                          mesh=shd.make_mesh(config.get("mesh", None)), eval_dir=eval_dir,
+                          show_dir=show_dir)

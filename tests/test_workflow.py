@@ -350,3 +350,91 @@ def test_predict_outputs_legend_recursive_tif(toy, tmp_path):
                       for i, n in enumerate(["red", "green", "blue"])]
     img = np.asarray(Image.open(out / "legend.png").convert("RGB"))
     assert [tuple(img[6 + 22 * i + 5, 12]) for i in range(3)] == [tuple(p) for p in pal]
+
+
+def _folder_dataset(root, shapes, seed=0):
+    """D/images/val/<i>.png and D/labels/val/<i>.png with label ids 1..3 (0 ignored)."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, (h, w) in enumerate(shapes):
+        for sub in ("images", "labels"):
+            (root / sub / "val").mkdir(parents=True, exist_ok=True)
+        image = rng.integers(0, 256, (h, w, 3), np.uint8)
+        label = rng.integers(0, 4, (h, w), np.uint8)
+        Image.fromarray(image).save(root / "images" / "val" / f"{i}.png")
+        Image.fromarray(label).save(root / "labels" / "val" / f"{i}.png")
+        out.append((image, np.where(label == 0, 255, label.astype(np.int64) - 1)))
+    return out
+
+
+def _numpy_aug_test(model, image, label_hw, scale, ratios, flip):
+    """mmseg 0.x aug_test restated: for each ratio r, Resize(keep_ratio) of the original
+    to (int(w_s * r), int(h_s * r)); each also mirrored; slide inference; logits resized
+    bilinearly to the label size; softmax; mirrored back; mean; argmax."""
+    from mfuser_jax.data.transforms import test_resize
+    from mfuser_jax.evaluate import SlidingWindowPredictor
+    from mfuser_jax.ops.resize import resize_matrix
+    predictor = SlidingWindowPredictor(model, crop=16, stride=11, crop_batch=8)
+    total, n = 0.0, 0
+    for r in ratios:
+        img = test_resize(image, (int(scale[0] * r), int(scale[1] * r)))
+        for f in (False, True) if flip else (False,):
+            s = predictor(np.ascontiguousarray(img[:, ::-1] if f else img)).astype(np.float64)
+            rh = resize_matrix(s.shape[0], label_hw[0])
+            rw = resize_matrix(s.shape[1], label_hw[1])
+            s = np.einsum("Hh,hwk,Ww->HWk", rh, s, rw)
+            p = np.exp(s - s.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            total, n = total + (p[:, ::-1] if f else p), n + 1
+    return np.argmax(total / n, -1)
+
+
+def test_eval_tta_accuracies_summary_and_show_dir(toy, tmp_path):
+    """Flip and multi-scale test-time augmentation against a numpy restatement of mmseg's
+    aug_test; aAcc and mAcc beside mIoU; one closing summary table; --show_dir."""
+    from PIL import Image
+
+    from configs.base import data_config
+    from mfuser_jax import evaluate as E
+    from mfuser_jax.data.custom import default_palette
+    from mfuser_jax.eval_report import accuracy_from_confusion, iou_from_confusion
+    config, workdir = toy
+    data = _folder_dataset(tmp_path / "D", [(30, 60), (36, 50)])
+    c = config.copy_and_resolve_references()
+    c.data = data_config("synthetic", ("folder", "folder:val"))
+    c.data.folder.update(dict(root=str(tmp_path / "D"), label_ids=(1, 2, 3), ignore_index=0,
+                              test_scale=(40, 20)))
+    c.evaluation.flip = True
+    c.evaluation.ratios = (0.5, 1.0, 1.5)
+    model, step = T.restore_model(config, workdir)
+    lines = []
+    res = E.evaluate_model(model, c, step=step, workdir=str(tmp_path / "w"), log=lines.append,
+                           show_dir=str(tmp_path / "show"))
+    cm = np.zeros((3, 3), np.int64)
+    palette = default_palette(["red", "green", "blue"])
+    for i, (image, label) in enumerate(data):
+        pred = _numpy_aug_test(model, image, label.shape, (40, 20), (0.5, 1.0, 1.5), True)
+        valid = label != 255
+        np.add.at(cm, (label[valid], pred[valid]), 1)
+        shown = np.asarray(Image.open(tmp_path / "show" / "folder" / f"{i}.png"))
+        np.testing.assert_array_equal(shown, palette[pred])
+    iou, miou = iou_from_confusion(cm)
+    aacc, acc, macc = accuracy_from_confusion(cm)
+    got = json.load(open(tmp_path / "w" / "eval" / f"folder_step{step}.json"))
+    assert got["miou"] == pytest.approx(miou) == pytest.approx(res["folder"])
+    assert got["aacc"] == pytest.approx(100 * np.trace(cm) / cm.sum())
+    assert got["aacc"] == pytest.approx(aacc) and got["macc"] == pytest.approx(macc)
+    assert list(got["per_class_acc"].values()) == pytest.approx(
+        list(100 * np.diag(cm) / cm.sum(1)))
+    # without augmentation the same images give another result
+    c.evaluation.flip, c.evaluation.ratios = False, ()
+    plain = E.evaluate_model(model, c, step=step, workdir=None, datasets=["folder"],
+                             log=lambda s: None)
+    assert plain["folder"] != pytest.approx(res["folder"])
+    table = next(x for x in lines if x.startswith(f"folder @ step {step}"))
+    assert "IoU     Acc" in table and "aAcc" in table.splitlines()[-1]
+    summary = lines[-1].splitlines()
+    assert summary[0] == f"summary @ step {step} (%)"
+    assert [x.split()[0] for x in summary[2:]] == ["folder", "folder:val", "average"]
+    assert summary[2].split()[1:] == [f"{miou:.2f}", f"{macc:.2f}", f"{aacc:.2f}"]
