@@ -203,6 +203,9 @@ def get_base_config(args):
                                        # always go to metrics.jsonl and TensorBoard)
     c.checkpoint_every = 2000
     c.keep_checkpoints = 2             # older checkpoints are deleted as new ones are saved
+    # Also keep the best evaluated model in W/best (a workdir of its own): "miou", "macc"
+    # or "aacc", optionally ":<dataset>" (default the first evaluated) or ":average".
+    c.save_best = ""
     # JAX's persistent compilation cache: "workdir" (W/compile_cache), a folder, or "off".
     # A resumed run, eval.py and predict.py on the same workdir load compiled programs
     # instead of compiling again.

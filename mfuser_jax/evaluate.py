@@ -396,7 +396,8 @@ def evaluate_model(model: nnx.Module, config: Any, *, step: int, workdir: str | 
                    log: Callable[[str], None] = print,
                    mesh: jax.sharding.Mesh | None = None,
                    eval_dir: str | None = None,
-                   show_dir: str | None = None) -> dict[str, float]:
+                   show_dir: str | None = None,
+                   metrics_out: dict | None = None) -> dict[str, float]:
     """Evaluates `model` on every dataset (default config.data.eval); returns {name: mIoU %}.
 
     Each process evaluates its share of the images; confusion matrices are summed over
@@ -405,7 +406,8 @@ def evaluate_model(model: nnx.Module, config: Any, *, step: int, workdir: str | 
     instead of W/eval when given), prints the tables and, after several datasets, one
     summary table. config.evaluation.flip / .ratios: test-time augmentation
     (ImageEvaluator). `show_dir`: each image's prediction in the palette's colours, as
-    <show_dir>/<dataset>/<image name>.png.
+    <show_dir>/<dataset>/<image name>.png. `metrics_out` receives {name: {"miou", "macc",
+    "aacc"}} on every process.
     """
     eval_iter_fn = eval_iter_fn or _default_eval_iter
     ev_cfg = config.evaluation
@@ -449,6 +451,8 @@ def evaluate_model(model: nnx.Module, config: Any, *, step: int, workdir: str | 
                                   eval_dir=eval_dir)
     if len(summary) > 1 and jax.process_index() == 0:
         log(format_summary(summary, step))
+    if metrics_out is not None:
+        metrics_out.update(summary)
     return results
 
 

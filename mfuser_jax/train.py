@@ -44,6 +44,81 @@ def _eval_done(workdir: str, datasets: list[str], step: int) -> bool:
     return all(os.path.exists(eval_json_path(workdir, d, step)) for d in datasets)
 
 
+BEST_DIR = "best"
+BEST_METRICS = ("miou", "macc", "aacc")
+
+
+def parse_save_best(config: Any, eval_sets: list[str]) -> tuple[str, str] | None:
+    """config.save_best: "" (off), "miou", "macc" or "aacc", optionally ":<dataset>" (one
+    of the evaluated datasets; default the first) or ":average" (over all of them)."""
+    spec = str(config.get("save_best", "") or "").strip()
+    if not spec:
+        return None
+    metric, _, dataset = spec.partition(":")
+    if metric not in BEST_METRICS:
+        raise UserError(f"save_best={spec!r}: the metric is one of {', '.join(BEST_METRICS)} "
+                        "(optionally ':<dataset>' or ':average')")
+    if not eval_sets:
+        raise UserError(f"save_best={spec!r} needs an evaluation dataset (config.data.eval)")
+    dataset = dataset or eval_sets[0]
+    if dataset != "average" and dataset not in eval_sets:
+        raise UserError(f"save_best={spec!r}: {dataset!r} is not evaluated (evaluated: "
+                        f"{', '.join(eval_sets)}; or ':average')")
+    return metric, dataset
+
+
+class BestCheckpoint:
+    """W/best: the model checkpoint (parameters and batch statistics) of the evaluation
+    with the highest config.save_best metric so far, beside the last training checkpoints
+    (mmseg's save_best). It is a workdir of its own (W/best/checkpoints/<step>,
+    W/best/config.json, W/best/best.json with the metric, value and step), so
+    `scripts/eval.py --workdir W/best` and predict.py use it as they are."""
+
+    def __init__(self, config: Any, workdir: str, metric: str, dataset: str,
+                 log: Callable[[str], None]):
+        import json
+        self.config, self.metric, self.dataset, self.log = config, metric, dataset, log
+        self.dir = os.path.join(workdir, BEST_DIR)
+        self.spec = f"{metric}:{dataset}"
+        self.mngr = checkpoint_manager(self.dir, 1)
+        self.value = None
+        try:
+            with open(os.path.join(self.dir, "best.json")) as f:
+                info = json.load(f)
+            if info.get("metric") == self.spec:
+                self.value = float(info["value"])
+        except (OSError, ValueError, KeyError):
+            pass
+        own = os.path.join(workdir, "pretrained")  # a fine-tuned release's frozen towers
+        link = os.path.join(self.dir, "pretrained")
+        if os.path.isdir(own) and not os.path.lexists(link) and jax.process_index() == 0:
+            os.symlink(os.path.join("..", "pretrained"), link)
+
+    def update(self, step: int, metrics: dict, state) -> None:
+        import json
+
+        from mfuser_jax.checkpoints import save_model_checkpoint
+        from mfuser_jax.files import atomic_write
+        values = ([m[self.metric] for m in metrics.values()] if self.dataset == "average"
+                  else [metrics[self.dataset][self.metric]])
+        value = float(np.mean(values))
+        if not np.isfinite(value) or (self.value is not None and value <= self.value):
+            return
+        if step not in self.mngr.all_steps():
+            save_model_checkpoint(self.mngr, step, state.params, state.batch_stats)
+            self.mngr.wait_until_finished()
+        if jax.process_index() == 0:
+            write_config(self.dir, self.config)
+            with atomic_write(os.path.join(self.dir, "best.json")) as (tmp,), \
+                    open(tmp, "w") as f:
+                json.dump({"metric": self.spec, "value": value, "step": int(step)}, f)
+        self.value = value
+        self.log(f"best {self.spec} so far: {value:.2f} at step {step}, saved in {self.dir}")
+
+    def close(self) -> None:
+        self.mngr.close()
+
+
 def _latest_on_disk(workdir: str) -> int | None:
     ckpt = os.path.join(workdir, "checkpoints")
     steps = [int(n) for n in os.listdir(ckpt) if n.isdigit()] if os.path.isdir(ckpt) else []
@@ -101,6 +176,7 @@ def train_and_evaluate(config: Any, workdir: str, *,
     use_compile_cache(config, workdir)
     eval_sets = available_eval_datasets(config, log)
 
+    best_spec = parse_save_best(config, eval_sets)
     mngr = checkpoint_manager(workdir, int(config.get("keep_checkpoints", 2)))
     latest = mngr.latest_step()
     if latest is not None and latest >= total_steps and _eval_done(workdir, eval_sets,
@@ -112,6 +188,7 @@ def train_and_evaluate(config: Any, workdir: str, *,
     mesh = shd.make_mesh(config.get("mesh", None))
     model = build_and_load(config, workdir)
     trainer = Trainer(config, model, mesh)
+    best = BestCheckpoint(config, workdir, *best_spec, log) if best_spec else None
     n_train, n_all = trainer.num_params()
     log(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, "
         f"{jax.process_count()} process(es); params: {n_train:,} trainable of {n_all:,}")
@@ -169,11 +246,14 @@ def train_and_evaluate(config: Any, workdir: str, *,
 
     def evaluate(step):
         model_now = trainer.merged_model(state)
+        metrics: dict = {}
         res = evaluate_model(model_now, config, step=step, workdir=workdir,
                              datasets=eval_sets, eval_iter_fn=eval_iter_fn, log=log,
-                             mesh=mesh)
+                             mesh=mesh, metrics_out=metrics)
         for name, miou in res.items():
             writer.write({"step": step, "dataset": name, "miou": miou}, "eval")
+        if best is not None:
+            best.update(step, metrics, state)
         return res
 
     def eval_due(step):
@@ -214,6 +294,8 @@ def train_and_evaluate(config: Any, workdir: str, *,
         profiler.stop()
         mngr.close()
         writer.close()
+        if best is not None:
+            best.close()
     return last
 
 

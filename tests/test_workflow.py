@@ -28,9 +28,10 @@ def _run(*args, cwd=REPO):
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    """(config, workdir) of a 4-step toy run: checkpoints 2 and 4, W/config.json."""
+    """(config, workdir) of a 4-step toy run: checkpoints 2 and 4, evaluations at 2 and 4,
+    the better one kept in W/best, W/config.json."""
     workdir = str(tmp_path_factory.mktemp("toy_workflow"))
-    config = toy_config(total_steps=4, checkpoint_every=2, eval_every=4)
+    config = toy_config(total_steps=4, checkpoint_every=2, eval_every=2, save_best="miou")
     T.train_and_evaluate(config, workdir, train_iter_fn=fake_train_iter,
                          eval_iter_fn=fake_eval_iter, log=lambda s: None)
     return config, workdir
@@ -438,3 +439,27 @@ def test_eval_tta_accuracies_summary_and_show_dir(toy, tmp_path):
     assert summary[0] == f"summary @ step {step} (%)"
     assert [x.split()[0] for x in summary[2:]] == ["folder", "folder:val", "average"]
     assert summary[2].split()[1:] == [f"{miou:.2f}", f"{macc:.2f}", f"{aacc:.2f}"]
+
+
+def test_save_best_keeps_the_best_evaluation_beside_the_last(toy):
+    """Training kept only the last checkpoints, not the best by a chosen metric."""
+    config, workdir = toy
+    evals = {step: json.load(open(os.path.join(workdir, "eval",
+                                               f"synthetic_toy_step{step}.json")))["miou"]
+             for step in (2, 4)}
+    best_step = max(evals, key=evals.get)
+    info = json.load(open(os.path.join(workdir, "best", "best.json")))
+    assert info == {"metric": "miou:synthetic_toy", "value": pytest.approx(evals[best_step]),
+                    "step": best_step}
+    assert sorted(os.listdir(os.path.join(workdir, "best", "checkpoints"))) == [str(best_step)]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+    # W/best is a workdir: evaluating it gives the recorded value
+    res = T.evaluate_checkpoint(config, os.path.join(workdir, "best"),
+                                eval_iter_fn=fake_eval_iter, log=lambda s: None)
+    assert res["synthetic_toy"] == pytest.approx(evals[best_step])
+    for spec, needle in (("iou", "the metric is one of miou, macc, aacc"),
+                         ("miou:cityscapes", "'cityscapes' is not evaluated")):
+        with pytest.raises(UserError, match=needle):
+            T.parse_save_best(toy_config(save_best=spec), ["synthetic_toy"])
+    assert T.parse_save_best(toy_config(save_best="aacc:average"), ["a"]) == ("aacc",
+                                                                              "average")
