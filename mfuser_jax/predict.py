@@ -221,23 +221,53 @@ def parse_scale(config, scale=None):
 
 
 class Segmenter:
-    """A restored model at the evaluation protocol: image (h, w, 3) uint8 -> class index
-    map (h, w), or scores (h, w, K).
+    """The Python inference API: a restored model at the evaluation protocol, image
+    (h, w, 3) uint8 RGB -> class index map (h, w), or scores (h, w, K).
+
+        from mfuser_jax.predict import Segmenter
+        seg = Segmenter.from_workdir("runs/gta2cs")      # W/config.json, latest step
+        labels = seg(image)                              # (h, w) int32
+        names = [seg.class_names[i] for i in np.unique(labels)]
+        colours = seg.colorize(labels)                   # (h, w, 3) uint8
 
     As scripts/eval.py does: the image is resized (keep-ratio, bilinear) to `test_scale`,
     the sliding window (config.evaluation) averages the window scores, the score map is
     resized bilinearly back to the image's size, then argmax. `test_scale` None segments
     at the image's own size (each new size compiles the predictor once)."""
 
-    def __init__(self, model, config, *, class_names=None, test_scale=None):
+    def __init__(self, model, config, *, class_names=None, test_scale=None, step=None):
         from mfuser_jax.evaluate import SlidingWindowPredictor
         ev = config.evaluation
+        self.config, self.step = config, step
         self.class_names = list(class_names or config.model.class_names)
         self.test_scale = tuple(test_scale) if test_scale else None
+        self.palette = palette_for(self.class_names, list(config.model.class_names),
+                                   config.model.get("palette", None))
         self.predictor = SlidingWindowPredictor(
             model, crop=int(ev.crop_size), stride=int(ev.stride),
             crop_batch=int(ev.crop_batch), class_names=class_names)
         self._resizers = {}
+
+    @classmethod
+    def from_workdir(cls, workdir, config=None, *, step=None, classes=None, scale=None):
+        """Restores W/checkpoints/<step> (default the latest) with `config` (default the
+        one W/config.json recorded). `classes`: class names, a list or "a,b" (default the
+        config's; others are zero-shot); `scale`: as scripts/predict.py --scale (default
+        the first evaluation dataset's test scale, "native", or (w, h))."""
+        from mfuser_jax.train import restore_model
+        from mfuser_jax.workdir import config_from_workdir
+        config = config if config is not None else config_from_workdir(workdir)
+        names = parse_class_names(",".join(classes) if isinstance(classes, (list, tuple))
+                                  else classes, flag="classes")
+        if isinstance(scale, (list, tuple)):
+            scale = ",".join(str(int(v)) for v in scale)
+        test_scale = parse_scale(config, scale)
+        model, step = restore_model(config, workdir, step)
+        return cls(model, config, class_names=names, test_scale=test_scale, step=step)
+
+    def colorize(self, labels):
+        """(h, w, 3) uint8: each class index in its palette colour."""
+        return self.palette[np.asarray(labels)]
 
     def scores(self, image):
         """(h, w, K) float32 scores for a uint8 (h, w, 3) image, at the image's size."""
@@ -304,9 +334,8 @@ def predict(config, workdir, images, out, classes, step, alpha, scale=None,
     print(f"{len(files)} image(s), segmented {at}; restoring the model from {workdir} "
           "(building and compiling take a while at full size)", flush=True)
     model, step = restore_model(config, workdir, step)
-    segmenter = Segmenter(model, config, class_names=names, test_scale=test_scale)
-    pal = palette_for(names or default_names, default_names,
-                      config.model.get("palette", None))
+    segmenter = Segmenter(model, config, class_names=names, test_scale=test_scale, step=step)
+    pal = segmenter.palette
     write_legend(out, names or default_names, pal, label_ids)
     with tqdm(total=len(files), initial=len(failed), desc="predict", unit="img",
               dynamic_ncols=True) as bar:

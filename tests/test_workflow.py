@@ -463,3 +463,28 @@ def test_save_best_keeps_the_best_evaluation_beside_the_last(toy):
             T.parse_save_best(toy_config(save_best=spec), ["synthetic_toy"])
     assert T.parse_save_best(toy_config(save_best="aacc:average"), ["a"]) == ("aacc",
                                                                               "average")
+
+
+def test_python_inference_api(toy, tmp_path):
+    """Restore a workdir and segment an array, as the README's example does."""
+    from PIL import Image
+
+    from mfuser_jax import predict as P
+    from mfuser_jax.predict import Segmenter
+    _, workdir = toy
+    image = np.random.default_rng(5).integers(0, 256, (21, 30, 3), np.uint8)
+    seg = Segmenter.from_workdir(workdir)  # W/config.json, the latest step
+    assert seg.step == 4 and seg.class_names == ["red", "green", "blue"]
+    labels = seg(image)
+    assert labels.shape == (21, 30) and labels.dtype == np.int32
+    np.testing.assert_array_equal(labels, seg.scores(image).argmax(-1))
+    # the same map as scripts/predict.py's mask
+    Image.fromarray(image).save(tmp_path / "a.png")
+    config = toy_config(total_steps=4, checkpoint_every=2, eval_every=2, save_best="miou")
+    P.predict(config, workdir, [str(tmp_path / "a.png")], str(tmp_path / "o"), None, None, 0.5)
+    mask = np.asarray(Image.open(tmp_path / "o" / "a_png_mask.png"))
+    np.testing.assert_array_equal(seg.colorize(labels), mask)
+    two = Segmenter.from_workdir(workdir, step=2, classes=["blue", "red"], scale="native")
+    assert two.step == 2 and two(image).max() <= 1
+    with pytest.raises(UserError, match="expected a uint8 \\(h, w, 3\\) RGB image"):
+        seg(image.astype(np.float32))
