@@ -329,9 +329,9 @@ def predict(config, workdir, images, out, classes, step, alpha, scale=None,
     bad = set(failed)
     stems = [s for f, s in zip(files, stems) if f not in bad]
     todo = [f for f in files if f not in bad]
-    at = (f"resized to the evaluation scale {test_scale[0]}x{test_scale[1]} and back"
-          if test_scale else "at their own size")
-    print(f"{len(files)} image(s), segmented {at}; restoring the model from {workdir} "
+    at = (f"each resized to the evaluation scale {test_scale[0]}x{test_scale[1]} and back"
+          if test_scale else "each at its own size")
+    print(f"{len(files)} image(s), {at}; restoring the model from {workdir} "
           "(building and compiling take a while at full size)", flush=True)
     model, step = restore_model(config, workdir, step)
     segmenter = Segmenter(model, config, class_names=names, test_scale=test_scale, step=step)

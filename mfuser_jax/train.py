@@ -80,7 +80,7 @@ class BestCheckpoint:
         self.config, self.metric, self.dataset, self.log = config, metric, dataset, log
         self.dir = os.path.join(workdir, BEST_DIR)
         self.spec = f"{metric}:{dataset}"
-        self.mngr = checkpoint_manager(self.dir, 1)
+        self.mngr = None  # opened at the first save: a run that fails first leaves no W/best
         self.value = None
         try:
             with open(os.path.join(self.dir, "best.json")) as f:
@@ -89,10 +89,7 @@ class BestCheckpoint:
                 self.value = float(info["value"])
         except (OSError, ValueError, KeyError):
             pass
-        own = os.path.join(workdir, "pretrained")  # a fine-tuned release's frozen towers
-        link = os.path.join(self.dir, "pretrained")
-        if os.path.isdir(own) and not os.path.lexists(link) and jax.process_index() == 0:
-            os.symlink(os.path.join("..", "pretrained"), link)
+        self.workdir = workdir
 
     def update(self, step: int, metrics: dict, state) -> None:
         import json
@@ -104,10 +101,16 @@ class BestCheckpoint:
         value = float(np.mean(values))
         if not np.isfinite(value) or (self.value is not None and value <= self.value):
             return
+        if self.mngr is None:
+            self.mngr = checkpoint_manager(self.dir, 1)
         if step not in self.mngr.all_steps():
             save_model_checkpoint(self.mngr, step, state.params, state.batch_stats)
             self.mngr.wait_until_finished()
         if jax.process_index() == 0:
+            own = os.path.join(self.workdir, "pretrained")  # a fine-tuned release's towers
+            link = os.path.join(self.dir, "pretrained")
+            if os.path.isdir(own) and not os.path.lexists(link):
+                os.symlink(os.path.join("..", "pretrained"), link)
             write_config(self.dir, self.config)
             with atomic_write(os.path.join(self.dir, "best.json")) as (tmp,), \
                     open(tmp, "w") as f:
@@ -116,7 +119,8 @@ class BestCheckpoint:
         self.log(f"best {self.spec} so far: {value:.2f} at step {step}, saved in {self.dir}")
 
     def close(self) -> None:
-        self.mngr.close()
+        if self.mngr is not None:
+            self.mngr.close()
 
 
 def _latest_on_disk(workdir: str) -> int | None:
