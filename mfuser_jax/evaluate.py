@@ -457,7 +457,8 @@ def evaluate_model(model: nnx.Module, config: Any, *, step: int, workdir: str | 
 
 
 def _show_writer(config, show_dir: str, dataset: str):
-    """on_prediction for --show_dir: <show_dir>/<dataset>/<image stem>.png in colours."""
+    """on_prediction for --show_dir: <show_dir>/<dataset>/<image name>.png in colours (a
+    folder dataset's names keep their sub-folders, so equal file names stay apart)."""
     from PIL import Image
 
     from mfuser_jax.data.custom import default_palette
@@ -467,8 +468,10 @@ def _show_writer(config, show_dir: str, dataset: str):
     folder = os.path.join(show_dir, dataset.replace(":", "_").replace("/", "_"))
 
     def write(batch, pred):
-        stem = os.path.splitext(os.path.basename(str(batch.get("name", "image"))))[0]
-        path = os.path.join(folder, f"{stem}.png")
+        name = os.path.normpath(str(batch.get("name", "image"))).lstrip(os.sep)
+        if name.startswith(".."):
+            name = os.path.basename(name)
+        path = os.path.join(folder, f"{os.path.splitext(name)[0]}.png")
         with atomic_write(path) as (tmp,):
             Image.fromarray(palette[pred]).save(tmp, format="PNG")
 

@@ -416,7 +416,8 @@ def test_eval_tta_accuracies_summary_and_show_dir(toy, tmp_path):
         pred = _numpy_aug_test(model, image, label.shape, (40, 20), (0.5, 1.0, 1.5), True)
         valid = label != 255
         np.add.at(cm, (label[valid], pred[valid]), 1)
-        shown = np.asarray(Image.open(tmp_path / "show" / "folder" / f"{i}.png"))
+        shown = np.asarray(Image.open(tmp_path / "show" / "folder" / "images" / "val" /
+                                      f"{i}.png"))
         np.testing.assert_array_equal(shown, palette[pred])
     iou, miou = iou_from_confusion(cm)
     aacc, acc, macc = accuracy_from_confusion(cm)
