@@ -203,6 +203,9 @@ def get_base_config(args):
                                        # always go to metrics.jsonl and TensorBoard)
     c.checkpoint_every = 2000
     c.keep_checkpoints = 2             # older checkpoints are deleted as new ones are saved
+    # Also keep the best evaluated model in W/best (a workdir of its own): "miou", "macc"
+    # or "aacc", optionally ":<dataset>" (default the first evaluated) or ":average".
+    c.save_best = ""
     # JAX's persistent compilation cache: "workdir" (W/compile_cache), a folder, or "off".
     # A resumed run, eval.py and predict.py on the same workdir load compiled programs
     # instead of compiling again.
@@ -228,7 +231,11 @@ def get_base_config(args):
     c.model = mfuser_model_config(args.size, args.vlm)
     # Sliding window of the training crop, stride 2/3 of it (512 / 341 in the reference).
     crop = c.model.image_size
-    c.evaluation = dict(crop_size=crop, stride=(2 * crop) // 3, crop_batch=6)
+    # Test-time augmentation (off in the paper's protocol), as mmseg's aug_test: flip adds
+    # each image mirrored; ratios, e.g. (0.5, 0.75, 1.0, 1.25, 1.5, 1.75), evaluate each
+    # ratio of the dataset's test scale; probabilities averaged.
+    c.evaluation = dict(crop_size=crop, stride=(2 * crop) // 3, crop_batch=6, flip=False,
+                        ratios=())
     if args.small_gpu:
         c.optim.grad_accum = 2
         c.model.remat = True

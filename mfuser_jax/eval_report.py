@@ -61,10 +61,24 @@ def iou_from_confusion(cm: np.ndarray) -> tuple[np.ndarray, float]:
     return iou, miou
 
 
-def eval_json_path(workdir: str, dataset: str, step: int) -> str:
-    """W/eval/<dataset>_step<N>.json (':' and '/' of 'name:split' names become '_')."""
+def accuracy_from_confusion(cm: np.ndarray) -> tuple[float, np.ndarray, float]:
+    """mmseg's aAcc (all pixels), per-class Acc (a class's labelled pixels predicted as it,
+    NaN for classes absent from the labels) and mAcc (their nanmean), in percent."""
+    cm = np.asarray(cm, np.float64)
+    total, rows = cm.sum(), cm.sum(1)
+    aacc = float(np.trace(cm) / total * 100.0) if total > 0 else float("nan")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc = np.where(rows > 0, np.diag(cm) / rows, np.nan) * 100.0
+    macc = float(np.nanmean(acc)) if np.any(~np.isnan(acc)) else float("nan")
+    return aacc, acc, macc
+
+
+def eval_json_path(workdir: str, dataset: str, step: int, eval_dir: str | None = None
+                   ) -> str:
+    """W/eval/<dataset>_step<N>.json (':' and '/' of 'name:split' names become '_'); in
+    `eval_dir` instead of W/eval when given (scripts/eval.py --out)."""
     safe = dataset.replace(":", "_").replace("/", "_")
-    return os.path.join(workdir, "eval", f"{safe}_step{step}.json")
+    return os.path.join(eval_dir or os.path.join(workdir, "eval"), f"{safe}_step{step}.json")
 
 
 def render_eval_png(title: str, class_names: Sequence[str], cm: np.ndarray,
@@ -141,16 +155,18 @@ def render_eval_png(title: str, class_names: Sequence[str], cm: np.ndarray,
     return img
 
 
-def eval_png_path(workdir: str, dataset: str, step: int) -> str:
+def eval_png_path(workdir: str, dataset: str, step: int, eval_dir: str | None = None
+                  ) -> str:
     """W/eval/<dataset>_step<N>.png, beside the JSON."""
-    return os.path.splitext(eval_json_path(workdir, dataset, step))[0] + ".png"
+    return os.path.splitext(eval_json_path(workdir, dataset, step, eval_dir))[0] + ".png"
 
 
 def write_eval_png(workdir: str, dataset: str, step: int, class_names: Sequence[str],
                    cm: np.ndarray, palette: np.ndarray | None = None,
-                   groups: Mapping[str, float] | None = None) -> str:
+                   groups: Mapping[str, float] | None = None,
+                   eval_dir: str | None = None) -> str:
     """Writes W/eval/<dataset>_step<N>.png (atomically); returns its path."""
-    path = eval_png_path(workdir, dataset, step)
+    path = eval_png_path(workdir, dataset, step, eval_dir)
     img = render_eval_png(f"{dataset} @ step {step}", class_names, cm, palette,
                           {g: v for g, v in (groups or {}).items() if not math.isnan(v)})
     with atomic_write(path) as (tmp,):

@@ -22,7 +22,8 @@ import numpy as np
 from flax import nnx
 
 from mfuser_jax.data.labels import IGNORE_INDEX
-from mfuser_jax.eval_report import eval_json_path, iou_from_confusion, write_eval_png
+from mfuser_jax.eval_report import (accuracy_from_confusion, eval_json_path,
+                                    iou_from_confusion, write_eval_png)
 from mfuser_jax.files import atomic_write
 from mfuser_jax.ops.resize import resize
 
@@ -85,11 +86,33 @@ def confusion_matrix(pred: jax.Array, label: jax.Array, num_classes: int,
 
 
 def format_iou_table(dataset: str, class_names: Sequence[str], iou: np.ndarray,
-                     miou: float) -> str:
-    width = max(len(n) for n in class_names)
-    lines = [f"{dataset}: per-class IoU (%)"]
-    lines += [f"  {name:<{width}}  {v:6.2f}" for name, v in zip(class_names, iou)]
-    lines.append(f"  {'mIoU':<{width}}  {miou:6.2f}")
+                     miou: float, acc: tuple[float, np.ndarray, float] | None = None) -> str:
+    """The per-class IoU table; with `acc` = (aAcc, per-class Acc, mAcc) an Acc column and
+    the mAcc and aAcc lines too (mmseg's table)."""
+    width = max(len(n) for n in class_names + ["aAcc"])
+    if acc is None:
+        lines = [f"{dataset}: per-class IoU (%)"]
+        lines += [f"  {name:<{width}}  {v:6.2f}" for name, v in zip(class_names, iou)]
+        lines.append(f"  {'mIoU':<{width}}  {miou:6.2f}")
+        return "\n".join(lines)
+    aacc, per_class, macc = acc
+    lines = [f"{dataset}: per-class IoU and Acc (%)", f"  {'':<{width}}  {'IoU':>6}  {'Acc':>6}"]
+    lines += [f"  {name:<{width}}  {v:6.2f}  {a:6.2f}"
+              for name, v, a in zip(class_names, iou, per_class)]
+    lines.append(f"  {'mean':<{width}}  {miou:6.2f}  {macc:6.2f}")
+    lines.append(f"  {'aAcc':<{width}}  {aacc:6.2f}")
+    return "\n".join(lines)
+
+
+def format_summary(results: dict[str, dict[str, float]], step: int) -> str:
+    """One closing table over the evaluated datasets: mIoU, mAcc, aAcc each, and the
+    average mIoU over them (the number domain-generalization papers quote)."""
+    width = max(len(n) for n in [*results, "average"])
+    lines = [f"summary @ step {step} (%)",
+             f"  {'dataset':<{width}}  {'mIoU':>6}  {'mAcc':>6}  {'aAcc':>6}"]
+    lines += [f"  {n:<{width}}  {r['miou']:6.2f}  {r['macc']:6.2f}  {r['aacc']:6.2f}"
+              for n, r in results.items()]
+    lines.append(f"  {'average':<{width}}  {np.mean([r['miou'] for r in results.values()]):6.2f}")
     return "\n".join(lines)
 
 
@@ -115,6 +138,13 @@ def _scores_fn(graphdef, *, crop: int, stride: int, crop_batch: int,
 class ImageEvaluator:
     """Jitted per-image evaluation of an NNX model: sliding window -> confusion matrix.
 
+    Test-time augmentation as mmseg's aug_test: with `flip` and/or `ratios`, every
+    augmented image (each ratio of the test scale, keep-ratio resized from the original
+    image; each also mirrored with `flip`) goes through the sliding window, its scores are
+    resized to the label size, softmaxed and mirrored back; the probabilities are
+    averaged, then argmax. `on_prediction(batch, pred)` receives each image's prediction
+    (at the label's size) on the host (--show_dir).
+
     One process with a mesh of several devices: the model stays where training placed it
     and each chunk of `crop_batch` windows is split over the mesh's 'data' axis (when it
     divides). Several processes: the state is copied to one device of each process and
@@ -123,8 +153,12 @@ class ImageEvaluator:
 
     def __init__(self, model: nnx.Module, *, num_classes: int, crop: int, stride: int,
                  crop_batch: int, device: jax.Device | None = None,
-                 mesh: jax.sharding.Mesh | None = None):
+                 mesh: jax.sharding.Mesh | None = None, flip: bool = False,
+                 ratios: Sequence[float] = (),
+                 on_prediction: Callable[[dict, np.ndarray], None] | None = None):
         model.eval()
+        self.flip, self.ratios = bool(flip), tuple(float(r) for r in ratios or ())
+        self.on_prediction = on_prediction
         self.graphdef, state = nnx.split(model)
         crop_sharding = None
         if mesh is not None and mesh.size > 1 and jax.process_count() == 1 and device is None:
@@ -144,14 +178,61 @@ class ImageEvaluator:
         def run(state, image, label):
             scores = resize(scores_fn(state, image), label.shape[-2:], axes=(0, 1))
             pred = jnp.argmax(scores, axis=-1)
-            return confusion_matrix(pred, label[0], num_classes)
+            return confusion_matrix(pred, label[0], num_classes), pred
+
+        def probs(state, image, size, flip):
+            # mmseg's inference(): rescaled logits -> softmax -> flipped back
+            if flip:
+                image = image[:, :, ::-1]
+            p = jax.nn.softmax(resize(scores_fn(state, image), size, axes=(0, 1)), axis=-1)
+            return p[:, ::-1] if flip else p
+
+        def decide(total, count, label):
+            pred = jnp.argmax(total / count, axis=-1)
+            return confusion_matrix(pred, label[0], num_classes), pred
 
         self._run = jax.jit(run)
+        self._probs = jax.jit(probs, static_argnums=(2, 3))
+        self._decide = jax.jit(decide)
 
     def __call__(self, image: np.ndarray, label: np.ndarray) -> jax.Array:
-        image = jax.device_put(np.asarray(image), self.device)
-        label = jax.device_put(np.asarray(label), self.device)
-        return self._run(self.state, image, label)
+        return self.evaluate({"image": image, "label": label})
+
+    def augmented_images(self, batch: dict) -> list[np.ndarray]:
+        """The (1, h, w, 3) images of one test image's scales: the batch's test-resized
+        image alone, or each ratio of the test scale (mmseg's MultiScaleFlipAug:
+        (int(w_s * r), int(h_s * r)), keep-ratio, from the original image; the image's own
+        size when the dataset has no test scale)."""
+        if not self.ratios:
+            return [np.asarray(batch["image"])]
+        from mfuser_jax.data.transforms import test_resize
+        original = np.asarray(batch["original"])[0]
+        scale = batch.get("test_scale")
+        if scale is None or len(scale) == 0:
+            scale = (original.shape[1], original.shape[0])
+        return [test_resize(original, (int(scale[0] * r), int(scale[1] * r)))[None]
+                for r in self.ratios]
+
+    def evaluate(self, batch: dict) -> jax.Array:
+        """The (K, K) confusion matrix of one image {"image", "label"[, "original",
+        "test_scale"]} (with `ratios`, make_eval_iterator keeps the original)."""
+        label = jax.device_put(np.asarray(batch["label"]), self.device)
+        if not self.flip and not self.ratios:
+            image = jax.device_put(np.asarray(batch["image"]), self.device)
+            cm, pred = self._run(self.state, image, label)
+        else:
+            size = tuple(label.shape[-2:])
+            total, count = None, 0
+            for image in self.augmented_images(batch):
+                image = jax.device_put(image, self.device)
+                for flip in (False, True) if self.flip else (False,):
+                    p = self._probs(self.state, image, size, flip)
+                    total = p if total is None else total + p
+                    count += 1
+            cm, pred = self._decide(total, count, label)
+        if self.on_prediction is not None:
+            self.on_prediction(batch, np.asarray(pred))
+        return cm
 
 
 class SlidingWindowPredictor:
@@ -210,7 +291,8 @@ def evaluate_batches(evaluator: ImageEvaluator, batches: Iterable[dict[str, Any]
     in_flight = None
     for i, batch in enumerate(batches):
         g = 0 if groups == (None,) else index[batch["group"]]
-        cm = evaluator(batch["image"], batch["label"])
+        run = getattr(evaluator, "evaluate", None)  # test-time augmentation needs the batch
+        cm = run(batch) if run is not None else evaluator(batch["image"], batch["label"])
         acc[g] = cm if g not in acc else acc[g] + cm
         if on_image is not None:
             if in_flight is not None:
@@ -242,16 +324,21 @@ def sum_over_processes(cm: np.ndarray) -> np.ndarray:
 
 def write_eval_json(workdir: str, dataset: str, step: int, miou: float,
                     class_names: Sequence[str], iou: np.ndarray,
-                    groups: dict[str, tuple[float, np.ndarray]] | None = None) -> str:
-    """`groups` {name: (miou, iou)} adds {"groups": {name: {"miou", "per_class"}}}."""
-    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-    path = eval_json_path(workdir, dataset, step)
+                    groups: dict[str, tuple[float, np.ndarray]] | None = None,
+                    eval_dir: str | None = None,
+                    acc: tuple[float, np.ndarray, float] | None = None) -> str:
+    """`groups` {name: (miou, iou)} adds {"groups": {name: {"miou", "per_class"}}}.
+    `eval_dir`: the folder instead of W/eval. `acc` (aAcc, per-class Acc, mAcc) adds
+    "aacc", "macc" and "per_class_acc"."""
+    path = eval_json_path(workdir, dataset, step, eval_dir)
 
     def per_class(values):
         return {n: (None if np.isnan(v) else float(v)) for n, v in zip(class_names, values)}
 
     report = {"step": int(step), "dataset": dataset, "miou": float(miou),
               "per_class": per_class(iou)}
+    if acc is not None:
+        report.update(aacc=float(acc[0]), macc=float(acc[2]), per_class_acc=per_class(acc[1]))
     if groups:
         report["groups"] = {g: {"miou": None if np.isnan(m) else float(m),
                                 "per_class": per_class(v)} for g, (m, v) in groups.items()}
@@ -295,24 +382,32 @@ def _report_groups(log, name, step, class_names, groups, by_group):
     return out
 
 
-def write_eval_report(workdir, name, step, config, cm, groups=None):
+def write_eval_report(workdir, name, step, config, cm, groups=None, eval_dir=None):
     """The PNG beside the JSON (mfuser_jax/eval_report.py)."""
     palette = config.model.get("palette", None) or None
     write_eval_png(workdir, name, step, list(config.model.class_names), cm,
                    palette=np.asarray(palette, np.uint8) if palette else None,
-                   groups={g: m for g, (m, _) in (groups or {}).items()})
+                   groups={g: m for g, (m, _) in (groups or {}).items()}, eval_dir=eval_dir)
 
 
 def evaluate_model(model: nnx.Module, config: Any, *, step: int, workdir: str | None,
                    datasets: Sequence[str] | None = None,
                    eval_iter_fn: Callable[..., Iterable[dict]] | None = None,
                    log: Callable[[str], None] = print,
-                   mesh: jax.sharding.Mesh | None = None) -> dict[str, float]:
+                   mesh: jax.sharding.Mesh | None = None,
+                   eval_dir: str | None = None,
+                   show_dir: str | None = None,
+                   metrics_out: dict | None = None) -> dict[str, float]:
     """Evaluates `model` on every dataset (default config.data.eval); returns {name: mIoU %}.
 
     Each process evaluates its share of the images; confusion matrices are summed over
-    processes; process 0 writes W/eval/<dataset>_step<N>.json (with per-group entries for
-    grouped sets such as ACDC) and .png and prints the IoU tables.
+    processes; process 0 writes W/eval/<dataset>_step<N>.json (mIoU, mAcc, aAcc, per
+    class; per-group entries for grouped sets such as ACDC) and .png (in `eval_dir`
+    instead of W/eval when given), prints the tables and, after several datasets, one
+    summary table. config.evaluation.flip / .ratios: test-time augmentation
+    (ImageEvaluator). `show_dir`: each image's prediction in the palette's colours, as
+    <show_dir>/<dataset>/<image name>.png. `metrics_out` receives {name: {"miou", "macc",
+    "aacc"}} on every process.
     """
     eval_iter_fn = eval_iter_fn or _default_eval_iter
     ev_cfg = config.evaluation
@@ -320,9 +415,12 @@ def evaluate_model(model: nnx.Module, config: Any, *, step: int, workdir: str | 
     num_classes = int(config.model.num_classes)
     evaluator = ImageEvaluator(model, num_classes=num_classes, crop=int(ev_cfg.crop_size),
                                stride=int(ev_cfg.stride), crop_batch=int(ev_cfg.crop_batch),
-                               mesh=mesh)
-    results = {}
+                               mesh=mesh, flip=bool(ev_cfg.get("flip", False)),
+                               ratios=tuple(ev_cfg.get("ratios", ()) or ()))
+    results, summary = {}, {}
     for name in (datasets if datasets is not None else config.data.eval):
+        if show_dir is not None:
+            evaluator.on_prediction = _show_writer(config, show_dir, name)
         batches = eval_iter_fn(config, name, process_index=jax.process_index(),
                                process_count=jax.process_count())
         groups = _eval_groups(config, name, eval_iter_fn)
@@ -336,12 +434,45 @@ def evaluate_model(model: nnx.Module, config: Any, *, step: int, workdir: str | 
                 bar.close()
         cm = by_group.sum(0)
         iou, miou = iou_from_confusion(cm)
+        acc = accuracy_from_confusion(cm)
         results[name] = miou
+        summary[name] = {"miou": miou, "aacc": acc[0], "macc": acc[2]}
         if jax.process_index() == 0:
-            per_group = (_report_groups(log, name, step, class_names, groups, by_group)
+            # one group (acdc:val:night, or one condition on disk) is the whole set: its
+            # table would be the overall one again
+            per_group = (_report_groups(log if len(groups) > 1 else (lambda s: None), name,
+                                        step, class_names, groups, by_group)
                          if groups else None)
-            log(format_iou_table(f"{name} @ step {step}", class_names, iou, miou))
-            if workdir is not None:
-                write_eval_json(workdir, name, step, miou, class_names, iou, per_group)
-                write_eval_report(workdir, name, step, config, cm, per_group)
+            log(format_iou_table(f"{name} @ step {step}", class_names, iou, miou, acc))
+            if workdir is not None or eval_dir is not None:
+                write_eval_json(workdir, name, step, miou, class_names, iou, per_group,
+                                eval_dir=eval_dir, acc=acc)
+                write_eval_report(workdir, name, step, config, cm, per_group,
+                                  eval_dir=eval_dir)
+    if len(summary) > 1 and jax.process_index() == 0:
+        log(format_summary(summary, step))
+    if metrics_out is not None:
+        metrics_out.update(summary)
     return results
+
+
+def _show_writer(config, show_dir: str, dataset: str):
+    """on_prediction for --show_dir: <show_dir>/<dataset>/<image name>.png in colours (a
+    folder dataset's names keep their sub-folders, so equal file names stay apart)."""
+    from PIL import Image
+
+    from mfuser_jax.data.custom import default_palette
+    names = list(config.model.class_names)
+    palette = np.asarray(config.model.get("palette", None) or default_palette(names),
+                         np.uint8).reshape(-1, 3)
+    folder = os.path.join(show_dir, dataset.replace(":", "_").replace("/", "_"))
+
+    def write(batch, pred):
+        name = os.path.normpath(str(batch.get("name", "image"))).lstrip(os.sep)
+        if name.startswith(".."):
+            name = os.path.basename(name)
+        path = os.path.join(folder, f"{os.path.splitext(name)[0]}.png")
+        with atomic_write(path) as (tmp,):
+            Image.fromarray(palette[pred]).save(tmp, format="PNG")
+
+    return write

@@ -49,6 +49,7 @@ def export_pth(config: Any, workdir: str, out: str, step: int | None = None,
         save_mfuser_checkpoint,
     )
     from mfuser_jax.errors import UserError
+    from mfuser_jax.files import check_writable
     from mfuser_jax.predict import palette_for
     from mfuser_jax.train import restore_model
 
@@ -57,6 +58,7 @@ def export_pth(config: Any, workdir: str, out: str, step: int | None = None,
         raise UserError(f"--to pth writes the original MFuser's checkpoint; "
                         f"config.model.name={name!r} has no PyTorch original "
                         "(--to stablehlo exports any model)")
+    check_writable(out)  # before the restore; torch.save's own failure is a traceback
     ref = None
     if reference:  # read first: a wrong file fails before the model is built
         ref, _ = read_mfuser_checkpoint(reference)
@@ -100,7 +102,12 @@ def export_predictor(model: Any, height: int, width: int, *, crop: int, stride: 
 
     specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
     image = jax.ShapeDtypeStruct((height, width, 3), jnp.uint8)
-    exported = jax.export.export(jax.jit(predict), platforms=platforms)(specs, image)
+    # jax.export refuses the scan's Triton kernels (custom calls with no compatibility
+    # guarantee), and a module for several platforms cannot hold them: on GPUs the export
+    # holds the associative scan.
+    from mfuser_jax.ops.selective_scan import portable_lowering
+    with portable_lowering():
+        exported = jax.export.export(jax.jit(predict), platforms=platforms)(specs, image)
     return exported, leaves
 
 
@@ -113,6 +120,8 @@ def export_stablehlo(config: Any, workdir: str, out: str, step: int | None = Non
     ``load_stablehlo`` reads it. ``classes``: comma-separated class names for the output
     channels (default the config's; others are zero-shot, as in scripts/predict.py)."""
     from mfuser_jax.errors import UserError
+    from mfuser_jax.files import check_writable
+    from mfuser_jax.predict import parse_class_names
     from mfuser_jax.train import restore_model
 
     ev = config.evaluation
@@ -125,7 +134,8 @@ def export_stablehlo(config: Any, workdir: str, out: str, step: int | None = Non
     if unknown:
         raise UserError(f"unknown platform(s) {', '.join(unknown)}: choose from "
                         f"{', '.join(PLATFORMS)}")
-    names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    names = parse_class_names(classes)
+    check_writable(out)
     model, step = restore_model(config, workdir, step)
     exported, weights = export_predictor(
         model, height, width, crop=crop, stride=stride,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import Iterator
 
 from mfuser_jax.errors import UserError
@@ -45,3 +46,20 @@ def atomic_write(*paths: str | os.PathLike,
         for tmp in tmps:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+def check_writable(path: str | os.PathLike, *, folder: bool = False,
+                   hint: str = "") -> str:
+    """Creates the folder ``path`` (``folder``) or the folder of the file ``path`` and
+    writes a probe file there: a command that would write there after minutes of work
+    fails at once instead, with one ``UserError`` line. Returns the folder."""
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    where = path if folder else os.path.dirname(path)
+    try:
+        os.makedirs(where, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=where, prefix=".write_probe_")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to {where}: {e.strerror or e}{hint}") from None
+    return where

@@ -58,10 +58,9 @@ def maybe_initialize_distributed(config: Any = None) -> bool:
     return True
 
 
-def make_mesh(mesh_spec: Sequence[Sequence[Any]] | None = None,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Mesh from (axis, size) pairs; one size may be -1 (the rest of the devices)."""
-    devices = list(jax.devices() if devices is None else devices)
+def _axis_sizes(mesh_spec: Sequence[Sequence[Any]] | None, n_devices: int
+                ) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """(names, sizes) of config.mesh over ``n_devices``; one size may be -1 (the rest)."""
     spec = [tuple(x) for x in (mesh_spec or ((DATA_AXIS, -1),))]
     names = [str(name) for name, _ in spec]
     sizes = [int(size) for _, size in spec]
@@ -71,13 +70,29 @@ def make_mesh(mesh_spec: Sequence[Sequence[Any]] | None = None,
         raise ValueError(f"config.mesh {spec}: at most one axis may have size -1")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"config.mesh {spec} does not divide {len(devices)} devices")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
+        if n_devices % known:
+            raise ValueError(f"config.mesh {spec} does not divide {n_devices} devices")
+        sizes[sizes.index(-1)] = n_devices // known
+    if math.prod(sizes) != n_devices:
         raise ValueError(f"config.mesh {spec} has {math.prod(sizes)} slots for "
-                         f"{len(devices)} devices")
-    return Mesh(np.asarray(devices, dtype=object).reshape(sizes), tuple(names))
+                         f"{n_devices} devices")
+    return tuple(names), tuple(sizes)
+
+
+def make_mesh(mesh_spec: Sequence[Sequence[Any]] | None = None,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Mesh from (axis, size) pairs; one size may be -1 (the rest of the devices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    names, sizes = _axis_sizes(mesh_spec, len(devices))
+    return Mesh(np.asarray(devices, dtype=object).reshape(sizes), names)
+
+
+def abstract_mesh(mesh_spec: Sequence[Sequence[Any]] | None, num_devices: int
+                  ) -> jax.sharding.AbstractMesh:
+    """The mesh of ``make_mesh`` for ``num_devices`` devices that need not exist: programs
+    sharded over it lower (for any platform) but cannot run."""
+    names, sizes = _axis_sizes(mesh_spec, int(num_devices))
+    return jax.sharding.AbstractMesh(sizes, names)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from mfuser_jax.errors import UserError
+from mfuser_jax.files import check_writable
 from mfuser_jax.models.factory import abstract_paths, init_model
 from mfuser_jax.vlm import get_vlm, names
 
@@ -143,10 +144,16 @@ def use_compile_cache(config: Any, workdir: str | None = None) -> str | None:
     path = (os.path.join(os.path.abspath(os.path.expanduser(workdir)), COMPILE_CACHE_DIR)
             if setting == "workdir" else os.path.abspath(os.path.expanduser(setting)))
     try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"compile_cache={setting!r}: cannot create {path} ({e.strerror}); "
-                        "give a writable folder or --config.compile_cache=off") from None
+        check_writable(path, folder=True)
+    except UserError:
+        if setting == "workdir":
+            # A read-only workdir (a shared release) is fine to evaluate or predict from;
+            # JAX would warn at every compiled program that it cannot write there.
+            print(f"note: {path} cannot be written: compiling without the persistent "
+                  "cache", flush=True)
+            return None
+        raise UserError(f"compile_cache={setting!r}: cannot write to {path}; give a "
+                        "writable folder or --config.compile_cache=off") from None
     jax.config.update("jax_compilation_cache_dir", path)
     return path
 

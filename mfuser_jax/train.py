@@ -22,6 +22,7 @@ from mfuser_jax.checkpoints import (checkpoint_manager, restore_checkpoint,
                                     restore_model_state, save_checkpoint)
 from mfuser_jax.errors import Preempted, TrainingDiverged, UserError
 from mfuser_jax.evaluate import eval_json_path, evaluate_model
+from mfuser_jax.files import check_writable
 from mfuser_jax.models.factory import build_model
 from mfuser_jax.monitoring import (MetricWriter, StepProfiler, StopSignals, format_loss_parts,
                                    format_step_line)
@@ -43,14 +44,125 @@ def _eval_done(workdir: str, datasets: list[str], step: int) -> bool:
     return all(os.path.exists(eval_json_path(workdir, d, step)) for d in datasets)
 
 
+BEST_DIR = "best"
+BEST_METRICS = ("miou", "macc", "aacc")
+
+
+def parse_save_best(config: Any, eval_sets: list[str]) -> tuple[str, str] | None:
+    """config.save_best: "" (off), "miou", "macc" or "aacc", optionally ":<dataset>" (one
+    of the evaluated datasets; default the first) or ":average" (over all of them)."""
+    spec = str(config.get("save_best", "") or "").strip()
+    if not spec:
+        return None
+    metric, _, dataset = spec.partition(":")
+    if metric not in BEST_METRICS:
+        raise UserError(f"save_best={spec!r}: the metric is one of {', '.join(BEST_METRICS)} "
+                        "(optionally ':<dataset>' or ':average')")
+    if not eval_sets:
+        raise UserError(f"save_best={spec!r} needs an evaluation dataset (config.data.eval)")
+    dataset = dataset or eval_sets[0]
+    if dataset != "average" and dataset not in eval_sets:
+        raise UserError(f"save_best={spec!r}: {dataset!r} is not evaluated (evaluated: "
+                        f"{', '.join(eval_sets)}; or ':average')")
+    return metric, dataset
+
+
+class BestCheckpoint:
+    """W/best: the model checkpoint (parameters and batch statistics) of the evaluation
+    with the highest config.save_best metric so far, beside the last training checkpoints
+    (mmseg's save_best). It is a workdir of its own (W/best/checkpoints/<step>,
+    W/best/config.json, W/best/best.json with the metric, value and step), so
+    `scripts/eval.py --workdir W/best` and predict.py use it as they are."""
+
+    def __init__(self, config: Any, workdir: str, metric: str, dataset: str,
+                 log: Callable[[str], None]):
+        import json
+        self.config, self.metric, self.dataset, self.log = config, metric, dataset, log
+        self.dir = os.path.join(workdir, BEST_DIR)
+        self.spec = f"{metric}:{dataset}"
+        self.mngr = None  # opened at the first save: a run that fails first leaves no W/best
+        self.value = None
+        try:
+            with open(os.path.join(self.dir, "best.json")) as f:
+                info = json.load(f)
+            if info.get("metric") == self.spec:
+                self.value = float(info["value"])
+        except (OSError, ValueError, KeyError):
+            pass
+        self.workdir = workdir
+
+    def update(self, step: int, metrics: dict, state) -> None:
+        import json
+
+        from mfuser_jax.checkpoints import save_model_checkpoint
+        from mfuser_jax.files import atomic_write
+        values = ([m[self.metric] for m in metrics.values()] if self.dataset == "average"
+                  else [metrics[self.dataset][self.metric]])
+        value = float(np.mean(values))
+        if not np.isfinite(value) or (self.value is not None and value <= self.value):
+            return
+        if self.mngr is None:
+            self.mngr = checkpoint_manager(self.dir, 1)
+        if step not in self.mngr.all_steps():
+            save_model_checkpoint(self.mngr, step, state.params, state.batch_stats)
+            self.mngr.wait_until_finished()
+        if jax.process_index() == 0:
+            own = os.path.join(self.workdir, "pretrained")  # a fine-tuned release's towers
+            link = os.path.join(self.dir, "pretrained")
+            if os.path.isdir(own) and not os.path.lexists(link):
+                os.symlink(os.path.join("..", "pretrained"), link)
+            write_config(self.dir, self.config)
+            with atomic_write(os.path.join(self.dir, "best.json")) as (tmp,), \
+                    open(tmp, "w") as f:
+                json.dump({"metric": self.spec, "value": value, "step": int(step)}, f)
+        self.value = value
+        self.log(f"best {self.spec} so far: {value:.2f} at step {step}, saved in {self.dir}")
+
+    def close(self) -> None:
+        if self.mngr is not None:
+            self.mngr.close()
+
+
+def _latest_on_disk(workdir: str) -> int | None:
+    ckpt = os.path.join(workdir, "checkpoints")
+    steps = [int(n) for n in os.listdir(ckpt) if n.isdigit()] if os.path.isdir(ckpt) else []
+    return max(steps) if steps else None
+
+
+def check_schedule_unchanged(config: Any, workdir: str, new_schedule: bool = False,
+                             log: Callable[[str], None] = print) -> None:
+    """Resuming with another total_steps than W/config.json's silently moved the poly
+    learning-rate curve (a finished 600-step run raised to 620: lr 1.3e-5 at step 600,
+    then 1.5e-4): refused unless `new_schedule`, which continues on the new curve."""
+    from mfuser_jax.optim import lr_schedule
+    from mfuser_jax.workdir import read_saved_config
+    saved = (read_saved_config(workdir) or {}).get("total_steps")
+    latest = _latest_on_disk(workdir)
+    total = int(config.total_steps)
+    if saved is None or not latest or int(saved) == total or latest >= total:
+        return
+    old = float(lr_schedule(config.optim, int(saved))(latest))
+    new = float(lr_schedule(config.optim, total)(latest))
+    what = (f"{workdir} was trained with total_steps={saved} (checkpoint at step {latest}); "
+            f"the poly learning-rate schedule is a function of total_steps, so with "
+            f"total_steps={total} the lr at step {latest} is {new:.2e} instead of {old:.2e}")
+    if not new_schedule:
+        raise UserError(f"{what}: pass --config.total_steps={saved} to resume the run as it "
+                        "was, or --new_schedule to continue on the new schedule")
+    log(f"note: {what} (--new_schedule)")
+
+
 def train_and_evaluate(config: Any, workdir: str, *,
                        train_iter_fn: Callable[..., Iterator[dict]] | None = None,
                        eval_iter_fn: Callable[..., Any] | None = None,
-                       log: Callable[[str], None] | None = None) -> dict:
+                       log: Callable[[str], None] | None = None,
+                       new_schedule: bool = False) -> dict:
     """Trains (resuming from W/checkpoints if present), evaluates, returns the last metrics.
 
     `train_iter_fn` / `eval_iter_fn` replace the data pipeline's iterator factories
     (same signatures as mfuser_jax.data.pipeline.make_train_iterator / make_eval_iterator).
+    `new_schedule`: resume with another total_steps than the run was started with (the
+    learning-rate curve moves; see check_schedule_unchanged).
     """
     shd.maybe_initialize_distributed(config)
     is_main = jax.process_index() == 0
@@ -60,6 +172,7 @@ def train_and_evaluate(config: Any, workdir: str, *,
     check_data(config)
     check_pretrained(config)
     check_workdir_model(config, workdir)  # before config.json records this config
+    check_schedule_unchanged(config, workdir, new_schedule, log)
     profile = parse_profile_steps(config)
     os.makedirs(workdir, exist_ok=True)
     if is_main:
@@ -67,6 +180,7 @@ def train_and_evaluate(config: Any, workdir: str, *,
     use_compile_cache(config, workdir)
     eval_sets = available_eval_datasets(config, log)
 
+    best_spec = parse_save_best(config, eval_sets)
     mngr = checkpoint_manager(workdir, int(config.get("keep_checkpoints", 2)))
     latest = mngr.latest_step()
     if latest is not None and latest >= total_steps and _eval_done(workdir, eval_sets,
@@ -78,6 +192,7 @@ def train_and_evaluate(config: Any, workdir: str, *,
     mesh = shd.make_mesh(config.get("mesh", None))
     model = build_and_load(config, workdir)
     trainer = Trainer(config, model, mesh)
+    best = BestCheckpoint(config, workdir, *best_spec, log) if best_spec else None
     n_train, n_all = trainer.num_params()
     log(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, "
         f"{jax.process_count()} process(es); params: {n_train:,} trainable of {n_all:,}")
@@ -135,11 +250,14 @@ def train_and_evaluate(config: Any, workdir: str, *,
 
     def evaluate(step):
         model_now = trainer.merged_model(state)
+        metrics: dict = {}
         res = evaluate_model(model_now, config, step=step, workdir=workdir,
                              datasets=eval_sets, eval_iter_fn=eval_iter_fn, log=log,
-                             mesh=mesh)
+                             mesh=mesh, metrics_out=metrics)
         for name, miou in res.items():
             writer.write({"step": step, "dataset": name, "miou": miou}, "eval")
+        if best is not None:
+            best.update(step, metrics, state)
         return res
 
     def eval_due(step):
@@ -180,6 +298,8 @@ def train_and_evaluate(config: Any, workdir: str, *,
         profiler.stop()
         mngr.close()
         writer.close()
+        if best is not None:
+            best.close()
     return last
 
 
@@ -257,17 +377,29 @@ def restore_model(config: Any, workdir: str, step: int | None = None
 
 def evaluate_checkpoint(config: Any, workdir: str, step: int | None = None, *,
                         eval_iter_fn: Callable[..., Any] | None = None,
-                        log: Callable[[str], None] | None = None) -> dict[str, float]:
-    """Restores W/checkpoints/<step> (default latest) and evaluates config.data.eval."""
+                        log: Callable[[str], None] | None = None,
+                        out: str | None = None,
+                        show_dir: str | None = None) -> dict[str, float]:
+    """Restores W/checkpoints/<step> (default latest) and evaluates config.data.eval; the
+    JSON and PNG reports go to `out` (default W/eval), checked writable first; `show_dir`:
+    each image's prediction in colours (evaluate_model)."""
     shd.maybe_initialize_distributed(config)
     log = log or (lambda s: print(s, flush=True) if jax.process_index() == 0 else None)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     if eval_iter_fn is None:
         check_data_for_eval(config)
+    eval_dir = os.path.abspath(os.path.expanduser(out)) if out else os.path.join(workdir,
+                                                                                "eval")
+    if jax.process_index() == 0:  # a read-only workdir (a shared release) fails here
+        check_writable(eval_dir, folder=True,
+                       hint=" (a read-only workdir? give scripts/eval.py --out DIR)")
+        if show_dir:
+            check_writable(show_dir, folder=True)
     eval_sets = available_eval_datasets(config, log)
     log(f"restoring the model from {workdir} (building and compiling take a while at full "
         "size)")
     model, step = restore_model(config, workdir, step)
     return evaluate_model(model, config, step=step, workdir=workdir, datasets=eval_sets,
                           eval_iter_fn=eval_iter_fn, log=log,
-                          mesh=shd.make_mesh(config.get("mesh", None)))
+                          mesh=shd.make_mesh(config.get("mesh", None)), eval_dir=eval_dir,
+                          show_dir=show_dir)

@@ -163,9 +163,10 @@ class Trainer(SplitModel):
         opt = jax.eval_shape(self.tx.init, self.init_params)
         return {**self.model_tree(), "opt_state": jax.tree.map(_sds, opt, self.opt_shardings)}
 
-    def lower(self, batch_size: int, image_size: int):
+    def lower(self, batch_size: int, image_size: int, platforms: tuple[str, ...] | None = None):
         """The train step lowered for a global batch of ``batch_size`` images of
-        ``image_size`` px, from shapes alone (no data, no weights needed)."""
+        ``image_size`` px, from shapes alone (no data, no weights needed); for ``platforms``
+        (jax's lowering platforms, e.g. ("cuda",)) when given, else this machine's."""
         tree = self.abstract_tree()
         batch = shd.batch_sharding(self.mesh)
         images = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.uint8,
@@ -174,8 +175,10 @@ class Trainer(SplitModel):
                                       sharding=batch)
         rest = jax.tree.map(_sds, self.rest, self.rest_shardings)
         step = jax.ShapeDtypeStruct((), jnp.int32, sharding=shd.replicated(self.mesh))
-        return self._step.lower(tree["params"], tree["batch_stats"], rest, tree["opt_state"],
-                                images, labels, step)
+        args = (tree["params"], tree["batch_stats"], rest, tree["opt_state"], images, labels, step)
+        if platforms is None:
+            return self._step.lower(*args)
+        return self._step.trace(*args).lower(lowering_platforms=tuple(platforms))
 
     def merged_model(self, state: TrainState) -> nnx.Module:
         """Writes the trained params and batch statistics back into the host model."""

@@ -20,6 +20,8 @@ from mfuser_jax.vlm import names
 CONFIG_FILE = "config.json"
 
 # Fields of config.model (at any depth) that define the network or what its weights mean.
+# image_size: the position tables are built for it, and a model restored at another size
+# runs (the tables are resized) but computes something else than what was trained.
 # Everything else (dtype, remat, pretrained path, losses, dropout and drop-path rates,
 # scan backend, class names) may differ between training and evaluation.
 ARCHITECTURE_KEYS = frozenset({
@@ -28,7 +30,7 @@ ARCHITECTURE_KEYS = frozenset({
     "text_layers", "vocab_size", "token_length", "n_ctx", "intermediate_size",
     "text_intermediate_size", "out_indices", "d_state", "d_conv", "expand",
     "feat_channels", "pixel_decoder_layers", "decoder_layers", "ffn", "pixel_ffn",
-    "deform_points"})
+    "deform_points", "image_size"})
 
 
 def config_json(config: Any) -> str:
@@ -42,6 +44,37 @@ def write_config(workdir: str, config: Any) -> None:
     path = os.path.join(workdir, CONFIG_FILE)
     with atomic_write(path) as (tmp,), open(tmp, "w") as f:
         f.write(config_json(config))
+
+
+def read_saved_config(workdir: str) -> dict | None:
+    """W/config.json as a dict; None without a readable file."""
+    try:
+        with open(os.path.join(workdir, CONFIG_FILE)) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def config_from_workdir(workdir: str) -> Any:
+    """The config W was trained (or converted) with, from W/config.json: what
+    scripts/eval.py and predict.py use without --config. JSON lists become tuples again,
+    as the config files write them."""
+    import ml_collections
+    path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), CONFIG_FILE)
+    saved = read_saved_config(os.path.dirname(path))
+    if saved is None:
+        raise UserError(f"no readable {path} (training and the release converter write it): "
+                        "give the config with --config")
+
+    def tuples(x):
+        if isinstance(x, dict):
+            return {k: tuples(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return tuple(tuples(v) for v in x)
+        return x
+
+    return ml_collections.ConfigDict(tuples(saved))
 
 
 def read_model_config(workdir: str) -> dict | None:

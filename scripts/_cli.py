@@ -8,6 +8,7 @@ terminated (SIGTERM); scripts/predict.py also exits 1 when some images could not
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 import sys
@@ -47,10 +48,32 @@ def user_error_types() -> tuple[type, ...]:
 
 def quiet_logging():
     """Library INFO logs (Orbax, XLA backends) drown the progress lines: show warnings and
-    up unless the user asked for a --verbosity."""
+    up unless the user asked for a --verbosity. The package's own warnings are lines for
+    the user ('warning: ...'), not absl records with time, thread and source line."""
     from absl import flags, logging
     if "verbosity" in flags.FLAGS and not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+    plain_package_warnings()
+
+
+class _PlainFormatter(logging.Formatter):
+    def format(self, record):
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def plain_package_warnings():
+    """mfuser_jax's loggers print 'warning: <message>' on stderr, once (no propagation to
+    absl's handler on the root logger). Returns the handler."""
+    logger = logging.getLogger("mfuser_jax")
+    for h in logger.handlers:
+        if isinstance(h.formatter, _PlainFormatter):
+            return h
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_PlainFormatter())
+    handler.setLevel(logging.WARNING)
+    logger.addHandler(handler)
+    logger.propagate = False
+    return handler
 
 
 def run_main(fn, *args, **kwargs):
@@ -69,6 +92,17 @@ def run_main(fn, *args, **kwargs):
     except user_error_types() as e:
         fail(str(e) if not isinstance(e, FileNotFoundError) or not e.filename else
              f"file not found: {e.filename}")
+
+
+def config_or_workdir(config, workdir: str):
+    """--config when given, else the config W/config.json recorded (one error line when
+    there is none)."""
+    if config is not None:
+        return config
+    from mfuser_jax.workdir import config_from_workdir
+    config = run_main(config_from_workdir, workdir)
+    print(f"config: {os.path.join(os.path.abspath(workdir), 'config.json')}", flush=True)
+    return config
 
 
 def run_app(main, *, positional_args: bool = False):
@@ -102,6 +136,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     ml_collections defers a missing config file until the config is first read (so that
     --help works without one): it is read here, so the mistake surfaces before any work."""
     from absl import flags
+    argv = resolve_config_paths(argv)
     if "-h" in _before_separator(argv[1:]):  # absl knows --help and -? only
         argv = [a if a != "-h" or i > _separator(argv) else "--help" for i, a in enumerate(argv)]
     try:
@@ -121,6 +156,29 @@ def parse_flags(argv: list[str]) -> list[str]:
         except Exception as e:  # noqa: BLE001
             fail(describe_config_file_error(arg, e))
     return rest
+
+
+def resolve_config_paths(argv: list[str]) -> list[str]:
+    """A relative --config path that is not below the current folder but is below the
+    repository (configs/demo.py run from elsewhere) is taken from the repository."""
+    names = [n for n, _ in _config_flag_values(parsed_only=False)]
+    out, end = list(argv), _separator(argv)
+    for i in range(1, end):
+        for name in names:
+            for prefix in (f"--{name}=", f"-{name}="):
+                if out[i].startswith(prefix):
+                    out[i] = prefix + _resolve_config_path(out[i][len(prefix):])
+            if out[i] in (f"--{name}", f"-{name}") and i + 1 < end:
+                out[i + 1] = _resolve_config_path(out[i + 1])
+    return out
+
+
+def _resolve_config_path(arg: str) -> str:
+    path, sep, rest = arg.partition(":")
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return arg
+    in_repo = os.path.join(REPO, path)
+    return in_repo + sep + rest if os.path.exists(in_repo) else arg
 
 
 def describe_flag_error(e: BaseException, argv: list[str]) -> str:
@@ -162,7 +220,9 @@ def describe_config_file_error(arg: str, e: BaseException) -> str:
         if not path:
             return "--config needs a file, e.g. --config configs/demo.py"
         if not os.path.exists(path):
-            return f"config file not found: {path}"
+            where = (f" (looked in {os.getcwd()} and {REPO})"
+                     if not os.path.isabs(path) else "")
+            return f"config file not found: {path}{where}"
         if os.path.isdir(path):
             return f"--config needs a file, not the folder {path} (e.g. {path}/demo.py)"
         return f"cannot read config file {path}: {getattr(e, 'strerror', None) or e}"

@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """Convert the official encoder weights, or a released MFuser checkpoint, for MFuser.
 
-    python scripts/convert_weights.py --dinov2 dinov2_vitl14_pretrain.pth \
+    python scripts/convert_weights.py --dinov2 dinov2_vitl14_pretrain.pth \\
         --clip ViT-L-14-336px.pt --out pretrained/mfuser_clip_l
-    python scripts/convert_weights.py --config configs/gta2cs.py:vlm=eva02 \
-        --dinov2 dinov2_vitl14_pretrain.pth --eva02 EVA02_CLIP_L_336_psz14_s6B.pt \
+    python scripts/convert_weights.py --config configs/gta2cs.py:vlm=eva02 \\
+        --dinov2 dinov2_vitl14_pretrain.pth --eva02 EVA02_CLIP_L_336_psz14_s6B.pt \\
         --out pretrained/mfuser_eva02_l
-    python scripts/convert_weights.py --config configs/gta2cs.py:vlm=siglip \
-        --dinov2 dinov2_vitl14_pretrain.pth --siglip siglip_vitl16_384.pth \
+    python scripts/convert_weights.py --config configs/gta2cs.py:vlm=siglip \\
+        --dinov2 dinov2_vitl14_pretrain.pth --siglip siglip_vitl16_384.pth \\
         --siglip_tokenizer spiece.model --out pretrained/mfuser_siglip_l
 
 --dinov2 takes the official .pth or an HF Dinov2Model file (.safetensors/.bin); --clip
@@ -19,7 +19,7 @@ and a tokenizer flag when its tokenizer reads a file). The result is an Orbax ch
 of the three frozen towers at the sizes of --config's model (default configs/gta2cs.py);
 the paper configs look for it at pretrained/mfuser_<vlm>_l (`config.model.pretrained`).
 
-    python scripts/convert_weights.py --mfuser mfuser_clip_gta2cs.pth \
+    python scripts/convert_weights.py --mfuser mfuser_clip_gta2cs.pth \\
         --config configs/gta2cs.py --out runs/mfuser_release
 
 --mfuser converts a released MFuser mmseg checkpoint (any variant; the config's vlm must

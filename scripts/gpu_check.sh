@@ -10,6 +10,13 @@
 #      and writes what it measured); the scan 'auto' decision (Pallas probe) is in each log.
 # Results: $OUT/<section>.json, $OUT/versions.txt and $OUT/check.log (every step's output; few
 # files, since the device tool returns at most 8).
+#   bash scripts/gpu_check.sh --lower   (or LOWER_ONLY=1): only the lowering checks, on any machine
+#     (no GPU; about 2 minutes on 2 cores): the scan kernels and every variant's full-size train
+#     step lowered for cuda (tests/test_cuda_lowering.py), the paper config's train and
+#     evaluation steps through the CLIs (one summary line each, in $OUT/lowering.log). Run it
+#     before borrowing a device: shapes, kernels, dtypes and shardings are then known good and
+#     the device's minutes go to timing. On the device, step 2 re-runs the quick part (the
+#     kernels' lowering, seconds) before anything is timed, and stops the check if it fails.
 #   bash scripts/gpu_check.sh --smoke   (or SMOKE=1): tiny shapes, to try the whole script on a CPU.
 # Knobs: OUT (default bench_results), PYTHON (default python3), TOTAL_S, LIMIT_SCALE (multiplies
 #   every step's limit; 3 with --smoke), SECTIONS (comma list),
@@ -19,7 +26,11 @@
 set -u
 cd "$(dirname "$0")/.."
 [ "${1:-}" = "--smoke" ] && SMOKE=1
+[ "${1:-}" = "--lower" ] && LOWER_ONLY=1
 SMOKE=${SMOKE:-0}
+LOWER_ONLY=${LOWER_ONLY:-0}
+LOWER_TESTS="lower or follows or portable"  # tests/test_selective_scan.py: the kernels for cuda
+[ "$SMOKE" = 1 ] && LOWER_TESTS="lower_to_triton and float32"  # one of them: the step runs
 OUT=${OUT:-bench_results}
 PYTHON=${PYTHON:-python3}
 SCAN_BACKEND=${SCAN_BACKEND:-auto}
@@ -52,6 +63,18 @@ limit() {
   if [ "$left" -lt "$cap" ]; then echo $((left > 10 ? left : 0)); else echo "$cap"; fi
 }
 
+# 0. --lower: the lowering checks alone, on this machine's CPU (JAX_PLATFORMS=cpu: no device used)
+if [ "$LOWER_ONLY" = 1 ]; then
+  status=0
+  run_lower() { echo "=== $*" | tee -a "$OUT/lowering.log"; JAX_PLATFORMS=cpu "$@" 2>&1 | tail -25 | tee -a "$OUT/lowering.log"; [ "${PIPESTATUS[0]}" = 0 ] || status=1; }
+  run_lower "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_selective_scan.py -k "$LOWER_TESTS"
+  run_lower "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda_lowering.py
+  run_lower "$PYTHON" scripts/train.py --config configs/gta2cs.py --compile_only --platform=cuda
+  run_lower "$PYTHON" scripts/eval.py --config configs/gta2cs.py --lower_only --platform=cuda
+  echo "=== lowering checks done in ${SECONDS}s (exit $status); log in $OUT/lowering.log"
+  exit "$status"
+fi
+
 # 1. the machine: versions, devices, packages; carried wheels where modules are missing
 SITE=/tmp/mfuser_site
 mkdir -p "$SITE"
@@ -74,7 +97,19 @@ section() {  # name, hard limit (s), soft budget (s: no new case starts after it
     --out "$OUT" --scan-backend "$SCAN_BACKEND" --attn "$ATTN" "$@" $BENCH_EXTRA 2>&1 | tee -a "$OUT/check.log"
 }
 
-# 2. scan correctness on the GPU: the unit tests, where pytest and torch (the float64 reference) exist
+# 2. scan correctness on the GPU: first the kernels' lowering for cuda (seconds; the full-size
+# lowerings ran before the device call, with --lower): a failure there stops the check before
+# any timing. Then the unit tests, where pytest and torch (the float64 reference) exist.
+if has pytest && has torch; then
+  cap=$(limit 40)
+  echo "=== pytest tests/test_selective_scan.py -k '$LOWER_TESTS' (limit ${cap}s)" | tee -a "$OUT/check.log"
+  JAX_PLATFORMS=cpu timeout -k 10 "$cap" "$PYTHON" -m pytest -q -x -k "$LOWER_TESTS" \
+    -p no:cacheprovider tests/test_selective_scan.py 2>&1 | tail -25 | tee -a "$OUT/check.log"
+  if [ "${PIPESTATUS[0]}" != 0 ]; then
+    echo "=== stopped: the scan kernels do not lower for cuda (see above)" | tee -a "$OUT/check.log"
+    exit 4
+  fi
+fi
 if has pytest && has torch; then
   cap=$(limit 60)
   echo "=== pytest tests/test_selective_scan.py -k '$SCAN_TESTS' (limit ${cap}s)" | tee -a "$OUT/check.log"

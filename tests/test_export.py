@@ -152,6 +152,29 @@ def test_mfuser_export_takes_its_weights_as_arguments(mfuser, tmp_path):
     assert predictor.class_names == list(config.model.class_names)
 
 
+def test_export_holds_no_scan_kernel(mfuser):
+    # The scan follows the lowering platform, but jax.export refuses the Pallas kernels'
+    # Triton custom calls (no compatibility guarantee), and a module for cpu and cuda at once
+    # cannot hold them (each branch is lowered for both; Pallas refuses a CPU): the exported
+    # GPU branch is the associative scan, for cuda alone as for both.
+    from mfuser_jax.models.mvfuser import MVFuser
+
+    config, model = mfuser
+    fusers = [m for _, m in nnx.iter_graph(model) if isinstance(m, MVFuser)]
+    crop = config.model.image_size
+    export = lambda platforms: export_predictor(  # noqa: E731
+        model, crop, crop, crop=crop, stride=crop, crop_batch=1, platforms=platforms)[0]
+    try:
+        for m in fusers:
+            m.scan_backend = "auto"
+        both, cuda = export(("cpu", "cuda")), export(("cuda",))
+    finally:
+        for m in fusers:
+            m.scan_backend = config.model.mvfuser.scan_backend
+    assert fusers and both.platforms == ("cpu", "cuda") and cuda.platforms == ("cuda",)
+    assert "triton" not in both.mlir_module() and "triton" not in cuda.mlir_module()
+
+
 @pytest.mark.slow  # two compilations of the whole MFuser forward: ~100 s on 2 busy cores
 def test_mfuser_export_matches_the_live_model_in_a_fresh_process(mfuser, tmp_path):
     config, model = mfuser

@@ -179,6 +179,45 @@ def test_pallas_kernels_lower_to_triton_for_gpu(with_z, dtype):
         assert text.count("custom_call @__gpu$xla.gpu.triton") == kernels
 
 
+SMALL_ARGS = tuple(jax.ShapeDtypeStruct(s, jnp.float32)
+                   for s in ((2, 40, 200), (2, 40, 200), (40, 16), (2, 16, 200), (2, 16, 200), (40,),
+                             (2, 40, 200), (40,)))
+
+
+def _lowered(fn, args, *platforms):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=platforms).as_text()
+
+
+@pytest.mark.parametrize("backend,cpu_loops", [("auto", (1, 2)), ("pallas", (6, 13))])
+def test_backend_follows_the_lowering_platform_not_the_host(backend, cpu_loops):
+    """One trace on this CPU machine: lowered for cuda it holds the Triton kernels (3 forward,
+    6 forward+backward), lowered for cpu none (auto: the lax.scan loop; pallas: interpret mode's
+    loops). The host used to decide: a program lowered here for a GPU ran no kernel."""
+    fwd = lambda *a: ss.selective_scan(*a, True, backend=backend)  # noqa: E731
+    grad = jax.grad(lambda *a: jnp.sum(fwd(*a)), argnums=tuple(range(8)))
+    for fn, kernels, loops in ((fwd, 3, cpu_loops[0]), (grad, 6, cpu_loops[1])):
+        traced = jax.jit(fn).trace(*SMALL_ARGS)
+        cuda = traced.lower(lowering_platforms=("cuda",)).as_text()
+        cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
+        assert cuda.count("custom_call @__gpu$xla.gpu.triton") == kernels
+        assert "stablehlo.while" not in cuda  # no other branch was lowered
+        assert "triton" not in cpu and cpu.count("stablehlo.while") == loops
+
+
+def test_portable_lowering_holds_no_kernel():
+    # A module for cpu and cuda at once lowers each branch for both; Pallas kernels cannot be
+    # lowered for a CPU, so "auto" takes the associative scan on the GPU there.
+    fn = lambda *a: ss.selective_scan(*a, True)  # noqa: E731
+    with ss.portable_lowering():
+        text = _lowered(fn, SMALL_ARGS, "cpu", "cuda")
+        with pytest.raises(ValueError, match="several platforms at once"):
+            _lowered(lambda *a: ss.selective_scan(*a, True, backend="pallas"), SMALL_ARGS, "cpu", "cuda")
+    assert "triton" not in text
+    with pytest.raises(ValueError, match="Only interpret mode is supported on CPU"):
+        # why the context exists (JAX 0.10); a new function, as jit reuses traces
+        _lowered(lambda *a: ss.selective_scan(*a, True), SMALL_ARGS, "cpu", "cuda")
+
+
 # ---------------------------------------------------------------------------------------------
 # backend="auto": the Pallas probe and the fallback (forced here: there is no GPU)
 
@@ -211,11 +250,18 @@ def _auto_and_associative():
 def test_auto_falls_back_once_when_the_kernel_cannot_compile(fresh_auto):
     # "GPU" claimed, but the probe's non-interpret compile really fails on this CPU: that error
     # must become one warning and the associative backend, decided once.
+    # What "auto" runs on the (claimed) GPU shows in its cuda lowering; on the CPU device it
+    # really runs on, it takes the cpu branch.
     with pytest.warns(RuntimeWarning, match=r"Pallas kernel cannot run here \(.*interpret.*'associative'") as rec:
-        y_auto, y_assoc = _auto_and_associative()
-        jax.jit(lambda *a: _auto_and_associative())()  # again, inside a trace: no new probe
+        y_auto, _ = _auto_and_associative()
+        text = _lowered(lambda *a: ss.selective_scan(*a, True), SMALL_ARGS, "cuda")  # in a trace: no new probe
     assert len([w for w in rec if "Pallas" in str(w.message)]) == 1 and len(fresh_auto) == 1
-    np.testing.assert_array_equal(y_auto, y_assoc)
+    assert ss.auto_backend("cuda") == "associative"
+    # the associative scan's (batch, dim, chunk, state) decays (chunk 128 of L=200), no kernel
+    assert "triton" not in text and "tensor<2x40x128x16xf32>" in text
+    x = make_inputs(1, 4, 9, 2, seed=0)
+    np.testing.assert_array_equal(y_auto, ss.selective_scan(*(jnp.asarray(x[k]) for k in NAMES),
+                                                            backend="reference"))
 
 
 @pytest.mark.parametrize("cc,expected", [((7, 5), "associative"), ((9, 0), "pallas")])
@@ -227,7 +273,9 @@ def test_auto_checks_compute_capability_before_compiling(fresh_auto, monkeypatch
             assert ss.auto_backend() == "associative"
     else:
         assert ss.auto_backend() == "pallas"
-    assert len(fresh_auto) == 1
+    # this machine's decision and the one its cuda lowerings take: one probe
+    assert ss.auto_backend("cuda") == ss.auto_backend("gpu") == expected
+    assert ss.auto_backend("cpu") == "reference" and len(fresh_auto) == 1
 
 
 def test_probe_rejects_a_kernel_that_computes_wrong(monkeypatch):

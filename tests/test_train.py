@@ -44,7 +44,8 @@ def test_loss_decreases_and_files_written(run):
                                                           (12, "synthetic_toy")]
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "4", "8"]
     report = json.load(open(os.path.join(workdir, "eval", "synthetic_toy_step12.json")))
-    assert set(report) == {"step", "dataset", "miou", "per_class"}
+    assert set(report) == {"step", "dataset", "miou", "per_class", "aacc", "macc",
+                           "per_class_acc"}
     assert report["miou"] == pytest.approx(evals[-1]["miou"])
     assert set(report["per_class"]) == {"red", "green", "blue"}
     assert json.load(open(os.path.join(workdir, "config.json")))["total_steps"] == 12

@@ -69,17 +69,39 @@ def label_lut(label_ids) -> np.ndarray:
     return lut
 
 
-def generated_colour(i: int) -> tuple[int, int, int]:
-    """Golden-ratio hues: distinct colours for any number of classes."""
-    r, g, b = colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.75, 0.95)
-    return int(r * 255), int(g * 255), int(b * 255)
+def _colour_candidates() -> np.ndarray:
+    """72 hues at three saturation/value levels, as float RGB rows."""
+    out = [colorsys.hsv_to_rgb(h / 72, sat, val) for sat, val in
+           ((0.75, 0.95), (0.9, 0.55), (0.4, 0.85)) for h in range(72)]
+    return np.round(np.asarray(out) * 255)
 
 
-def default_palette(names) -> np.ndarray:
-    """Cityscapes colours for Cityscapes class names, generated hues for the others."""
+def distinct_colours(used, n: int) -> list[tuple[int, int, int]]:
+    """n colours, each in turn the candidate farthest (RGB distance) from `used` and from
+    the ones chosen before it: a generated class never looks like a palette class
+    (golden-ratio hues alone put some within 30 of Cityscapes' colours)."""
+    cand = _colour_candidates()
+    taken = [np.asarray(c, np.float64) for c in used]
+    out = []
+    for _ in range(n):
+        if taken:
+            d = np.sqrt(((cand[:, None] - np.asarray(taken)[None]) ** 2).sum(-1)).min(1)
+            best = cand[int(np.argmax(d))]
+        else:
+            best = cand[0]
+        taken.append(best)
+        out.append(tuple(int(v) for v in best))
+    return out
+
+
+def default_palette(names, used=()) -> np.ndarray:
+    """Cityscapes colours for Cityscapes class names; for the others distinct colours, far
+    from those and from `used` (colours the caller's other classes have)."""
     cs = {n: i for i, n in enumerate(L.CLASSES)}
-    return np.array([tuple(L.PALETTE[cs[n]]) if n in cs else generated_colour(i)
-                     for i, n in enumerate(names)], np.uint8).reshape(-1, 3)
+    known = [tuple(L.PALETTE[cs[n]]) for n in names if n in cs]
+    new = iter(distinct_colours([*used, *known], sum(n not in cs for n in names)))
+    return np.array([tuple(L.PALETTE[cs[n]]) if n in cs else next(new) for n in names],
+                    np.uint8).reshape(-1, 3)
 
 
 _HEX = re.compile(r"^#[0-9a-fA-F]{6}$")
@@ -155,7 +177,7 @@ def read_class_file(path: str) -> ClassList:
                              f"{names[ids.index(ignore)]!r}")
     if len(names) > 255:
         raise ClassFileError(f"{path}: {len(names)} classes; at most 255 fit 8-bit labels")
-    fallback = default_palette(names)
+    fallback = default_palette(names, used=[c for c in colours if c is not None])
     palette = tuple(tuple(int(v) for v in (c if c is not None else fallback[i]))
                     for i, c in enumerate(colours))
     return ClassList(tuple(names), tuple(ids), palette, ignore)

@@ -328,16 +328,34 @@ def _plain_train_iter(fn: TrainExample, start_step: int, b: int):
 
 
 class EvalExample:
-    def __init__(self, source, skip_corrupt: bool):
+    """keep_original: also the image before the test resize and the test scale, for
+    multi-scale testing (evaluation.ratios), which resizes the original to each scale."""
+
+    def __init__(self, source, skip_corrupt: bool, keep_original: bool = False):
         self.source, self.skip_corrupt = source, skip_corrupt
+        self.keep_original = keep_original
 
     def __call__(self, i: int) -> dict:
         img, lab, name = _load(self.source, int(i), self.skip_corrupt)
-        img = test_resize(img, self.source.test_scale)
-        out = {"image": img[None], "label": lab[None].astype(np.int32), "name": name}
+        out = {"image": test_resize(img, self.source.test_scale)[None],
+               "label": lab[None].astype(np.int32), "name": name}
+        if self.keep_original:
+            out["original"] = img[None]
+            out["test_scale"] = np.asarray(self.source.test_scale or (), np.int64)
         if getattr(self.source, "groups", ()):  # e.g. ACDC's condition of the image
             out["group"] = self.source.group(int(i))
         return out
+
+
+def eval_test_scale(config, name: str) -> tuple[int, int] | None:
+    """The test-time resize scale (w, h) of evaluation dataset `name`, read from the
+    config without touching the disk; None: evaluated at the images' own size (ACDC,
+    Dark Zurich, synthetic, TFDS, a folder dataset without data.folder.test_scale)."""
+    base = name.split(":", 1)[0]
+    if base == "folder":
+        scale = tuple(config.data.get("folder", {}).get("test_scale", ()) or ())
+        return tuple(int(v) for v in scale) or None
+    return S.TEST_SCALES.get(base)
 
 
 def eval_dataset_groups(config, name: str) -> tuple[str, ...]:
@@ -353,7 +371,8 @@ def make_eval_iterator(config, name: str, *, process_index: int = 0,
     every image exactly once over all processes, in a fixed order."""
     cfg = resolve_config(config)
     source = build_source(cfg, name, train=False)
-    fn = EvalExample(source, bool(cfg["data"]["skip_corrupt"]))
+    ratios = config.get("evaluation", {}).get("ratios", ()) if hasattr(config, "get") else ()
+    fn = EvalExample(source, bool(cfg["data"]["skip_corrupt"]), keep_original=bool(ratios))
     indices = range(process_index, len(source), process_count)
     grain = _grain()
     workers = int(cfg["data"]["num_workers"])

@@ -65,6 +65,14 @@ LAYOUTS = {
 }
 
 
+# The reference's test-time Resize(keep_ratio=True) scale (w, h) per dataset; None: the
+# images' own size (ACDC and Dark Zurich are 1920x1080 already). scripts/predict.py
+# segments photos at the first evaluation dataset's scale.
+TEST_SCALES = {"gta": (2048, 1024), "synthia": (2048, 1024), "cityscapes": (2048, 1024),
+               "bdd100k": (1280, 720), "mapillary": (2048, 1024), "acdc": None,
+               "dark_zurich": None}
+
+
 def layout_error(name: str, missing: str, extra: str = "") -> DatasetLayoutError:
     return DatasetLayoutError(
         f"{name}: {missing} not found. Expected layout under data_root: {LAYOUTS[name]}. "
@@ -143,7 +151,7 @@ def gta_source(data_root: str, split: str = "all") -> FolderSource:
     if not os.path.isdir(root):
         raise layout_error("gta", f"folder {root}")
     return _pair("gta", os.path.join(root, "images"), ".png", os.path.join(root, "labels"),
-                 "_labelTrainIds.png", root, (2048, 1024))
+                 "_labelTrainIds.png", root, TEST_SCALES["gta"])
 
 
 def synthia_source(data_root: str, split: str = "all") -> FolderSource:
@@ -152,7 +160,7 @@ def synthia_source(data_root: str, split: str = "all") -> FolderSource:
         raise layout_error("synthia", f"folder {root}")
     return _pair("synthia", os.path.join(root, "RGB"), ".png",
                  os.path.join(root, "GT", "LABELS"), "_labelTrainIds.png", root,
-                 (2048, 1024))
+                 TEST_SCALES["synthia"])
 
 
 def cityscapes_source(data_root: str, split: str = "val") -> FolderSource:
@@ -161,7 +169,7 @@ def cityscapes_source(data_root: str, split: str = "val") -> FolderSource:
         raise layout_error("cityscapes", f"folder {root}")
     return _pair("cityscapes", os.path.join(root, "leftImg8bit", split), "_leftImg8bit.png",
                  os.path.join(root, "gtFine", split), "_gtFine_labelTrainIds.png", root,
-                 (2048, 1024))
+                 TEST_SCALES["cityscapes"])
 
 
 def bdd100k_source(data_root: str, split: str = "val") -> FolderSource:
@@ -173,7 +181,7 @@ def bdd100k_source(data_root: str, split: str = "val") -> FolderSource:
         alt = os.path.join(root, "labels", "sem_seg", "colormaps", split)
         lab_dir = alt if os.path.isdir(alt) else lab_dir
     return _pair("bdd100k", os.path.join(root, "images", "10k", split), ".jpg", lab_dir,
-                 ".png", root, (1280, 720))
+                 ".png", root, TEST_SCALES["bdd100k"])
 
 
 def mapillary_source(data_root: str, split: str = "validation") -> FolderSource:
@@ -183,7 +191,7 @@ def mapillary_source(data_root: str, split: str = "validation") -> FolderSource:
         raise layout_error("mapillary", f"folder {root}")
     return _pair("mapillary", os.path.join(root, split, "images"), ".jpg",
                  os.path.join(root, split, "labels"), "_labelTrainIds.png", root,
-                 (2048, 1024))
+                 TEST_SCALES["mapillary"])
 
 
 ACDC_CONDITIONS = ("fog", "night", "rain", "snow")

@@ -16,10 +16,17 @@ Backends share one signature (axlearn's ssm.py style):
   "auto"        pallas on a GPU where its kernels compile and agree with the reference
                 at a tiny shape (probed once per process, see ``auto_backend``),
                 reference on a CPU, associative elsewhere.
+
+The choice follows the platform a program is lowered for, not the machine that traces it:
+"auto" and "pallas" stage one branch per platform (``lax.platform_dependent``) and the lowering
+keeps the branch of its target. A train step lowered for "cuda" on a CPU machine (ahead-of-time
+compilation, ``jax.export``, a compile cache filled on a login node) thus holds the Triton
+kernels, and the same trace run on the CPU holds the lax.scan loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from collections.abc import Callable
@@ -30,7 +37,8 @@ import jax.numpy as jnp
 from mfuser_jax.ops import selective_scan_pallas as _selective_scan_pallas
 from mfuser_jax.ops.selective_scan_reference import discretize_delta, finish_output, scan_reference
 
-__all__ = ["BACKENDS", "auto_backend", "selective_scan", "register_backend", "naive_associative_scan"]
+__all__ = ["BACKENDS", "auto_backend", "portable_lowering", "selective_scan", "register_backend",
+           "naive_associative_scan"]
 
 ScanFn = Callable[..., jax.Array]
 BACKENDS: dict[str, ScanFn] = {}
@@ -113,32 +121,89 @@ def _scan_associative(u, delta, A, B, C, D, z, delta_bias, delta_softplus, *, ch
 
 
 def _platform() -> str:
+    """The platform of the machine tracing (jax's default backend): "cpu", "gpu", "tpu"."""
     return jax.default_backend()
 
 
-@functools.cache
-def auto_backend() -> str:
-    """The backend ``backend="auto"`` runs, decided once per process.
+GPU_PLATFORMS = _selective_scan_pallas.GPU_PLATFORMS
 
-    "pallas" on a GPU where the fused kernels lower, compile and agree with the lax.scan
-    reference at a tiny shape; otherwise "associative", with one warning naming the reason when a
-    GPU was there but the kernels could not run on it (an unsupported card, a JAX without the
+
+def auto_backend(platform: str | None = None) -> str:
+    """The backend ``backend="auto"`` runs on ``platform`` (a lowering platform: "cpu", "cuda",
+    "rocm", "tpu", or "gpu"; None: this machine's). On this machine's GPU the decision is
+    probed once per process.
+
+    On a GPU, "pallas" where the fused kernels lower, compile and agree with the lax.scan
+    reference at a tiny shape; otherwise "associative", with one warning naming the reason when
+    a GPU was there but the kernels could not run on it (an unsupported card, a JAX without the
     Triton lowering, any lowering or compile error), so that a run never fails on the kernel.
-    On a CPU "reference": the sequential loop does the least work, and a CPU gains nothing from
-    the associative form's parallel passes (one full-size MVFuser, L=2050, on the 2-core
-    development box: forward 0.41 s vs 1.51 s, forward+backward 1.9 s vs 3.9 s).
+    The probe needs the GPU: a machine without one that lowers a program for a GPU takes
+    "pallas" (what a GPU that passes the probe runs). On a CPU "reference": the sequential loop
+    does the least work, and a CPU gains nothing from the associative form's parallel passes
+    (one full-size MVFuser, L=2050, on the 2-core development box: forward 0.41 s vs 1.51 s,
+    forward+backward 1.9 s vs 3.9 s). Elsewhere "associative".
     """
-    platform = _platform()
+    host = _platform()
+    platform = host if platform is None else platform
     if platform == "cpu":
         return "reference"
-    if platform != "gpu":
+    if platform not in GPU_PLATFORMS + ("gpu",):
         return "associative"
+    if host != "gpu":
+        return "pallas"
+    return _gpu_decision()
+
+
+@functools.cache
+def _gpu_decision() -> str:
+    """auto_backend on this machine's GPU: the probe, once per process."""
     reason = _selective_scan_pallas.unavailable_reason()
     if reason is None:
         return "pallas"
     warnings.warn(f"selective_scan backend 'auto': the Pallas kernel cannot run here ({reason}); "
-                  "using the 'associative' backend", RuntimeWarning, stacklevel=2)
+                  "using the 'associative' backend", RuntimeWarning, stacklevel=3)
     return "associative"
+
+
+auto_backend.cache_clear = _gpu_decision.cache_clear  # a fresh decision (tests)
+
+_PORTABLE = [False]
+
+
+@contextlib.contextmanager
+def portable_lowering():
+    """Programs traced inside hold no Pallas kernel: "auto" runs "associative" on GPUs and
+    "pallas" is refused. For ``jax.export``, whose serialization refuses custom calls without a
+    compatibility guarantee (the Triton kernels are such calls: their IR is read by the jaxlib
+    that wrote it), and for modules lowered for several platforms at once (each branch is
+    lowered for every platform there, and a Pallas kernel refuses a CPU lowering in JAX 0.10).
+    Read while tracing: jit reuses a function's earlier trace, so trace a new function
+    (closure) inside."""
+    previous, _PORTABLE[0] = _PORTABLE[0], True
+    try:
+        yield
+    finally:
+        _PORTABLE[0] = previous
+
+
+# Under differentiation, the branches of one platform_dependent share their residuals: every
+# platform's program carries (as zeros) what any branch saves for its backward. The lax.scan
+# reference saves every step's state, a (length, batch, channels, state) tensor (268 MB per
+# full-size MVFuser), which a GPU program would then allocate too; inside "auto" it is
+# rematerialised instead (its residuals are its inputs; the backward reruns the forward scan).
+# The Pallas kernels save (batch, chunks, channels, state), the associative scan its chunk states.
+_reference_remat = jax.checkpoint(scan_reference, static_argnums=(8,))
+
+
+def _auto_branches() -> dict[str, ScanFn]:
+    """platform_dependent_scan's branches for "auto": one function per backend name, so that
+    platforms running the same backend share one branch."""
+    names = {"cpu": auto_backend("cpu"), "default": auto_backend("tpu"),
+             "gpu": "associative" if _PORTABLE[0] else auto_backend("cuda")}
+    fns = {"pallas": functools.partial(BACKENDS["pallas"], interpret=False),
+           "reference": _reference_remat}
+    fns = {name: fns.get(name, BACKENDS[name]) for name in set(names.values())}
+    return {k: fns[name] for k, name in names.items()}
 
 
 def selective_scan(
@@ -155,9 +220,7 @@ def selective_scan(
     backend: str = "auto",
 ):
     """Selective scan; see the module docstring for shapes and semantics."""
-    if backend == "auto":
-        backend = auto_backend()
-    if backend not in BACKENDS:
+    if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown selective_scan backend {backend!r}; choose from {sorted(BACKENDS)} or 'auto'")
     batch, dim, length = u.shape
     if A.shape[0] != dim or B.shape != (batch, A.shape[1], length) or C.shape != B.shape:
@@ -165,4 +228,11 @@ def selective_scan(
             f"selective_scan shapes: u {u.shape}, A {A.shape}, B {B.shape}, C {C.shape}; "
             "expected A (dim, state) and B, C (batch, state, length)"
         )
-    return BACKENDS[backend](u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if backend == "pallas" and _PORTABLE[0]:
+        raise ValueError("the 'pallas' selective_scan backend cannot be exported or lowered for "
+                         "several platforms at once (Triton custom calls); use 'associative' or "
+                         "'auto' there")
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if backend == "auto":
+        return _selective_scan_pallas.platform_dependent_scan(_auto_branches(), *args)
+    return BACKENDS[backend](*args)  # "pallas" chooses kernel or interpret mode per platform

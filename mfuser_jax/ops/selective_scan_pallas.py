@@ -34,9 +34,10 @@ forward never reads them back and the zero-padded cotangent keeps their adjoint 
 Padding L to a chunk multiple (e.g. 2050 -> 2112) costs one copy of the sequence inputs on a
 GPU; it is skipped when nothing needs padding.
 
-Without a GPU the same kernels run with ``interpret=True`` (chosen automatically), which is how
-the tests verify them; the tests also lower every kernel for the cuda platform, so the Triton
-lowering itself is checked on CPU. Triton compilation and GPU speed are not yet measured.
+On other platforms the same kernels run with ``interpret=True`` (chosen per lowering platform,
+``platform_dependent_scan``), which is how the tests verify them; the tests also lower every
+kernel for the cuda platform, so the Triton lowering itself is checked on CPU. Triton
+compilation and GPU speed are not yet measured.
 
 ``unavailable_reason`` is the probe behind ``selective_scan(backend="auto")``: the Triton
 lowering is deprecated since JAX 0.11 and needs compute capability >= 8.0, so "auto" compiles and
@@ -401,13 +402,47 @@ def _fused_scan_bwd(cfg, res, dy):
 _fused_scan.defvjp(_fused_scan_fwd, _fused_scan_bwd)
 
 
+# Lowering platforms (jax.lax.platform_dependent's names) on which the kernels run compiled.
+GPU_PLATFORMS = ("cuda", "rocm")
+
+
+def platform_dependent_scan(branches, u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                            delta_softplus=False):
+    """``branches[p](u, ..., delta_softplus)`` for the platform p the program is lowered for:
+    keys "gpu" (cuda and rocm), "cpu" (optional) and "default" (every other platform), each a
+    scan with ``selective_scan``'s signature. Every branch is traced; the lowering keeps its
+    platform's (``jax.lax.platform_dependent``), so the machine that traces does not decide."""
+    has_z, softplus = z is not None, bool(delta_softplus)
+    wrapped = {}  # one wrapper per function: platform_dependent merges identical branches
+
+    def wrap(fn):
+        if id(fn) not in wrapped:
+            wrapped[id(fn)] = lambda *a: fn(*a[:6], a[6] if has_z else None, a[7], softplus)
+        return wrapped[id(fn)]
+
+    per_platform = {p: wrap(branches["gpu"]) for p in GPU_PLATFORMS}
+    if "cpu" in branches:
+        per_platform["cpu"] = wrap(branches["cpu"])
+    f32 = jnp.float32
+    dim = u.shape[1]
+    args = (u, delta, A, B, C, jnp.zeros((dim,), f32) if D is None else D,
+            jnp.zeros((), u.dtype) if z is None else z,
+            jnp.zeros((dim,), f32) if delta_bias is None else delta_bias)
+    return jax.lax.platform_dependent(*args, default=wrap(branches["default"]), **per_platform)
+
+
 def pallas_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *,
                           interpret: bool | None = None, chunk: int = CHUNK, sub: int = SUB,
                           channel_tile: int = CHANNEL_TILE):
-    """Fused selective scan (same semantics as ``selective_scan``). ``interpret`` defaults to
-    True unless JAX's default backend is a GPU."""
+    """Fused selective scan (same semantics as ``selective_scan``). ``interpret`` None: the
+    compiled kernels where the program is lowered for a GPU (cuda, rocm), interpret mode on
+    every other platform (``platform_dependent_scan``)."""
     if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+        tiles = dict(chunk=chunk, sub=sub, channel_tile=channel_tile)
+        return platform_dependent_scan(
+            {"gpu": functools.partial(pallas_selective_scan, interpret=False, **tiles),
+             "default": functools.partial(pallas_selective_scan, interpret=True, **tiles)},
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     batch, dim, length = u.shape
     n_state = A.shape[1]
     T = min(_next_pow2(chunk), _next_pow2(length))
