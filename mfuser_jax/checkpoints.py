@@ -28,6 +28,7 @@ a failed save (a full disk) deletes nothing.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -35,6 +36,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -154,8 +156,8 @@ def check_manifest(directory: str) -> bool:
 
 class _DropOrbaxErrors(logging.Filter):
     """Orbax logs each failure of its background threads with a traceback (a full disk:
-    about 300 lines) before raising it where the caller waits; the manager reports it
-    there in one line, so those records are dropped while a manager is open."""
+    about 300 lines) before raising it where the caller waits, where the manager reports
+    it in one line (or raises it unchanged): the logged copies are dropped."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.levelno >= logging.ERROR
@@ -165,12 +167,23 @@ class _DropOrbaxErrors(logging.Filter):
 _DROP = _DropOrbaxErrors()
 
 
+def _drop_closed_loop(unraisable, previous) -> None:
+    """TensorStore completes the reads of a failed restore after Orbax has closed their
+    asyncio loop, each one printing 'RuntimeError: Event loop is closed' with a traceback
+    (hundreds of lines for one damaged checkpoint); the failure itself is raised."""
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+        previous(unraisable)
+
+
 def _quiet_orbax() -> None:
-    """Installs the filter for good: a failed save's other writer threads may still log
+    """Installs both filters for good: a failed save's other writer threads may still log
     after the manager has reported the failure and closed."""
     logger = logging.getLogger("absl")
     if _DROP not in logger.filters:
         logger.addFilter(_DROP)
+    if getattr(sys.unraisablehook, "func", None) is not _drop_closed_loop:
+        sys.unraisablehook = functools.partial(_drop_closed_loop, previous=sys.unraisablehook)
 
 
 def _join_orbax_threads(timeout: float = 60.0) -> None:
@@ -394,12 +407,19 @@ def first_line(e: Exception) -> str:
     return text.splitlines()[0][:200] if text else type(e).__name__
 
 
+# TensorStore's status codes for data it could not read or decode (Orbax passes them on
+# as ValueError); not INVALID_ARGUMENT (a shape that does not fit), not RESOURCE_EXHAUSTED.
+_READ_ERRORS = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "UNAVAILABLE", "UNKNOWN",
+                "INTERNAL", "ABORTED")
+
+
 def unreadable(e: BaseException) -> bool:
     """Whether Orbax failing to restore a checkpoint means its files are damaged: read and
-    decode errors do; a model that does not fit (UserError) or exhausted memory does not."""
-    if isinstance(e, (UserError, MemoryError)) or "out of memory" in str(e).lower():
-        return False
-    return isinstance(e, (ValueError, OSError, KeyError, EOFError, RuntimeError))
+    decode errors do; a model that does not fit or exhausted memory do not."""
+    if isinstance(e, (OSError, EOFError, json.JSONDecodeError)):
+        return True
+    return (isinstance(e, (ValueError, RuntimeError))
+            and str(e).split(":", 1)[0].strip() in _READ_ERRORS)
 
 
 def _restore(mngr, step: int, target: dict, *, partial: bool = False) -> dict:
@@ -447,6 +467,8 @@ def restore_checkpoint(mngr, trainer: Trainer, step: int) -> TrainState:
         else:
             tree = _restore_train_tree(mngr, step, trainer.abstract_tree())
     except ValueError as e:
+        if unreadable(e):
+            raise
         raise _does_not_fit(mngr, step, first_line(e)) from None
     return TrainState(tree["params"], tree["batch_stats"], tree["opt_state"],
                       int(meta["step"]))
@@ -459,6 +481,8 @@ def restore_model_state(mngr, step: int, target: dict) -> dict:
     try:
         tree = _restore(mngr, step, target, partial=True)
     except ValueError as e:
+        if unreadable(e):
+            raise
         raise _does_not_fit(mngr, step, first_line(e)) from None
     # a partial restore leaves what the checkpoint lacks as the target's shapes
     missing = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(tree)
@@ -491,16 +515,15 @@ def resume_step(mngr: CheckpointManager) -> int | None:
 def restore_for_training(mngr: CheckpointManager, trainer: Trainer, step: int
                          ) -> tuple[TrainState, int]:
     """(restore_checkpoint of `step`, `step`), or of the newest intact checkpoint before it
-    when `step` cannot be read: a checkpoint without a manifest that Orbax fails to restore is
-    set aside like a damaged one. A verified checkpoint that fails is not damaged (its
-    bytes are those saved): that error stands."""
+    when `step` cannot be read: a checkpoint that Orbax fails to read (one without a
+    manifest, or a disk failing since) is set aside like one that fails verification."""
     while True:
         try:
             return restore_checkpoint(mngr, trainer, step), step
         except DamagedCheckpoint as e:
             mngr.set_aside(step, e.reason)
         except Exception as e:
-            if mngr.verify(step) or not unreadable(e):
+            if not unreadable(e):
                 raise
             mngr.set_aside(step, f"Orbax cannot read it: {first_line(e)}")
         step = resume_step(mngr)

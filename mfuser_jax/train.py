@@ -253,14 +253,14 @@ def restore_model(config: Any, workdir: str, step: int | None = None
             raise UserError(f"no checkpoint for step {step} in {ckpt_dir} "
                             f"(available: {', '.join(map(str, steps))})")
         try:
-            verified = mngr.verify(step)  # before building anything
+            mngr.verify(step)  # before building anything
             split = SplitModel(config, build_and_load(config, workdir),
                                shd.make_mesh(config.get("mesh", None)))
             tree = restore_model_state(mngr, step, split.model_tree())
         except DamagedCheckpoint as e:
             raise _refuse_damaged(mngr, step, e.reason) from None
         except Exception as e:
-            if verified or not unreadable(e):
+            if not unreadable(e):
                 raise
             raise _refuse_damaged(mngr, step, f"Orbax cannot read it: {first_line(e)}"
                                   ) from None

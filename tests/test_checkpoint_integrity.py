@@ -161,12 +161,18 @@ def test_checkpoints_without_manifest_still_load_with_a_note(workdir):
     assert C.check_manifest(os.path.join(workdir, "checkpoints", "12")) is True
 
 
-def test_unreadable_checkpoint_without_manifest_is_set_aside(workdir):
-    """Without a manifest only Orbax can tell: a checkpoint it fails to read is damaged."""
+@pytest.mark.parametrize("part", ["meta", "data"])
+def test_unreadable_checkpoint_without_manifest_is_set_aside(workdir, part):
+    """Without a manifest only Orbax can tell: a checkpoint it fails to read (here its
+    step record or its array data) is damaged, not a model that "does not fit"."""
     ckpt = os.path.join(workdir, "checkpoints", "8")
     os.remove(os.path.join(ckpt, C.MANIFEST))
-    with open(os.path.join(ckpt, "meta", "metadata"), "w") as f:
-        f.write('{"step": 8, "data_pos')
+    if part == "meta":
+        with open(os.path.join(ckpt, "meta", "metadata"), "w") as f:
+            f.write('{"step": 8, "data_pos')
+    else:
+        for path in glob.glob(os.path.join(ckpt, "state", "**", "d", "*"), recursive=True):
+            os.truncate(path, os.path.getsize(path) // 2)
     lines = _train(workdir, steps=12)
     assert lines[0].startswith(f"note: checkpoint {ckpt} has no manifest.json")
     (line,) = [x for x in lines if "is damaged" in x]
