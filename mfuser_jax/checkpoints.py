@@ -54,6 +54,7 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "mfuser-checkpoint-manifest/1"
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a step directory being written
 _CHUNK = 16 << 20
+BLOCK_BYTES = 64 << 20  # files are hashed in blocks of this size, in parallel
 
 
 class DamagedCheckpoint(UserError):
@@ -70,21 +71,32 @@ class CheckpointSaveError(UserError):
 
 # --------------------------------------------------------------------------- manifests
 
-def _sha256(path: str) -> str:
+def _block_sha256(path: str, index: int, block: int) -> str:
     h = hashlib.sha256()
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
+    left = block
     with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
+        f.seek(index * block)
+        while left and (n := f.readinto(view[:min(_CHUNK, left)])):
             h.update(view[:n])
+            left -= n
     return h.hexdigest()
 
 
-def _digests(directory: str, rels: list[str]) -> dict[str, str]:
-    """SHA-256 of each file; hashlib releases the GIL, so files hash in parallel (and
-    beside training, in Orbax's finalisation thread)."""
+def _digests(directory: str, sizes: dict[str, int], block: int) -> dict[str, list[str]]:
+    """The SHA-256 of each `block`-byte block of each file (one block: the file's SHA-256,
+    as sha256sum prints it). Blocks hash in parallel (hashlib releases the GIL): a
+    checkpoint is a few large OCDBT data files, which would otherwise take one core."""
+    blocks = [(rel, i) for rel, size in sizes.items()
+              for i in range(max(1, -(-size // block)))]
     with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-        return dict(zip(rels, pool.map(lambda r: _sha256(os.path.join(directory, r)), rels)))
+        hexes = pool.map(lambda b: _block_sha256(os.path.join(directory, b[0]), b[1], block),
+                         blocks)
+        out: dict[str, list[str]] = {rel: [] for rel in sizes}
+        for (rel, _), digest in zip(blocks, hexes):
+            out[rel].append(digest)
+    return out
 
 
 # Orbax rewrites these two when it commits, after the manifest is written; they hold no
@@ -109,11 +121,11 @@ def _stats(directory: str, rels) -> dict[str, tuple[int, int]]:
 def write_manifest(directory: str) -> dict:
     """<directory>/manifest.json: size and SHA-256 of every file under `directory`,
     written atomically and synced (a crash leaves the old state, never half a manifest)."""
-    rels = _checkpoint_files(directory)
-    sizes = {r: os.path.getsize(os.path.join(directory, r)) for r in rels}
-    digests = _digests(directory, rels)
-    manifest = {"format": MANIFEST_FORMAT,
-                "files": {r: {"bytes": sizes[r], "sha256": digests[r]} for r in rels}}
+    sizes = {r: os.path.getsize(os.path.join(directory, r))
+             for r in _checkpoint_files(directory)}
+    digests = _digests(directory, sizes, BLOCK_BYTES)
+    manifest = {"format": MANIFEST_FORMAT, "block_bytes": BLOCK_BYTES,
+                "files": {r: {"bytes": sizes[r], "sha256": digests[r]} for r in sizes}}
     with atomic_write(os.path.join(directory, MANIFEST)) as (tmp,), open(tmp, "w") as f:
         json.dump(manifest, f, indent=0)
         f.flush()
@@ -131,8 +143,14 @@ def check_manifest(directory: str) -> bool:
     except FileNotFoundError:
         return False
     try:
-        files = json.loads(text)["files"]
-        want = {str(r): (int(v["bytes"]), str(v["sha256"])) for r, v in files.items()}
+        manifest = json.loads(text)
+        block = int(manifest["block_bytes"])
+        if block < 1:
+            raise ValueError
+        want = {str(r): (int(v["bytes"]), v["sha256"]) for r, v in manifest["files"].items()}
+        if not all(isinstance(d, list) and all(isinstance(x, str) for x in d)
+                   for _, d in want.values()):
+            raise ValueError
     except (ValueError, KeyError, TypeError, AttributeError):
         raise ValueError(f"its {MANIFEST} is unreadable") from None
     try:
@@ -140,7 +158,7 @@ def check_manifest(directory: str) -> bool:
             got = os.path.getsize(os.path.join(directory, rel))
             if got != size:
                 raise ValueError(f"{rel} has {got:,} bytes, {size:,} when saved")
-        digests = _digests(directory, list(want))
+        digests = _digests(directory, {rel: size for rel, (size, _) in want.items()}, block)
     except FileNotFoundError as e:
         raise ValueError(f"{os.path.relpath(e.filename, directory)} is missing") from None
     except OSError as e:  # a failing disk (EIO) is damage as well

@@ -98,7 +98,7 @@ def _lying_manifest(ckpt):
     path = _data_file(ckpt)
     manifest_path = os.path.join(ckpt, C.MANIFEST)
     manifest = json.load(open(manifest_path))
-    manifest["files"][os.path.relpath(path, ckpt)]["sha256"] = "0" * 64
+    manifest["files"][os.path.relpath(path, ckpt)]["sha256"][0] = "0" * 64
     json.dump(manifest, open(manifest_path, "w"))
     return path, "has other contents than when saved"
 
@@ -115,6 +115,26 @@ def test_manifest_lists_every_file_of_a_checkpoint(workdir):
     assert set(manifest["files"]) == on_disk - {C.MANIFEST, *C.COMMIT_FILES}
     assert any("/d/" in f for f in manifest["files"])  # the array data are covered
     assert C.check_manifest(ckpt) is True
+
+
+def test_large_files_hash_in_blocks(workdir, monkeypatch):
+    """Files hash in BLOCK_BYTES blocks (in parallel); damage in any block is found, and
+    a manifest is checked with the block size it was written with."""
+    ckpt = os.path.join(workdir, "checkpoints", "8")
+    path = _data_file(ckpt)
+    size = os.path.getsize(path)
+    monkeypatch.setattr(C, "BLOCK_BYTES", 256)
+    digests = C.write_manifest(ckpt)["files"][os.path.relpath(path, ckpt)]["sha256"]
+    assert len(digests) == -(-size // 256) > 1
+    monkeypatch.undo()
+    assert C.check_manifest(ckpt) is True
+    with open(path, "r+b") as f:
+        f.seek(size - 1)
+        last = f.read(1)
+        f.seek(size - 1)
+        f.write(bytes([last[0] ^ 1]))
+    with pytest.raises(ValueError, match="has other contents than when saved"):
+        C.check_manifest(ckpt)
 
 
 @pytest.mark.parametrize("fault", FAULTS)
