@@ -14,7 +14,7 @@ and batch statistics only: the optimizer state of a training checkpoint is not r
 either format.
 
 Integrity: every checkpoint written here holds W/checkpoints/<step>/manifest.json, the size
-and SHA-256 of each of its files. It is written by Orbax's finalisation thread after the
+and CRC-32 of each of its files. It is written by Orbax's finalisation thread after the
 data and before the step directory is renamed into place, so it appears together with the
 checkpoint (an interrupted save leaves only Orbax's ``<step>.orbax-checkpoint-tmp``, which
 is ignored). Every restore verifies it first: a checkpoint whose bytes changed on disk
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -39,6 +38,7 @@ import shutil
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -54,7 +54,7 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "mfuser-checkpoint-manifest/1"
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a step directory being written
 _CHUNK = 16 << 20
-BLOCK_BYTES = 64 << 20  # files are hashed in blocks of this size, in parallel
+BLOCK_BYTES = 64 << 20  # files are checksummed in blocks of this size, in parallel
 
 
 class DamagedCheckpoint(UserError):
@@ -71,27 +71,28 @@ class CheckpointSaveError(UserError):
 
 # --------------------------------------------------------------------------- manifests
 
-def _block_sha256(path: str, index: int, block: int) -> str:
-    h = hashlib.sha256()
+def _block_crc32(path: str, index: int, block: int) -> str:
+    crc = 0
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
     left = block
     with open(path, "rb", buffering=0) as f:
         f.seek(index * block)
         while left and (n := f.readinto(view[:min(_CHUNK, left)])):
-            h.update(view[:n])
+            crc = zlib.crc32(view[:n], crc)
             left -= n
-    return h.hexdigest()
+    return f"{crc:08x}"
 
 
 def _digests(directory: str, sizes: dict[str, int], block: int) -> dict[str, list[str]]:
-    """The SHA-256 of each `block`-byte block of each file (one block: the file's SHA-256,
-    as sha256sum prints it). Blocks hash in parallel (hashlib releases the GIL): a
-    checkpoint is a few large OCDBT data files, which would otherwise take one core."""
+    """The CRC-32 of each `block`-byte block of each file, in hex. CRC-32 finds accidental
+    damage (not tampering) at 2-3 times SHA-256's speed; blocks are checked in parallel
+    (zlib releases the GIL): a checkpoint is a few large OCDBT data files, which would
+    otherwise take one core."""
     blocks = [(rel, i) for rel, size in sizes.items()
               for i in range(max(1, -(-size // block)))]
     with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-        hexes = pool.map(lambda b: _block_sha256(os.path.join(directory, b[0]), b[1], block),
+        hexes = pool.map(lambda b: _block_crc32(os.path.join(directory, b[0]), b[1], block),
                          blocks)
         out: dict[str, list[str]] = {rel: [] for rel in sizes}
         for (rel, _), digest in zip(blocks, hexes):
@@ -119,13 +120,13 @@ def _stats(directory: str, rels) -> dict[str, tuple[int, int]]:
 
 
 def write_manifest(directory: str) -> dict:
-    """<directory>/manifest.json: size and SHA-256 of every file under `directory`,
+    """<directory>/manifest.json: size and CRC-32 of every file under `directory`,
     written atomically and synced (a crash leaves the old state, never half a manifest)."""
     sizes = {r: os.path.getsize(os.path.join(directory, r))
              for r in _checkpoint_files(directory)}
     digests = _digests(directory, sizes, BLOCK_BYTES)
     manifest = {"format": MANIFEST_FORMAT, "block_bytes": BLOCK_BYTES,
-                "files": {r: {"bytes": sizes[r], "sha256": digests[r]} for r in sizes}}
+                "files": {r: {"bytes": sizes[r], "crc32": digests[r]} for r in sizes}}
     with atomic_write(os.path.join(directory, MANIFEST)) as (tmp,), open(tmp, "w") as f:
         json.dump(manifest, f, indent=0)
         f.flush()
@@ -134,7 +135,7 @@ def write_manifest(directory: str) -> dict:
 
 
 def check_manifest(directory: str) -> bool:
-    """True when every file <directory>/manifest.json lists has its size and SHA-256; False
+    """True when every file <directory>/manifest.json lists has its size and CRC-32; False
     without a manifest (a checkpoint written before them); otherwise ValueError(why).
     Files the manifest does not list are not read by Orbax's restore either way."""
     try:
@@ -147,7 +148,7 @@ def check_manifest(directory: str) -> bool:
         block = int(manifest["block_bytes"])
         if block < 1:
             raise ValueError
-        want = {str(r): (int(v["bytes"]), v["sha256"]) for r, v in manifest["files"].items()}
+        want = {str(r): (int(v["bytes"]), v["crc32"]) for r, v in manifest["files"].items()}
         if not all(isinstance(d, list) and all(isinstance(x, str) for x in d)
                    for _, d in want.values()):
             raise ValueError
