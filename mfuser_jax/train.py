@@ -254,11 +254,12 @@ def restore_model(config: Any, workdir: str, step: int | None = None
                             f"(available: {', '.join(map(str, steps))})")
         try:
             mngr.verify(step)  # before building anything
-            split = SplitModel(config, build_and_load(config, workdir),
-                               shd.make_mesh(config.get("mesh", None)))
-            tree = restore_model_state(mngr, step, split.model_tree())
         except DamagedCheckpoint as e:
             raise _refuse_damaged(mngr, step, e.reason) from None
+        split = SplitModel(config, build_and_load(config, workdir),
+                           shd.make_mesh(config.get("mesh", None)))
+        try:
+            tree = restore_model_state(mngr, step, split.model_tree())
         except Exception as e:
             if not unreadable(e):
                 raise

@@ -194,6 +194,12 @@ def test_unreadable_checkpoint_without_manifest_is_set_aside(workdir, part):
     else:
         for path in glob.glob(os.path.join(ckpt, "state", "**", "d", "*"), recursive=True):
             os.truncate(path, os.path.getsize(path) // 2)
+        # evaluation names it and the intact steps, and moves nothing
+        with pytest.raises(T.UserError) as e:
+            T.restore_model(toy_config(), workdir)
+        assert str(e.value).startswith(
+            f"checkpoint {ckpt} is damaged (Orbax cannot read it: ")
+        assert str(e.value).endswith("; intact: 4 (choose one with --step N)")
     lines = _train(workdir, steps=12)
     assert lines[0].startswith(f"note: checkpoint {ckpt} has no manifest.json")
     (line,) = [x for x in lines if "is damaged" in x]
