@@ -18,8 +18,9 @@ import numpy as np
 from flax import nnx
 
 from mfuser_jax import sharding as shd
-from mfuser_jax.checkpoints import (checkpoint_manager, restore_checkpoint,
-                                    restore_model_state, save_checkpoint)
+from mfuser_jax.checkpoints import (DamagedCheckpoint, checkpoint_manager, first_line,
+                                    restore_for_training, restore_model_state, resume_step,
+                                    save_checkpoint, unreadable)
 from mfuser_jax.errors import Preempted, TrainingDiverged, UserError
 from mfuser_jax.evaluate import eval_json_path, evaluate_model
 from mfuser_jax.files import check_writable
@@ -181,26 +182,30 @@ def train_and_evaluate(config: Any, workdir: str, *,
     eval_sets = available_eval_datasets(config, log)
 
     best_spec = parse_save_best(config, eval_sets)
-    mngr = checkpoint_manager(workdir, int(config.get("keep_checkpoints", 2)))
-    latest = mngr.latest_step()
-    if latest is not None and latest >= total_steps and _eval_done(workdir, eval_sets,
-                                                                    latest):
-        log(f"{workdir}: training already finished at step {latest}; nothing to do")
-        mngr.close()
-        return {"step": latest}
+    mngr = checkpoint_manager(workdir, int(config.get("keep_checkpoints", 2)), log=log)
+    try:
+        latest = resume_step(mngr)  # damaged checkpoints are set aside, one line each
+        if latest is not None and latest >= total_steps and _eval_done(workdir, eval_sets,
+                                                                        latest):
+            log(f"{workdir}: training already finished at step {latest}; nothing to do")
+            mngr.close()
+            return {"step": latest}
 
-    mesh = shd.make_mesh(config.get("mesh", None))
-    model = build_and_load(config, workdir)
-    trainer = Trainer(config, model, mesh)
-    best = BestCheckpoint(config, workdir, *best_spec, log) if best_spec else None
-    n_train, n_all = trainer.num_params()
-    log(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, "
-        f"{jax.process_count()} process(es); params: {n_train:,} trainable of {n_all:,}")
-    if latest is not None:
-        state = restore_checkpoint(mngr, trainer, latest)
-        log(f"resumed from {workdir}/checkpoints/{latest}")
-    else:
-        state = trainer.init_state()
+        mesh = shd.make_mesh(config.get("mesh", None))
+        model = build_and_load(config, workdir)
+        trainer = Trainer(config, model, mesh)
+        best = BestCheckpoint(config, workdir, *best_spec, log) if best_spec else None
+        n_train, n_all = trainer.num_params()
+        log(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, "
+            f"{jax.process_count()} process(es); params: {n_train:,} trainable of {n_all:,}")
+        if latest is not None:
+            state, latest = restore_for_training(mngr, trainer, latest)
+            log(f"resumed from {workdir}/checkpoints/{latest}")
+        else:
+            state = trainer.init_state()
+    except BaseException:
+        mngr.close()
+        raise
     if state.step < total_steps:
         check_trainable_from(model)
 
@@ -357,7 +362,7 @@ def restore_model(config: Any, workdir: str, step: int | None = None
         raise UserError(f"no checkpoints in {ckpt_dir}\n{hint}")
     check_workdir_model(config, workdir)
     use_compile_cache(config, workdir)
-    mngr = checkpoint_manager(workdir, create=False)
+    mngr = checkpoint_manager(workdir, None, create=False)
     try:
         steps = sorted(mngr.all_steps())
         if not steps:
@@ -367,12 +372,31 @@ def restore_model(config: Any, workdir: str, step: int | None = None
         elif step not in steps:
             raise UserError(f"no checkpoint for step {step} in {ckpt_dir} "
                             f"(available: {', '.join(map(str, steps))})")
+        try:
+            mngr.verify(step)  # before building anything
+        except DamagedCheckpoint as e:
+            raise _refuse_damaged(mngr, step, e.reason) from None
         split = SplitModel(config, build_and_load(config, workdir),
                            shd.make_mesh(config.get("mesh", None)))
-        tree = restore_model_state(mngr, step, split.model_tree())
+        try:
+            tree = restore_model_state(mngr, step, split.model_tree())
+        except Exception as e:
+            if not unreadable(e):
+                raise
+            raise _refuse_damaged(mngr, step, f"Orbax cannot read it: {first_line(e)}"
+                                  ) from None
     finally:
         mngr.close()
     return split.write_back(tree["params"], tree["batch_stats"]), step
+
+
+def _refuse_damaged(mngr, step: int, reason: str) -> UserError:
+    """Evaluation never falls back on its own (a score must name its checkpoint): it names
+    the damaged one and those that verify."""
+    intact = mngr.intact_steps(exclude=step)
+    choice = (f"intact: {', '.join(map(str, intact))} (choose one with --step N)" if intact
+              else "no intact checkpoint there")
+    return UserError(f"checkpoint {mngr.step_path(step)} is damaged ({reason}); {choice}")
 
 
 def evaluate_checkpoint(config: Any, workdir: str, step: int | None = None, *,

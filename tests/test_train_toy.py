@@ -163,6 +163,20 @@ def fake_eval_iter(config, name, *, process_index, process_count):
     return iter(items[process_index::process_count])
 
 
+def _kill_in_save(step):
+    """Orbax writes a checkpoint's JSON item in a background thread, beside the arrays and
+    before the step directory is renamed into place: the kill lands mid-save."""
+    import orbax.checkpoint as ocp
+    save_fn = ocp.JsonCheckpointHandler._save_fn
+
+    async def killing_save_fn(self, x, directory):
+        if directory.parent.name.startswith(f"{step}.orbax-checkpoint-tmp"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return await save_fn(self, x, directory)
+
+    ocp.JsonCheckpointHandler._save_fn = killing_save_fn
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", required=True)
@@ -170,6 +184,9 @@ def main(argv=None):
                     help="SIGKILL itself when asked for this step, once checkpoint "
                          "--kill_after_ckpt is on disk")
     ap.add_argument("--kill_after_ckpt", type=int, default=None)
+    ap.add_argument("--kill_in_save", type=int, default=None,
+                    help="SIGKILL itself in Orbax's background writer while it saves "
+                         "checkpoint N (before Orbax commits it)")
     ap.add_argument("--sigint_at", type=int, default=None,
                     help="send itself SIGINT (Ctrl-C) when asked for this step")
     ap.add_argument("--sigint_twice", action="store_true", help="... and a second one")
@@ -190,6 +207,8 @@ def main(argv=None):
             num_processes=args.num_processes, process_id=args.process_id))
     config = toy_config(**overrides)
     register_toy()
+    if args.kill_in_save is not None:
+        _kill_in_save(args.kill_in_save)
     from mfuser_jax.train import train_and_evaluate
 
     def on_request(step):
