@@ -47,7 +47,9 @@ def load_upload(path, max_pixels=MAX_PIXELS):
     except UserError:
         raise
     except Image.DecompressionBombError as e:
-        raise UserError(f"the image is too large to decode safely ({e})") from e
+        # PIL's own guard (above ~179 Mpx) speaks first, also from the header alone
+        raise UserError(f"the image is too large ({e}); this page takes at most "
+                        f"{max_pixels / 1e6:.0f} Mpx (downscale it)") from e
     except (OSError, ValueError, SyntaxError) as e:
         raise UserError(f"{os.path.basename(path)} is not a readable image "
                         f"({str(e) or type(e).__name__})") from e
@@ -228,8 +230,9 @@ def build_page(page, title="MFuser: segment your photo"):
                                 format="png")
                 labels = gr.File(label="label-id PNG", elem_id="labels")
         inputs = [upload, names, scale, flip]
-        run.click(announce, inputs, status, queue=False).then(
-            segment, inputs, [overlay, mask, legend, labels, status], concurrency_limit=1)
+        run.click(announce, inputs, status, queue=False, api_visibility="private").then(
+            segment, inputs, [overlay, mask, legend, labels, status], concurrency_limit=1,
+            api_name="segment")
     return demo
 
 
