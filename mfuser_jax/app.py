@@ -156,8 +156,9 @@ class Page:
             Image.fromarray(ids.astype(np.uint8)).save(tmp, format="PNG")
         at = (f"resized to {scale[0]}x{scale[1]} (keep-ratio) and back" if scale
               else "at its own size")
-        compiled = (" (the first request at this size, class list and flip setting "
-                    "compiled the predictor)" if first else "")
+        compiled = (" (the first request at this size, class list and flip setting: "
+                    "the predictor was compiled, or read from the compile cache)"
+                    if first else "")
         message = (f"{w}x{h} image, {at}, {len(names)} classes, flip "
                    f"{'on' if flip else 'off'}: {took:.2f} s{compiled}. The PNG holds "
                    f"{kind}.")
@@ -223,11 +224,12 @@ def build_page(page, title="MFuser: segment your photo"):
                 run = gr.Button("Segment", variant="primary", elem_id="run")
             with gr.Column():
                 status = gr.Markdown("", elem_id="status")
+                # no share button: it would offer to upload to an outside service
                 overlay = gr.Image(label="overlay", type="numpy", elem_id="overlay",
-                                   format="png")
+                                   format="png", buttons=["download", "fullscreen"])
                 legend = gr.HTML(elem_id="legend")
                 mask = gr.Image(label="colour mask", type="numpy", elem_id="mask",
-                                format="png")
+                                format="png", buttons=["download", "fullscreen"])
                 labels = gr.File(label="label-id PNG", elem_id="labels")
         inputs = [upload, names, scale, flip]
         run.click(announce, inputs, status, queue=False, api_visibility="private").then(
