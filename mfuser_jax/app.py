@@ -165,7 +165,7 @@ class Page:
         return dict(overlay=overlay, mask=mask, rows=legend_rows(names, seg.palette, labels),
                     labels_png=png, message=message, seconds=took, first=first)
 
-    def will_compile(self, path, class_text, at_protocol, flip):
+    def will_compile(self, path, class_text, at_protocol=True, flip=False):
         """True when this request compiles first (the page says so while it runs)."""
         try:
             from PIL import Image
@@ -189,7 +189,8 @@ def samples():
 def build_page(page, title="MFuser: segment your photo"):
     """The Gradio Blocks of `page`; launch with launch_page. Local only: no analytics, no
     share link, system fonts (the default theme would fetch Google fonts)."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    # whatever the environment says: Gradio's analytics and version check call home
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     import gradio as gr
 
     def segment(path, class_text, scale_choice, flip):

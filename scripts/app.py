@@ -18,7 +18,7 @@ mfuser_jax.app.MAX_PIXELS (40 Mpx) are refused from their header.
 import os
 import sys
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before Gradio loads: it calls home
 
 import _cli  # noqa: E402
 from absl import flags  # noqa: E402

@@ -93,7 +93,9 @@ def test_page_segments_with_the_predict_path_and_flip_as_the_evaluator(page, tmp
     from mfuser_jax.predict import Segmenter
     image = np.random.default_rng(0).integers(0, 256, (20, 30, 3), np.uint8)
     Image.fromarray(image).save(tmp_path / "a.png")
+    assert page.will_compile(str(tmp_path / "a.png"), "red, green, blue")
     r = page.run(str(tmp_path / "a.png"), "red, green, blue")
+    assert not page.will_compile(str(tmp_path / "a.png"), "red, green, blue")
     assert r["first"] and "compiled" in r["message"]
     again = page.run(str(tmp_path / "a.png"), "red, green, blue")
     assert not again["first"] and "compiled" not in again["message"]
@@ -119,12 +121,39 @@ def _free_port():
         return s.getsockname()[1]
 
 
+class _Trap:
+    """A loopback 'proxy' that only counts connections: the server's outbound HTTP(S)
+    (httpx, urllib, requests honour HTTP(S)_PROXY) would reach it, not the network."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            conn.close()
+
+
 @pytest.fixture(scope="module")
 def server(workdir, tmp_path_factory):
-    """scripts/app.py on a free loopback port, as a user starts it."""
+    """scripts/app.py on a free loopback port, as a user starts it; analytics asked for
+    by the environment, outbound HTTP(S) sent to a trap."""
     port = _free_port()
     log = open(tmp_path_factory.mktemp("app_log") / "app.log", "w+")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", GRADIO_ANALYTICS_ENABLED="False")
+    trap = _Trap()
+    proxies = {k: trap.url for k in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy",
+                                     "https_proxy", "all_proxy")}
+    env = dict(os.environ, JAX_PLATFORMS="cpu", GRADIO_ANALYTICS_ENABLED="True", **proxies,
+               NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
     proc = subprocess.Popen([sys.executable, "scripts/app.py", "--workdir", workdir,
                              "--config", "tests/toy_config.py", "--port", str(port),
                              # larger windows than the toy's 16 px: fewer at 512x256
@@ -144,6 +173,8 @@ def server(workdir, tmp_path_factory):
                 pytest.fail(f"the app did not start:\n{log.read()}")
             time.sleep(0.5)
     yield url, proc, log
+    assert trap.connections == 0, "the app tried to reach another host"
+    trap.sock.close()
     proc.terminate()
     try:
         proc.wait(10)
@@ -152,7 +183,7 @@ def server(workdir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser(server, tmp_path_factory):
+def browser(tmp_path_factory):
     if CHROMIUM is None or CHROMEDRIVER is None:
         pytest.skip("no system Chromium (apt-get install chromium chromium-driver; "
                     ".ci/run installs it)")
@@ -210,7 +241,7 @@ def _upload(driver, path):
     WebDriverWait(driver, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, shown))
 
 
-def test_the_page_in_a_headless_browser(server, browser, tmp_path):
+def test_the_page_in_a_headless_browser(browser, server, tmp_path):
     """Upload a sample, segment, check the overlay's size and the legend; edit the class
     list; upload a non-image; nothing requested from any host but the app's."""
     from PIL import Image
@@ -255,7 +286,7 @@ def test_the_page_in_a_headless_browser(server, browser, tmp_path):
     _run_and_wait(d, lambda drv: overlay_ready(drv) and _legend(drv) == ["red", "green",
                                                                          "blue"])
     assert proc.poll() is None
-    hosts = _requested_hosts(d)
+    hosts = _requested_hosts(d)  # the browser's requests; the server's: the trap
     assert hosts and hosts <= {"127.0.0.1", "localhost"}, hosts
     log.seek(0)
     assert "Traceback" not in log.read()
