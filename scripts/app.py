@@ -35,6 +35,17 @@ flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
 
+def _check_port(host, port):
+    import socket
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.bind(infos[0][4])
+    except OSError as e:
+        _cli.fail(f"cannot serve on {host}:{port} ({e.strerror or e}); give another --port "
+                  "or --host")
+
+
 def main(argv):
     del argv
     try:
@@ -43,6 +54,7 @@ def main(argv):
         _cli.fail('the page needs Gradio: pip install -e ".[app]"')
     from mfuser_jax import app
     from mfuser_jax.predict import Segmenter
+    _check_port(FLAGS.host, FLAGS.port)  # before the restore, which takes minutes at full size
     config = _cli.config_or_workdir(FLAGS.config, FLAGS.workdir)
     print(f"restoring {FLAGS.workdir} (building the model takes a while)", flush=True)
     seg = _cli.run_main(Segmenter.from_workdir, FLAGS.workdir, config, step=FLAGS.step)

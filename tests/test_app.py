@@ -292,6 +292,21 @@ def test_the_page_in_a_headless_browser(browser, server, tmp_path):
     assert "Traceback" not in log.read()
 
 
+def test_a_taken_port_is_one_line_before_the_restore(workdir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        r = subprocess.run([sys.executable, "scripts/app.py", "--workdir", workdir, "--config",
+                            "tests/toy_config.py", "--port", str(port)], cwd=REPO,
+                           env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                           text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: cannot serve on 127.0.0.1:"
+                                                         f"{port} (")
+    assert "Traceback" not in r.stderr and "restoring" not in r.stdout
+
+
 def test_two_requests_at_once_are_both_answered(server):
     """Two clients submitting at once: queued, both answered (gradio_client, loopback)."""
     from gradio_client import Client, handle_file
