@@ -172,14 +172,16 @@ def server(workdir, tmp_path_factory):
                 proc.kill()
                 pytest.fail(f"the app did not start:\n{log.read()}")
             time.sleep(0.5)
-    yield url, proc, log
-    assert trap.connections == 0, "the app tried to reach another host"
-    trap.sock.close()
-    proc.terminate()
     try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        yield url, proc, log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        trap.sock.close()
+    assert trap.connections == 0, "the app tried to reach another host"
 
 
 @pytest.fixture(scope="module")
