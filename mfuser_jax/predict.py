@@ -233,12 +233,16 @@ class Segmenter:
     As scripts/eval.py does: the image is resized (keep-ratio, bilinear) to `test_scale`,
     the sliding window (config.evaluation) averages the window scores, the score map is
     resized bilinearly back to the image's size, then argmax. `test_scale` None segments
-    at the image's own size (each new size compiles the predictor once)."""
+    at the image's own size (each new size compiles the predictor once). `flip`: mmseg's
+    flip test-time augmentation (as scripts/eval.py with evaluation.flip): the scores of the
+    image and of its mirror image, each resized back, softmaxed and the mirror's mirrored
+    back, averaged (probabilities then, not logits)."""
 
-    def __init__(self, model, config, *, class_names=None, test_scale=None, step=None):
+    def __init__(self, model, config, *, class_names=None, test_scale=None, step=None,
+                 flip=False):
         from mfuser_jax.evaluate import SlidingWindowPredictor
         ev = config.evaluation
-        self.config, self.step = config, step
+        self.model, self.config, self.step, self.flip = model, config, step, bool(flip)
         self.class_names = list(class_names or config.model.class_names)
         self.test_scale = tuple(test_scale) if test_scale else None
         self.palette = palette_for(self.class_names, list(config.model.class_names),
@@ -265,6 +269,13 @@ class Segmenter:
         model, step = restore_model(config, workdir, step)
         return cls(model, config, class_names=names, test_scale=test_scale, step=step)
 
+    def with_options(self, *, class_names=None, test_scale=None, flip=None):
+        """Another Segmenter of the same restored model: other class names (None: the
+        config's), test scale (None: the image's own size) or flip; each compiles anew."""
+        return Segmenter(self.model, self.config, class_names=class_names,
+                         test_scale=test_scale, step=self.step,
+                         flip=self.flip if flip is None else flip)
+
     def colorize(self, labels):
         """(h, w, 3) uint8: each class index in its palette colour."""
         return self.palette[np.asarray(labels)]
@@ -277,7 +288,12 @@ class Segmenter:
             raise UserError(f"expected a uint8 (h, w, 3) RGB image, got {image.dtype} "
                             f"{image.shape}")
         h, w = image.shape[:2]
-        scores = self.predictor(test_resize(image, self.test_scale))
+        resized = test_resize(image, self.test_scale)
+        if self.flip:
+            a = self._resizer(h, w, True)(self.predictor(resized))
+            b = self._resizer(h, w, True)(self.predictor(resized[:, ::-1]))[:, ::-1]
+            return np.asarray((a + b) / 2)
+        scores = self.predictor(resized)
         if scores.shape[:2] != (h, w):
             scores = np.asarray(self._resizer(h, w)(scores))
         return scores
@@ -286,14 +302,19 @@ class Segmenter:
         """(h, w) int32: the index of each pixel's class in `class_names`."""
         return self.scores(image).argmax(-1).astype(np.int32)
 
-    def _resizer(self, h, w):
-        """The evaluator's resize of the score map to the label size (jitted per size)."""
-        if (h, w) not in self._resizers:
+    def _resizer(self, h, w, softmax=False):
+        """The evaluator's resize of the score map to the label size, then with `softmax`
+        the class softmax as ImageEvaluator's flip (jitted per size)."""
+        if (h, w, softmax) not in self._resizers:
             import jax
 
             from mfuser_jax.ops.resize import resize
-            self._resizers[(h, w)] = jax.jit(lambda s: resize(s, (h, w), axes=(0, 1)))
-        return self._resizers[(h, w)]
+
+            def fn(s):
+                s = resize(s, (h, w), axes=(0, 1))
+                return jax.nn.softmax(s, axis=-1) if softmax else s
+            self._resizers[(h, w, softmax)] = jax.jit(fn)
+        return self._resizers[(h, w, softmax)]
 
 
 def predict(config, workdir, images, out, classes, step, alpha, scale=None,
