@@ -15,7 +15,7 @@ import pytest
 # once per run: what a test checks is unchanged, only repeats are loaded. Set
 # MFUSER_TEST_COMPILE_CACHE to a folder to keep it between runs, or to "off".
 _CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
-_OWNED = "MFUSER_TEST_COMPILE_CACHE_OWNED"
+_owned: list[str] = []  # the folder this process made (a nested pytest run inherits, not owns)
 
 
 # XLA's CPU backend at LLVM optimisation level 0: the suite's programs are tiny and run a
@@ -46,7 +46,7 @@ def pytest_configure(config):
         path = setting
     else:
         path = tempfile.mkdtemp(prefix="mfuser-test-xla-cache-")
-        os.environ[_OWNED] = path
+        _owned.append(path)
     os.environ[_CACHE_ENV] = path
     # every program, however quick to compile (the default caches only those over 1 s)
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
@@ -54,9 +54,8 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
-    path = os.environ.get(_OWNED)
-    if path and not hasattr(config, "workerinput"):
-        shutil.rmtree(path, ignore_errors=True)
+    while _owned:
+        shutil.rmtree(_owned.pop(), ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -32,8 +32,10 @@ RUN = {"checkpoint_every": 4, "data.eval": ()}  # checkpoints 4 and 8 of an 8-st
 def _train(workdir, steps=8, **overrides):
     """train_and_evaluate in-process; returns the lines it logged."""
     lines = []
+    # extending the 8-step run (steps=12) is on purpose: the lr curve follows the new total
     T.train_and_evaluate(toy_config(total_steps=steps, **RUN, **overrides), workdir,
-                         train_iter_fn=fake_train_iter, log=lines.append)
+                         train_iter_fn=fake_train_iter, log=lines.append,
+                         new_schedule=steps != 8)
     return lines
 
 
@@ -176,8 +178,8 @@ def test_checkpoints_without_manifest_still_load_with_a_note(workdir):
         os.remove(os.path.join(workdir, "checkpoints", step, C.MANIFEST))
     lines = _train(workdir, steps=12)
     ckpt = os.path.join(workdir, "checkpoints", "8")
-    assert lines[0] == (f"note: checkpoint {ckpt} has no manifest.json (saved before "
-                        "checksums were kept): restored unverified")
+    assert (f"note: checkpoint {ckpt} has no manifest.json (saved before "
+            "checksums were kept): restored unverified") in lines
     assert f"resumed from {workdir}/checkpoints/8" in lines
     assert C.check_manifest(os.path.join(workdir, "checkpoints", "12")) is True
 
@@ -201,7 +203,7 @@ def test_unreadable_checkpoint_without_manifest_is_set_aside(workdir, part):
             f"checkpoint {ckpt} is damaged (Orbax cannot read it: ")
         assert str(e.value).endswith("; intact: 4 (choose one with --step N)")
     lines = _train(workdir, steps=12)
-    assert lines[0].startswith(f"note: checkpoint {ckpt} has no manifest.json")
+    assert any(x.startswith(f"note: checkpoint {ckpt} has no manifest.json") for x in lines)
     (line,) = [x for x in lines if "is damaged" in x]
     assert line.startswith(f"checkpoint {ckpt} is damaged (Orbax cannot read it: ")
     assert line.endswith(f"): moved to {workdir}/checkpoints/damaged-8")
@@ -238,7 +240,8 @@ def test_eval_predict_export_refuse_a_damaged_checkpoint(workdir, tmp_path, caps
         kw = {"eval_iter_fn": fake_eval_iter} if job is T.evaluate_checkpoint else {}
         assert _cli(job, *args, **kw) == 2
         assert capsys.readouterr().err == want
-    assert not os.path.exists(os.path.join(workdir, "eval"))  # no score of damaged weights
+    # no score of damaged weights (eval checks W/eval is writable first, so it may exist)
+    assert not glob.glob(os.path.join(workdir, "eval", "*"))
     assert _listing(workdir) == ["4", "8"]  # evaluation moves nothing
     # --step picks an intact one
     res = T.evaluate_checkpoint(config, workdir, 4, eval_iter_fn=fake_eval_iter,

@@ -131,7 +131,10 @@ def test_sliding_window_step_lowers(tmp_path):
     assert len(lines) == 2 and lines[1].startswith("evaluation step for cuda"), lines
     assert set(summary["triton_kernels"]) == FORWARD  # inference: no backward kernels
     main = next(line for line in out.read_text().splitlines() if "func.func public @main(" in line)
-    assert main.rstrip(" {").endswith("-> (tensor<19x19xi32> {jax.result_info = \"result\"})"), main[-200:]
+    # the image's confusion matrix and its prediction (kept for eval.py --show_dir)
+    assert main.rstrip(" {").endswith(
+        '-> (tensor<19x19xi32> {jax.result_info = "result[0]"}, '
+        'tensor<1024x2048xi32> {jax.result_info = "result[1]"})'), main[-200:]
     assert summary["dot_general"].keys() == {"f32"}
     with pytest.raises(UserError, match="must be positive"):
         lw.lower_eval_step_job(_config("clip"), "cuda", 0, 2048)

@@ -234,7 +234,19 @@ def test_class_list_mistakes_and_distinct_generated_colours(tmp_path):
     assert dist[19:].min() > 50, dist[19:].min()
 
 
-def test_eval_of_a_read_only_workdir_fails_first_or_writes_to_out(toy, tmp_path, capsys):
+@pytest.fixture
+def without_suite_cache():
+    """A process with no compile cache of its own yet (the suite's shared one, set in
+    tests/conftest.py, would otherwise stand in for it)."""
+    import jax
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)
+    yield
+    jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_eval_of_a_read_only_workdir_fails_first_or_writes_to_out(toy, tmp_path, capsys,
+                                                                  without_suite_cache):
     """Eval of a read-only workdir ran to the end, then could not write its JSON (after a
     compilation-cache warning). An unwritable W/eval and W/compile_cache are played by
     files in their place (chmod does not stop root)."""
