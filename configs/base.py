@@ -20,7 +20,7 @@ Every field can also be overridden on the command line: `--config.total_steps=40
 `--config.model.pretrained=weights/`, `--config.data_root=/data`.
 """
 
-from mfuser_jax import vlm as vlm_registry
+from mfuser_jax import towers as vlm_registry
 from mfuser_jax.data.labels import CLASSES, IGNORE_INDEX
 
 # The config argument's keys and defaults; configs/demo.py and configs/custom.py add theirs.
@@ -28,7 +28,7 @@ ARGS = dict(vlm="clip", size="large", small_gpu=False)
 
 
 def __getattr__(name):
-    # VLMS: the registered VLM names (mfuser_jax.vlm), read when asked so that a VLM
+    # VLMS: the registered VLM names (mfuser_jax.towers), read when asked so that a VLM
     # registered after this module was imported is a valid `vlm=` too.
     if name == "VLMS":
         return vlm_registry.names()
@@ -93,13 +93,13 @@ def vlm_spec(vlm):
 
 
 def mfuser_model_config(size=ARGS["size"], vlm=ARGS["vlm"]):
-    """config.model for MFuser (the fields mfuser_jax.models.mfuser.MFuser reads)."""
+    """config.model for MFuser (the fields mfuser_jax.model.mfuser.MFuser reads)."""
     return config_dict(plain_model_config(size, vlm))
 
 
 def plain_model_config(size=ARGS["size"], vlm=ARGS["vlm"]) -> Fields:
     """The same config.model as nested `Fields`, for code that must run without
-    ml_collections (scripts/benchmark.py and mfuser_jax.flops on the GPU image)."""
+    ml_collections (scripts/benchmark.py and mfuser_jax.run.flops on the GPU image)."""
     spec = vlm_spec(vlm)
     if size not in ("large", "tiny"):
         raise ConfigError(f"size={size!r}: choose 'large' or 'tiny'")

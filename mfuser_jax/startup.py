@@ -15,8 +15,8 @@ from flax import nnx
 
 from mfuser_jax.errors import UserError
 from mfuser_jax.files import check_writable
-from mfuser_jax.models.factory import abstract_paths, init_model
-from mfuser_jax.vlm import get_vlm, names
+from mfuser_jax.model.factory import abstract_paths, init_model
+from mfuser_jax.towers import get_vlm, names
 
 
 def _base_name(name: str) -> str:
@@ -211,7 +211,7 @@ def check_config(config: Any) -> None:
 def load_pretrained(model: nnx.Module, path: str | None) -> None:
     if path is None:
         return
-    from mfuser_jax.convert import WeightFileError
+    from mfuser_jax.weights import WeightFileError
     try:
         model.load_pretrained(path)
     except (FileNotFoundError, WeightFileError) as e:

@@ -15,7 +15,7 @@ from typing import Any
 
 from mfuser_jax.errors import UserError
 from mfuser_jax.files import atomic_write
-from mfuser_jax.vlm import names
+from mfuser_jax.towers import names
 
 CONFIG_FILE = "config.json"
 

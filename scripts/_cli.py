@@ -34,7 +34,7 @@ def user_error_types() -> tuple[type, ...]:
     from mfuser_jax.errors import UserError
     types: list[type] = [UserError, ConfigError, FileNotFoundError, NotImplementedError]
     try:
-        from mfuser_jax.convert import WeightFileError
+        from mfuser_jax.weights import WeightFileError
         types.append(WeightFileError)
     except ImportError:
         pass

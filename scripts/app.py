@@ -12,7 +12,7 @@ augmentation; out come the overlay, the colour mask with its legend (class, colo
 of pixels), the label-id PNG and the time taken. Requests are answered one at a time (the
 others wait in the queue). Local only: bound to 127.0.0.1 unless --host says otherwise, no
 share link, no analytics, nothing fetched from elsewhere. Uploads above
-mfuser_jax.app.MAX_PIXELS (40 Mpx) are refused from their header.
+mfuser_jax.run.app.MAX_PIXELS (40 Mpx) are refused from their header.
 """
 
 import os
@@ -52,8 +52,8 @@ def main(argv):
         import gradio  # noqa: F401
     except ImportError:
         _cli.fail('the page needs Gradio: pip install -e ".[app]"')
-    from mfuser_jax import app
-    from mfuser_jax.predict import Segmenter
+    from mfuser_jax.run import app
+    from mfuser_jax.run.predict import Segmenter
     _check_port(FLAGS.host, FLAGS.port)  # before the restore, which takes minutes at full size
     config = _cli.config_or_workdir(FLAGS.config, FLAGS.workdir)
     print(f"restoring {FLAGS.workdir} (building the model takes a while)", flush=True)

@@ -13,9 +13,9 @@ Sections (SECTIONS registry; each is ``(args, env) -> list[dict]``, one dict per
   temporaries; growth rows compare the largest to the smallest crop.
 * ``train_step``: the full MFuser-CLIP-L training step (random weights, bfloat16, AdamW) at
   512 px for ``--train-cases`` batch:remat pairs: step time, images/s, MFU (analytic model
-  FLOPs from mfuser_jax.flops / time / the bf16 matmul peak measured here), HFU (with remat's
+  FLOPs from mfuser_jax.run.flops / time / the bf16 matmul peak measured here), HFU (with remat's
   recomputation), compiled temporaries, peak device memory, analytic vs XLA FLOPs.
-* ``sliding_window``: 2048x1024 images/s with mfuser_jax.evaluate.SlidingWindowPredictor
+* ``sliding_window``: 2048x1024 images/s with mfuser_jax.run.evaluate.SlidingWindowPredictor
   (crop 512, stride 341).
 * ``step_memory``: compile only, from shapes (no weights, fits a CPU box): XLA temporaries and
   compile time of the configs/gta2cs.py train step and its parts for ``--memory-cases``
@@ -199,7 +199,7 @@ class _SelfAttention(nnx.Module):
         self.proj = nnx.Linear(width, width, dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
-        from mfuser_jax.models.layers import dot_product_attention
+        from mfuser_jax.nn.layers import dot_product_attention
 
         b, l, w = x.shape
         q, k, v = jnp.split(self.qkv(x).reshape(b, l, 3, self.heads, w // self.heads), 3, axis=2)
@@ -211,8 +211,8 @@ class _SelfAttention(nnx.Module):
 def bench_mvfuser_vs_attention(args, env):
     from flax import nnx
 
-    from mfuser_jax.flops import mvfuser_flops
-    from mfuser_jax.models.mvfuser import MVFuser
+    from mfuser_jax.run.flops import mvfuser_flops
+    from mfuser_jax.model.mvfuser import MVFuser
 
     if args.smoke:
         width, heads, crops, batch, dtype = 32, 2, (32, 64), 2, jnp.float32
@@ -290,7 +290,7 @@ def _build_model(args):
     """Random-weight MFuser (built once per run and shared by the sections)."""
     from flax import nnx
 
-    from mfuser_jax.models.mfuser import MFuser
+    from mfuser_jax.model.mfuser import MFuser
 
     key = (args.smoke, args.scan_backend, args.attn)
     if key not in _MODELS:
@@ -322,7 +322,7 @@ def bench_train_step(args, env):
     import optax
     from flax import nnx
 
-    from mfuser_jax.flops import train_step_flops
+    from mfuser_jax.run.flops import train_step_flops
 
     deadline = _deadline(args)  # the model build and the peak measurement count too
     cfg, model = _build_model(args)
@@ -395,7 +395,7 @@ def bench_train_step(args, env):
 
 
 def bench_sliding_window(args, env):
-    from mfuser_jax.evaluate import SlidingWindowPredictor
+    from mfuser_jax.run.evaluate import SlidingWindowPredictor
 
     cfg, model = _build_model(args)
     crop = int(cfg.image_size)
@@ -436,8 +436,8 @@ def bench_step_memory(args, env):
     from flax import nnx
 
     from configs import gta2cs
-    from mfuser_jax.models.factory import build_model
-    from mfuser_jax.train import compile_train_step
+    from mfuser_jax.model.factory import build_model
+    from mfuser_jax.run.train import compile_train_step
 
     rows = args.rows
     deadline = _deadline(args)

@@ -32,7 +32,7 @@ def train_state(config_arg: str):
     from flax import nnx
 
     from mfuser_jax import sharding as shd
-    from mfuser_jax.models.factory import build_model
+    from mfuser_jax.model.factory import build_model
     from mfuser_jax.trainer import Trainer, TrainState
 
     path, _, arg = config_arg.partition(":")  # configs/gta2cs.py[:arg]

@@ -43,7 +43,7 @@ import _cli  # noqa: F401  (puts the repo on sys.path)
 from absl import flags
 from ml_collections import config_flags
 
-from mfuser_jax.vlm import get_vlm, names
+from mfuser_jax.towers import get_vlm, names
 
 config_flags.DEFINE_config_file("config", os.path.join(_cli.REPO, "configs", "gta2cs.py"),
                                 "config whose model sizes to convert for")
@@ -68,8 +68,8 @@ def fail(message):
 def main(argv):
     del argv
     _cli.quiet_logging()
-    from mfuser_jax.convert import WeightFileError
-    from mfuser_jax.convert.pretrained import convert_encoders
+    from mfuser_jax.weights import WeightFileError
+    from mfuser_jax.model.pretrained import convert_encoders
 
     start = time.time()
     if FLAGS.mfuser:
@@ -131,8 +131,8 @@ def stage_printer(stages, start):
 
 
 def convert_release(start):
-    from mfuser_jax.convert import WeightFileError
-    from mfuser_jax.convert.mfuser import convert_mfuser_checkpoint
+    from mfuser_jax.weights import WeightFileError
+    from mfuser_jax.run.release import convert_mfuser_checkpoint
 
     spec = config_vlm()
     # A release brings its own encoders; only the frozen scalars releases lack

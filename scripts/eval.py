@@ -47,13 +47,13 @@ def main(argv):
     if FLAGS.lower_only:
         if FLAGS.config is None:
             _cli.fail("--lower_only needs --config (see --help)")
-        from mfuser_jax.lowering import lower_eval_step_job
+        from mfuser_jax.run.lowering import lower_eval_step_job
         _cli.run_main(lower_eval_step_job, FLAGS.config, FLAGS.platform, FLAGS.height,
                       FLAGS.width, FLAGS.lowered_out)
         return
     if not FLAGS.workdir:
         _cli.fail("--workdir is required (see --help)")
-    from mfuser_jax.train import evaluate_checkpoint
+    from mfuser_jax.run.train import evaluate_checkpoint
     config = _cli.config_or_workdir(FLAGS.config, FLAGS.workdir)
     if FLAGS.flip or FLAGS.ratios:
         try:

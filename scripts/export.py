@@ -12,7 +12,7 @@ loads with strict=True; --reference (the release a converted workdir came from) 
 the keys the JAX model does not hold, so a converted release comes out unchanged.
 --to stablehlo writes the sliding-window predictor (uint8 image (H, W, 3) -> scores
 (H, W, K) float32) for one fixed size (default: one window, the evaluation crop), with
-its weights, as one .npz that mfuser_jax.export.load_stablehlo runs without model code.
+its weights, as one .npz that mfuser_jax.run.export.load_stablehlo runs without model code.
 """
 
 import _cli
@@ -45,7 +45,7 @@ def main(argv):
         given = [f"--{n}" for n in names if FLAGS[n].present]
         if given and FLAGS.to != target:
             _cli.fail(f"{', '.join(given)} only apply to --to {target}")
-    from mfuser_jax import export
+    from mfuser_jax.run import export
     if FLAGS.to == "pth":
         _cli.run_main(export.export_pth, FLAGS.config, FLAGS.workdir, FLAGS.out, FLAGS.step,
                       FLAGS.reference)

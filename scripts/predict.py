@@ -63,7 +63,7 @@ EXIT_SOME_FAILED = 1
 
 def main(argv):
     images = list(FLAGS.images) + list(argv[1:])  # the paths after the first one
-    from mfuser_jax.predict import predict
+    from mfuser_jax.run.predict import predict
     config = _cli.config_or_workdir(FLAGS.config, FLAGS.workdir)
     failed = _cli.run_main(predict, config, FLAGS.workdir, images, FLAGS.out,
                            FLAGS.classes, FLAGS.step, FLAGS.alpha, FLAGS.scale,

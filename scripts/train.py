@@ -39,13 +39,13 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from mfuser_jax.train import compile_train_step, train_and_evaluate
+    from mfuser_jax.run.train import compile_train_step, train_and_evaluate
     if FLAGS.platform is None and (FLAGS.lowered_out or FLAGS.devices):
         _cli.fail("--lowered_out and --devices go with --compile_only --platform (see --help)")
     if FLAGS.platform is not None:
         if not FLAGS.compile_only:
             _cli.fail("--platform goes with --compile_only (see --help)")
-        from mfuser_jax.lowering import lower_train_step_job
+        from mfuser_jax.run.lowering import lower_train_step_job
         _cli.run_main(lower_train_step_job, FLAGS.config, FLAGS.platform, FLAGS.lowered_out,
                       FLAGS.devices)
     elif FLAGS.compile_only:

@@ -18,7 +18,7 @@ import pytest
 from tests.test_train_toy import register_toy, toy_config
 
 register_toy()
-from mfuser_jax import app as A  # noqa: E402
+from mfuser_jax.run import app as A  # noqa: E402
 from mfuser_jax.errors import UserError  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,8 +89,8 @@ def test_page_segments_with_the_predict_path_and_flip_as_the_evaluator(page, tmp
     """The page's labels are Segmenter's (predict.py's path); flip TTA is ImageEvaluator's."""
     from PIL import Image
 
-    from mfuser_jax.evaluate import ImageEvaluator
-    from mfuser_jax.predict import Segmenter
+    from mfuser_jax.run.evaluate import ImageEvaluator
+    from mfuser_jax.run.predict import Segmenter
     image = np.random.default_rng(0).integers(0, 256, (20, 30, 3), np.uint8)
     Image.fromarray(image).save(tmp_path / "a.png")
     assert page.will_compile(str(tmp_path / "a.png"), "red, green, blue")

@@ -11,9 +11,13 @@ import pytest
 from flax import nnx
 
 from configs.base import mfuser_model_config
-from mfuser_jax.models import dinov2, eva02, layers, siglip, text_enhancer
-from mfuser_jax.models.mfuser import MFuser
-from mfuser_jax.models.stack import iter_layer_modules
+from mfuser_jax.model import text_enhancer
+from mfuser_jax.nn import layers
+from mfuser_jax.towers.dinov2 import model as dinov2
+from mfuser_jax.towers.eva02 import model as eva02
+from mfuser_jax.towers.siglip import model as siglip
+from mfuser_jax.model.mfuser import MFuser
+from mfuser_jax.nn.stack import iter_layer_modules
 
 
 def _qkv(b, lq, lk, heads=2, d=8, dtype=jnp.float32, seed=0):

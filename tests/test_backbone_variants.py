@@ -26,9 +26,9 @@ from test_eva02 import TEVA, _visual_sd  # noqa: E402
 from test_eva02 import _randomize as eva_randomize  # noqa: E402
 from test_mvfuser import TorchMVFuser  # noqa: E402
 
-from mfuser_jax.convert.dinov2 import hf_to_official  # noqa: E402
-from mfuser_jax.convert.state_dict import load_torch_state_dict  # noqa: E402
-from mfuser_jax.models.backbone import (  # noqa: E402
+from mfuser_jax.towers.dinov2.convert import hf_to_official  # noqa: E402
+from mfuser_jax.weights.state_dict import load_torch_state_dict  # noqa: E402
+from mfuser_jax.model.backbone import (  # noqa: E402
     CLIP_MEAN,
     CLIP_STD,
     MFuserBackbone,

@@ -33,7 +33,7 @@ def test_benchmark_imports_no_data_stack():
     code = ("import importlib.util, sys\n"
             f"spec = importlib.util.spec_from_file_location('b', {SCRIPT!r})\n"
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-            "import mfuser_jax.models.mfuser, mfuser_jax.evaluate, mfuser_jax.flops, optax\n"
+            "import mfuser_jax.model.mfuser, mfuser_jax.run.evaluate, mfuser_jax.run.flops, optax\n"
             "from configs.base import plain_model_config\n"
             "cfg = plain_model_config()\n"
             "print(sorted(k for k in sys.modules if k.split('.')[0] in "

@@ -22,7 +22,7 @@ from tests.test_train_toy import fake_eval_iter, fake_train_iter, register_toy, 
 
 register_toy()
 from mfuser_jax import checkpoints as C  # noqa: E402
-from mfuser_jax import train as T  # noqa: E402
+from mfuser_jax.run import train as T  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "tests", "test_train_toy.py")
@@ -223,8 +223,8 @@ def _cli(fn, *args, **kwargs):
 def test_eval_predict_export_refuse_a_damaged_checkpoint(workdir, tmp_path, capsys):
     from PIL import Image
 
-    from mfuser_jax.export import export_stablehlo
-    from mfuser_jax.predict import predict
+    from mfuser_jax.run.export import export_stablehlo
+    from mfuser_jax.run.predict import predict
 
     ckpt = os.path.join(workdir, "checkpoints", "8")
     path, why = _overwrite(ckpt)

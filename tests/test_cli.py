@@ -89,7 +89,7 @@ def test_workdir_refuses_another_vlm(tmp_path):
 def test_vlm_override_without_its_section_is_refused():
     sys.path.insert(0, REPO)
     from configs import demo
-    from mfuser_jax.train import UserError
+    from mfuser_jax.run.train import UserError
     from mfuser_jax.workdir import check_model_config
     config = demo.get_config()
     check_model_config(config)

@@ -14,20 +14,20 @@ transformers = pytest.importorskip("transformers")
 import torch.nn as tnn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from mfuser_jax.convert import WeightFileError, load_torch_state_dict, read_state_dict  # noqa: E402
-from mfuser_jax.convert.clip import (  # noqa: E402
+from mfuser_jax.weights import WeightFileError, load_torch_state_dict, read_state_dict  # noqa: E402
+from mfuser_jax.towers.clip.convert import (  # noqa: E402
     hf_to_openai,
     mfuser_clip_state_dicts,
     resize_for_mfuser,
     split_openai,
 )
-from mfuser_jax.models.clip import (  # noqa: E402
+from mfuser_jax.towers.clip.model import (  # noqa: E402
     CLIPTextContextEncoder,
     CLIPTextEncoder,
     CLIPVisionTransformer,
     ResidualAttentionBlock,
 )
-from mfuser_jax.models.layers import set_attn_implementation  # noqa: E402
+from mfuser_jax.nn.layers import set_attn_implementation  # noqa: E402
 
 W, HEADS, LAYERS, PATCH, IMG, EMBED, VOCAB, CTX = 64, 4, 2, 8, 32, 48, 100, 16
 EOT = VOCAB - 1

@@ -6,14 +6,14 @@ import torch
 from flax import nnx
 import jax.numpy as jnp
 
-from mfuser_jax.convert import (
+from mfuser_jax.weights import (
     StateDictMismatchError,
     WeightFileError,
     load_torch_state_dict,
     read_state_dict,
     torch_state_dict_of,
 )
-from mfuser_jax.models.layers import TiledConvTranspose
+from mfuser_jax.nn.layers import TiledConvTranspose
 
 
 class TorchNet(torch.nn.Module):

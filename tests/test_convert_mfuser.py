@@ -30,18 +30,19 @@ from test_mvfuser import TorchMVFuser  # noqa: E402
 from test_text_enhancer import TorchContextDecoder  # noqa: E402
 
 from configs import demo  # noqa: E402
-from mfuser_jax import startup, train  # noqa: E402
-from mfuser_jax.convert.dinov2 import hf_to_official  # noqa: E402
-from mfuser_jax.convert.mfuser import (  # noqa: E402
+from mfuser_jax import startup
+from mfuser_jax.run import train  # noqa: E402
+from mfuser_jax.towers.dinov2.convert import hf_to_official  # noqa: E402
+from mfuser_jax.run.release import (  # noqa: E402
     checkpoint_step,
     convert_mfuser_checkpoint,
     load_mfuser_checkpoint,
     read_mfuser_checkpoint,
 )
-from mfuser_jax.convert.state_dict import StateDictMismatchError  # noqa: E402
-from mfuser_jax.models.factory import abstract_paths  # noqa: E402
-from mfuser_jax.models.mfuser import MFuser  # noqa: E402
-from mfuser_jax.models.tokenizer import tokenize  # noqa: E402
+from mfuser_jax.weights.state_dict import StateDictMismatchError  # noqa: E402
+from mfuser_jax.model.factory import abstract_paths  # noqa: E402
+from mfuser_jax.model.mfuser import MFuser  # noqa: E402
+from mfuser_jax.towers.clip.tokenizer import tokenize  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -301,7 +302,7 @@ def test_the_converter_computes_nothing_the_release_brings(config, release, tmp_
     # Built from shapes: when the strict load starts, every parameter and BatchNorm
     # statistic is still abstract (none was drawn at random to be overwritten) and all
     # the rest (RNG state, the tokenized class names) is computed.
-    import mfuser_jax.convert.mfuser as convert
+    import mfuser_jax.run.release as convert
 
     pth = str(tmp_path / "iter_40.pth")
     _save_pth(pth, release, {"iter": 39})
@@ -324,7 +325,7 @@ def test_the_converter_refuses_a_value_neither_loaded_nor_computed(config, relea
                                                                    monkeypatch):
     # A parameter load_torch_state_dict does not reach (here: in a tuple) is not in the
     # strict load's accounts: it is named, not saved at random.
-    import mfuser_jax.models.factory as factory
+    import mfuser_jax.model.factory as factory
 
     pth = str(tmp_path / "iter_40.pth")
     _save_pth(pth, release, {"iter": 39})

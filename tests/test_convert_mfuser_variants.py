@@ -38,10 +38,11 @@ from test_eva02 import TEVA, TTextTransformer  # noqa: E402
 from test_siglip import spiece  # noqa: E402,F401  (a tiny SentencePiece model fixture)
 
 from configs import demo  # noqa: E402
-from mfuser_jax import startup, train  # noqa: E402
-from mfuser_jax.convert import WeightFileError  # noqa: E402
-from mfuser_jax.convert.mfuser import convert_mfuser_checkpoint, load_mfuser_checkpoint  # noqa: E402
-from mfuser_jax.models.mfuser import MFuser  # noqa: E402
+from mfuser_jax import startup
+from mfuser_jax.run import train  # noqa: E402
+from mfuser_jax.weights import WeightFileError  # noqa: E402
+from mfuser_jax.run.release import convert_mfuser_checkpoint, load_mfuser_checkpoint  # noqa: E402
+from mfuser_jax.model.mfuser import MFuser  # noqa: E402
 
 
 def experiment_config(vlm, **model):

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_siglip import spiece  # noqa: E402,F401  (a tiny SentencePiece model fixture)
 
 from configs import gta2cs  # noqa: E402
-from mfuser_jax import lowering as lw  # noqa: E402
+from mfuser_jax.run import lowering as lw  # noqa: E402
 from mfuser_jax import sharding as shd  # noqa: E402
 from mfuser_jax.errors import UserError  # noqa: E402
 

@@ -110,7 +110,7 @@ def test_config_sizes_queries_class_head_and_palette(folder):
     from flax import nnx
 
     from configs import custom
-    from mfuser_jax.models.factory import build_model
+    from mfuser_jax.model.factory import build_model
     c = custom.get_config(f"root={folder},size=tiny")
     assert c.model.class_names == ("ground", "building", "tree", "sky", "vehicle")
     assert c.model.num_classes == 5
@@ -127,7 +127,7 @@ def test_train_eval_predict_end_to_end(folder, tmp_path):
     from tests.test_train_toy import register_toy, toy_config
     register_toy()
     from configs import custom
-    from mfuser_jax import train as T
+    from mfuser_jax.run import train as T
     cc = custom.get_config(f"root={folder}")
     c = toy_config(total_steps=4, checkpoint_every=4, eval_every=4, batch_size=4)
     c.data = cc.data
@@ -142,7 +142,7 @@ def test_train_eval_predict_end_to_end(folder, tmp_path):
     assert list(report["per_class"]) == list(cc.model.class_names)
     assert os.path.isfile(os.path.join(work, "eval", "folder_val_step4.png"))
     # predict: masks in the class file's colours
-    from mfuser_jax.predict import predict
+    from mfuser_jax.run.predict import predict
     out = tmp_path / "pred"
     predict(c, work, [str(folder / "images/val")], str(out), None, None, 0.5)
     pal = np.array([col for _, _, col, _ in FOLDER_CLASSES], np.int64)

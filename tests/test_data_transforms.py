@@ -94,7 +94,7 @@ def test_padding_is_zero_after_normalisation_as_in_the_original():
     pad_val=0 (labels 255). Our uint8 crop normalised by the model must match it: the
     content exactly, the padded area within uint8 rounding of the mean (it used to be
     black, about -1.8)."""
-    from mfuser_jax.models.backbone import normalize_for_clip
+    from mfuser_jax.model.backbone import normalize_for_clip
 
     mean = np.array([v * 255 for v in (0.48145466, 0.4578275, 0.40821073)])
     std = np.array([v * 255 for v in (0.26862954, 0.26130258, 0.27577711)])

@@ -19,10 +19,10 @@ import torch.nn as tnn
 import torch.nn.functional as F
 from flax import nnx
 
-from mfuser_jax.convert.state_dict import _targets, load_torch_state_dict, torch_state_dict_of
-from mfuser_jax.models.mask_decoder import (TqdmHead, pad_levels, semantic_inference,
+from mfuser_jax.weights.state_dict import _targets, load_torch_state_dict, torch_state_dict_of
+from mfuser_jax.model.mask_decoder import (TqdmHead, pad_levels, semantic_inference,
                                             unmask_full_rows)
-from mfuser_jax.models.pixel_decoder import MultiheadAttention, sine_positional_encoding
+from mfuser_jax.model.pixel_decoder import MultiheadAttention, sine_positional_encoding
 from mfuser_jax.ops.resize import resize
 
 TINY = dict(in_channels=(16, 16, 16, 16), feat_channels=32, out_channels=32, num_classes=5,

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 import transformers
 from flax import nnx
 
-from mfuser_jax.convert import WeightFileError, load_torch_state_dict, torch_state_dict_of
-from mfuser_jax.convert.state_dict import _targets
-from mfuser_jax.convert.dinov2 import (
+from mfuser_jax.weights import WeightFileError, load_torch_state_dict, torch_state_dict_of
+from mfuser_jax.weights.state_dict import _targets
+from mfuser_jax.towers.dinov2.convert import (
     check_dinov2_state_dict,
     hf_to_official,
     is_dinov2_state_dict,
@@ -22,7 +22,7 @@ from mfuser_jax.convert.dinov2 import (
     resize_for_mfuser,
     to_official,
 )
-from mfuser_jax.models.dinov2 import Block, DinoVisionTransformer
+from mfuser_jax.towers.dinov2.model import Block, DinoVisionTransformer
 
 D, DEPTH, HEADS, PATCH, IMG = 64, 2, 4, 8, 32  # stored grid 4x4
 

@@ -17,16 +17,16 @@ torch = pytest.importorskip("torch")
 import torch.nn as tnn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from mfuser_jax.convert.state_dict import load_torch_state_dict  # noqa: E402
-from mfuser_jax.convert.torch_io import WeightFileError  # noqa: E402
-from mfuser_jax.convert.eva02 import (  # noqa: E402
+from mfuser_jax.weights.state_dict import load_torch_state_dict  # noqa: E402
+from mfuser_jax.weights.torch_io import WeightFileError  # noqa: E402
+from mfuser_jax.towers.eva02.convert import (  # noqa: E402
     eva02_state_dicts,
     is_eva02_clip,
     read_eva02_clip,
 )
-from mfuser_jax.models.clip import CLIPTextContextEncoder  # noqa: E402
-from mfuser_jax.models.eva02 import EVAVisionTransformer, eva_rope_table, rotate_half  # noqa: E402
-from mfuser_jax.models.layers import set_attn_implementation  # noqa: E402
+from mfuser_jax.towers.clip.model import CLIPTextContextEncoder  # noqa: E402
+from mfuser_jax.towers.eva02.model import EVAVisionTransformer, eva_rope_table, rotate_half  # noqa: E402
+from mfuser_jax.nn.layers import set_attn_implementation  # noqa: E402
 
 IMG, PATCH, DIM, HEADS, DEPTH, RATIO, OUT = 56, 14, 64, 4, 3, 2.6667, 48
 VOCAB, TW, THEADS, TLAYERS = 100, 64, 4, 2
@@ -488,7 +488,7 @@ def test_convert_patch_size_and_errors():
     clip_like = {"visual.conv1.weight": np.zeros((4, 3, 2, 2)),
                  "visual.positional_embedding": np.zeros((5, 4))}
     assert not is_eva02_clip(clip_like)
-    with pytest.raises(WeightFileError, match="EVA02.*mfuser_jax.convert.clip"):
+    with pytest.raises(WeightFileError, match="EVA02.*mfuser_jax.towers.clip.convert"):
         eva02_state_dicts(clip_like)
     with pytest.raises(WeightFileError, match="fewer than context_length"):
         eva02_state_dicts(sd, context_length=77)

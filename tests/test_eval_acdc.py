@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from configs.base import data_config
-from mfuser_jax import evaluate as E
+from mfuser_jax.run import evaluate as E
 from mfuser_jax.data import labels as L
 from mfuser_jax.data import pipeline as P
 from mfuser_jax.data import sources as S

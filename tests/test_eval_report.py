@@ -3,7 +3,7 @@ counts (numpy), file beside the JSON."""
 import numpy as np
 from PIL import Image
 
-from mfuser_jax import eval_report as R
+from mfuser_jax.run import report as R
 
 
 def test_bars_and_matrix_follow_the_numbers(tmp_path):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mfuser_jax import evaluate as E
+from mfuser_jax.run import evaluate as E
 
 
 def _context_predict(crops):

@@ -1,5 +1,5 @@
 """scripts/export.py --to stablehlo: the sliding-window predictor serialised with jax.export
-and run again in a fresh process that imports jax, numpy and mfuser_jax.export alone (no
+and run again in a fresh process that imports jax, numpy and mfuser_jax.run.export alone (no
 Flax, no model code), against the live model; the CLI's mistakes. The .pth export (torch)
 is tested in tests/test_export_pth.py."""
 
@@ -17,9 +17,9 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(__file__))
 from test_train_toy import fake_eval_iter, fake_train_iter, register_toy, toy_config  # noqa: E402
 
-from mfuser_jax import train as T  # noqa: E402
-from mfuser_jax.evaluate import SlidingWindowPredictor  # noqa: E402
-from mfuser_jax.export import (  # noqa: E402
+from mfuser_jax.run import train as T  # noqa: E402
+from mfuser_jax.run.evaluate import SlidingWindowPredictor  # noqa: E402
+from mfuser_jax.run.export import (  # noqa: E402
     export_predictor,
     export_stablehlo,
     load_stablehlo,
@@ -33,11 +33,11 @@ ENV = dict(os.environ, JAX_PLATFORMS="cpu")
 FRESH = """
 import sys
 import numpy as np
-from mfuser_jax.export import load_stablehlo
+from mfuser_jax.run.export import load_stablehlo
 predictor = load_stablehlo(sys.argv[1])
 np.save(sys.argv[3], predictor(np.load(sys.argv[2])))
 assert not [m for m in sys.modules if m.split(".")[0] == "flax" or m.startswith(
-    "mfuser_jax.") and m != "mfuser_jax.export"], "the loader imported model code"
+    "mfuser_jax.") and m != "mfuser_jax.run.export"], "the loader imported model code"
 print(",".join(predictor.class_names))
 """
 
@@ -101,7 +101,7 @@ def test_classes_and_the_fixed_size(toy_run, tmp_path):
 
 def _random_mfuser(config):
     """A tiny MFuser with random weights, built from shapes (no compiled initialiser)."""
-    from mfuser_jax.models.mfuser import MFuser
+    from mfuser_jax.model.mfuser import MFuser
 
     model = nnx.eval_shape(lambda: MFuser(config.model, rngs=nnx.Rngs(0)))
     rng = np.random.default_rng(0)
@@ -157,7 +157,7 @@ def test_export_holds_no_scan_kernel(mfuser):
     # Triton custom calls (no compatibility guarantee), and a module for cpu and cuda at once
     # cannot hold them (each branch is lowered for both; Pallas refuses a CPU): the exported
     # GPU branch is the associative scan, for cuda alone as for both.
-    from mfuser_jax.models.mvfuser import MVFuser
+    from mfuser_jax.model.mvfuser import MVFuser
 
     config, model = mfuser
     fusers = [m for _, m in nnx.iter_graph(model) if isinstance(m, MVFuser)]

@@ -49,16 +49,16 @@ from test_siglip import spiece  # noqa: E402,F401 (the fixture sig needs)
 from test_text_enhancer import TorchContextDecoder  # noqa: E402
 
 from mfuser_jax import startup  # noqa: E402
-from mfuser_jax.convert import WeightFileError  # noqa: E402
-from mfuser_jax.convert.mfuser import (  # noqa: E402
+from mfuser_jax.weights import WeightFileError  # noqa: E402
+from mfuser_jax.run.release import (  # noqa: E402
     convert_mfuser_checkpoint,
     load_mfuser_checkpoint,
     mfuser_state_dict,
     read_mfuser_checkpoint,
     save_mfuser_checkpoint,
 )
-from mfuser_jax.export import export_pth  # noqa: E402
-from mfuser_jax.vlm import get_vlm  # noqa: E402
+from mfuser_jax.run.export import export_pth  # noqa: E402
+from mfuser_jax.towers import get_vlm  # noqa: E402
 
 IDENTITY_HEAD = re.compile(r"identity_head\.")
 COUNTER = re.compile(r".*\.num_batches_tracked$")

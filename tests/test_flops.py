@@ -13,10 +13,10 @@ import pytest
 from flax import nnx
 
 from configs.base import mfuser_model_config
-from mfuser_jax import flops as F
+from mfuser_jax.run import flops as F
 from mfuser_jax.data.labels import CLASSES
-from mfuser_jax.models.mfuser import MFuser
-from mfuser_jax.models.mvfuser import MVFuser
+from mfuser_jax.model.mfuser import MFuser
+from mfuser_jax.model.mvfuser import MVFuser
 
 TOL = 0.10
 IMAGE = (128, 128)

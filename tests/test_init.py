@@ -27,9 +27,9 @@ import torch.nn as tnn  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 from test_decoder import TINY, THead, TMSDA, TConvModule, _torch_cfg  # noqa: E402
 
-from mfuser_jax.convert.state_dict import torch_state_dict_of  # noqa: E402
-from mfuser_jax.models.backbone import MFuserBackbone  # noqa: E402
-from mfuser_jax.models.mask_decoder import TqdmHead  # noqa: E402
+from mfuser_jax.weights.state_dict import torch_state_dict_of  # noqa: E402
+from mfuser_jax.model.backbone import MFuserBackbone  # noqa: E402
+from mfuser_jax.model.mask_decoder import TqdmHead  # noqa: E402
 
 # The shapes of test_decoder.py's and test_backbone_variants.py's models, so that in one
 # pytest run their compiled initialisers are reused. The torch side is drawn many times, so

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mfuser_jax.convert.state_dict import load_torch_state_dict
-from mfuser_jax.models.layers import (
+from mfuser_jax.weights.state_dict import load_torch_state_dict
+from mfuser_jax.nn.layers import (
     DepthwiseConv1d,
     TiledConvTranspose,
     TorchMultiheadAttention,

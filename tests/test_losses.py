@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mfuser_jax.losses import (
+from mfuser_jax.model.losses import (
     Mask2FormerLossConfig,
     classification_loss,
     mask2former_layer_loss,

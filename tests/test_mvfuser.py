@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
-from mfuser_jax.convert.state_dict import (
+from mfuser_jax.weights.state_dict import (
     StateDictMismatchError,
     load_torch_state_dict,
     torch_state_dict_of,
 )
-from mfuser_jax.models.mvfuser import MVFuser, RMSNormGated
+from mfuser_jax.model.mvfuser import MVFuser, RMSNormGated
 
 
 # ----------------------------------------------------------------------------------------

@@ -14,12 +14,12 @@ from flax import nnx
 
 from configs.base import mfuser_model_config
 from hf_models import random_dinov2_and_clip, save_safetensors
-from mfuser_jax.convert import WeightFileError, load_torch_state_dict
-from mfuser_jax.convert.dinov2 import load_dinov2_state_dict
-from mfuser_jax.convert.pretrained import convert_encoders
-from mfuser_jax.models.dinov2 import DinoVisionTransformer
-from mfuser_jax.models.factory import abstract_paths
-from mfuser_jax.models.mfuser import MFuser
+from mfuser_jax.weights import WeightFileError, load_torch_state_dict
+from mfuser_jax.towers.dinov2.convert import load_dinov2_state_dict
+from mfuser_jax.model.pretrained import convert_encoders
+from mfuser_jax.towers.dinov2.model import DinoVisionTransformer
+from mfuser_jax.model.factory import abstract_paths
+from mfuser_jax.model.mfuser import MFuser
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -105,7 +105,7 @@ def test_the_encoder_converter_computes_nothing_it_overwrites_or_drops(
     # Every backbone the converter builds is built inside a trace (nnx.eval_shape, or the
     # jit of compute_values): its random initial values, the adapters' and FPN's that are
     # never saved included, are never computed. The tower values come from the loads alone.
-    import mfuser_jax.models.variants as variants
+    import mfuser_jax.model.variants as variants
 
     paths, _, counts = weight_files
     built, build = [], variants.build_backbone
@@ -121,8 +121,8 @@ def test_the_encoder_converter_computes_nothing_it_overwrites_or_drops(
 def _text_tower_with(monkeypatch, **attrs):
     """Make the converter's text tower hold ``attrs`` too (each made by a function of the
     tower, inside its construction); returns the list the towers converted are put in."""
-    import mfuser_jax.convert.pretrained as pretrained
-    import mfuser_jax.models.variants as variants
+    import mfuser_jax.model.pretrained as pretrained
+    import mfuser_jax.model.variants as variants
 
     build = variants.build_text_encoder
 

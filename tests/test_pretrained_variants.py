@@ -21,10 +21,10 @@ from test_eva02 import _randomize as eva_randomize  # noqa: E402
 from test_siglip import spiece  # noqa: E402,F401  (a tiny SentencePiece model fixture)
 
 from configs.base import mfuser_model_config  # noqa: E402
-from mfuser_jax.convert.eva02 import eva02_state_dicts  # noqa: E402
-from mfuser_jax.convert.pretrained import convert_encoders  # noqa: E402
-from mfuser_jax.convert.torch_io import read_state_dict  # noqa: E402
-from mfuser_jax.models.mfuser import MFuser  # noqa: E402
+from mfuser_jax.towers.eva02.convert import eva02_state_dicts  # noqa: E402
+from mfuser_jax.model.pretrained import convert_encoders  # noqa: E402
+from mfuser_jax.weights.torch_io import read_state_dict  # noqa: E402
+from mfuser_jax.model.mfuser import MFuser  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

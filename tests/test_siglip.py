@@ -15,12 +15,12 @@ transformers = pytest.importorskip("transformers")
 spm = pytest.importorskip("sentencepiece")
 import torch.nn.functional as F  # noqa: E402
 
-from mfuser_jax.convert import WeightFileError, load_torch_state_dict  # noqa: E402
-from mfuser_jax.convert.siglip import siglip_state_dicts  # noqa: E402
-from mfuser_jax.convert.torch_io import read_state_dict  # noqa: E402
+from mfuser_jax.weights import WeightFileError, load_torch_state_dict  # noqa: E402
+from mfuser_jax.towers.siglip.convert import siglip_state_dicts  # noqa: E402
+from mfuser_jax.weights.torch_io import read_state_dict  # noqa: E402
 from mfuser_jax.data.labels import CLASSES  # noqa: E402
-from mfuser_jax.models.siglip import SiglipTextTransformer, SiglipVisionTransformer  # noqa: E402
-from mfuser_jax.models.siglip_tokenizer import SiglipTokenizer  # noqa: E402
+from mfuser_jax.towers.siglip.model import SiglipTextTransformer, SiglipVisionTransformer  # noqa: E402
+from mfuser_jax.towers.siglip.tokenizer import SiglipTokenizer  # noqa: E402
 
 D, LAYERS, HEADS, HIDDEN, VOCAB, POS, IMG, PATCH = 32, 2, 4, 64, 120, 16, 32, 8
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mfuser_jax.convert.state_dict import load_torch_state_dict, torch_state_dict_of
-from mfuser_jax.models.stack import LayerStack, emit_group, scan_layers
+from mfuser_jax.weights.state_dict import load_torch_state_dict, torch_state_dict_of
+from mfuser_jax.nn.stack import LayerStack, emit_group, scan_layers
 
 
 class _Tower(nnx.Module):

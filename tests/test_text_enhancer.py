@@ -11,9 +11,9 @@ import pytest
 import torch
 from flax import nnx
 
-from mfuser_jax.convert.state_dict import load_torch_state_dict, torch_state_dict_of
-from mfuser_jax.models.layers import GELU
-from mfuser_jax.models.text_enhancer import ContextDecoder
+from mfuser_jax.weights.state_dict import load_torch_state_dict, torch_state_dict_of
+from mfuser_jax.nn.layers import GELU
+from mfuser_jax.model.text_enhancer import ContextDecoder
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_mvfuser import TorchMVFuser, randomize_mvfuser_, rel_err  # noqa: E402

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from mfuser_jax.models import tokenizer as tk
+from mfuser_jax.towers.clip import tokenizer as tk
 
 CITYSCAPES = [
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",

@@ -16,7 +16,7 @@ from tests.test_train_toy import (fake_eval_iter, fake_train_iter, register_toy,
 
 register_toy()
 from mfuser_jax import sharding as shd  # noqa: E402
-from mfuser_jax import train as T  # noqa: E402
+from mfuser_jax.run import train as T  # noqa: E402
 from mfuser_jax.optim import lr_schedule, make_optimizer  # noqa: E402
 from mfuser_jax.startup import create_model  # noqa: E402
 from mfuser_jax.trainer import Trainer  # noqa: E402
@@ -139,7 +139,7 @@ def test_weight_decay_mask_and_lr_mults():
 def test_predict_writes_masks_and_overlays(run, tmp_path):
     from PIL import Image
 
-    from mfuser_jax import predict as predict_lib
+    from mfuser_jax.run import predict as predict_lib
     config, workdir, _ = run
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -153,7 +153,7 @@ def test_predict_writes_masks_and_overlays(run, tmp_path):
     assert mask.shape == (21, 30, 3) and (out / "a_png_overlay.jpg").exists()
     pal = predict_lib.palette_for(["red", "green", "blue"], ["red", "green", "blue"])
     # the mask is the palette colour of the argmax of the sliding-window scores
-    from mfuser_jax.evaluate import SlidingWindowPredictor
+    from mfuser_jax.run.evaluate import SlidingWindowPredictor
     model, _ = T.restore_model(config, workdir)
     scores = SlidingWindowPredictor(model, crop=16, stride=11, crop_batch=8)(image)
     np.testing.assert_array_equal(mask, pal[scores.argmax(-1)])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mfuser_jax.models import factory
+from mfuser_jax.model import factory
 
 
 def test_register_and_build():
@@ -44,7 +44,7 @@ def test_mfuser_is_lazy(monkeypatch):
     assert "lazy_test" not in factory.MODEL_REGISTRY
     assert isinstance(factory.build_model(cfg, rngs=nnx.Rngs(0)), FakeMFuser)
     factory.MODEL_REGISTRY.pop("lazy_test")
-    assert factory._LAZY_MODELS["mfuser"] == ("mfuser_jax.models.mfuser", "MFuser")
+    assert factory._LAZY_MODELS["mfuser"] == ("mfuser_jax.model.mfuser", "MFuser")
 
 
 

@@ -14,7 +14,7 @@ from tests.test_train_toy import fake_train_iter, register_toy, toy_config
 
 register_toy()
 from mfuser_jax import sharding as shd  # noqa: E402
-from mfuser_jax import train as T  # noqa: E402
+from mfuser_jax.run import train as T  # noqa: E402
 from mfuser_jax.startup import create_model  # noqa: E402
 from mfuser_jax.trainer import Trainer  # noqa: E402
 

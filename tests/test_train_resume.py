@@ -25,7 +25,7 @@ def _train_lines(workdir):
 def uninterrupted(tmp_path_factory):
     """Training lines of the runner's `--steps 8 --no_eval` run, uninterrupted."""
     register_toy()
-    from mfuser_jax.train import train_and_evaluate
+    from mfuser_jax.run.train import train_and_evaluate
     base_dir = str(tmp_path_factory.mktemp("uninterrupted"))
     train_and_evaluate(toy_config(total_steps=8, **{"data.eval": ()}), base_dir,
                        train_iter_fn=fake_train_iter)
@@ -73,7 +73,7 @@ def test_ctrl_c_saves_the_step_then_resume_matches_uninterrupted(tmp_path, unint
     assert len(steps) == 6 and all(len(ln) <= 120 for ln in steps), steps
     assert not any(" ce " in ln for ln in steps)  # loss parts: metrics.jsonl only
 
-    from mfuser_jax.train import train_and_evaluate  # the same command, in-process
+    from mfuser_jax.run.train import train_and_evaluate  # the same command, in-process
     train_and_evaluate(toy_config(total_steps=8, **{"data.eval": ()}), workdir,
                        train_iter_fn=fake_train_iter)
     got = _train_lines(workdir)

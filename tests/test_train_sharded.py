@@ -27,7 +27,7 @@ def _losses(workdir):
 @pytest.fixture(scope="module")
 def single_device_losses(tmp_path_factory):
     register_toy()
-    from mfuser_jax.train import train_and_evaluate
+    from mfuser_jax.run.train import train_and_evaluate
     workdir = str(tmp_path_factory.mktemp("one_device"))
     train_and_evaluate(toy_config(total_steps=STEPS, **{"data.eval": ()}), workdir,
                        train_iter_fn=fake_train_iter)
@@ -56,7 +56,7 @@ def test_eight_devices_match_one(tmp_path, single_device_losses):
 
 
 def _assert_eval_reproduced(workdir):
-    from mfuser_jax.train import evaluate_checkpoint
+    from mfuser_jax.run.train import evaluate_checkpoint
     from tests.test_train_toy import fake_eval_iter
     report = json.load(open(os.path.join(workdir, "eval", f"synthetic_toy_step{STEPS}.json")))
     single = evaluate_checkpoint(toy_config(total_steps=STEPS), workdir,

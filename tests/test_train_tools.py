@@ -11,7 +11,7 @@ import pytest
 from tests.test_train_toy import fake_train_iter, register_toy, toy_config
 
 register_toy()
-from mfuser_jax import train as T  # noqa: E402
+from mfuser_jax.run import train as T  # noqa: E402
 from mfuser_jax.startup import COMPILE_CACHE_DIR  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

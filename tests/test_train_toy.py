@@ -1,7 +1,7 @@
 """Toy segmentation model, fake data and a subprocess runner for the training tests.
 
 Holds no tests itself. The toy model follows the training protocol of
-mfuser_jax.models.factory: BatchNorm (batch statistics carried by the train step), a frozen
+mfuser_jax.model.factory: BatchNorm (batch statistics carried by the train step), a frozen
 sub-module (excluded by `trainable_filter`), dropout drawn from the step key.
 Run as a script (`python tests/test_train_toy.py --workdir W ...`) it trains the toy in a
 fresh process, through the CLIs' error path (scripts/_cli.run_main: exit codes, one-line
@@ -62,7 +62,7 @@ def register_toy():
     import jax.numpy as jnp
     import optax
     from flax import nnx
-    from mfuser_jax.models.factory import MODEL_REGISTRY, register_model
+    from mfuser_jax.model.factory import MODEL_REGISTRY, register_model
 
     if "toy" in MODEL_REGISTRY:
         return MODEL_REGISTRY["toy"]
@@ -209,7 +209,7 @@ def main(argv=None):
     register_toy()
     if args.kill_in_save is not None:
         _kill_in_save(args.kill_in_save)
-    from mfuser_jax.train import train_and_evaluate
+    from mfuser_jax.run.train import train_and_evaluate
 
     def on_request(step):
         if args.sigint_at is not None and step == args.sigint_at:

@@ -16,12 +16,13 @@ import pytest
 from flax import nnx
 
 from configs import base
-from mfuser_jax import flops, losses
-from mfuser_jax import vlm as registry
-from mfuser_jax.convert.mfuser import WeightFileError, check_variant, release_variant
-from mfuser_jax.models import variants
-from mfuser_jax.models.mfuser import MFuser
-from mfuser_jax.vlm import clip as clip_vlm
+from mfuser_jax.run import flops
+from mfuser_jax.model import losses
+from mfuser_jax import towers as registry
+from mfuser_jax.run.release import WeightFileError, check_variant, release_variant
+from mfuser_jax.model import variants
+from mfuser_jax.model.mfuser import MFuser
+from mfuser_jax.towers.clip import spec as clip_vlm
 
 TOY = "toyclip"
 LOGIT_SCALE = 3.0
@@ -140,7 +141,7 @@ def test_the_encoder_converter_runs_the_toys_renames(toy, tmp_path):
     pytest.importorskip("transformers")
     from hf_models import random_dinov2_and_clip, save_safetensors
 
-    from mfuser_jax.convert.pretrained import convert_encoders
+    from mfuser_jax.model.pretrained import convert_encoders
 
     cfg = toy_config()
     c, d = cfg[TOY], cfg.dinov2

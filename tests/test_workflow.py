@@ -14,7 +14,7 @@ from tests.test_train_toy import (fake_eval_iter, fake_train_iter, register_toy,
                                   toy_config)
 
 register_toy()
-from mfuser_jax import train as T  # noqa: E402
+from mfuser_jax.run import train as T  # noqa: E402
 from mfuser_jax.errors import UserError  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,9 +50,9 @@ def test_predict_resizes_to_the_evaluation_scale_and_back(toy, tmp_path):
     """Photos were segmented at their own size, not at the protocol's test scale."""
     from PIL import Image
 
-    from mfuser_jax import predict as P
+    from mfuser_jax.run import predict as P
     from mfuser_jax.data.transforms import test_resize
-    from mfuser_jax.evaluate import ImageEvaluator
+    from mfuser_jax.run.evaluate import ImageEvaluator
     config, workdir = toy
     c = _folder_eval(config, (40, 20))
     assert P.parse_scale(c) == (40, 20)
@@ -154,7 +154,7 @@ def test_package_warnings_are_plain_lines(capsys):
 def test_one_acdc_condition_prints_one_table(tmp_path):
     """acdc with one condition printed the same table twice (the group, then the whole)."""
     from tests.test_eval_acdc import PaletteModel, _config
-    from mfuser_jax import evaluate as E
+    from mfuser_jax.run import evaluate as E
     from mfuser_jax.data.fake import write_fake_tree
     write_fake_tree(str(tmp_path), "acdc", n=1, size=(24, 40), seed=5)
     c = _config(tmp_path)
@@ -176,7 +176,7 @@ def test_export_into_an_unwritable_folder_is_one_line_before_any_work(tmp_path):
     """torch.save's failure came as a raw traceback, after the restore. The workdir here
     does not exist: reaching the restore would fail with 'no checkpoints' instead."""
     from configs import demo
-    from mfuser_jax import export
+    from mfuser_jax.run import export
     config, none = demo.get_config(), str(tmp_path / "none")
     with pytest.raises(UserError, match=f"^cannot write to {UNWRITABLE}: Permission denied$"):
         export.export_pth(config, none, f"{UNWRITABLE}/m.pth")
@@ -192,7 +192,7 @@ def test_predict_checks_out_and_inputs_before_the_restore(tmp_path, capsys):
     not exist: reaching the restore would fail with 'no checkpoints'."""
     from PIL import Image
 
-    from mfuser_jax import predict as P
+    from mfuser_jax.run import predict as P
     config = toy_config()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "ok.png")
     (tmp_path / "bad.jpg").write_text("not an image")
@@ -215,7 +215,7 @@ def test_class_list_mistakes_and_distinct_generated_colours(tmp_path):
     distance) of Cityscapes' sidewalk."""
     from PIL import Image
 
-    from mfuser_jax import predict as P
+    from mfuser_jax.run import predict as P
     from mfuser_jax.data.labels import CLASSES
     assert P.parse_class_names(" road , car ") == ["road", "car"]
     assert P.parse_class_names("") is None and P.parse_class_names(None) is None
@@ -324,7 +324,7 @@ def test_predict_outputs_legend_recursive_tif(toy, tmp_path):
     """Label-id and trainId PNGs, a legend, city sub-folders and .tif inputs."""
     from PIL import Image
 
-    from mfuser_jax import predict as P
+    from mfuser_jax.run import predict as P
     from mfuser_jax.data.labels import CLASSES
     config, workdir = toy
     ids = P.label_ids_for(CLASSES, config)  # the Cityscapes server's ids
@@ -384,7 +384,7 @@ def _numpy_aug_test(model, image, label_hw, scale, ratios, flip):
     to (int(w_s * r), int(h_s * r)); each also mirrored; slide inference; logits resized
     bilinearly to the label size; softmax; mirrored back; mean; argmax."""
     from mfuser_jax.data.transforms import test_resize
-    from mfuser_jax.evaluate import SlidingWindowPredictor
+    from mfuser_jax.run.evaluate import SlidingWindowPredictor
     from mfuser_jax.ops.resize import resize_matrix
     predictor = SlidingWindowPredictor(model, crop=16, stride=11, crop_batch=8)
     total, n = 0.0, 0
@@ -407,9 +407,9 @@ def test_eval_tta_accuracies_summary_and_show_dir(toy, tmp_path):
     from PIL import Image
 
     from configs.base import data_config
-    from mfuser_jax import evaluate as E
+    from mfuser_jax.run import evaluate as E
     from mfuser_jax.data.custom import default_palette
-    from mfuser_jax.eval_report import accuracy_from_confusion, iou_from_confusion
+    from mfuser_jax.run.report import accuracy_from_confusion, iou_from_confusion
     config, workdir = toy
     data = _folder_dataset(tmp_path / "D", [(30, 60), (36, 50)])
     c = config.copy_and_resolve_references()
@@ -480,8 +480,8 @@ def test_python_inference_api(toy, tmp_path):
     """Restore a workdir and segment an array, as the README's example does."""
     from PIL import Image
 
-    from mfuser_jax import predict as P
-    from mfuser_jax.predict import Segmenter
+    from mfuser_jax.run import predict as P
+    from mfuser_jax.run.predict import Segmenter
     _, workdir = toy
     image = np.random.default_rng(5).integers(0, 256, (21, 30, 3), np.uint8)
     seg = Segmenter.from_workdir(workdir)  # W/config.json, the latest step

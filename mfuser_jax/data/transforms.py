@@ -31,7 +31,7 @@ from PIL import Image
 
 from mfuser_jax.data.labels import IGNORE_INDEX
 
-# The pipeline's normalisation mean (CLIP's, models/backbone.py CLIP_MEAN) in uint8: the
+# The pipeline's normalisation mean (CLIP's, model/backbone.py CLIP_MEAN) in uint8: the
 # colour the reference's zero padding of the normalised image stands for.
 PAD_COLOUR = (123, 117, 104)
 

@@ -1,0 +1,100 @@
+"""Model registry: configs name a model (`config.model.name`), the training code builds it here.
+
+A model class registered here implements the training protocol used by `mfuser_jax.trainer`:
+`loss(images, labels, key) -> (total, parts)`, `predict(images, class_names=None) -> scores`,
+`trainable_filter`, `no_decay_filter` and `load_pretrained(path)`; optionally
+`pretrained_filter`, the variables `load_pretrained` fills (`init_model` need not compute
+them).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+import jax
+from flax import nnx
+
+# name -> callable(model_config, *, rngs) -> nnx.Module
+MODEL_REGISTRY: dict[str, Callable[..., nnx.Module]] = {}
+
+# Models registered on first use, so that importing the factory never imports a heavy
+# model file (and works before that file exists): name -> (module path, class name).
+_LAZY_MODELS: dict[str, tuple[str, str]] = {
+        "mfuser": ("mfuser_jax.model.mfuser", "MFuser"),
+}
+
+
+def register_model(name: str):
+    """Decorator: `@register_model("toy") class Toy(nnx.Module): ...` (or a factory function)."""
+
+    def decorator(builder):
+        MODEL_REGISTRY[name] = builder
+        return builder
+
+    return decorator
+
+
+def _resolve(name: str) -> Callable[..., nnx.Module]:
+    if name in MODEL_REGISTRY:
+        return MODEL_REGISTRY[name]
+    if name in _LAZY_MODELS:
+        module_name, attr = _LAZY_MODELS[name]
+        module = importlib.import_module(module_name)
+        # The module may register itself on import; otherwise take the class by name.
+        if name not in MODEL_REGISTRY:
+            MODEL_REGISTRY[name] = getattr(module, attr)
+        return MODEL_REGISTRY[name]
+    known = sorted(set(MODEL_REGISTRY) | set(_LAZY_MODELS))
+    raise ValueError(f"unknown model name {name!r} in config.model.name; known: {known}")
+
+
+def build_model(model_config: Any, *, rngs: nnx.Rngs) -> nnx.Module:
+    """Builds the model named by `model_config.name` with its parameters on the default device."""
+    return _resolve(model_config.name)(model_config, rngs=rngs)
+
+
+def init_model(model_config: Any, *, seed: int, skip_pretrained: bool = False,
+               skip: Any = None) -> nnx.Module:
+    """`build_model` without computing what is not needed: the structure from
+    `nnx.eval_shape`, then the values from one jitted run of the constructor that returns
+    only the wanted ones, so XLA leaves the others out (`compute_values`).
+
+    `skip_pretrained`: the variables the model's `pretrained_filter` selects (the frozen
+    encoders `load_pretrained(path)` then fills) stay abstract, `jax.ShapeDtypeStruct`; a
+    model without that filter is built whole. `skip`: an nnx filter of more variables to
+    leave abstract (what a loader then fills, e.g. every parameter for a strict load of a
+    released checkpoint). Each value depends on `seed` alone, not on what is skipped.
+    """
+    build = lambda: build_model(model_config, rngs=nnx.Rngs(seed))  # noqa: E731
+    model = nnx.eval_shape(build)
+    skips = [f for f in (getattr(model, "pretrained_filter", None) if skip_pretrained else None,
+                         skip) if f is not None]
+    compute_values(model, build, nnx.Not(nnx.Any(*skips)) if skips else ...)
+    return model
+
+
+def compute_values(model: Any, build: Callable[[], Any], wanted: Any) -> None:
+    """Fill the values of `model` (`nnx.eval_shape(build)`: a module or a tuple of them)
+    that the nnx filter `wanted` selects, from one jitted run of `build` that returns only
+    those: XLA drops every computation they do not need. Nothing runs when nothing is
+    selected; the rest stays as it is."""
+    if jax.tree.leaves(nnx.state(model, wanted)):
+        nnx.update(model, jax.jit(lambda: nnx.state(build(), wanted))())
+
+
+def abstract_paths(model: nnx.Module) -> list[str]:
+    """Paths of the values still abstract (`jax.ShapeDtypeStruct`): none once loaded."""
+    leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model))
+    return [jax.tree_util.keystr(path) for path, x in leaves
+            if isinstance(x, jax.ShapeDtypeStruct)]
+
+
+def require_concrete(model: Any, what: str) -> None:
+    """RuntimeError naming the values of `model` still abstract: neither loaded nor
+    computed (e.g. a parameter the loader does not reach), they would otherwise fail
+    later with a less clear error."""
+    left = abstract_paths(model)
+    if left:
+        raise RuntimeError(f"{what}: {len(left)} values were neither loaded nor computed: "
+                           + ", ".join(left[:8]) + (" ..." if len(left) > 8 else ""))

@@ -1,0 +1,1 @@
+"""The programs behind the scripts: training, restoring a workdir's model, evaluation and its report, prediction, export, the release importer, lowering for another platform, FLOP counts, the interactive page."""

@@ -1,0 +1,1 @@
+"""clip tower: spec.py (what MFuser needs to know), model.py, convert.py."""

@@ -1,0 +1,72 @@
+"""CLIP ViT-L/14-336 (OpenAI) as MFuser's VLM: the paper's main variant.
+
+Follows devinxzhang/MFuser's models/segmentors/mfuser_clip.py (MFuser_CLIP) and its CLIP
+configs: the fused backbone with ``adapter_proj{1,2,3}`` (``models.backbone.MFuserBackbone``),
+the CoOp text encoder (QuickGELU), OpenAI's BPE tokenizer with 5 name tokens + 5 learned
+contexts, weight decay 1e-4 with only 'norm' at decay_mult 0, and the score map over the
+loss temperature. Heavy imports happen inside the functions (see the package docstring).
+"""
+
+from __future__ import annotations
+
+from mfuser_jax.towers import VLMSpec, register_vlm
+
+
+def build_backbone(c, **fusion):
+    from mfuser_jax.model.backbone import MFuserBackbone
+
+    return MFuserBackbone(output_dim=c.output_dim, drop_path_rate=c.drop_path_rate, **fusion)
+
+
+def build_text(c, *, context_length, dtype, rngs):
+    """CLIP's text tower with MFuser's positions (also EVA02-CLIP's, with exact GELU)."""
+    from mfuser_jax.towers.clip.model import CLIPTextContextEncoder
+
+    return CLIPTextContextEncoder(
+        context_length=context_length, vocab_size=c.vocab_size, width=c.text_width,
+        heads=c.text_heads, layers=c.text_layers, embed_dim=c.output_dim,
+        activation=c.text_activation, dtype=dtype, rngs=rngs)
+
+
+def bpe_tokenizer(c, path):
+    """OpenAI's BPE vocabulary (shipped in models/assets), ``c.token_length`` ids per name."""
+    del path  # the vocabulary ships with the package
+    import numpy as np
+
+    from mfuser_jax.towers.clip.tokenizer import tokenize
+
+    def tokenizer(names):
+        return np.asarray(tokenize(names, context_length=c.token_length))
+
+    return tokenizer
+
+
+def convert_encoder(state_dict, *, img_size, patch_size, context_length):
+    """OpenAI TorchScript / HF CLIPModel weights -> (image tower, text tower, no extras)."""
+    from mfuser_jax.towers.clip.convert import mfuser_clip_state_dicts
+
+    visual, text = mfuser_clip_state_dicts(state_dict, patch_size=patch_size, img_size=img_size,
+                                           context_length=context_length)
+    return visual, text, {}
+
+
+SPEC = register_vlm(VLMSpec(
+    name="clip",
+    title="CLIP ViT-L/14-336",
+    # text: QuickGELU, 5 name tokens + 5 contexts
+    large=dict(width=1024, layers=24, heads=16, output_dim=768, drop_path_rate=0.1,
+               text_width=768, text_heads=12, text_layers=12, text_activation="quick_gelu",
+               vocab_size=49408, token_length=5, n_ctx=5),
+    tiny=dict(width=32, layers=4, heads=2, output_dim=32, text_width=32, text_heads=2,
+              text_layers=2),
+    build_backbone=build_backbone,
+    build_text=build_text,
+    tokenizer=bpe_tokenizer,
+    convert_encoder=convert_encoder,
+    weight_decay=1e-4,  # the reference's CLIP config (EVA02 and SigLIP use 1e-5)
+    no_decay_keys=("norm",),
+    analytic_flops=True,
+    weights_file="ViT-L-14-336px.pt",
+    weights_help="CLIP ViT-L/14-336 weights (OpenAI .pt or HF), for vlm=clip",
+    release_key="backbone.conv1.weight",
+))

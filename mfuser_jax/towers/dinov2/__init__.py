@@ -1,0 +1,1 @@
+"""dinov2 tower: spec.py (what MFuser needs to know), model.py, convert.py."""

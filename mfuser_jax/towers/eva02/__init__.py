@@ -1,0 +1,1 @@
+"""eva02 tower: spec.py (what MFuser needs to know), model.py, convert.py."""

@@ -1,0 +1,89 @@
+"""EVA02-CLIP-L/14-336 as MFuser's VLM.
+
+Follows devinxzhang/MFuser's models/segmentors/mfuser_eva_clip.py (MFuser_EVA_CLIP) and its
+EVA02 configs: rotary attention, SwiGLU and sub-LN in the image tower
+(``models.backbone.MFuserEVABackbone``), patch 14 in both towers (36 x 36 tokens at 512 px),
+open_clip's text tower (exact GELU) with 8 learned contexts, OpenAI's BPE tokenizer, weight
+decay 1e-5 with 'norm', 'level_embed' and 'query_embed' at decay_mult 0. Its releases hold
+the rotary tables and the text tower's causal mask as buffers (recomputed here) and an
+unused ``random_text``.
+"""
+
+from __future__ import annotations
+
+from mfuser_jax.towers import VLMSpec, register_vlm
+from mfuser_jax.towers.clip.spec import bpe_tokenizer, build_text
+
+
+def build_backbone(c, **fusion):
+    from mfuser_jax.model.backbone import MFuserEVABackbone
+
+    return MFuserEVABackbone(output_dim=c.output_dim, mlp_ratio=c.mlp_ratio,
+                             pt_hw_seq_len=c.pt_hw_seq_len, **fusion)
+
+
+def convert_encoder(state_dict, *, img_size, patch_size, context_length):
+    """EVA02_CLIP_L_336_psz14_s6B.pt -> (image tower, text tower, no extras)."""
+    from mfuser_jax.towers.eva02.convert import eva02_state_dicts
+
+    visual, text = eva02_state_dicts(state_dict, img_size=img_size, patch_size=patch_size,
+                                     context_length=context_length)
+    return visual, text, {}
+
+
+def release_buffers(model):
+    """The buffers MFuser_EVA_CLIP's releases hold, as the JAX model computes them:
+
+    * the rotary tables ``backbone.rope.freqs_{cos,sin}`` and one copy per block (persistent
+      buffers of eva_clip/rope.py's VisionRotaryEmbeddingFast, shared by the blocks);
+    * ``text_encoder.attn_mask``: the text tower's additive causal mask (eva_clip/
+      transformer.py TextTransformer, ``persistent=False``, but mmcv's saver writes every
+      buffer), float32 with -inf above the diagonal; the JAX tower masks causally itself.
+    """
+    import numpy as np
+
+    size = int(model.config.image_size)
+    grid = model.backbone.grid_size(size, size)
+    cos, sin = (np.array(t, np.float32) for t in model.backbone.vlm.rope(grid))  # writable
+    rope = (f"the rotary table of a {grid[0]}x{grid[1]} patch grid (was the checkpoint "
+            "trained at another image size than config.model.image_size?)")
+    buffers = {}
+    for prefix in ["backbone.", *(f"backbone.blocks.{i}.attn." for i in
+                                  range(int(model.config[model.vlm].layers)))]:
+        buffers[prefix + "rope.freqs_cos"] = (cos, rope)
+        buffers[prefix + "rope.freqs_sin"] = (sin, rope)
+    n = int(model.text_encoder.context_length)
+    mask = np.triu(np.full((n, n), -np.inf, np.float32), 1)  # build_attention_mask's
+    buffers["text_encoder.attn_mask"] = (
+        mask, f"the causal mask of {n} text positions (-inf above the diagonal, 0 elsewhere)")
+    return buffers
+
+
+def random_text(model_config):
+    # MFuser_EVA_CLIP: nn.Parameter(torch.randn(num_classes, 768)), 768 whatever the size
+    return {"random_text": (int(model_config.num_classes), 768)}
+
+
+SPEC = register_vlm(VLMSpec(
+    name="eva02",
+    title="EVA02-CLIP-L/14-336",
+    large=dict(width=1024, layers=24, heads=16, mlp_ratio=2.6667, output_dim=768,
+               pt_hw_seq_len=16, text_width=768, text_heads=12, text_layers=12,
+               text_activation="gelu", vocab_size=49408, token_length=5, n_ctx=8),
+    tiny=dict(width=32, layers=4, heads=2, output_dim=32, text_width=32, text_heads=2,
+              text_layers=2),
+    patch_size=14,
+    build_backbone=build_backbone,
+    build_text=build_text,
+    tokenizer=bpe_tokenizer,  # EVA02-CLIP uses OpenAI's BPE vocabulary too
+    convert_encoder=convert_encoder,
+    weight_decay=1e-5,
+    no_decay_keys=("norm", "level_embed", "query_embed"),
+    weights_file="EVA02_CLIP_L_336_psz14_s6B.pt",
+    weights_help="EVA02-CLIP-L/14-336 weights (EVA02_CLIP_L_336_psz14_s6B.pt), for vlm=eva02",
+    release_key="backbone.patch_embed.proj.weight",
+    # MFuser_EVA_CLIP creates this parameter and never reads it
+    release_unused=(r"random_text$",),
+    release_zeros=random_text,
+    release_recomputed=release_buffers,
+))
