@@ -6,7 +6,10 @@ comma-separated list of key=value pairs:
 
   vlm=clip|eva02|siglip   the vision-language tower: CLIP ViT-L/14-336 (default),
                           EVA02-CLIP-L/14-336 (patch 14) or SigLIP-L/16-384 (any name
-                          registered in mfuser_jax/vlm; its spec sets the tower section)
+                          registered in mfuser_jax/towers/registry.py; its spec sets the
+                          tower section)
+  vfm=dinov2|dinov3       the vision foundation model fused with it: DINOv2 ViT-L/14 (the
+                          paper's, default) or DINOv3 ViT-L/16 (4 register tokens)
   size=large|tiny         model size (tiny: a few-layer model for smoke runs)
   small_gpu=True          for GPUs with less than ~80 GB: gradient accumulation over two
                           micro-batches (optim.grad_accum=2), activation rematerialisation
@@ -20,18 +23,20 @@ Every field can also be overridden on the command line: `--config.total_steps=40
 `--config.model.pretrained=weights/`, `--config.data_root=/data`.
 """
 
-from mfuser_jax import towers as vlm_registry
+from mfuser_jax.towers import registry
 from mfuser_jax.data.labels import CLASSES, IGNORE_INDEX
 
 # The config argument's keys and defaults; configs/demo.py and configs/custom.py add theirs.
-ARGS = dict(vlm="clip", size="large", small_gpu=False)
+ARGS = dict(vlm="clip", vfm="dinov2", size="large", small_gpu=False)
 
 
 def __getattr__(name):
-    # VLMS: the registered VLM names (mfuser_jax.towers), read when asked so that a VLM
-    # registered after this module was imported is a valid `vlm=` too.
+    # VLMS / VFMS: the registered tower names (mfuser_jax.towers.registry), read when asked
+    # so that a tower registered after this module was imported is a valid `vlm=` too.
     if name == "VLMS":
-        return vlm_registry.names()
+        return registry.vlm_names()
+    if name == "VFMS":
+        return registry.vfm_names()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -84,33 +89,44 @@ def parse_arg(arg, **defaults):
 
 
 def vlm_spec(vlm):
-    """The registered VLM's spec (mfuser_jax/vlm); an unknown name is a ConfigError listing
-    the registered ones."""
+    """The registered VLM's spec (mfuser_jax/towers); an unknown name is a ConfigError
+    listing the registered ones."""
     try:
-        return vlm_registry.get_vlm(vlm)
+        return registry.get_vlm(vlm)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
 
-def mfuser_model_config(size=ARGS["size"], vlm=ARGS["vlm"]):
+def vfm_spec(vfm):
+    """The registered VFM's spec (mfuser_jax/towers); an unknown name is a ConfigError
+    listing the registered ones."""
+    try:
+        return registry.get_vfm(vfm)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def mfuser_model_config(size=ARGS["size"], vlm=ARGS["vlm"], vfm=ARGS["vfm"]):
     """config.model for MFuser (the fields mfuser_jax.model.mfuser.MFuser reads)."""
-    return config_dict(plain_model_config(size, vlm))
+    return config_dict(plain_model_config(size, vlm, vfm))
 
 
-def plain_model_config(size=ARGS["size"], vlm=ARGS["vlm"]) -> Fields:
+def plain_model_config(size=ARGS["size"], vlm=ARGS["vlm"], vfm=ARGS["vfm"]) -> Fields:
     """The same config.model as nested `Fields`, for code that must run without
     ml_collections (scripts/benchmark.py and mfuser_jax.run.flops on the GPU image)."""
-    spec = vlm_spec(vlm)
+    spec, vfm_tower = vlm_spec(vlm), vfm_spec(vfm)
     if size not in ("large", "tiny"):
         raise ConfigError(f"size={size!r}: choose 'large' or 'tiny'")
     large = size == "large"
     m = Fields()
     m.name = "mfuser"
     m.vlm = vlm
+    m.vfm = vfm
     m.num_classes = len(CLASSES)
     m.class_names = CLASSES
-    # Both towers' patch size, the VLM's (EVA02: 14, 36 x 36 tokens at 512 px; others 16).
-    m.patch_size = spec.patch_size
+    # Both towers' patch size, the VLM's (EVA02: 14, 36 x 36 tokens at 512 px; others 16);
+    # a VFM of another patch size has its kernel resized on conversion (DINOv2: 14 -> 16).
+    m.patch_size = spec.config.patch_size
     # Training crop; position tables fit it. data.crop_size and evaluation.crop_size must
     # equal it (checked at start-up): override all three together.
     m.image_size = 512 if large else 4 * m.patch_size
@@ -127,13 +143,13 @@ def plain_model_config(size=ARGS["size"], vlm=ARGS["vlm"]) -> Fields:
     # multiple of 64 and masked).
     m.attn_implementation = "xla"
     # Folder written by scripts/convert_weights.py; "" trains from random encoders (demo).
-    m.pretrained = f"pretrained/mfuser_{vlm}_l" if large else ""
-    # DINOv2's depth is the VLM tower's `layers`: the two are fused layer by layer.
-    m.dinov2 = Fields(
-        embed_dim=1024 if large else 32, num_heads=16 if large else 2, mlp_ratio=4.0,
-        init_values=1e-5)
-    # The VLM's section: image tower, text tower and prompt lengths (mfuser_jax/vlm/<vlm>.py).
-    m[vlm] = Fields(spec.section(large))
+    m.pretrained = (f"pretrained/mfuser_{vlm}_l" if vfm == ARGS["vfm"]
+                    else f"pretrained/mfuser_{vlm}_{vfm}_l") if large else ""
+    # The VFM's section (mfuser_jax/towers/<vfm>/spec.py). Its depth is the VLM tower's
+    # `layers`: the two are fused layer by layer.
+    m[vfm] = Fields(vfm_tower.config.section(large))
+    # The VLM's section: image tower, text tower and prompt lengths (towers/<vlm>/spec.py).
+    m[vlm] = Fields(spec.config.section(large))
     m.out_indices = (7, 11, 15, 23) if large else (0, 1, 2, 3)
     m.mvfuser = Fields(d_state=16, d_conv=3, expand=1, scan_backend="auto")
     m.context_decoder = Fields(
@@ -222,13 +238,13 @@ def get_base_config(args):
         coordinator_address="", num_processes=1, process_id=0)
     c.optim = dict(
         # the reference's configs set it per VLM (CLIP 1e-4, EVA02 and SigLIP 1e-5)
-        lr=1e-4, min_lr=1e-6, weight_decay=vlm_spec(args.vlm).weight_decay,
+        lr=1e-4, min_lr=1e-6, weight_decay=vlm_spec(args.vlm).config.weight_decay,
         power=0.9, warmup_steps=1500,
         warmup_ratio=1e-6, b1=0.9, b2=0.999, eps=1e-8,
         grad_accum=1,                  # micro-batches per step (same global batch)
         grad_clip=0.0,                 # > 0: clip by global norm
         lr_mults=())                   # ((regex on param path, multiplier), ...)
-    c.model = mfuser_model_config(args.size, args.vlm)
+    c.model = mfuser_model_config(args.size, args.vlm, args.vfm)
     # Sliding window of the training crop, stride 2/3 of it (512 / 341 in the reference).
     crop = c.model.image_size
     # Test-time augmentation (off in the paper's protocol), as mmseg's aug_test: flip adds

@@ -16,7 +16,7 @@ from flax import nnx
 from mfuser_jax.errors import UserError
 from mfuser_jax.files import check_writable
 from mfuser_jax.model.factory import abstract_paths, init_model
-from mfuser_jax.towers import get_vlm, names
+from mfuser_jax.towers.registry import get_vlm, vlm_names
 
 
 def _base_name(name: str) -> str:
@@ -254,14 +254,14 @@ def build_and_load(config: Any, workdir: str | None = None) -> nnx.Module:
 
 def check_trainable_from(model: nnx.Module) -> None:
     """Refuse to train a model whose frozen scalars that releases lack are unknown
-    (``VLMSpec.release_scalars``: SigLIP's logit_scale/logit_bias, in a release converted
+    (``VLMRelease.scalars``: SigLIP's logit_scale/logit_bias, in a release converted
     without the SigLIP weights): the score-map loss would be NaN from step 1."""
     vlm = getattr(model, "vlm", None)
-    if vlm not in names():
+    if vlm not in vlm_names():
         return
     spec = get_vlm(vlm)
     unset = []
-    for key in spec.release_scalars:
+    for key in spec.release.scalars:
         value = model
         for name in key.split("."):
             value = getattr(value, name)
@@ -270,4 +270,4 @@ def check_trainable_from(model: nnx.Module) -> None:
     if unset:
         raise UserError(f"{spec.title}'s {'/'.join(unset)} are unset in these weights (a "
                         f"release converted without --{vlm}): reconvert with --{vlm} "
-                        f"{spec.weights_file} to train; evaluation does not need them")
+                        f"{spec.weights.file} to train; evaluation does not need them")

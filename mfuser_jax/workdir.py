@@ -15,7 +15,7 @@ from typing import Any
 
 from mfuser_jax.errors import UserError
 from mfuser_jax.files import atomic_write
-from mfuser_jax.towers import names
+from mfuser_jax.towers.registry import vlm_names
 
 CONFIG_FILE = "config.json"
 
@@ -74,6 +74,10 @@ def config_from_workdir(workdir: str) -> Any:
             return tuple(tuples(v) for v in x)
         return x
 
+    model = saved.get("model")
+    if isinstance(model, dict) and model.get("name") == "mfuser":
+        # written before the VFM could be chosen: every such workdir holds DINOv2
+        model.setdefault("vfm", "dinov2")
     return ml_collections.ConfigDict(tuples(saved))
 
 
@@ -114,7 +118,7 @@ def check_model_config(config: Any) -> None:
     if vlm not in model or not hasattr(model[vlm], "keys"):
         raise UserError(f"config.model.vlm={vlm!r} has no config.model.{vlm} section: choose "
                         "the tower with the config argument, e.g. --config "
-                        f"configs/gta2cs.py:vlm=eva02 (one of {', '.join(names())})")
+                        f"configs/gta2cs.py:vlm=eva02 (one of {', '.join(vlm_names())})")
 
 
 def check_workdir_model(config: Any, workdir: str) -> None:

@@ -14,8 +14,9 @@
 takes OpenAI's TorchScript .pt or an HF CLIPModel file; --eva02 the EVA02-CLIP .pt;
 --siglip the SigLIP .pth the reference uses or an HF SiglipModel file, with the
 SentencePiece vocabulary of google/siglip-large-patch16-384 (--siglip_tokenizer). The VLM
-flag must match the config's vlm (each VLM registered in mfuser_jax/vlm brings its flag,
-and a tokenizer flag when its tokenizer reads a file). The result is an Orbax checkpoint
+flag must match the config's vlm (each VLM registered in mfuser_jax/towers brings its flag,
+and a tokenizer flag when its tokenizer reads a file); the VFM flag (--dinov2, --dinov3)
+the config's vfm. The result is an Orbax checkpoint
 of the three frozen towers at the sizes of --config's model (default configs/gta2cs.py);
 the paper configs look for it at pretrained/mfuser_<vlm>_l (`config.model.pretrained`).
 
@@ -43,18 +44,19 @@ import _cli  # noqa: F401  (puts the repo on sys.path)
 from absl import flags
 from ml_collections import config_flags
 
-from mfuser_jax.towers import get_vlm, names
+from mfuser_jax.towers.registry import get_vfm, get_vlm, vfm_names, vlm_names
 
 config_flags.DEFINE_config_file("config", os.path.join(_cli.REPO, "configs", "gta2cs.py"),
                                 "config whose model sizes to convert for")
-flags.DEFINE_string("dinov2", None, "DINOv2 ViT-L/14 weights (official .pth or HF)")
-for _spec in map(get_vlm, names()):  # --clip, --eva02, --siglip --siglip_tokenizer, ...
-    flags.DEFINE_string(_spec.name, None, _spec.weights_help)
+for _spec in map(get_vfm, vfm_names()):  # --dinov2, --dinov3
+    flags.DEFINE_string(_spec.name, None, _spec.weights.help)
+for _spec in map(get_vlm, vlm_names()):  # --clip, --eva02, --siglip --siglip_tokenizer, ...
+    flags.DEFINE_string(_spec.name, None, _spec.weights.help)
     if _spec.tokenizer_flag:
         flags.DEFINE_string(_spec.tokenizer_flag, None,
-                            f"{_spec.tokenizer_source}, for vlm={_spec.name}")
+                            f"{_spec.build.tokenizer_source}, for vlm={_spec.name}")
 flags.DEFINE_string("mfuser", None, "a released MFuser mmseg checkpoint .pth; replaces "
-                    "--dinov2 and the VLM weights")
+                    "the VFM and VLM weights")
 flags.DEFINE_string("out", None, "output folder for the Orbax checkpoint")
 flags.mark_flags_as_required(["out"])
 FLAGS = flags.FLAGS
@@ -74,20 +76,22 @@ def main(argv):
     start = time.time()
     if FLAGS.mfuser:
         return convert_release(start)
-    spec = config_vlm()
+    spec, vfm = config_vlm(), config_vfm()
     vlm = spec.name
-    given = [name for name in names() if getattr(FLAGS, name)]
-    if not FLAGS.dinov2 or given != [vlm]:
-        others = " or ".join(f":vlm={n}" for n in names() if n != vlm)
-        hint = (f" (the config builds vlm={vlm!r}; choose another with "
-                f"--config configs/gta2cs.py{others})")
-        fail(f"give --dinov2 and --{vlm} (the encoder weights), or --mfuser (a released "
+    given = [name for name in vlm_names() if getattr(FLAGS, name)]
+    given_vfm = [name for name in vfm_names() if getattr(FLAGS, name)]
+    if given_vfm != [vfm.name] or given != [vlm]:
+        others = " or ".join(f":vlm={n}" for n in vlm_names() if n != vlm)
+        hint = (f" (the config builds vfm={vfm.name!r} and vlm={vlm!r}; choose others with "
+                f"--config configs/gta2cs.py{others}, :vfm=...)")
+        fail(f"give --{vfm.name} and --{vlm} (the encoder weights), or --mfuser (a released "
              f"MFuser checkpoint){hint}")
     check_tokenizer_flags(spec)
     progress = stage_printer(6, start)
 
     try:
-        counts = convert_encoders(FLAGS.config.model, FLAGS.out, dinov2_path=FLAGS.dinov2,
+        counts = convert_encoders(FLAGS.config.model, FLAGS.out,
+                                  vfm_path=getattr(FLAGS, vfm.name),
                                   vlm_path=getattr(FLAGS, vlm),
                                   tokenizer_path=tokenizer_flag(spec), progress=progress)
     except (WeightFileError, ValueError, FileNotFoundError) as e:
@@ -105,6 +109,14 @@ def config_vlm():
         fail(e)
 
 
+def config_vfm():
+    """The spec of the config's vfm (an unknown one: the registered names, no traceback)."""
+    try:
+        return get_vfm(FLAGS.config.model.get("vfm", "dinov2"))
+    except ValueError as e:
+        fail(e)
+
+
 def tokenizer_flag(spec):
     """The value of ``spec``'s tokenizer flag (None when it has none)."""
     return getattr(FLAGS, spec.tokenizer_flag) if spec.tokenizer_flag else None
@@ -112,7 +124,7 @@ def tokenizer_flag(spec):
 
 def check_tokenizer_flags(spec):
     """Refuse tokenizer flags of another VLM than the config's."""
-    stray = [f"--{s.tokenizer_flag}" for s in map(get_vlm, names())
+    stray = [f"--{s.tokenizer_flag}" for s in map(get_vlm, vlm_names())
              if s is not spec and s.tokenizer_flag and getattr(FLAGS, s.tokenizer_flag)]
     if stray:
         fail(f"{', '.join(stray)}: not read for vlm={spec.name!r}, the config's vlm")
@@ -136,11 +148,11 @@ def convert_release(start):
 
     spec = config_vlm()
     # A release brings its own encoders; only the frozen scalars releases lack
-    # (VLMSpec.release_scalars: SigLIP's logit_scale/logit_bias) come from the VLM's file.
-    encoders = ["dinov2", *(n for n in names() if not get_vlm(n).release_scalars)]
+    # (VLMRelease.scalars: SigLIP's logit_scale/logit_bias) come from the VLM's file.
+    encoders = [*vfm_names(), *(n for n in vlm_names() if not get_vlm(n).release.scalars)]
     if any(getattr(FLAGS, n) for n in encoders):
         fail(f"--mfuser brings its own encoders; drop {'/'.join('--' + n for n in encoders)}")
-    stray = [f"--{n}" for n in names() if n != spec.name and getattr(FLAGS, n)]
+    stray = [f"--{n}" for n in vlm_names() if n != spec.name and getattr(FLAGS, n)]
     if stray:
         fail(f"{', '.join(stray)}: not read for vlm={spec.name!r}, the config's vlm")
     check_tokenizer_flags(spec)
@@ -157,7 +169,7 @@ def convert_release(start):
     print(f"  MFuser {info['vlm']}: {info['loaded']:,} tensors loaded ({info['dropped']} unused "
           f"keys dropped{extra}); {info['trainable']:,} trainable of {info['total']:,} parameters")
     if not info["logit_scalars"]:
-        scalars = "/".join(k.split(".")[-1] for k in spec.release_scalars)
+        scalars = "/".join(k.split(".")[-1] for k in spec.release.scalars)
         print(f"  note: {spec.title}'s {scalars} are not in a release; without --{spec.name} "
               "they are unset (NaN), which only matters for training from this folder")
     print(f"wrote {info['checkpoints']}/{info['step']} and {info['pretrained']} in "

@@ -10,6 +10,7 @@ per-pixel embeddings.
 
 import os
 import sys
+from types import SimpleNamespace
 
 import jax.numpy as jnp
 import numpy as np
@@ -28,21 +29,23 @@ from test_mvfuser import TorchMVFuser  # noqa: E402
 
 from mfuser_jax.towers.dinov2.convert import hf_to_official  # noqa: E402
 from mfuser_jax.weights.state_dict import load_torch_state_dict  # noqa: E402
-from mfuser_jax.model.backbone import (  # noqa: E402
-    CLIP_MEAN,
-    CLIP_STD,
-    MFuserBackbone,
-    MFuserEVABackbone,
-    MFuserSiglipBackbone,
-)
+from mfuser_jax.model.backbone import CLIP_MEAN, CLIP_STD  # noqa: E402
+from mfuser_jax.model.variants import vfm_fusion_args  # noqa: E402
+from mfuser_jax.towers.clip.fusion import MFuserBackbone  # noqa: E402
+from mfuser_jax.towers.eva02.fusion import MFuserEVABackbone  # noqa: E402
+from mfuser_jax.towers.registry import get_vfm  # noqa: E402
+from mfuser_jax.towers.siglip.fusion import MFuserSiglipBackbone  # noqa: E402
 
 WIDTH, LAYERS, HEADS, OUT = 32, 4, 2, (0, 1, 2, 3)
 
 
-def _fusion():
+def _fusion(image, patch):
     """The DINOv2 tower and MVFuser arguments every variant here shares."""
-    return dict(dino_dim=WIDTH, dino_heads=HEADS, dino_mlp_ratio=4.0, dino_init_values=0.5,
-                out_indices=OUT, d_state=16, d_conv=3, expand=1, scan_backend="reference")
+    dinov2 = SimpleNamespace(embed_dim=WIDTH, num_heads=HEADS, mlp_ratio=4.0, init_values=0.5)
+    vfm = vfm_fusion_args(get_vfm("dinov2"), dinov2, image_size=image, patch_size=patch,
+                          layers=LAYERS)
+    return dict(**vfm, out_indices=OUT, d_state=16, d_conv=3, expand=1,
+                scan_backend="reference")
 
 
 def rel_err(a, b):
@@ -180,7 +183,7 @@ def test_siglip_backbone_matches_the_original_forward():
         want = (fpn(maps), glob, loc.reshape(2, grid, grid, -1))
 
     ours = MFuserSiglipBackbone(image_size=image, patch_size=patch, width=WIDTH, layers=LAYERS,
-                                heads=HEADS, intermediate_size=2 * WIDTH, **_fusion(),
+                                heads=HEADS, intermediate_size=2 * WIDTH, **_fusion(image, patch),
                                 rngs=nnx.Rngs(0))
     sd = _common_state(dino, adapters, fpn)
     sd.update(siglip.state_dict())
@@ -216,7 +219,7 @@ def test_eva02_backbone_matches_the_original_forward():
 
     ours = MFuserEVABackbone(image_size=image, patch_size=patch, width=WIDTH, layers=LAYERS,
                              heads=HEADS, mlp_ratio=2.6667, output_dim=out_dim,
-                             pt_hw_seq_len=16, **_fusion(), rngs=nnx.Rngs(0))
+                             pt_hw_seq_len=16, **_fusion(image, patch), rngs=nnx.Rngs(0))
     sd = _common_state(dino, adapters, fpn)
     sd.update(_visual_sd(eva))
     load_torch_state_dict(ours, sd)
@@ -262,7 +265,7 @@ def test_clip_backbone_matches_the_original_forward():
         want = (fpn(maps), emb[:, :1], emb[:, 1:].reshape(2, grid, grid, -1))
 
     ours = MFuserBackbone(image_size=image, patch_size=patch, width=WIDTH, layers=LAYERS,
-                          heads=HEADS, output_dim=out_dim, drop_path_rate=0.1, **_fusion(),
+                          heads=HEADS, output_dim=out_dim, drop_path_rate=0.1, **_fusion(image, patch),
                           rngs=nnx.Rngs(0))
     sd = _common_state(dino, adapters, fpn)
     sd.update(clip.state_dict())

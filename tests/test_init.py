@@ -16,6 +16,7 @@ largest magnitude within sampling error.
 import math
 import os
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -28,7 +29,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_decoder import TINY, THead, TMSDA, TConvModule, _torch_cfg  # noqa: E402
 
 from mfuser_jax.weights.state_dict import torch_state_dict_of  # noqa: E402
-from mfuser_jax.model.backbone import MFuserBackbone  # noqa: E402
+from mfuser_jax.model.variants import vfm_fusion_args  # noqa: E402
+from mfuser_jax.towers.clip.fusion import MFuserBackbone  # noqa: E402
+from mfuser_jax.towers.registry import get_vfm  # noqa: E402
 from mfuser_jax.model.mask_decoder import TqdmHead  # noqa: E402
 
 # The shapes of test_decoder.py's and test_backbone_variants.py's models, so that in one
@@ -104,9 +107,11 @@ def test_head_and_pixel_decoder_start_as_the_original_constructs_them():
 
 def test_backbone_projections_and_fpn_are_torch_defaults():
     width, layers = 32, 4
+    dinov2 = SimpleNamespace(embed_dim=width, num_heads=2, mlp_ratio=4.0, init_values=0.5)
+    vfm = vfm_fusion_args(get_vfm("dinov2"), dinov2, image_size=64, patch_size=16,
+                          layers=layers)
     backbone = MFuserBackbone(image_size=64, patch_size=16, width=width, layers=layers,
-                              heads=2, output_dim=24, drop_path_rate=0.1, dino_dim=width,
-                              dino_heads=2, dino_mlp_ratio=4.0, dino_init_values=0.5,
+                              heads=2, output_dim=24, drop_path_rate=0.1, **vfm,
                               out_indices=(0, 1, 2, 3), d_state=16, d_conv=3, expand=1,
                               scan_backend="reference", rngs=nnx.Rngs(0))
     ours = torch_state_dict_of(backbone)

@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from configs.base import mfuser_model_config
-from mfuser_jax.model.mfuser import MFuser, is_trainable_path
+from mfuser_jax.model.mfuser import MFuser
+from mfuser_jax.model.variants import is_trainable_path
 from mfuser_jax.nn.stack import stack_prefixes
 
 

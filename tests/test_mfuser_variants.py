@@ -23,7 +23,8 @@ from test_siglip import spiece  # noqa: E402,F401  (a tiny SentencePiece model f
 from test_text_enhancer import TorchContextDecoder  # noqa: E402
 
 from configs.base import mfuser_model_config  # noqa: E402
-from mfuser_jax.model.mfuser import MFuser, is_trainable_path, no_decay_filter_for  # noqa: E402
+from mfuser_jax.model.mfuser import MFuser  # noqa: E402
+from mfuser_jax.model.variants import is_trainable_path, no_decay_filter_for  # noqa: E402
 from mfuser_jax.nn.stack import stack_prefixes  # noqa: E402
 
 

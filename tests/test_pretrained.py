@@ -41,7 +41,7 @@ def weight_files(tmp_path_factory):
     paths = {"dinov2": save_safetensors(dino, str(folder / "dinov2.safetensors")),
              "clip": save_safetensors(clip, str(folder / "clip.safetensors"))}
     out = str(folder / "converted")
-    counts = convert_encoders(cfg, out, dinov2_path=paths["dinov2"], vlm_path=paths["clip"])
+    counts = convert_encoders(cfg, out, vfm_path=paths["dinov2"], vlm_path=paths["clip"])
     return paths, out, counts
 
 
@@ -105,13 +105,13 @@ def test_the_encoder_converter_computes_nothing_it_overwrites_or_drops(
     # Every backbone the converter builds is built inside a trace (nnx.eval_shape, or the
     # jit of compute_values): its random initial values, the adapters' and FPN's that are
     # never saved included, are never computed. The tower values come from the loads alone.
-    import mfuser_jax.model.variants as variants
+    import mfuser_jax.model.pretrained as pretrained
 
     paths, _, counts = weight_files
-    built, build = [], variants.build_backbone
-    monkeypatch.setattr(variants, "build_backbone",
+    built, build = [], pretrained.build_backbone
+    monkeypatch.setattr(pretrained, "build_backbone",
                         lambda *a, **k: built.append(build(*a, **k)) or built[-1])
-    assert convert_encoders(_config(), str(tmp_path / "o"), dinov2_path=paths["dinov2"],
+    assert convert_encoders(_config(), str(tmp_path / "o"), vfm_path=paths["dinov2"],
                             vlm_path=paths["clip"]) == counts
     assert built and all(not _concrete_leaves(b) for b in built)
     assert jax.tree.leaves(nnx.state(built[0].adapter)) and jax.tree.leaves(
@@ -122,9 +122,8 @@ def _text_tower_with(monkeypatch, **attrs):
     """Make the converter's text tower hold ``attrs`` too (each made by a function of the
     tower, inside its construction); returns the list the towers converted are put in."""
     import mfuser_jax.model.pretrained as pretrained
-    import mfuser_jax.model.variants as variants
 
-    build = variants.build_text_encoder
+    build = pretrained.build_text_encoder
 
     def build_text_encoder(*a, **k):
         tower = build(*a, **k)
@@ -133,7 +132,7 @@ def _text_tower_with(monkeypatch, **attrs):
         return tower
 
     saved, tree = [], pretrained.encoder_tree
-    monkeypatch.setattr(variants, "build_text_encoder", build_text_encoder)
+    monkeypatch.setattr(pretrained, "build_text_encoder", build_text_encoder)
     monkeypatch.setattr(pretrained, "encoder_tree",
                         lambda **k: saved.append(k["text_encoder"]) or tree(**k))
     return saved
@@ -146,7 +145,7 @@ def test_the_encoder_converter_computes_the_buffers_the_towers_compute(
     paths, _, _ = weight_files
     saved = _text_tower_with(monkeypatch, position_ids=lambda t: nnx.Variable(
         jnp.arange(t.positional_embedding.shape[0]) * 2))
-    convert_encoders(_config(), str(tmp_path / "o"), dinov2_path=paths["dinov2"],
+    convert_encoders(_config(), str(tmp_path / "o"), vfm_path=paths["dinov2"],
                      vlm_path=paths["clip"])
     np.testing.assert_array_equal(saved[0].position_ids[...], np.arange(10) * 2)
 
@@ -158,7 +157,7 @@ def test_the_encoder_converter_refuses_a_parameter_no_load_fills(
     paths, _, _ = weight_files
     _text_tower_with(monkeypatch, hidden=lambda t: nnx.data((nnx.Param(jnp.ones(3)),)))
     with pytest.raises(RuntimeError, match=r"text tower: 1 values .*\['hidden'\]\[0\]"):
-        convert_encoders(_config(), str(tmp_path / "o"), dinov2_path=paths["dinov2"],
+        convert_encoders(_config(), str(tmp_path / "o"), vfm_path=paths["dinov2"],
                          vlm_path=paths["clip"])
     assert not os.path.exists(tmp_path / "o")
 

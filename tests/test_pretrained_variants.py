@@ -65,7 +65,7 @@ def test_eva02_encoders_convert_and_load(tmp_path):
     eva_path = str(tmp_path / "EVA02_CLIP_L_336_psz14_s6B.pt")
     torch.save({"module": sd}, eva_path)
     out = str(tmp_path / "converted")
-    counts = convert_encoders(cfg, out, dinov2_path=_dinov2_file(tmp_path, cfg, 56, 14),
+    counts = convert_encoders(cfg, out, vfm_path=_dinov2_file(tmp_path, cfg, 56, 14),
                               vlm_path=eva_path)
     assert set(counts) == {"dinov2", "eva02_visual", "eva02_text"}
 
@@ -101,8 +101,8 @@ def test_siglip_encoders_convert_and_load(tmp_path, spiece):
     torch.save(weights.state_dict(), siglip_path)
     out = str(tmp_path / "converted")
     with pytest.raises(Exception, match="siglip_tokenizer"):
-        convert_encoders(cfg, out, dinov2_path="unused", vlm_path=siglip_path)
-    counts = convert_encoders(cfg, out, dinov2_path=_dinov2_file(tmp_path, cfg, 64, 16),
+        convert_encoders(cfg, out, vfm_path="unused", vlm_path=siglip_path)
+    counts = convert_encoders(cfg, out, vfm_path=_dinov2_file(tmp_path, cfg, 64, 16),
                               vlm_path=siglip_path, tokenizer_path=spiece)
     assert set(counts) == {"dinov2", "siglip_visual", "siglip_text"}
     assert os.path.isfile(os.path.join(out, "spiece.model"))

@@ -1,4 +1,4 @@
-"""The VLM registry (mfuser_jax/vlm): a fourth VLM is one registry entry.
+"""The tower registry (mfuser_jax/towers/registry.py): a fourth VLM is one registry entry.
 
 A toy VLM reuses CLIP's tower builders and weight renames under its own name, with its own
 tiny config section (other widths, patch 8, 3 contexts), weight decay, no-decay keys,
@@ -18,7 +18,7 @@ from flax import nnx
 from configs import base
 from mfuser_jax.run import flops
 from mfuser_jax.model import losses
-from mfuser_jax import towers as registry
+from mfuser_jax.towers import registry
 from mfuser_jax.run.release import WeightFileError, check_variant, release_variant
 from mfuser_jax.model import variants
 from mfuser_jax.model.mfuser import MFuser
@@ -42,18 +42,22 @@ def toy_convert(state_dict, **sizes):
 
 @pytest.fixture
 def toy():
+    clip = clip_vlm.SPEC
     spec = dataclasses.replace(
-        clip_vlm.SPEC, name=TOY, title="Toy CLIP",
-        tiny=dict(width=16, layers=4, heads=2, output_dim=24, text_width=16, text_heads=2,
-                  text_layers=1, n_ctx=3),
-        patch_size=8, weight_decay=3e-5, no_decay_keys=("norm", "gamma"),
-        score_logits=toy_logits, convert_encoder=toy_convert, analytic_flops=False,
-        release_key="backbone.toy_only.weight", weights_file="toy.pt",
-        weights_help="toy weights, for vlm=toyclip")
-    registry.register_vlm(spec)
+        clip, name=TOY, title="Toy CLIP",
+        config=dataclasses.replace(
+            clip.config,
+            tiny=dict(width=16, layers=4, heads=2, output_dim=24, text_width=16,
+                      text_heads=2, text_layers=1, n_ctx=3),
+            patch_size=8, weight_decay=3e-5, no_decay_keys=("norm", "gamma")),
+        build=dataclasses.replace(clip.build, score_logits=toy_logits, analytic_flops=False),
+        weights=dataclasses.replace(clip.weights, convert=toy_convert, file="toy.pt",
+                                    help="toy weights, for vlm=toyclip"),
+        release=dataclasses.replace(clip.release, key="backbone.toy_only.weight"))
+    registry.register(spec)
     CALLS.clear()
     yield spec
-    registry.unregister_vlm(TOY)
+    registry.unregister(spec)
 
 
 def toy_config():
@@ -64,7 +68,7 @@ def toy_config():
 
 
 def test_the_toy_config_comes_from_its_spec(toy):
-    assert TOY in base.VLMS and TOY in registry.names()
+    assert TOY in base.VLMS and TOY in registry.vlm_names()
     cfg = toy_config()
     assert cfg.vlm == TOY and cfg.patch_size == 8 and cfg.image_size == 32
     assert cfg[TOY].width == 16 and cfg[TOY].n_ctx == 3 and cfg[TOY].text_layers == 1
@@ -105,7 +109,6 @@ def test_the_no_decay_filter_uses_its_keys(toy):
     assert toy_filter(("gamma",), param) and not clip_filter(("gamma",), param)
     assert toy_filter(("backbone", "fpn1", 1, "norm"), param)
     assert not toy_filter(("decode_head", "cls_embed", "bias"), param)
-    assert variants.NO_DECAY_KEYS[TOY] == ("norm", "gamma")
     model = MFuser(toy_config(), rngs=nnx.Rngs(0))
     assert model.no_decay_filter(("gamma",), param)
 
@@ -125,13 +128,13 @@ def test_unknown_names_list_the_registered_ones(toy):
     with pytest.raises(base.ConfigError, match=TOY):
         base.plain_model_config("tiny", "llava")
     with pytest.raises(ValueError, match="already registered"):
-        registry.register_vlm(toy)
+        registry.register(toy)
     with pytest.raises(ValueError, match="large lacks"):
-        dataclasses.replace(toy, tiny=dict(depth=2))
+        dataclasses.replace(toy.config, tiny=dict(depth=2))
 
 
 def test_the_toy_is_gone_after_its_test():
-    assert TOY not in registry.names() and TOY not in base.VLMS
+    assert TOY not in registry.vlm_names() and TOY not in base.VLMS
     with pytest.raises(base.ConfigError, match=TOY):
         base.plain_model_config("tiny", TOY)
 
@@ -150,7 +153,7 @@ def test_the_encoder_converter_runs_the_toys_renames(toy, tmp_path):
     paths = {name: save_safetensors(model, str(tmp_path / f"{name}.safetensors"))
              for name, model in (("dinov2", dino), ("toy", clip))}
     out = str(tmp_path / "converted")
-    counts = convert_encoders(cfg, out, dinov2_path=paths["dinov2"], vlm_path=paths["toy"])
+    counts = convert_encoders(cfg, out, vfm_path=paths["dinov2"], vlm_path=paths["toy"])
     # the spec's renames ran once, at the toy's sizes: 32 px, patch 8, 5 + 3 text positions
     assert CALLS == [dict(img_size=32, patch_size=8, context_length=8)]
     assert set(counts) == {"dinov2", f"{TOY}_visual", f"{TOY}_text"}

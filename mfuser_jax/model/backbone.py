@@ -1,58 +1,46 @@
-"""The fused backbone: VLM block i, DINOv2 block i, MVFuser i, layer by layer, then an FPN.
+"""The fused backbone: VLM block i, VFM block i, MVFuser i, layer by layer, then an FPN.
 
-``FusedBackbone`` is a composition: the VLM image tower (``vlm``), the DINOv2 tower, one
-MVFuser per layer (``adapter``) and the FPN. The towers expose a small protocol (below);
-the 24 fused layers run as one ``lax.scan`` over their stacked parameters (see
-``nn/stack.py``), rematerialised per layer when ``remat`` is set. The original
-subclasses the VLM tower, so its parameters sit at the top of ``backbone.*`` next to
-``dinov2``, ``adapter`` and ``fpn{1,2,3,4}``; ``flatten_children`` gives our ``vlm``
-attribute the same place in every per-layer name, and a released checkpoint's keys load by
-rule. One subclass per VLM:
+``FusedBackbone`` is a composition: the VLM image tower (``vlm``), the VFM tower (DINOv2 or
+DINOv3, at the attribute of its name: ``dinov2``, ``dinov3``), one MVFuser per layer
+(``adapter``) and the FPN. The towers expose a small protocol (``VisionTower``); the fused
+layers run as one ``lax.scan`` over their stacked parameters (see ``nn/stack.py``),
+rematerialised per layer when ``remat`` is set. The original subclasses the VLM tower, so
+its parameters sit at the top of ``backbone.*`` next to ``dinov2``, ``adapter`` and
+``fpn{1,2,3,4}``; ``flatten_children`` gives our ``vlm`` attribute the same place in every
+per-layer name, and a released checkpoint's keys load by rule.
 
-* ``MFuserBackbone`` (CLIP ViT-L/14-336): devinxzhang/MFuser models/backbones/clip/models.py
-  ``CLIPVisionTransformer``. The only variant with ``adapter_proj{1,2,3}``: DINOv2 tokens go
-  through proj1 into the fuser, its DINOv2 half back through proj2, and proj3 maps the last
-  DINOv2 tokens onto CLIP's before ``ln_post``/``proj``.
-* ``MFuserEVABackbone`` (EVA02-CLIP-L/14-336): models/backbones/eva_clip/eva_vit_model.py
-  ``EVAVisionTransformer.extract_feats``. Patch 14 for both towers (2 x 1297 tokens at 512
-  px), no projections; the embeddings are ``head(norm(eva) + dinov2.norm(dino))``.
-* ``MFuserSiglipBackbone`` (SigLIP-L/16-384): models/backbones/siglip/modeling_siglip.py
-  ``SiglipVisionTransformer.forward``. No class token on the SigLIP side (1025 + 1024
-  tokens), no projections (the original builds adapter_proj1/2/3 but never calls them), and
-  the modified attention-pooling head gives the global and per-pixel embeddings.
-
-Every variant returns ``(features, global_embedding, pixel_embeddings)``: four NHWC maps
-(patch strides / 4, 2, 1, x2 — pixel strides 4, 8, 16, 32 at patch 16) with
-``vlm_width + dino_dim`` channels, the global embedding (B, 1, E) and the pixel embeddings
+Each VLM subclasses it in its tower folder (``towers/<vlm>/fusion.py``): how its first
+tokens are made and how the last tokens of both towers become the global and per-pixel
+embeddings. Every variant returns ``(features, global_embedding, pixel_embeddings)``: four
+NHWC maps (patch strides / 4, 2, 1, x2 — pixel strides 4, 8, 16, 32 at patch 16) with
+``vlm_width + vfm_dim`` channels, the global embedding (B, 1, E) and the pixel embeddings
 (B, h, w, E) that are aligned with the text embeddings.
+
+Register tokens (DINOv3 has 4, DINOv2 none) sit between the VFM's class token and its
+patches. They are carried in the fused sequence (the MVFuser scans them with the class
+token, as the VFM's own blocks attend to them) and left out of everything spatial: the FPN
+maps take the patch tokens only, and the embeddings see ``[class, patches]``
+(``vfm_tokens_without_registers``), the layout the VLM side has.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mfuser_jax.towers.clip.model import CLIPVisionTransformer
-from mfuser_jax.towers.dinov2.model import DinoVisionTransformer
-from mfuser_jax.towers.eva02.model import EVAVisionTransformer
 from mfuser_jax.nn.layers import GELU, torch_conv_transpose, torch_linear
 from mfuser_jax.model.mvfuser import MVFuser
-from mfuser_jax.towers.siglip.model import SiglipVisionTransformer
 from mfuser_jax.nn.stack import LayerStack, emit_group, scan_layers
 
-__all__ = ["FusedBackbone", "MFuserBackbone", "MFuserEVABackbone", "MFuserSiglipBackbone",
-           "VisionTower", "normalize_for_clip", "normalize_for_dinov2", "normalize_for_siglip"]
+__all__ = ["FusedBackbone", "VisionTower", "normalize_for_clip", "renormalize"]
 
 # Pixel statistics in 0..255 units, as the reference's data pipeline and backbones use them.
 CLIP_MEAN = (0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255)
 CLIP_STD = (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)
-IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-SIGLIP_MEAN = SIGLIP_STD = (0.5 * 255,) * 3
 
 
 def normalize_for_clip(images: jax.Array) -> jax.Array:
@@ -62,24 +50,16 @@ def normalize_for_clip(images: jax.Array) -> jax.Array:
     return (x - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
 
 
-def _renormalize(clip_normalized: jax.Array, mean, std) -> jax.Array:
-    # The reference un-normalises the CLIP-normalised batch and normalises it again per tower.
+def renormalize(clip_normalized: jax.Array, mean, std) -> jax.Array:
+    """A CLIP-normalised input normalised again with a tower's own statistics (0..255
+    units), as the reference does per tower: un-normalise, then normalise."""
     pixels = clip_normalized * jnp.asarray(CLIP_STD) + jnp.asarray(CLIP_MEAN)
     return (pixels - jnp.asarray(mean)) / jnp.asarray(std)
 
 
-def normalize_for_dinov2(clip_normalized: jax.Array) -> jax.Array:
-    """Re-normalise a CLIP-normalised input with ImageNet statistics, as the reference does."""
-    return _renormalize(clip_normalized, IMAGENET_MEAN, IMAGENET_STD)
-
-
-def normalize_for_siglip(clip_normalized: jax.Array) -> jax.Array:
-    """Re-normalise a CLIP-normalised input with SigLIP's mean = std = 0.5."""
-    return _renormalize(clip_normalized, SIGLIP_MEAN, SIGLIP_STD)
-
-
 class VisionTower(Protocol):
-    """What the fused backbone asks of an image tower (CLIP, EVA02, SigLIP, DINOv2)."""
+    """What the fused backbone asks of an image tower (CLIP, EVA02, SigLIP, DINOv2, DINOv3).
+    A VFM tower also has ``num_prefix_tokens`` (class + register tokens) and ``norm``."""
 
     blocks: LayerStack
 
@@ -107,39 +87,41 @@ def _identity(x):
 
 
 class FusedBackbone(nnx.Module):
-    """A VLM tower and DINOv2 fused by per-layer MVFusers, then the FPN.
+    """A VLM tower and a VFM tower fused by per-layer MVFusers, then the FPN.
 
     ``__call__(images, key=None)`` takes CLIP-normalised NHWC images; ``key`` drives drop
-    path and the fusers' dropout in train mode. ``remat``: recompute each fused layer in the
-    backward pass, keeping only the two token streams between layers. ``scan``: False runs
-    the same stacked layers in an unrolled Python loop (every layer compiled separately, and
-    XLA keeps every layer's activations whatever ``remat`` says). The sizes have no defaults
-    here or in the subclasses: ``models.variants.build_towers`` passes the model config's.
+    path and the fusers' dropout in train mode. ``vfm(rngs)`` builds the VFM tower (at the
+    fused depth and the VLM's patch size), kept at the attribute ``vfm_name``; ``vfm_dim``
+    is its width and ``vfm_mean``/``vfm_std`` its pixel statistics. ``remat``: recompute
+    each fused layer in the backward pass, keeping only the two token streams between
+    layers. ``scan``: False runs the same stacked layers in an unrolled Python loop (every
+    layer compiled separately, and XLA keeps every layer's activations whatever ``remat``
+    says). The sizes have no defaults here or in the subclasses: ``model.variants.
+    build_backbone`` passes the model config's.
     """
 
     flatten_children = ("vlm",)
 
-    def __init__(self, vlm: nnx.Module, *, image_size, patch_size, layers, width, dino_dim,
-                 dino_heads, dino_mlp_ratio, dino_init_values, out_indices, d_state, d_conv,
-                 expand, scan_backend, remat=False, scan=True, projections=False,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, vlm: nnx.Module, *, vfm: Callable[[nnx.Rngs], nnx.Module],
+                 vfm_name: str, vfm_dim: int, vfm_mean, vfm_std, layers, width,
+                 out_indices, d_state, d_conv, expand, scan_backend, remat=False, scan=True,
+                 projections=False, dtype=jnp.float32, rngs: nnx.Rngs):
         if len(out_indices) != 4 or max(out_indices) >= layers:
             raise ValueError(f"out_indices {tuple(out_indices)} must name 4 of the {layers} layers")
         self.out_indices = tuple(int(i) for i in out_indices)
         self.remat = bool(remat)
         self.scan = bool(scan)
         self.vlm = vlm
-        self.dinov2 = DinoVisionTransformer(
-            img_size=image_size, patch_size=patch_size, embed_dim=dino_dim, depth=layers,
-            num_heads=dino_heads, mlp_ratio=dino_mlp_ratio, init_values=dino_init_values,
-            dtype=dtype, rngs=rngs,
-        )
+        self.vfm_name = vfm_name
+        self.vfm_mean, self.vfm_std = tuple(vfm_mean), tuple(vfm_std)
+        setattr(self, vfm_name, vfm(rngs))  # the original's attribute name (backbone.dinov2)
+        dino_dim = vfm_dim
         self.adapter = LayerStack(
             lambda r: MVFuser(width, d_state=d_state, d_conv=d_conv, expand=expand,
                               scan_backend=scan_backend, dtype=dtype, rngs=r),
             layers, rngs=rngs)
         self.projections = bool(projections)
-        if projections:  # CLIP only: DINOv2 tokens in through proj1, back through proj2
+        if projections:  # CLIP only: VFM tokens in through proj1, back through proj2
             # Plain nn.Linear in the original (init_weights only loads the CLIP file):
             # torch's default init.
             linear = lambda i, o, r: torch_linear(i, o, dtype=dtype, rngs=r)  # noqa: E731
@@ -162,6 +144,18 @@ class FusedBackbone(nnx.Module):
         self.fpn4 = _MaxPool2x2()
 
     @property
+    def vfm(self) -> nnx.Module:
+        """The VFM tower (DINOv2 at ``dinov2``, DINOv3 at ``dinov3``)."""
+        return getattr(self, self.vfm_name)
+
+    def vfm_tokens_without_registers(self, vfm_x: jax.Array) -> jax.Array:
+        """``[class, patches]`` of the VFM's tokens: its register tokens (if any) left out."""
+        n = self.vfm.num_prefix_tokens
+        if n == 1:
+            return vfm_x
+        return jnp.concatenate([vfm_x[:, :1], vfm_x[:, n:]], axis=1)
+
+    @property
     def num_layers(self) -> int:
         return len(self.adapter)
 
@@ -170,22 +164,23 @@ class FusedBackbone(nnx.Module):
 
     def _run_layers(self, vlm_x, dino_x, grid, key):
         """All fused layers; returns the last tokens of both towers and the four maps
-        [DINOv2 patches, VLM patches] (channels-last) taken after the ``out_indices`` layers."""
-        vlm, dino, n = self.vlm, self.dinov2, self.num_layers
+        [VFM patches, VLM patches] (channels-last) taken after the ``out_indices`` layers."""
+        vlm, dino, n = self.vlm, self.vfm, self.num_layers
+        n_prefix = dino.num_prefix_tokens
         keys = (None,) * 3 if key is None else tuple(jax.random.split(key, 3))
         xs = (vlm.layer_inputs(keys[0]), dino.layer_inputs(keys[1]),
               None if key is None else jax.random.split(keys[2], n))
         stacks = (vlm.blocks, dino.blocks, self.adapter)
         if self.projections:
             stacks += (self.adapter_proj1, self.adapter_proj2)
-        aux = vlm.block_aux(grid)
+        aux, vfm_aux = vlm.block_aux(grid), dino.block_aux(grid)  # e.g. rotary tables
         n_patches = grid[0] * grid[1]
 
         def layer(layers, carry, x):
             vlm_x, dino_x = carry
             vlm_in, dino_in, fuser_key = x
             vlm_x = vlm.block(layers[0], vlm_x, vlm_in, aux)
-            dino_x = dino.block(layers[1], dino_x, dino_in)
+            dino_x = dino.block(layers[1], dino_x, dino_in, vfm_aux)
             into, back = layers[3:5] if self.projections else (_identity, _identity)
             n_dino = dino_x.shape[1]
             fused = layers[2](jnp.concatenate([into(dino_x).astype(vlm_x.dtype), vlm_x], axis=1),
@@ -197,7 +192,7 @@ class FusedBackbone(nnx.Module):
             vlm_x, dino_x = carry
             b = dino_x.shape[0]
             return jnp.concatenate([
-                dino_x[:, 1:].reshape(b, *grid, -1),
+                dino_x[:, n_prefix:].reshape(b, *grid, -1),  # patches only: no registers
                 vlm_x[:, vlm_x.shape[1] - n_patches:].reshape(b, *grid, -1).astype(dino_x.dtype),
             ], axis=-1)
 
@@ -218,7 +213,7 @@ class FusedBackbone(nnx.Module):
     def __call__(self, images: jax.Array, *, key: jax.Array | None = None):
         b, height, width_px, _ = images.shape
         grid = self.grid_size(height, width_px)
-        dino_x = self.dinov2.prepare_tokens(normalize_for_dinov2(images))
+        dino_x = self.vfm.prepare_tokens(renormalize(images, self.vfm_mean, self.vfm_std))
         vlm_x, dino_x, maps = self._run_layers(self.vlm_tokens(images), dino_x, grid, key)
         global_embedding, pixel_embeddings = self.embeddings(vlm_x, dino_x)
         return (self._fpn(maps), global_embedding,
@@ -229,93 +224,6 @@ class FusedBackbone(nnx.Module):
         return self.vlm.prepare_tokens(images)
 
     def embeddings(self, vlm_x: jax.Array, dino_x: jax.Array):
-        """(global (B, 1, E), per-patch (B, h*w, E)) float32 from the last tokens."""
+        """(global (B, 1, E), per-patch (B, h*w, E)) float32 from the last tokens of both
+        towers (the VFM's with its registers; ``vfm_tokens_without_registers`` drops them)."""
         raise NotImplementedError
-
-
-class MFuserBackbone(FusedBackbone):
-    """DINOv2-L + CLIP ViT-L fused by per-layer MVFusers (the CLIP variant).
-
-    The only variant with ``adapter_proj{1,2,3}``; the embeddings are CLIP's
-    ``ln_post``/``proj`` of clip tokens + proj3(DINOv2 tokens) (dim ``output_dim``).
-    """
-
-    def __init__(self, *, image_size: int, patch_size: int, width: int, layers: int,
-                 heads: int, output_dim: int, drop_path_rate: float, dtype=jnp.float32,
-                 rngs: nnx.Rngs, **fusion):
-        clip = CLIPVisionTransformer(
-            input_resolution=image_size, patch_size=patch_size, width=width, layers=layers,
-            heads=heads, output_dim=output_dim, drop_path_rate=drop_path_rate,
-            dtype=dtype, rngs=rngs,
-        )
-        super().__init__(clip, image_size=image_size, patch_size=patch_size, layers=layers,
-                         width=width, projections=True, dtype=dtype, rngs=rngs,
-                         **fusion)
-
-    def embeddings(self, clip_x, dino_x):
-        tokens = clip_x.astype(jnp.float32) + self.adapter_proj3(dino_x).astype(jnp.float32)
-        emb = self.vlm.embed(tokens)  # ln_post, proj
-        return emb[:, :1], emb[:, 1:]
-
-
-class MFuserEVABackbone(FusedBackbone):
-    """DINOv2-L/14 + EVA02-CLIP-L/14 fused by per-layer MVFusers (the EVA02 variant).
-
-    Both towers keep patch 14 (the DINOv2 kernel is not resized): at 512 px a 36 x 36 grid,
-    1297 tokens each. Embeddings: EVA's ``head(norm(eva) + dinov2.norm(dino))``.
-    """
-
-    def __init__(self, *, image_size: int, patch_size: int, width: int, layers: int,
-                 heads: int, mlp_ratio: float, output_dim: int, pt_hw_seq_len: int,
-                 dtype=jnp.float32, rngs: nnx.Rngs, **fusion):
-        eva = EVAVisionTransformer(
-            img_size=image_size, patch_size=patch_size, embed_dim=width, depth=layers,
-            num_heads=heads, mlp_ratio=mlp_ratio, output_dim=output_dim,
-            pt_hw_seq_len=pt_hw_seq_len, dtype=dtype, rngs=rngs,
-        )
-        super().__init__(eva, image_size=image_size, patch_size=patch_size, layers=layers,
-                         width=width, dtype=dtype, rngs=rngs, **fusion)
-
-    def embeddings(self, eva_x, dino_x):
-        tokens = (self.vlm.norm(eva_x.astype(jnp.float32))
-                  + self.dinov2.norm(dino_x.astype(jnp.float32)))
-        emb = self.vlm.head(tokens).astype(jnp.float32)
-        return emb[:, :1], emb[:, 1:]
-
-
-class MFuserSiglipBackbone(FusedBackbone):
-    """DINOv2-L + SigLIP-L/16 fused by per-layer MVFusers (the SigLIP variant).
-
-    Images CLIP-normalised NHWC (re-normalised per tower); embedding dim ``width`` (SigLIP
-    has no projection). ``logit_scale`` and ``logit_bias`` are SigLIP's frozen scalars: the
-    reference reads them from the SigLIP checkpoint (not from its own state dict) to turn
-    the score map into logits for the score-map loss.
-    """
-
-    def __init__(self, *, image_size: int, patch_size: int, width: int, layers: int,
-                 heads: int, intermediate_size: int, dtype=jnp.float32, rngs: nnx.Rngs,
-                 **fusion):
-        siglip = SiglipVisionTransformer(
-            image_size=image_size, patch_size=patch_size, hidden_size=width,
-            num_hidden_layers=layers, num_attention_heads=heads,
-            intermediate_size=intermediate_size, dtype=dtype, rngs=rngs,
-        )
-        super().__init__(siglip, image_size=image_size, patch_size=patch_size, layers=layers,
-                         width=width, dtype=dtype, rngs=rngs, **fusion)
-        # HF SiglipModel's initial values; the converted SigLIP weights overwrite them.
-        self.logit_scale = nnx.Param(jnp.full((1,), math.log(10.0), jnp.float32))
-        self.logit_bias = nnx.Param(jnp.full((1,), -10.0, jnp.float32))
-
-    def vlm_tokens(self, images):
-        return self.vlm.prepare_tokens(normalize_for_siglip(images))
-
-    def embeddings(self, siglip_x, dino_x):
-        tokens = (self.vlm.post_layernorm(siglip_x.astype(jnp.float32))
-                  + self.dinov2.norm(dino_x[:, 1:].astype(jnp.float32)))
-        global_embedding, local = self.vlm.head(tokens)
-        return global_embedding.astype(jnp.float32), local.astype(jnp.float32)
-
-    def score_logits(self, score_map: jax.Array) -> jax.Array:
-        """Cosine score map -> logits, ``score * exp(logit_scale) + logit_bias``."""
-        return (score_map.astype(jnp.float32) * jnp.exp(self.logit_scale[...][0])
-                + self.logit_bias[...][0])

@@ -30,22 +30,19 @@ from mfuser_jax.model.backbone import normalize_for_clip
 from mfuser_jax.nn.layers import set_attn_implementation
 from mfuser_jax.model.mask_decoder import TqdmHead, semantic_inference
 from mfuser_jax.model.text_enhancer import ContextDecoder
-from mfuser_jax.model.variants import (  # noqa: F401  (re-exported)
-    NO_DECAY_KEYS,
-    TRAINABLE_PREFIXES,
-    build_text_encoder,
+from mfuser_jax.model.pretrained import load_pretrained_encoders
+from mfuser_jax.model.variants import (
     build_towers,
-    is_trainable_path,
     no_decay_filter_for,
     pretrained_filter,
     tower_config,
     trainable_filter,
+    vfm_config,
     vlm_spec,
 )
 from mfuser_jax.ops.resize import resize
 
-__all__ = ["MFuser", "NO_DECAY_KEYS", "TRAINABLE_PREFIXES", "build_text_encoder",
-           "is_trainable_path", "no_decay_filter_for"]
+__all__ = ["MFuser"]
 
 
 def _trunc_normal(key, shape):
@@ -68,7 +65,7 @@ class MFuser(nnx.Module):
         self.vlm = config.vlm
         self.no_decay_filter = no_decay_filter_for(self.vlm)
         # score map -> (logits, temperature) of the score-map loss, as the VLM's original does
-        self._score_logits = vlm_spec(config).score_logits
+        self._score_logits = vlm_spec(config).build.score_logits
         dtype = jnp.dtype(config.dtype)
         self.dtype = dtype
         self.class_names = tuple(config.class_names)
@@ -87,7 +84,7 @@ class MFuser(nnx.Module):
         # The reference initialises gamma to 1e-4 and then overwrites it with trunc_normal_.
         self.gamma = nnx.Param(_trunc_normal(rngs.params(), (c.output_dim,)))
         dec = config.decoder
-        fpn_dim = c.width + config.dinov2.embed_dim
+        fpn_dim = c.width + vfm_config(config).embed_dim
         self.decode_head = TqdmHead(
             in_channels=(fpn_dim,) * 4, feat_channels=dec.feat_channels,
             out_channels=dec.feat_channels, num_classes=self.num_classes,
@@ -206,6 +203,4 @@ class MFuser(nnx.Module):
     # ------------------------------------------------------------------ weights
     def load_pretrained(self, path: str) -> None:
         """Copy the frozen encoders written by scripts/convert_weights.py into the model."""
-        from mfuser_jax.model.pretrained import load_pretrained_encoders
-
         load_pretrained_encoders(self, os.fspath(path))

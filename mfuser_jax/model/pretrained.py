@@ -1,10 +1,11 @@
-"""The converted-encoder checkpoint: frozen DINOv2 and VLM (image and text) weights.
+"""The converted-encoder checkpoint: frozen VFM and VLM (image and text) weights.
 
 ``scripts/convert_weights.py`` builds the three towers at MFuser's sizes (the VLM named by
-``config.model.vlm``: CLIP, EVA02-CLIP, SigLIP or another registered in ``mfuser_jax.towers``),
-loads the official (or HF) weights into them and saves their parameters with Orbax as the
-nested tree ``{"backbone": {VLM image tower..., "dinov2": {...}}, "text_encoder": {...}}``
-— the per-layer paths of ``MFuser`` (``models.stack.per_layer_params``: stacked layers under
+``config.model.vlm``: CLIP, EVA02-CLIP, SigLIP; the VFM by ``config.model.vfm``: DINOv2,
+DINOv3; or others registered in ``mfuser_jax.towers.registry``), loads the official (or HF)
+weights into them and saves their parameters with Orbax as the nested tree
+``{"backbone": {VLM image tower..., "<vfm>": {...}}, "text_encoder": {...}}``
+— the per-layer paths of ``MFuser`` (``nn.stack.per_layer_params``: stacked layers under
 their indices, the original's names), so the file does not depend on how layers are stored.
 ``load_pretrained_encoders`` copies that tree into a model, checking every path and shape.
 A VLM whose tokenizer reads a file keeps it in the folder too (SigLIP: ``spiece.model``).
@@ -15,12 +16,20 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import shutil
+
 import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 
-from mfuser_jax.weights.torch_io import WeightFileError
+from mfuser_jax.model.factory import compute_values, require_concrete
+from mfuser_jax.model.variants import (ENCODER_PREFIXES, build_backbone, build_text_encoder,
+                                       is_pretrained_path, vfm_spec, vlm_spec)
 from mfuser_jax.nn.stack import assign_slots, per_layer_params
+from mfuser_jax.weights.state_dict import LOADED, load_torch_state_dict
+from mfuser_jax.weights.torch_io import WeightFileError, read_state_dict
 
 __all__ = ["encoder_tree", "load_pretrained_encoders", "save_pretrained_encoders"]
 
@@ -47,12 +56,12 @@ def per_layer_tree(module: nnx.Module, keep=lambda path: True) -> dict:
     return tree
 
 
-def encoder_tree(*, visual: nnx.Module, dinov2: nnx.Module, text_encoder: nnx.Module,
-                 extra: dict | None = None) -> dict:
+def encoder_tree(*, visual: nnx.Module, vfm: nnx.Module, vfm_name: str,
+                 text_encoder: nnx.Module, extra: dict | None = None) -> dict:
     """The three towers as the checkpoint's tree. ``extra``: more frozen backbone arrays by
     name (SigLIP's logit_scale/logit_bias)."""
     backbone = per_layer_tree(visual)
-    backbone["dinov2"] = per_layer_tree(dinov2)
+    backbone[vfm_name] = per_layer_tree(vfm)
     backbone.update(extra or {})
     return {"backbone": backbone, "text_encoder": per_layer_tree(text_encoder)}
 
@@ -60,11 +69,7 @@ def encoder_tree(*, visual: nnx.Module, dinov2: nnx.Module, text_encoder: nnx.Mo
 def save_pretrained_encoders(path: str, tree: dict) -> None:
     """Write {"backbone": ..., "text_encoder": ...} (per-layer paths) as the converted-encoder
     checkpoint at ``path``: the one writer of this format (``encoder_tree`` builds the tree
-    from the towers, ``convert.mfuser.frozen_encoder_tree`` from a whole MFuser)."""
-    import orbax.checkpoint as ocp
-
-    from mfuser_jax.model.variants import ENCODER_PREFIXES
-
+    from the towers, ``run.release.frozen_encoder_tree`` from a whole MFuser)."""
     extra = sorted(set(tree) - set(ENCODER_PREFIXES))
     if extra:  # load_pretrained_encoders fills only these sub-trees: the rest would be lost
         raise ValueError(f"frozen parameters outside the encoders: {extra}")
@@ -82,8 +87,6 @@ def _stringify(tree):
 
 def load_pretrained_encoders(model: nnx.Module, path: str) -> None:
     """Fill ``model``'s frozen encoders from ``path``; one clear error for any mismatch."""
-    import orbax.checkpoint as ocp
-
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise WeightFileError(
@@ -95,8 +98,6 @@ def load_pretrained_encoders(model: nnx.Module, path: str) -> None:
     except Exception as e:
         raise WeightFileError(f"{path}: not a readable Orbax checkpoint ({type(e).__name__}: {e})") from e
     flat = _flatten(restored.get("params", {}))
-    from mfuser_jax.model.variants import is_pretrained_path
-
     params = per_layer_params(model)
     expected = {p for p in params if is_pretrained_path(p)}
     missing = sorted(".".join(p) for p in expected - set(flat))
@@ -119,35 +120,28 @@ def load_pretrained_encoders(model: nnx.Module, path: str) -> None:
 
 
 
-def convert_encoders(model_config, out: str, *, dinov2_path: str, vlm_path: str,
+def convert_encoders(model_config, out: str, *, vfm_path: str, vlm_path: str,
                      tokenizer_path: str | None = None, progress=None) -> dict[str, int]:
-    """Official/HF DINOv2 and VLM files -> the converted-encoder checkpoint at ``out``.
+    """Official/HF VFM and VLM files -> the converted-encoder checkpoint at ``out``.
 
     Towers are built at the sizes ``model_config`` asks for (e.g. CLIP: 512 px, patch 16,
-    10 text positions) by the builders the model uses (``models.variants``: the fused
-    backbone, whose VLM image tower and DINOv2 are filled, and the text tower) from shapes
+    10 text positions) by the builders the model uses (``model.variants``: the fused
+    backbone, whose VLM image tower and VFM are filled, and the text tower) from shapes
     (``nnx.eval_shape``: nothing is drawn at random, the backbone's adapters and FPN are
     never computed), the weights resized as the reference does, loaded strictly, and
-    saved. ``vlm_path`` is the file of ``model_config.vlm`` (OpenAI/HF CLIP, EVA02-CLIP
-    .pt, SigLIP .pth/HF), renamed by its spec's ``convert_encoder``; a VLM whose tokenizer
+    saved. ``vfm_path`` is the file of ``model_config.vfm`` (DINOv2 .pth/HF, DINOv3
+    .pth/HF), ``vlm_path`` that of ``model_config.vlm`` (OpenAI/HF CLIP, EVA02-CLIP .pt,
+    SigLIP .pth/HF), each renamed by its spec's ``weights.convert``; a VLM whose tokenizer
     reads a file (SigLIP's spiece.model) also needs ``tokenizer_path``, copied into
     ``out``. Returns the parameter count of each tower. ``progress(stage)`` is called per
     step (6 steps).
     """
-    import jax.numpy as jnp
-
-    from mfuser_jax.towers.dinov2.convert import load_dinov2_state_dict
-    from mfuser_jax.weights.state_dict import LOADED, load_torch_state_dict
-    from mfuser_jax.weights.torch_io import read_state_dict
-    from mfuser_jax.model.factory import compute_values, require_concrete
-    from mfuser_jax.model.variants import build_backbone, build_text_encoder, vlm_spec
-
     step = progress or (lambda stage: None)
-    spec = vlm_spec(model_config)
+    spec, vfm = vlm_spec(model_config), vfm_spec(model_config)
     vlm = spec.name
-    if spec.tokenizer_file and not (tokenizer_path and os.path.isfile(tokenizer_path)):
-        raise WeightFileError(f"{spec.title} needs {spec.tokenizer_source} too: "
-                              f"--{spec.tokenizer_flag} {spec.tokenizer_file}")
+    if spec.build.tokenizer_file and not (tokenizer_path and os.path.isfile(tokenizer_path)):
+        raise WeightFileError(f"{spec.title} needs {spec.build.tokenizer_source} too: "
+                              f"--{spec.tokenizer_flag} {spec.build.tokenizer_file}")
     c = model_config[vlm]
     size, patch = model_config.image_size, model_config.patch_size
 
@@ -157,22 +151,23 @@ def convert_encoders(model_config, out: str, *, dinov2_path: str, vlm_path: str,
                 build_text_encoder(model_config, rngs=rngs))
 
     def in_towers(path, _):  # in build's (backbone, text tower): the three towers' values
-        return path[0] == 1 or path[1] in ("vlm", "dinov2")
+        return path[0] == 1 or path[1] in ("vlm", vfm.name)
 
-    step(f"reading {dinov2_path}")
-    dino_sd = load_dinov2_state_dict(dinov2_path, patch_size=patch, img_size=size)
-    step("loading DINOv2")
+    step(f"reading {vfm_path}")
+    vfm_sd = vfm.weights.convert(read_state_dict(vfm_path), model_config[vfm.name],
+                                 img_size=size, patch_size=patch, source=str(vfm_path))
+    step(f"loading {vfm.title}")
     # Built from shapes: the strict loads fill every parameter and statistic of the towers
     # and the adapters and FPN the backbone holds too are not saved, so nothing is drawn at
     # random. Only the towers' other variables (buffers their constructors compute; the
     # built-in VLMs have none) are computed, by a jitted run of build that returns just them.
     backbone, text_encoder = towers = nnx.eval_shape(build)
     compute_values(towers, build, nnx.All(in_towers, nnx.Not(LOADED)))
-    load_torch_state_dict(backbone.dinov2, dino_sd, module_name=f"DINOv2 from {dinov2_path}")
-    del dino_sd
+    load_torch_state_dict(backbone.vfm, vfm_sd, module_name=f"{vfm.title} from {vfm_path}")
+    del vfm_sd
 
     step(f"reading {vlm_path}")
-    visual_sd, text_sd, extra = spec.convert_encoder(
+    visual_sd, text_sd, extra = spec.weights.convert(
         read_state_dict(vlm_path), img_size=size, patch_size=patch,
         context_length=c.token_length + c.n_ctx)
     step(f"loading the {vlm} image tower")
@@ -181,16 +176,15 @@ def convert_encoders(model_config, out: str, *, dinov2_path: str, vlm_path: str,
     step(f"loading the {vlm} text tower")
     load_torch_state_dict(text_encoder, text_sd, module_name=f"{vlm} text tower from {vlm_path}")
 
-    for name, tower in (("DINOv2", backbone.dinov2), (f"the {vlm} image tower", backbone.vlm),
+    for name, tower in ((vfm.title, backbone.vfm), (f"the {vlm} image tower", backbone.vlm),
                         (f"the {vlm} text tower", text_encoder)):
         require_concrete(tower, name)  # e.g. a parameter the loader does not reach
     step(f"writing {out}")
-    save_pretrained_encoders(out, encoder_tree(visual=backbone.vlm, dinov2=backbone.dinov2,
-                                               text_encoder=text_encoder, extra=extra))
-    if spec.tokenizer_file:  # found there as <model.pretrained>/<tokenizer_file>
-        import shutil
-
-        shutil.copyfile(tokenizer_path, os.path.join(out, spec.tokenizer_file))
+    save_pretrained_encoders(out, encoder_tree(visual=backbone.vlm, vfm=backbone.vfm,
+                                               vfm_name=vfm.name, text_encoder=text_encoder,
+                                               extra=extra))
+    if spec.build.tokenizer_file:  # found there as <model.pretrained>/<tokenizer_file>
+        shutil.copyfile(tokenizer_path, os.path.join(out, spec.build.tokenizer_file))
     count = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))  # noqa: E731
-    return {"dinov2": count(backbone.dinov2), f"{vlm}_visual": count(backbone.vlm),
+    return {vfm.name: count(backbone.vfm), f"{vlm}_visual": count(backbone.vlm),
             f"{vlm}_text": count(text_encoder)}

@@ -2,25 +2,26 @@
 config (one path for the model and the weight converters), which parameters train, and
 which train without weight decay.
 
-What differs is asked of the VLM's spec (``mfuser_jax.towers``, one per ``config.vlm``); what
-is shared lives here. Follows devinxzhang/MFuser's segmentors (mfuser_clip.py,
-mfuser_eva_clip.py, mfuser_siglip.py) and their optimizer configs.
+What differs is asked of the towers' specs (``mfuser_jax.towers``: ``config.vlm`` and
+``config.vfm`` name them); what is shared lives here. Follows devinxzhang/MFuser's
+segmentors (mfuser_clip.py, mfuser_eva_clip.py, mfuser_siglip.py) and their optimizer
+configs.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 from flax import nnx
 
-from mfuser_jax.towers import get_vlm, names
+from mfuser_jax.towers.registry import get_vfm, get_vlm
 
-__all__ = ["ENCODER_PREFIXES", "NO_DECAY_KEYS", "TRAINABLE_PREFIXES", "build_backbone",
-           "build_text_encoder", "build_tokenizer", "build_towers", "is_pretrained_path",
-           "is_trainable_path", "no_decay_filter_for", "pretrained_filter", "tower_config",
-           "tokenizer_path", "trainable_filter", "vlm_spec"]
+__all__ = ["ENCODER_PREFIXES", "TRAINABLE_PREFIXES", "build_backbone", "build_text_encoder",
+           "build_tokenizer", "build_towers", "is_pretrained_path", "is_trainable_path",
+           "no_decay_filter_for", "pretrained_filter", "tokenizer_path", "tower_config",
+           "trainable_filter", "vfm_config", "vfm_fusion_args", "vfm_spec", "vlm_spec"]
 
 # What the reference leaves trainable: in the backbone only the adapters (MVFusers and
 # proj1/2/3) and the FPN; everything in the two image towers and the text tower is frozen.
@@ -41,21 +42,7 @@ TRAINABLE_PREFIXES = (
 # full weight decay to everything else — biases, BatchNorm/GroupNorm scales, gamma, A_log
 # and D included (its bias/norm multipliers default to 1; mamba's _no_weight_decay tags are
 # not read by mmcv). Our module paths spell the same names. Each VLM's spec holds its keys
-# (``VLMSpec.no_decay_keys``); NO_DECAY_KEYS reads them: vlm -> keys.
-class _NoDecayKeys(Mapping):
-    def __getitem__(self, vlm: str) -> tuple[str, ...]:
-        if vlm not in names():
-            raise KeyError(vlm)
-        return get_vlm(vlm).no_decay_keys
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(names())
-
-    def __len__(self) -> int:
-        return len(names())
-
-
-NO_DECAY_KEYS = _NoDecayKeys()
+# (``TowerConfig.no_decay_keys``).
 
 
 def is_trainable_path(path: Sequence) -> bool:
@@ -87,7 +74,7 @@ def pretrained_filter(path, value) -> bool:
 
 def no_decay_filter_for(vlm: str):
     """nnx filter: the parameters the reference trains without weight decay."""
-    keys = get_vlm(vlm).no_decay_keys
+    keys = get_vlm(vlm).config.no_decay_keys
 
     def no_decay(path, value) -> bool:
         name = ".".join(str(p) for p in path)
@@ -101,38 +88,61 @@ def vlm_spec(config):
     return get_vlm(config.vlm)
 
 
+def vfm_spec(config):
+    """The spec of ``config.vfm`` (an unknown vfm: ValueError listing the registered)."""
+    return get_vfm(config.vfm)
+
+
 def tower_config(config):
     """``config[config.vlm]``: the section of the VLM towers (an unknown vlm: ValueError)."""
     vlm_spec(config)
     return config[config.vlm]
 
 
+def vfm_config(config):
+    """``config[config.vfm]``: the section of the VFM tower (an unknown vfm: ValueError)."""
+    vfm_spec(config)
+    return config[config.vfm]
+
+
+def vfm_fusion_args(spec, c, *, image_size, patch_size, layers, dtype=jnp.float32) -> dict:
+    """The ``FusedBackbone`` arguments that bring the VFM of ``spec`` (section ``c``): its
+    builder (at the fused depth and the model's patch size), name, width and statistics."""
+
+    def build_vfm(rngs):
+        return spec.build.tower(c, image_size=image_size, patch_size=patch_size,
+                                layers=layers, dtype=dtype, rngs=rngs)
+
+    return dict(vfm=build_vfm, vfm_name=spec.name, vfm_dim=c.embed_dim,
+                vfm_mean=spec.build.mean, vfm_std=spec.build.std)
+
+
 def build_backbone(config, dtype, rngs):
-    """The fused backbone of config.vlm: the VLM image tower and DINOv2 at the model
-    config's sizes, the MVFusers and the FPN. Also what the encoder converter builds."""
-    c, d, mv = tower_config(config), config.dinov2, config.mvfuser
-    return vlm_spec(config).build_backbone(
-        c, image_size=config.image_size, patch_size=config.patch_size, width=c.width,
-        layers=c.layers, heads=c.heads, dino_dim=d.embed_dim, dino_heads=d.num_heads,
-        dino_mlp_ratio=d.mlp_ratio, dino_init_values=d.init_values,
+    """The fused backbone of config.vlm and config.vfm: the VLM image tower and the VFM at
+    the model config's sizes, the MVFusers and the FPN. Also what the encoder converter
+    builds."""
+    c, mv = tower_config(config), config.mvfuser
+    vfm = vfm_fusion_args(vfm_spec(config), vfm_config(config), image_size=config.image_size,
+                          patch_size=config.patch_size, layers=c.layers, dtype=dtype)
+    return vlm_spec(config).build.backbone.from_config(
+        c, image_size=config.image_size, patch_size=config.patch_size, **vfm,
         out_indices=config.out_indices, d_state=mv.d_state, d_conv=mv.d_conv,
-        expand=mv.expand, scan_backend=mv.scan_backend,
-        remat=bool(config.remat), scan=bool(config.scan_layers),
-        dtype=dtype, rngs=rngs,
+        expand=mv.expand, scan_backend=mv.scan_backend, remat=bool(config.remat),
+        scan=bool(config.scan_layers), dtype=dtype, rngs=rngs,
     )
 
 
 def build_text_encoder(config, *, dtype=jnp.float32, rngs: nnx.Rngs):
     """The variant's text tower with MFuser's positions (name tokens + learned contexts)."""
     c = tower_config(config)
-    return vlm_spec(config).build_text(c, context_length=c.token_length + c.n_ctx,
+    return vlm_spec(config).build.text(c, context_length=c.token_length + c.n_ctx,
                                        dtype=dtype, rngs=rngs)
 
 
 def build_tokenizer(config):
     """tokenize(names) -> (K, token_length) ids for config.vlm."""
     spec = vlm_spec(config)
-    return spec.tokenizer(tower_config(config), tokenizer_path(config))
+    return spec.build.tokenizer(tower_config(config), tokenizer_path(config))
 
 
 def build_towers(config, dtype, rngs):
@@ -143,17 +153,17 @@ def build_towers(config, dtype, rngs):
 
 
 def tokenizer_path(config) -> str | None:
-    """The file the VLM's tokenizer reads (``VLMSpec.tokenizer_file``, e.g. SigLIP's
+    """The file the VLM's tokenizer reads (``VLMBuild.tokenizer_file``, e.g. SigLIP's
     spiece.model): config[vlm].tokenizer, else <pretrained>/<file> (scripts/convert_weights.py
     copies it there). None for a VLM that needs none; FileNotFoundError when it is missing."""
     spec = vlm_spec(config)
-    if not spec.tokenizer_file:
+    if not spec.build.tokenizer_file:
         return None
     path = config[spec.name].tokenizer or (
-        os.path.join(config.pretrained, spec.tokenizer_file) if config.pretrained else "")
+        os.path.join(config.pretrained, spec.build.tokenizer_file) if config.pretrained else "")
     if not path or not os.path.isfile(path):
         raise FileNotFoundError(
-            f"the {spec.name} variant needs {spec.tokenizer_source}: pass it to "
+            f"the {spec.name} variant needs {spec.build.tokenizer_source}: pass it to "
             f"scripts/convert_weights.py --{spec.tokenizer_flag}, or set "
             f"--config.model.{spec.name}.tokenizer=PATH"
             + (f" (looked for {path})" if path else ""))

@@ -38,7 +38,7 @@ def export_pth(config: Any, workdir: str, out: str, step: int | None = None,
 
     ``reference``: the release the workdir was converted from (or any checkpoint of the
     same architecture); the keys the JAX model does not hold (BatchNorm counters, the
-    buffers of ``VLMSpec.release_recomputed``, the never-read ``random_text``/
+    buffers of ``VLMRelease.recomputed``, the never-read ``random_text``/
     ``adapter_proj*``/``identity_head``) are copied from it, so a converted release
     round-trips exactly."""
     from mfuser_jax.run.release import (

@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from mfuser_jax.towers import get_vlm, names
+from mfuser_jax.towers.registry import get_vlm, vlm_names
 
 __all__ = ["attention_block_flops", "mvfuser_flops", "backbone_flops", "decoder_flops",
            "text_flops", "mfuser_forward_flops", "train_step_flops", "xla_flops"]
@@ -71,8 +71,8 @@ def _clip(model_cfg: Any):
     """The tower section; the counts below are written for the CLIP variant's towers (a VLM
     whose spec sets ``analytic_flops``: CLIP's layout, class token, 4x MLP, projections)."""
     vlm = model_cfg.vlm
-    if not get_vlm(vlm).analytic_flops:
-        covered = [n for n in names() if get_vlm(n).analytic_flops]
+    if not get_vlm(vlm).build.analytic_flops:
+        covered = [n for n in vlm_names() if get_vlm(n).build.analytic_flops]
         raise ValueError(f"analytic FLOPs cover {', '.join(covered)} only, not vlm={vlm!r}")
     return model_cfg[vlm]
 

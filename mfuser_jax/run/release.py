@@ -6,7 +6,7 @@ attributes are backbone (VLM image tower + ``dinov2`` + MVFuser adapters + FPN),
 text_encoder, context_decoder, contexts, gamma and decode_head — the same names as
 ``MFuser``, so every key maps by the generic rule of ``load_torch_state_dict``. Keys that
 carry no state for us are dropped by name, each for a stated reason (``unused_keys``; the
-per-variant ones are in the VLM's spec, ``VLMSpec.release_unused`` in ``mfuser_jax/vlm``):
+per-variant ones are in the VLM's spec, ``VLMRelease.unused`` in ``towers/<vlm>/spec.py``):
 
 * ``identity_head.*`` (all variants): mmseg's IdentityHead passes the score map through;
   its ``conv_seg`` (a 1x1 conv of a 1-channel map, only present in mmseg versions that do
@@ -17,7 +17,7 @@ per-variant ones are in the VLM's spec, ``VLMSpec.release_unused`` in ``mfuser_j
   variant's projections but its forward never calls them.
 * ``*.num_batches_tracked``: BatchNorm's step counter (momentum is fixed in both codes).
 
-Buffers are not weights (``VLMSpec.release_recomputed``): EVA02's rotary tables
+Buffers are not weights (``VLMRelease.recomputed``): EVA02's rotary tables
 (``backbone.rope.freqs_*`` and one copy per block, persistent) and its text tower's causal
 mask ``text_encoder.attn_mask``, SigLIP's ``backbone.embeddings.position_ids`` and
 ``text_encoder.embeddings.position_ids``. The last three are ``persistent=False`` in the
@@ -28,7 +28,7 @@ and the difference otherwise) and then dropped. CLIP's text mask is a plain attr
 original (not saved); DINOv2, the MVFusers, the FPN (BatchNorm's persistent statistics
 aside), the ContextDecoder and the decoder register no buffers. SigLIP's
 ``logit_scale``/``logit_bias``
-(``VLMSpec.release_scalars``) are not in a release at all (the original reads them from the
+(``VLMRelease.scalars``) are not in a release at all (the original reads them from the
 SigLIP file at build time); they come from the SigLIP weights when given, else they are NaN
 so that training from such a workdir stops with a clear message (evaluation does not use
 them).
@@ -58,7 +58,7 @@ from mfuser_jax.weights.state_dict import (
 )
 from mfuser_jax.weights.torch_io import WeightFileError, _flatten, _import_torch
 from mfuser_jax.files import atomic_write
-from mfuser_jax.towers import get_vlm, names
+from mfuser_jax.towers.registry import get_vlm, vlm_names
 
 __all__ = ["check_is_mfuser", "checkpoint_step", "convert_mfuser_checkpoint",
            "frozen_encoder_tree", "load_mfuser_checkpoint", "mfuser_state_dict",
@@ -72,7 +72,7 @@ def unused_keys(vlm: str) -> re.Pattern:
     """The keys of a ``vlm`` release that hold nothing the JAX model uses (see the
     docstring): identity_head's (every variant) and the VLM spec's ``release_unused``."""
     return re.compile("|".join(f"(?:{p})" for p in (_IDENTITY_HEAD,
-                                                     *get_vlm(vlm).release_unused)))
+                                                     *get_vlm(vlm).release.unused)))
 
 
 def read_mfuser_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
@@ -113,7 +113,7 @@ def check_is_mfuser(state_dict: Mapping[str, Any], source: str) -> None:
         raise WeightFileError(
             f"{source}: no 'backbone.*' and 'decode_head.*' keys: not an MFuser segmentor "
             "checkpoint (for the encoder files use --dinov2 with "
-            + " or ".join(f"--{n}" for n in names()) + " instead of --mfuser)")
+            + " or ".join(f"--{n}" for n in vlm_names()) + " instead of --mfuser)")
 
 
 def _difference(value: np.ndarray, want: np.ndarray) -> str | None:
@@ -138,7 +138,7 @@ def _check_recomputed(model: nnx.Module, state_dict: dict, source: str) -> int:
     ``state_dict``; each must equal the model's, else a WeightFileError names the key and
     the difference. Returns how many were checked (a release need not hold them: torch's own
     ``state_dict()`` leaves the non-persistent ones out)."""
-    buffers = get_vlm(model.vlm).release_recomputed(model)
+    buffers = get_vlm(model.vlm).release.recomputed(model)
     found = [k for k in buffers if k in state_dict]
     for key in found:
         value = np.asarray(state_dict.pop(key))
@@ -151,8 +151,8 @@ def _check_recomputed(model: nnx.Module, state_dict: dict, source: str) -> int:
 
 def release_variant(state_dict: Mapping[str, Any]) -> str | None:
     """The registered VLM a released MFuser state dict is of, by the key only that
-    variant's backbone has (``VLMSpec.release_key``); None if not exactly one fits."""
-    found = [vlm for vlm in names() if get_vlm(vlm).release_key in state_dict]
+    variant's backbone has (``VLMRelease.key``); None if not exactly one fits."""
+    found = [vlm for vlm in vlm_names() if get_vlm(vlm).release.key in state_dict]
     return found[0] if len(found) == 1 else None
 
 
@@ -174,10 +174,10 @@ def load_mfuser_checkpoint(model: nnx.Module, state_dict: Mapping[str, Any], *,
 
     Every parameter and BatchNorm statistic of the model must be present with the original
     PyTorch shape and every key must be consumed, except the documented ``unused_keys``,
-    the buffers the model recomputes (``VLMSpec.release_recomputed``: checked, then
+    the buffers the model recomputes (``VLMRelease.recomputed``: checked, then
     dropped) and ``num_batches_tracked``. Raises ``StateDictMismatchError`` listing all
     problems.
-    ``scalars``: the frozen parameters releases lack (``VLMSpec.release_scalars``, by last
+    ``scalars``: the frozen parameters releases lack (``VLMRelease.scalars``, by last
     name: SigLIP's {"logit_scale", "logit_bias"}) from the VLM's weight file (NaN when not
     given). Returns counts: {"loaded": keys loaded, "dropped": unused keys dropped,
     "recomputed": buffers checked}.
@@ -189,7 +189,7 @@ def load_mfuser_checkpoint(model: nnx.Module, state_dict: Mapping[str, Any], *,
     kept = {k: v for k, v in state_dict.items() if not unused.match(k)}
     dropped = len(state_dict) - len(kept)
     recomputed = _check_recomputed(model, kept, source)
-    added = get_vlm(vlm).release_scalars
+    added = get_vlm(vlm).release.scalars
     scalars = scalars or {}
     for key in added:
         name = key.split(".")[-1]
@@ -230,13 +230,13 @@ def mfuser_state_dict(model: nnx.Module, *, step: int,
     """
     spec = get_vlm(getattr(model, "vlm", "clip"))
     sd = {k: np.asarray(v, np.float32) for k, v in torch_state_dict_of(model).items()
-          if k not in spec.release_scalars}
+          if k not in spec.release.scalars}
     extra = {k.removesuffix("running_mean") + "num_batches_tracked": np.array(step, np.int64)
              for k in sd if k.endswith(".running_mean")}
-    buffers = spec.release_recomputed(model)
+    buffers = spec.release.recomputed(model)
     extra.update({k: v for k, (v, _) in buffers.items()})
     extra.update({k: np.zeros(shape, np.float32)
-                  for k, shape in spec.release_zeros(model.config).items()})
+                  for k, shape in spec.release.zeros(model.config).items()})
     if reference is not None:
         unused = unused_keys(spec.name)
         # the import accepts releases without the buffers (saved by torch's state_dict(),
@@ -312,7 +312,7 @@ def convert_mfuser_checkpoint(config: Any, path: str, out: str, *, vlm_weights=N
     experiment config (configs/*.py) of the release's variant; it is not modified.
     Releases of a VLM whose tokenizer reads a file need it (``tokenizer``; SigLIP's
     SentencePiece file, copied to ``out/pretrained/spiece.model``), and those lacking frozen
-    scalars (``VLMSpec.release_scalars``: SigLIP's ``logit_scale``/``logit_bias``) take them
+    scalars (``VLMRelease.scalars``: SigLIP's ``logit_scale``/``logit_bias``) take them
     from ``vlm_weights`` (the VLM's weight file) when given. Returns a summary dict.
     """
     import shutil
@@ -333,16 +333,16 @@ def convert_mfuser_checkpoint(config: Any, path: str, out: str, *, vlm_weights=N
     config.unlock()
     spec = get_vlm(config.model.vlm)
     vlm, scalars = spec.name, None
-    if spec.tokenizer_file:
+    if spec.build.tokenizer_file:
         tokenizer = tokenizer or config.model[vlm].tokenizer
         if not tokenizer or not os.path.isfile(tokenizer):
             raise WeightFileError(
-                f"a {spec.title} release needs {spec.tokenizer_source}: pass "
-                f"--{spec.tokenizer_flag} {spec.tokenizer_file}")
+                f"a {spec.title} release needs {spec.build.tokenizer_source}: pass "
+                f"--{spec.tokenizer_flag} {spec.build.tokenizer_file}")
         config.model[vlm].tokenizer = os.path.abspath(tokenizer)
     elif tokenizer:
         raise WeightFileError(f"vlm={vlm!r} reads no tokenizer file: drop the tokenizer flag")
-    if vlm_weights and not spec.release_scalars:
+    if vlm_weights and not spec.release.scalars:
         raise WeightFileError(f"a {vlm} release holds all its weights: --{vlm} is not read "
                               "with --mfuser")
 
@@ -353,7 +353,7 @@ def convert_mfuser_checkpoint(config: Any, path: str, out: str, *, vlm_weights=N
     if vlm_weights:
         from mfuser_jax.weights.torch_io import read_state_dict
 
-        step_cb(f"reading {', '.join(k.split('.')[-1] for k in spec.release_scalars)} from "
+        step_cb(f"reading {', '.join(k.split('.')[-1] for k in spec.release.scalars)} from "
                 f"{vlm_weights}")
         scalars = spec.scalars_from(read_state_dict(vlm_weights))
     step_cb("building the model")
@@ -372,8 +372,8 @@ def convert_mfuser_checkpoint(config: Any, path: str, out: str, *, vlm_weights=N
     os.makedirs(out, exist_ok=True)
     pretrained = os.path.join(out, "pretrained")
     save_pretrained_encoders(pretrained, frozen_encoder_tree(model))
-    if spec.tokenizer_file:  # found as <pretrained>/<tokenizer_file> from now on
-        shutil.copyfile(tokenizer, os.path.join(pretrained, spec.tokenizer_file))
+    if spec.build.tokenizer_file:  # found as <pretrained>/<tokenizer_file> from now on
+        shutil.copyfile(tokenizer, os.path.join(pretrained, spec.build.tokenizer_file))
         config.model[vlm].tokenizer = ""
     config.model.pretrained = pretrained
     write_config(out, config)  # as training writes it: eval/predict check their model against it
@@ -391,4 +391,4 @@ def convert_mfuser_checkpoint(config: Any, path: str, out: str, *, vlm_weights=N
     return {"step": step, "vlm": vlm, "loaded": counts["loaded"], "dropped": counts["dropped"],
             "recomputed": counts["recomputed"], "trainable": n_train, "total": n_all,
             "pretrained": pretrained, "checkpoints": ckpt_dir,
-            "logit_scalars": not spec.release_scalars or scalars is not None}
+            "logit_scalars": not spec.release.scalars or scalars is not None}

@@ -1,27 +1,25 @@
 """CLIP ViT-L/14-336 (OpenAI) as MFuser's VLM: the paper's main variant.
 
 Follows devinxzhang/MFuser's models/segmentors/mfuser_clip.py (MFuser_CLIP) and its CLIP
-configs: the fused backbone with ``adapter_proj{1,2,3}`` (``models.backbone.MFuserBackbone``),
+configs: the fused backbone with ``adapter_proj{1,2,3}`` (``fusion.MFuserBackbone``),
 the CoOp text encoder (QuickGELU), OpenAI's BPE tokenizer with 5 name tokens + 5 learned
 contexts, weight decay 1e-4 with only 'norm' at decay_mult 0, and the score map over the
-loss temperature. Heavy imports happen inside the functions (see the package docstring).
+loss temperature.
 """
 
 from __future__ import annotations
 
-from mfuser_jax.towers import VLMSpec, register_vlm
+import numpy as np
 
-
-def build_backbone(c, **fusion):
-    from mfuser_jax.model.backbone import MFuserBackbone
-
-    return MFuserBackbone(output_dim=c.output_dim, drop_path_rate=c.drop_path_rate, **fusion)
+from mfuser_jax.towers.clip.convert import mfuser_clip_state_dicts
+from mfuser_jax.towers.clip.fusion import MFuserBackbone
+from mfuser_jax.towers.clip.model import CLIPTextContextEncoder
+from mfuser_jax.towers.clip.tokenizer import tokenize
+from mfuser_jax.towers.spec import TowerConfig, VLMBuild, VLMRelease, VLMSpec, Weights
 
 
 def build_text(c, *, context_length, dtype, rngs):
     """CLIP's text tower with MFuser's positions (also EVA02-CLIP's, with exact GELU)."""
-    from mfuser_jax.towers.clip.model import CLIPTextContextEncoder
-
     return CLIPTextContextEncoder(
         context_length=context_length, vocab_size=c.vocab_size, width=c.text_width,
         heads=c.text_heads, layers=c.text_layers, embed_dim=c.output_dim,
@@ -31,9 +29,6 @@ def build_text(c, *, context_length, dtype, rngs):
 def bpe_tokenizer(c, path):
     """OpenAI's BPE vocabulary (shipped in models/assets), ``c.token_length`` ids per name."""
     del path  # the vocabulary ships with the package
-    import numpy as np
-
-    from mfuser_jax.towers.clip.tokenizer import tokenize
 
     def tokenizer(names):
         return np.asarray(tokenize(names, context_length=c.token_length))
@@ -43,30 +38,28 @@ def bpe_tokenizer(c, path):
 
 def convert_encoder(state_dict, *, img_size, patch_size, context_length):
     """OpenAI TorchScript / HF CLIPModel weights -> (image tower, text tower, no extras)."""
-    from mfuser_jax.towers.clip.convert import mfuser_clip_state_dicts
-
     visual, text = mfuser_clip_state_dicts(state_dict, patch_size=patch_size, img_size=img_size,
                                            context_length=context_length)
     return visual, text, {}
 
 
-SPEC = register_vlm(VLMSpec(
+SPEC = VLMSpec(
     name="clip",
     title="CLIP ViT-L/14-336",
-    # text: QuickGELU, 5 name tokens + 5 contexts
-    large=dict(width=1024, layers=24, heads=16, output_dim=768, drop_path_rate=0.1,
-               text_width=768, text_heads=12, text_layers=12, text_activation="quick_gelu",
-               vocab_size=49408, token_length=5, n_ctx=5),
-    tiny=dict(width=32, layers=4, heads=2, output_dim=32, text_width=32, text_heads=2,
-              text_layers=2),
-    build_backbone=build_backbone,
-    build_text=build_text,
-    tokenizer=bpe_tokenizer,
-    convert_encoder=convert_encoder,
-    weight_decay=1e-4,  # the reference's CLIP config (EVA02 and SigLIP use 1e-5)
-    no_decay_keys=("norm",),
-    analytic_flops=True,
-    weights_file="ViT-L-14-336px.pt",
-    weights_help="CLIP ViT-L/14-336 weights (OpenAI .pt or HF), for vlm=clip",
-    release_key="backbone.conv1.weight",
-))
+    config=TowerConfig(
+        # text: QuickGELU, 5 name tokens + 5 contexts
+        large=dict(width=1024, layers=24, heads=16, output_dim=768, drop_path_rate=0.1,
+                   text_width=768, text_heads=12, text_layers=12,
+                   text_activation="quick_gelu", vocab_size=49408, token_length=5, n_ctx=5),
+        tiny=dict(width=32, layers=4, heads=2, output_dim=32, text_width=32, text_heads=2,
+                  text_layers=2),
+        runtime=("drop_path_rate",),
+        patch_size=16,  # the reference resizes CLIP's 14 to 16 (and DINOv2's with it)
+        weight_decay=1e-4,  # the reference's CLIP config (EVA02 and SigLIP use 1e-5)
+        no_decay_keys=("norm",)),
+    build=VLMBuild(backbone=MFuserBackbone, text=build_text, tokenizer=bpe_tokenizer,
+                   analytic_flops=True),
+    weights=Weights(convert=convert_encoder, file="ViT-L-14-336px.pt",
+                    help="CLIP ViT-L/14-336 weights (OpenAI .pt or HF), for vlm=clip"),
+    release=VLMRelease(key="backbone.conv1.weight"),
+)

@@ -41,7 +41,8 @@ _PATTERN = (
 
 def bpe_path() -> str:
     """Filesystem path of the bundled merge list."""
-    ref = importlib.resources.files("mfuser_jax.model") / "assets" / "bpe_simple_vocab_16e6.txt.gz"
+    ref = (importlib.resources.files("mfuser_jax.towers.clip") / "assets"
+           / "bpe_simple_vocab_16e6.txt.gz")
     return str(ref)
 
 

@@ -207,6 +207,7 @@ class DinoVisionTransformer(nnx.Module):
         self.num_heads = num_heads
         self.n_blocks = depth
         self.num_tokens = 1
+        self.num_prefix_tokens = 1  # the class token; this DINOv2 has no registers
         self.interpolate_offset = interpolate_offset
         self.dtype = dtype
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim,

@@ -2,7 +2,7 @@
 
 Follows devinxzhang/MFuser's models/segmentors/mfuser_eva_clip.py (MFuser_EVA_CLIP) and its
 EVA02 configs: rotary attention, SwiGLU and sub-LN in the image tower
-(``models.backbone.MFuserEVABackbone``), patch 14 in both towers (36 x 36 tokens at 512 px),
+(``fusion.MFuserEVABackbone``), patch 14 in both towers (36 x 36 tokens at 512 px),
 open_clip's text tower (exact GELU) with 8 learned contexts, OpenAI's BPE tokenizer, weight
 decay 1e-5 with 'norm', 'level_embed' and 'query_embed' at decay_mult 0. Its releases hold
 the rotary tables and the text tower's causal mask as buffers (recomputed here) and an
@@ -11,21 +11,16 @@ unused ``random_text``.
 
 from __future__ import annotations
 
-from mfuser_jax.towers import VLMSpec, register_vlm
+import numpy as np
+
 from mfuser_jax.towers.clip.spec import bpe_tokenizer, build_text
-
-
-def build_backbone(c, **fusion):
-    from mfuser_jax.model.backbone import MFuserEVABackbone
-
-    return MFuserEVABackbone(output_dim=c.output_dim, mlp_ratio=c.mlp_ratio,
-                             pt_hw_seq_len=c.pt_hw_seq_len, **fusion)
+from mfuser_jax.towers.eva02.convert import eva02_state_dicts
+from mfuser_jax.towers.eva02.fusion import MFuserEVABackbone
+from mfuser_jax.towers.spec import TowerConfig, VLMBuild, VLMRelease, VLMSpec, Weights
 
 
 def convert_encoder(state_dict, *, img_size, patch_size, context_length):
     """EVA02_CLIP_L_336_psz14_s6B.pt -> (image tower, text tower, no extras)."""
-    from mfuser_jax.towers.eva02.convert import eva02_state_dicts
-
     visual, text = eva02_state_dicts(state_dict, img_size=img_size, patch_size=patch_size,
                                      context_length=context_length)
     return visual, text, {}
@@ -40,8 +35,6 @@ def release_buffers(model):
       transformer.py TextTransformer, ``persistent=False``, but mmcv's saver writes every
       buffer), float32 with -inf above the diagonal; the JAX tower masks causally itself.
     """
-    import numpy as np
-
     size = int(model.config.image_size)
     grid = model.backbone.grid_size(size, size)
     cos, sin = (np.array(t, np.float32) for t in model.backbone.vlm.rope(grid))  # writable
@@ -64,26 +57,25 @@ def random_text(model_config):
     return {"random_text": (int(model_config.num_classes), 768)}
 
 
-SPEC = register_vlm(VLMSpec(
+SPEC = VLMSpec(
     name="eva02",
     title="EVA02-CLIP-L/14-336",
-    large=dict(width=1024, layers=24, heads=16, mlp_ratio=2.6667, output_dim=768,
-               pt_hw_seq_len=16, text_width=768, text_heads=12, text_layers=12,
-               text_activation="gelu", vocab_size=49408, token_length=5, n_ctx=8),
-    tiny=dict(width=32, layers=4, heads=2, output_dim=32, text_width=32, text_heads=2,
-              text_layers=2),
-    patch_size=14,
-    build_backbone=build_backbone,
-    build_text=build_text,
-    tokenizer=bpe_tokenizer,  # EVA02-CLIP uses OpenAI's BPE vocabulary too
-    convert_encoder=convert_encoder,
-    weight_decay=1e-5,
-    no_decay_keys=("norm", "level_embed", "query_embed"),
-    weights_file="EVA02_CLIP_L_336_psz14_s6B.pt",
-    weights_help="EVA02-CLIP-L/14-336 weights (EVA02_CLIP_L_336_psz14_s6B.pt), for vlm=eva02",
-    release_key="backbone.patch_embed.proj.weight",
-    # MFuser_EVA_CLIP creates this parameter and never reads it
-    release_unused=(r"random_text$",),
-    release_zeros=random_text,
-    release_recomputed=release_buffers,
-))
+    config=TowerConfig(
+        large=dict(width=1024, layers=24, heads=16, mlp_ratio=2.6667, output_dim=768,
+                   pt_hw_seq_len=16, text_width=768, text_heads=12, text_layers=12,
+                   text_activation="gelu", vocab_size=49408, token_length=5, n_ctx=8),
+        tiny=dict(width=32, layers=4, heads=2, output_dim=32, text_width=32, text_heads=2,
+                  text_layers=2),
+        patch_size=14,
+        weight_decay=1e-5,
+        no_decay_keys=("norm", "level_embed", "query_embed")),
+    # EVA02-CLIP uses OpenAI's BPE vocabulary and CLIP's text tower (exact GELU) too
+    build=VLMBuild(backbone=MFuserEVABackbone, text=build_text, tokenizer=bpe_tokenizer),
+    weights=Weights(
+        convert=convert_encoder, file="EVA02_CLIP_L_336_psz14_s6B.pt",
+        help="EVA02-CLIP-L/14-336 weights (EVA02_CLIP_L_336_psz14_s6B.pt), for vlm=eva02"),
+    release=VLMRelease(
+        key="backbone.patch_embed.proj.weight",
+        # MFuser_EVA_CLIP creates this parameter and never reads it
+        unused=(r"random_text$",), zeros=random_text, recomputed=release_buffers),
+)

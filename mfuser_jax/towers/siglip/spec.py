@@ -1,8 +1,7 @@
 """SigLIP-L/16-384 as MFuser's VLM.
 
 Follows devinxzhang/MFuser's models/segmentors/mfuser_siglip.py (MFuser_SIGLIP) and its
-SigLIP configs: no projections (embedding dim = width; ``models.backbone.
-MFuserSiglipBackbone``), HF's SigLIP text tower, the SentencePiece tokenizer of
+SigLIP configs: no projections (embedding dim = width; ``fusion.MFuserSiglipBackbone``), HF's SigLIP text tower, the SentencePiece tokenizer of
 google/siglip-large-patch16-384 (not shipped: given to convert_weights.py and copied beside
 the converted weights), weight decay 1e-5 with 'norm', 'level_embed' and 'query_embed' at
 decay_mult 0, and the sigmoid-calibrated score-map logits (cosine * exp(logit_scale) +
@@ -13,20 +12,18 @@ them from the SigLIP file) and hold never-called ``adapter_proj{1,2,3}`` and bot
 
 from __future__ import annotations
 
-from mfuser_jax.towers import VLMSpec, register_vlm
+import numpy as np
+
+from mfuser_jax.towers.siglip.convert import siglip_state_dicts
+from mfuser_jax.towers.siglip.fusion import MFuserSiglipBackbone
+from mfuser_jax.towers.siglip.model import SiglipTextTransformer
+from mfuser_jax.towers.siglip.tokenizer import SiglipTokenizer
+from mfuser_jax.towers.spec import TowerConfig, VLMBuild, VLMRelease, VLMSpec, Weights
 
 SCALARS = ("backbone.logit_scale", "backbone.logit_bias")
 
 
-def build_backbone(c, **fusion):
-    from mfuser_jax.model.backbone import MFuserSiglipBackbone
-
-    return MFuserSiglipBackbone(intermediate_size=c.intermediate_size, **fusion)
-
-
 def build_text(c, *, context_length, dtype, rngs):
-    from mfuser_jax.towers.siglip.model import SiglipTextTransformer
-
     return SiglipTextTransformer(
         context_length=context_length, vocab_size=c.vocab_size, hidden_size=c.text_width,
         num_hidden_layers=c.text_layers, num_attention_heads=c.text_heads,
@@ -34,10 +31,6 @@ def build_text(c, *, context_length, dtype, rngs):
 
 
 def sentencepiece_tokenizer(c, path):
-    import numpy as np
-
-    from mfuser_jax.towers.siglip.tokenizer import SiglipTokenizer
-
     spm = SiglipTokenizer(path)
 
     def tokenizer(names):
@@ -55,10 +48,6 @@ def score_logits(backbone, score_map, temperature):
 def convert_encoder(state_dict, *, img_size, patch_size, context_length):
     """siglip_vitl16_384.pth / HF SiglipModel -> (image tower, text tower, the frozen
     logit_scale/logit_bias as (1,) float32 backbone arrays)."""
-    import numpy as np
-
-    from mfuser_jax.towers.siglip.convert import siglip_state_dicts
-
     visual, text, scalars = siglip_state_dicts(state_dict, img_size=img_size,
                                                patch_size=patch_size,
                                                context_length=context_length)
@@ -67,15 +56,13 @@ def convert_encoder(state_dict, *, img_size, patch_size, context_length):
 
 def scalars_from(state_dict):
     """{"logit_scale", "logit_bias"} from a SigLIP weight file's state dict."""
-    from mfuser_jax.towers.siglip.convert import siglip_state_dicts
-
     return siglip_state_dicts(state_dict)[2]
 
 
 def unused_projections(model_config):
-    # SiglipVisionTransformer builds Linear(1024 = DINOv2-L's width, width) and back, as the
+    # SiglipVisionTransformer builds Linear(1024 = the VFM's (DINOv2-L's) width, width) and back, as the
     # CLIP variant does, but its forward never calls them.
-    c, d = model_config[model_config.vlm], model_config.dinov2
+    c, d = model_config[model_config.vlm], model_config[model_config.vfm]
     w, d, n = int(c.width), int(d.embed_dim), int(c.layers)
     linears = [*((f"adapter_proj1.{i}", w, d) for i in range(n)),
                *((f"adapter_proj2.{i}", d, w) for i in range(n)), ("adapter_proj3", w, d)]
@@ -91,8 +78,6 @@ def release_buffers(model):
     ``position_ids`` of both towers' embeddings (siglip/modeling_siglip.py
     SiglipVisionEmbeddings and SiglipTextEmbeddings, ``persistent=False``, but mmcv's saver
     writes every buffer), int64 ``arange(positions)`` of shape (1, positions)."""
-    import numpy as np
-
     gh, gw = model.backbone.vlm.embeddings.grid
     n_text = int(model.text_encoder.context_length)
     return {
@@ -106,31 +91,31 @@ def release_buffers(model):
     }
 
 
-SPEC = register_vlm(VLMSpec(
+SPEC = VLMSpec(
     name="siglip",
     title="SigLIP-L/16-384",
-    large=dict(width=1024, layers=24, heads=16, intermediate_size=4096, output_dim=1024,
-               text_width=1024, text_heads=16, text_layers=24, text_intermediate_size=4096,
-               vocab_size=32000, token_length=5, n_ctx=5,
-               tokenizer=""),  # spiece.model; "" = <model.pretrained>/spiece.model
-    tiny=dict(width=32, layers=4, heads=2, intermediate_size=64, output_dim=32,
-              text_width=32, text_heads=2, text_layers=2, text_intermediate_size=64),
-    build_backbone=build_backbone,
-    build_text=build_text,
-    tokenizer=sentencepiece_tokenizer,
-    tokenizer_file="spiece.model",
-    tokenizer_source="SigLIP's SentencePiece vocabulary (spiece.model from "
-                     "google/siglip-large-patch16-384)",
-    convert_encoder=convert_encoder,
-    score_logits=score_logits,
-    weight_decay=1e-5,
-    no_decay_keys=("norm", "level_embed", "query_embed"),
-    weights_file="siglip_vitl16_384.pth",
-    weights_help="SigLIP-L/16-384 weights (siglip_vitl16_384.pth or HF), for vlm=siglip",
-    release_key="backbone.embeddings.patch_embedding.weight",
-    release_unused=(r"backbone\.adapter_proj[123]\.",),
-    release_zeros=unused_projections,
-    release_recomputed=release_buffers,
-    release_scalars=SCALARS,
-    scalars_from=scalars_from,
-))
+    config=TowerConfig(
+        large=dict(width=1024, layers=24, heads=16, intermediate_size=4096, output_dim=1024,
+                   text_width=1024, text_heads=16, text_layers=24,
+                   text_intermediate_size=4096, vocab_size=32000, token_length=5, n_ctx=5,
+                   tokenizer=""),  # spiece.model; "" = <model.pretrained>/spiece.model
+        tiny=dict(width=32, layers=4, heads=2, intermediate_size=64, output_dim=32,
+                  text_width=32, text_heads=2, text_layers=2, text_intermediate_size=64),
+        runtime=("tokenizer",),
+        patch_size=16,
+        weight_decay=1e-5,
+        no_decay_keys=("norm", "level_embed", "query_embed")),
+    build=VLMBuild(
+        backbone=MFuserSiglipBackbone, text=build_text, tokenizer=sentencepiece_tokenizer,
+        tokenizer_file="spiece.model",
+        tokenizer_source="SigLIP's SentencePiece vocabulary (spiece.model from "
+                         "google/siglip-large-patch16-384)",
+        score_logits=score_logits),
+    weights=Weights(
+        convert=convert_encoder, file="siglip_vitl16_384.pth",
+        help="SigLIP-L/16-384 weights (siglip_vitl16_384.pth or HF), for vlm=siglip"),
+    release=VLMRelease(
+        key="backbone.embeddings.patch_embedding.weight",
+        unused=(r"backbone\.adapter_proj[123]\.",), zeros=unused_projections,
+        recomputed=release_buffers, scalars=SCALARS, scalars_from=scalars_from),
+)

@@ -1,0 +1,1 @@
+"""DINOv3 ViT tower (model.py) and its weight converter (convert.py)."""
