@@ -23,11 +23,13 @@ Every field can also be overridden on the command line: `--config.total_steps=40
 `--config.model.pretrained=weights/`, `--config.data_root=/data`.
 """
 
+from mfuser_jax.data.labels import IGNORE_INDEX
+from mfuser_jax.errors import UserError
+from mfuser_jax.model.config import DEFAULT_VFM, ModelConfig
 from mfuser_jax.towers import registry
-from mfuser_jax.data.labels import CLASSES, IGNORE_INDEX
 
 # The config argument's keys and defaults; configs/demo.py and configs/custom.py add theirs.
-ARGS = dict(vlm="clip", vfm="dinov2", size="large", small_gpu=False)
+ARGS = dict(vlm="clip", vfm=DEFAULT_VFM, size="large", small_gpu=False)
 
 
 def __getattr__(name):
@@ -47,23 +49,11 @@ class ConfigError(Exception):
 
 def config_dict(fields=None):
     """``fields`` (nested dicts) as an ml_collections.ConfigDict. Imported here, not at the
-    top: scripts/benchmark.py reads `plain_model_config` on the GPU image, which has no
-    ml_collections."""
+    top: scripts/benchmark.py and mfuser_jax.run.flops read the model config on the GPU
+    image, which has no ml_collections (they use ModelConfig, or `plain_model_config`)."""
     import ml_collections
 
     return ml_collections.ConfigDict(fields or {})
-
-
-class Fields(dict):
-    """A nested dict read and written like a ConfigDict (``c.decoder.ffn``, ``c.get(k)``)."""
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError as e:
-            raise AttributeError(name) from e
-
-    __setattr__ = dict.__setitem__
 
 
 def parse_arg(arg, **defaults):
@@ -106,67 +96,20 @@ def vfm_spec(vfm):
         raise ConfigError(str(e)) from None
 
 
-def mfuser_model_config(size=ARGS["size"], vlm=ARGS["vlm"], vfm=ARGS["vfm"]):
-    """config.model for MFuser (the fields mfuser_jax.model.mfuser.MFuser reads)."""
+def mfuser_model_config(size=ARGS["size"], vlm=ARGS["vlm"], vfm=DEFAULT_VFM):
+    """config.model for MFuser (the fields mfuser_jax.model.mfuser.MFuser reads): the
+    ModelConfig preset (mfuser_jax/model/config.py, where each field is described) as a
+    ConfigDict, so that --config.model.* overrides it."""
     return config_dict(plain_model_config(size, vlm, vfm))
 
 
-def plain_model_config(size=ARGS["size"], vlm=ARGS["vlm"], vfm=ARGS["vfm"]) -> Fields:
-    """The same config.model as nested `Fields`, for code that must run without
-    ml_collections (scripts/benchmark.py and mfuser_jax.run.flops on the GPU image)."""
-    spec, vfm_tower = vlm_spec(vlm), vfm_spec(vfm)
-    if size not in ("large", "tiny"):
-        raise ConfigError(f"size={size!r}: choose 'large' or 'tiny'")
-    large = size == "large"
-    m = Fields()
-    m.name = "mfuser"
-    m.vlm = vlm
-    m.vfm = vfm
-    m.num_classes = len(CLASSES)
-    m.class_names = CLASSES
-    # Both towers' patch size, the VLM's (EVA02: 14, 36 x 36 tokens at 512 px; others 16);
-    # a VFM of another patch size has its kernel resized on conversion (DINOv2: 14 -> 16).
-    m.patch_size = spec.config.patch_size
-    # Training crop; position tables fit it. data.crop_size and evaluation.crop_size must
-    # equal it (checked at start-up): override all three together.
-    m.image_size = 512 if large else 4 * m.patch_size
-    m.dtype = "float32"                        # compute dtype: "float32" | "bfloat16"
-    # Stacked layers (24 fused backbone layers, 6 pixel-decoder and 9 decoder layers) run as
-    # lax.scan: compiled once each. remat recomputes each layer in the backward pass and keeps
-    # only the residual streams between layers: full-size CLIP step at batch 2, float32 (XLA's
-    # CPU memory analysis): 3.9 GiB of temporaries instead of 39 GiB unrolled, for about one
-    # more forward pass of those layers (+36% executed FLOPs). False: faster, needs the memory.
-    m.remat = large
-    m.scan_layers = True                       # False: unrolled Python loop (comparisons only)
-    # The towers' attention: "xla" (the default core: einsums with float32 softmax, compiled by
-    # XLA) or "cudnn" (cuDNN flash attention on a GPU, bfloat16 only; token axes padded to a
-    # multiple of 64 and masked).
-    m.attn_implementation = "xla"
-    # Folder written by scripts/convert_weights.py; "" trains from random encoders (demo).
-    m.pretrained = (f"pretrained/mfuser_{vlm}_l" if vfm == ARGS["vfm"]
-                    else f"pretrained/mfuser_{vlm}_{vfm}_l") if large else ""
-    # The VFM's section (mfuser_jax/towers/<vfm>/spec.py). Its depth is the VLM tower's
-    # `layers`: the two are fused layer by layer.
-    m[vfm] = Fields(vfm_tower.config.section(large))
-    # The VLM's section: image tower, text tower and prompt lengths (towers/<vlm>/spec.py).
-    m[vlm] = Fields(spec.config.section(large))
-    m.out_indices = (7, 11, 15, 23) if large else (0, 1, 2, 3)
-    m.mvfuser = Fields(d_state=16, d_conv=3, expand=1, scan_backend="auto")
-    m.context_decoder = Fields(
-        width=256 if large else 32, heads=4 if large else 2, layers=1, dropout=0.1)
-    m.decoder = Fields(
-        feat_channels=256 if large else 32, num_heads=8 if large else 2,
-        pixel_decoder_layers=6 if large else 1, decoder_layers=9 if large else 2,
-        ffn=2048 if large else 64, pixel_ffn=2048 if large else 64, deform_points=4)
-    m.loss = Fields(
-        cls=2.0, mask=5.0, dice=5.0, score_map=1.0, no_object_weight=0.1,
-        num_points=12544 if large else 256, oversample=3.0, importance=0.75,
-        temperature=0.07,
-        # The class loss is normalised per group of this many images, then averaged: the
-        # reference normalises per GPU (2 images each) and DDP averages the GPUs. 0 = one
-        # normaliser over the whole (micro-)batch.
-        cls_norm_images=2)
-    return m
+def plain_model_config(size=ARGS["size"], vlm=ARGS["vlm"], vfm=DEFAULT_VFM) -> dict:
+    """The same config.model as nested plain dicts, without ml_collections (code on the GPU
+    image may also read ``ModelConfig.preset`` itself)."""
+    try:  # an unknown size or tower name: a ConfigError listing the choices
+        return ModelConfig.preset(size, vlm, vfm).to_dict()
+    except UserError as e:
+        raise ConfigError(str(e)) from None
 
 
 def data_config(train, eval_sets, crop_size=512):

@@ -15,23 +15,10 @@ from typing import Any
 
 from mfuser_jax.errors import UserError
 from mfuser_jax.files import atomic_write
+from mfuser_jax.model.config import ModelConfig, architecture_leaves
 from mfuser_jax.towers.registry import vlm_names
 
 CONFIG_FILE = "config.json"
-
-# Fields of config.model (at any depth) that define the network or what its weights mean.
-# image_size: the position tables are built for it, and a model restored at another size
-# runs (the tables are resized) but computes something else than what was trained.
-# Everything else (dtype, remat, pretrained path, losses, dropout and drop-path rates,
-# scan backend, class names) may differ between training and evaluation.
-ARCHITECTURE_KEYS = frozenset({
-    "name", "vlm", "num_classes", "patch_size", "embed_dim", "depth", "num_heads",
-    "mlp_ratio", "width", "layers", "heads", "output_dim", "text_width", "text_heads",
-    "text_layers", "vocab_size", "token_length", "n_ctx", "intermediate_size",
-    "text_intermediate_size", "out_indices", "d_state", "d_conv", "expand",
-    "feat_channels", "pixel_decoder_layers", "decoder_layers", "ffn", "pixel_ffn",
-    "deform_points", "image_size"})
-
 
 def config_json(config: Any) -> str:
     if hasattr(config, "to_json_best_effort"):
@@ -92,14 +79,24 @@ def read_model_config(workdir: str) -> dict | None:
 
 
 def architecture(model: dict, prefix: str = "model") -> dict[str, Any]:
-    """{'model.dinov2.depth': 24, ...}: the ARCHITECTURE_KEYS leaves, JSON-normalised."""
+    """{'model.image_size': 512, 'model.dinov2.embed_dim': 1024, ...}: the leaves of
+    config.model (JSON-normalised) that define the network or what its weights mean.
+
+    MFuser's are those whose ModelConfig field is marked architecture (the towers'
+    sections: every field but the run-time ones), so dtype, remat, the pretrained path,
+    losses, dropout and drop-path rates, the scan backend and the class names may differ
+    between training and evaluation. Another model (config.model.name) has no typed
+    config saying which of its fields are run-time: every leaf is compared."""
+    if model.get("name") == ModelConfig.NAME:
+        return architecture_leaves(model, prefix)
+    return _leaves(model, prefix)
+
+
+def _leaves(tree: dict, prefix: str) -> dict[str, Any]:
     out = {}
-    for key, value in model.items():
+    for key, value in tree.items():
         path = f"{prefix}.{key}"
-        if isinstance(value, dict):
-            out.update(architecture(value, path))
-        elif key in ARCHITECTURE_KEYS:
-            out[path] = value
+        out.update(_leaves(value, path) if isinstance(value, dict) else {path: value})
     return out
 
 

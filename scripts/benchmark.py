@@ -25,7 +25,7 @@ Sections (SECTIONS registry; each is ``(args, env) -> list[dict]``, one dict per
 (SIGINT, e.g. ``timeout -s INT``) ends the run but keeps and writes the rows measured so far.
 Timings are device-synchronised (block_until_ready), warmed up, and the median of many runs.
 The import path avoids grain / ml_collections / tensorflow_datasets (absent on the GPU image):
-the model config is configs/base.py's, as plain nested dicts (configs.base.plain_model_config).
+the model config is configs/base.py's preset, typed (mfuser_jax.model.config.ModelConfig).
 """
 
 from __future__ import annotations
@@ -273,17 +273,14 @@ _MODELS = {}
 
 
 def _model_config(args):
-    """configs/base.py's MFuser-CLIP-L (--smoke: its tiny model) as plain Fields, in bfloat16
-    at full size; remat off (each train_step case sets its own)."""
-    from configs.base import plain_model_config
+    """configs/base.py's MFuser-CLIP-L (--smoke: its tiny model), the typed ModelConfig
+    preset, in bfloat16 at full size; remat off (each train_step case sets its own)."""
+    from mfuser_jax.model.config import ModelConfig
 
-    cfg = plain_model_config("tiny" if args.smoke else "large", "clip")
-    if not args.smoke:
-        cfg.dtype = "bfloat16"
-    cfg.remat = False
-    cfg.attn_implementation = args.attn
-    cfg.mvfuser.scan_backend = args.scan_backend
-    return cfg
+    cfg = ModelConfig.preset("tiny" if args.smoke else "large", "clip")
+    return cfg.replace(dtype=cfg.dtype if args.smoke else "bfloat16", remat=False,
+                       attn_implementation=args.attn,
+                       mvfuser=cfg.mvfuser.replace(scan_backend=args.scan_backend))
 
 
 def _build_model(args):

@@ -35,7 +35,8 @@ def test_benchmark_imports_no_data_stack():
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
             "import mfuser_jax.model.mfuser, mfuser_jax.run.evaluate, mfuser_jax.run.flops, optax\n"
             "from configs.base import plain_model_config\n"
-            "cfg = plain_model_config()\n"
+            "from mfuser_jax.model.config import ModelConfig\n"
+            "assert ModelConfig.preset('large').to_dict() == plain_model_config()\n"
             "print(sorted(k for k in sys.modules if k.split('.')[0] in "
             "('grain', 'ml_collections', 'tensorflow_datasets', 'tensorflow')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,

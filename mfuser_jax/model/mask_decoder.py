@@ -27,7 +27,7 @@ K/V projections of the padded keys (under 0.5% of the model's FLOPs at 512 px).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,9 @@ from mfuser_jax.model.pixel_decoder import (
     sine_positional_encoding,
 )
 from mfuser_jax.ops.resize import resize_matrix
+
+if TYPE_CHECKING:
+    from mfuser_jax.model.config import DecoderConfig
 
 __all__ = ["MemoryLevels", "TqdmHead", "pad_levels", "semantic_inference", "unmask_full_rows"]
 
@@ -210,6 +213,24 @@ class TqdmHead(nnx.Module):
             None,  # ReLU
             torch_linear(feat_channels, out_channels, dtype=dtype, rngs=rngs),
         ])
+
+    @classmethod
+    def from_config(cls, decoder: DecoderConfig, *, in_channels: Sequence[int],
+                    num_classes: int, text_dim: int, remat: bool = False, dtype=_F32,
+                    rngs: nnx.Rngs) -> TqdmHead:
+        """The head of ``config.model.decoder``: one query per class, ``decoder.num_heads``
+        heads in both decoders, output channels = feature channels and GroupNorm over
+        min(32, feat_channels) groups, as MFuser builds it."""
+        return cls(
+            in_channels=in_channels, feat_channels=decoder.feat_channels,
+            out_channels=decoder.feat_channels, num_classes=num_classes,
+            num_queries=num_classes, text_dim=text_dim,
+            pixel_decoder_layers=decoder.pixel_decoder_layers,
+            pixel_decoder_heads=decoder.num_heads, num_points=decoder.deform_points,
+            pixel_decoder_ffn_channels=decoder.pixel_ffn,
+            num_decoder_layers=decoder.decoder_layers, decoder_heads=decoder.num_heads,
+            decoder_ffn_channels=decoder.ffn, num_groups=min(32, decoder.feat_channels),
+            remat=remat, dtype=dtype, rngs=rngs)
 
     def forward_head(self, decoder_out, mask_feature, levels: MemoryLevels, level):
         """Class logits, mask logits and the next attention mask from the queries.

@@ -19,13 +19,14 @@ released checkpoint's keys map by rule. The model protocol the trainer relies on
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from mfuser_jax.model import losses
+from mfuser_jax.model.config import ModelConfig
 from mfuser_jax.model.backbone import normalize_for_clip
 from mfuser_jax.nn.layers import set_attn_implementation
 from mfuser_jax.model.mask_decoder import TqdmHead, semantic_inference
@@ -59,7 +60,10 @@ class MFuser(nnx.Module):
     trainable_filter = staticmethod(trainable_filter)
     pretrained_filter = staticmethod(pretrained_filter)
 
-    def __init__(self, config, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig | Mapping, *, rngs: nnx.Rngs):
+        # config.model as a ConfigDict or dict (a config file's, W/config.json's) is read
+        # as the typed, frozen ModelConfig: a misspelt or missing field fails here by name.
+        config = ModelConfig.from_mapping(config)
         self.config = config
         c = tower_config(config)
         self.vlm = config.vlm
@@ -83,17 +87,10 @@ class MFuser(nnx.Module):
         self.contexts = nnx.Param(_trunc_normal(rngs.params(), (1, c.n_ctx, c.text_width)))
         # The reference initialises gamma to 1e-4 and then overwrites it with trunc_normal_.
         self.gamma = nnx.Param(_trunc_normal(rngs.params(), (c.output_dim,)))
-        dec = config.decoder
         fpn_dim = c.width + vfm_config(config).embed_dim
-        self.decode_head = TqdmHead(
-            in_channels=(fpn_dim,) * 4, feat_channels=dec.feat_channels,
-            out_channels=dec.feat_channels, num_classes=self.num_classes,
-            num_queries=self.num_classes, text_dim=c.output_dim,
-            pixel_decoder_layers=dec.pixel_decoder_layers, pixel_decoder_heads=dec.num_heads,
-            num_points=dec.deform_points, pixel_decoder_ffn_channels=dec.pixel_ffn,
-            num_decoder_layers=dec.decoder_layers, decoder_heads=dec.num_heads,
-            decoder_ffn_channels=dec.ffn, num_groups=min(32, dec.feat_channels),
-            remat=bool(config.remat), dtype=dtype, rngs=rngs,
+        self.decode_head = TqdmHead.from_config(
+            config.decoder, in_channels=(fpn_dim,) * 4, num_classes=self.num_classes,
+            text_dim=c.output_dim, remat=bool(config.remat), dtype=dtype, rngs=rngs,
         )
         self.texts = self._tokenize(list(self.class_names))
         lc = config.loss

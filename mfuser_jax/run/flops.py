@@ -1,7 +1,7 @@
 """Analytic FLOP count of MFuser (CLIP variant) from its model config, batch and image size.
 
-The model config is configs/base.py's (``mfuser_model_config``, or ``plain_model_config``
-where ml_collections is absent); only its fields are read.
+The model config is a ``mfuser_jax.model.config.ModelConfig`` (where ml_collections is
+absent) or configs/base.py's ``mfuser_model_config`` ConfigDict; only its fields are read.
 
 Conventions (the usual MFU ones, e.g. PaLM appendix B):
 
