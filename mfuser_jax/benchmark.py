@@ -1,5 +1,6 @@
-#!/usr/bin/env python
 """Benchmarks for mfuser-jax: one command, one table at the end, JSON under --out.
+
+The library behind ``scripts/benchmark.py`` (flags only there; see ``main``):
 
     python scripts/benchmark.py                    # every section at full size (meant for a GPU)
     python scripts/benchmark.py --smoke            # tiny shapes, a CPU sanity run
@@ -11,26 +12,38 @@ Sections (SECTIONS registry; each is ``(args, env) -> list[dict]``, one dict per
 * ``mvfuser_vs_attention``: MVFuser vs one self-attention layer of the same width over the same
   concatenated DINOv2 + CLIP tokens, 512..1024 px crops (L = 2050..8194): time and compiled
   temporaries; growth rows compare the largest to the smallest crop.
-* ``train_step``: the full MFuser-CLIP-L training step (random weights, bfloat16, AdamW) at
-  512 px for ``--train-cases`` batch:remat pairs: step time, images/s, MFU (analytic model
-  FLOPs from mfuser_jax.flops / time / the bf16 matmul peak measured here), HFU (with remat's
-  recomputation), compiled temporaries, peak device memory, analytic vs XLA FLOPs.
+* ``train_step``: the training step itself, ``mfuser_jax.trainer.Trainer.step`` (the jitted,
+  sharded step training runs: the config's optimizer, the non-finite guard, gradient
+  accumulation when ``optim.grad_accum`` > 1) of configs/gta2cs.py's config, MFuser-CLIP-L at
+  512 px with random weights in bfloat16, for ``--train-cases`` batch:remat pairs. The step is
+  compiled once through ``Trainer.lower`` (compile time, temporaries, XLA FLOPs), then the
+  Trainer's ``step`` is timed on one batch, the train state threaded through (its buffers are
+  donated): step time, images/s, MFU (analytic model FLOPs from mfuser_jax.flops / time / the
+  bf16 matmul peak measured here), HFU (with remat's recomputation of the fused layers), peak
+  device memory, analytic vs XLA FLOPs, the first step's loss.
 * ``sliding_window``: 2048x1024 images/s with mfuser_jax.evaluate.SlidingWindowPredictor
   (crop 512, stride 341).
 * ``step_memory``: compile only, from shapes (no weights, fits a CPU box): XLA temporaries and
-  compile time of the configs/gta2cs.py train step and its parts for ``--memory-cases``
-  batch:dtype:remat triples.
+  compile time of the configs/gta2cs.py Trainer's step (``Trainer.lower``) and of its parts for
+  ``--memory-cases`` batch:dtype:remat triples.
 
 ``--budget-s`` caps each section (remaining cases are listed as skipped); an interrupt
 (SIGINT, e.g. ``timeout -s INT``) ends the run but keeps and writes the rows measured so far.
 Timings are device-synchronised (block_until_ready), warmed up, and the median of many runs.
-The import path avoids grain / ml_collections / tensorflow_datasets (absent on the GPU image):
-the model config is configs/base.py's, as plain nested dicts (configs.base.plain_model_config).
+
+Imports: importing this module, and the scan, mvfuser_vs_attention and sliding_window sections,
+need neither grain, ml_collections nor tensorflow_datasets (absent on the GPU image): their
+model config is configs/base.py's, as plain nested dicts (configs.base.plain_model_config).
+``train_step`` and ``step_memory`` build the training config (configs/gta2cs.py), which is an
+ml_collections ConfigDict: on the GPU image they need the ml_collections wheel carried in
+``.whl/`` (scripts/fetch_wheels.sh; scripts/gpu_check.sh installs it). Nothing in mfuser_jax
+imports this module: it is a program, like mfuser_jax/data/benchmark.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib
 import json
@@ -41,31 +54,35 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
 # ---------------------------------------------------------------------------------------------
 # shared measurement helpers
 
 
-def time_fn(fn, *args, min_runs=5, max_runs=50, budget_s=2.0):
-    """Median wall time (ms) of a jitted call, synchronised on its outputs, after one warm-up
-    (which also compiles). The number of runs adapts to the call's cost within a time budget."""
-    jax.block_until_ready(fn(*args))
+def time_calls(call, *, min_runs=5, max_runs=50, budget_s=2.0):
+    """Median wall time (ms) of ``call()``, synchronised on what it returns, after one warm-up
+    (which also compiles): ``(ms, runs)``. The number of runs adapts to the call's cost within
+    a time budget. ``call`` may carry state from one call to the next (a train step)."""
+    jax.block_until_ready(call())
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(call())
     first = time.perf_counter() - t0
     runs = int(max(min_runs, min(max_runs, budget_s / max(first, 1e-6))))
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
+        jax.block_until_ready(call())
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times), runs
+
+
+def time_fn(fn, *args, min_runs=5, max_runs=50, budget_s=2.0):
+    """``time_calls`` of ``fn(*args)``: a jitted call on the same (not donated) arguments."""
+    return time_calls(lambda: fn(*args), min_runs=min_runs, max_runs=max_runs, budget_s=budget_s)
 
 
 def temp_bytes(compiled):
@@ -85,18 +102,20 @@ def copy_bandwidth(n_bytes):
     return 2 * n_bytes / (ms * 1e-3)
 
 
-def environment():
+def environment(argv=None):
+    """Where the numbers come from: date, JAX, backend, device, Python, commit, command."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except OSError:
         commit = ""
     dev = jax.devices()[0]
+    argv = sys.argv[1:] if argv is None else list(argv)
     return dict(
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         jax=jax.__version__, backend=jax.default_backend(), device=getattr(dev, "device_kind", str(dev)),
         n_devices=jax.device_count(), python=platform.python_version(), commit=commit,
-        command=" ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        command=" ".join(["scripts/benchmark.py"] + argv),
     )
 
 
@@ -267,38 +286,124 @@ def bench_mvfuser_vs_attention(args, env):
 
 
 # ---------------------------------------------------------------------------------------------
-# section: full MFuser-CLIP-L training step; section: sliding-window evaluation
+# the model and the training config the model sections share
 
 _MODELS = {}
 
 
 def _model_config(args):
     """configs/base.py's MFuser-CLIP-L (--smoke: its tiny model) as plain Fields, in bfloat16
-    at full size; remat off (each train_step case sets its own)."""
+    at full size, random weights (no pretrained folder); remat off (each train_step case sets
+    its own)."""
     from configs.base import plain_model_config
 
     cfg = plain_model_config("tiny" if args.smoke else "large", "clip")
     if not args.smoke:
         cfg.dtype = "bfloat16"
     cfg.remat = False
+    cfg.pretrained = ""
     cfg.attn_implementation = args.attn
     cfg.mvfuser.scan_backend = args.scan_backend
     return cfg
 
 
 def _build_model(args):
-    """Random-weight MFuser (built once per run and shared by the sections)."""
-    from flax import nnx
+    """Random-weight MFuser, built the way training builds one (models.factory.init_model:
+    structure from shapes, then one jitted constructor run), once per run and shared by the
+    sections (a train step that failed after consuming its weights drops it)."""
+    from mfuser_jax.models.factory import init_model
 
-    from mfuser_jax.models.mfuser import MFuser
-
-    key = (args.smoke, args.scan_backend, args.attn)
+    key = _model_key(args)
     if key not in _MODELS:
         cfg = _model_config(args)
         t0 = time.perf_counter()
-        _MODELS[key] = (cfg, MFuser(cfg, rngs=nnx.Rngs(0)))
+        _MODELS[key] = (cfg, init_model(cfg, seed=0))
         print(f"  built the model in {time.perf_counter() - t0:.1f} s", flush=True)
     return _MODELS[key]
+
+
+def _model_key(args):
+    return (args.smoke, args.scan_backend, args.attn)
+
+
+def _drop_model_if_consumed(args):
+    """Forgets the shared model when a failed train step consumed (donated) some of its
+    weights; the next user builds it again."""
+    cached = _MODELS.get(_model_key(args))
+    if cached is not None and any(x.is_deleted() for x in jax.tree.leaves(nnx.state(cached[1]))
+                                  if isinstance(x, jax.Array)):
+        del _MODELS[_model_key(args)]
+
+
+def _train_config(args, model_cfg=None, *, batch, remat, dtype=None):
+    """configs/gta2cs.py's training config (an ml_collections ConfigDict: the optimizer,
+    seed, schedule, mesh the Trainer reads), tiny with --smoke, no pretrained weights. Its
+    model section is ``model_cfg`` when given (the model the section built), else the
+    config's own; ``batch``, ``remat`` (and ``dtype``) per case; --attn, --scan-backend and
+    --grad-accum applied."""
+    from configs import gta2cs
+    from configs.base import config_dict
+
+    config = gta2cs.get_config("size=tiny" if args.smoke else None)
+    if model_cfg is not None:
+        config.model = config_dict(model_cfg)
+    config.model.pretrained = ""
+    config.model.remat = bool(remat)
+    if dtype is not None:
+        config.model.dtype = dtype
+    config.model.attn_implementation = args.attn
+    config.model.mvfuser.scan_backend = args.scan_backend
+    config.batch_size = int(batch)
+    if args.grad_accum:
+        config.optim.grad_accum = int(args.grad_accum)
+    return config
+
+
+@contextlib.contextmanager
+def _training_precision(config):
+    """The process-wide matmul precision training sets (config.matmul_precision, through
+    startup.apply_matmul_precision), restored afterwards so that later sections are not
+    affected. Tracing, compiling and calling the step all happen inside."""
+    from mfuser_jax.startup import apply_matmul_precision
+
+    before = jax.config.jax_default_matmul_precision
+    apply_matmul_precision(config)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_default_matmul_precision", before)
+
+
+def _config_err(e):
+    """``_err``, with the way out where ml_collections is missing (the GPU image)."""
+    if isinstance(e, ModuleNotFoundError) and e.name == "ml_collections":
+        return (f"{_err(e)} (the training config is an ml_collections ConfigDict: carry its "
+                "wheel in .whl/, see scripts/fetch_wheels.sh)")
+    return _err(e)
+
+
+class _CompileWatch:
+    """Counts JAX traces and compilations while active: a timed train step that traces or
+    compiles again (instead of running what Trainer.lower compiled) shows up as > 0."""
+
+    EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+              "/jax/core/compile/backend_compile_duration")
+
+    def __enter__(self):
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._on)
+        return self
+
+    def _on(self, event, duration, **kwargs):
+        if event in self.EVENTS:
+            self.count += 1
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._on)
+
+
+# ---------------------------------------------------------------------------------------------
+# section: full MFuser-CLIP-L training step (mfuser_jax.trainer.Trainer.step)
 
 
 def matmul_peak(n, dtype=jnp.bfloat16):
@@ -318,80 +423,109 @@ def _peak_memory_bytes():
     return stats.get("peak_bytes_in_use")
 
 
-def bench_train_step(args, env):
-    import optax
-    from flax import nnx
+def _random_batch(batch, size, num_classes):
+    """A host batch as the data pipeline yields it: uint8 images, int32 labels."""
+    rng = np.random.default_rng(batch)
+    return {"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+            "label": rng.integers(0, num_classes, (batch, size, size), dtype=np.int32)}
 
+
+def _time_trainer_step(trainer, batch, row, args):
+    """Times ``trainer.step`` (what the training loop calls) on ``batch`` from a fresh train
+    state, the state threaded from call to call; fills ``row``; returns the last state."""
+    state = [trainer.init_state()]
+    metrics = []
+
+    def call():
+        state[0], m = trainer.step(state[0], batch)
+        metrics.append(m)
+        del metrics[1:-1]  # keep the first step's and the latest step's
+        return state[0].params, m
+
+    with _CompileWatch() as watch:
+        row["step_ms"], row["runs"] = time_calls(call, min_runs=3, max_runs=20,
+                                                 budget_s=args.measure_s)
+    row["traces_while_timing"] = watch.count
+    row["steps"] = state[0].step
+    row["loss"] = float(metrics[0]["loss"])  # the first step's, from the initial state
+    row["last_step_finite"] = bool(metrics[-1]["finite"])
+    return state[0]
+
+
+def bench_train_step(args, env):
+    from mfuser_jax import sharding as shd
     from mfuser_jax.flops import train_step_flops
+    from mfuser_jax.trainer import Trainer
 
     deadline = _deadline(args)  # the model build and the peak measurement count too
-    cfg, model = _build_model(args)
-    size = int(cfg.image_size)
+    model_cfg, model = _build_model(args)
+    size = int(model_cfg.image_size)
     peak = env.setdefault("bf16_matmul_peak_FLOPs", matmul_peak(512 if args.smoke else 8192))
     print(f"  measured bf16 matmul peak {peak / 1e12:.1f} TFLOP/s", flush=True)
     cases = [(int(b), bool(int(r))) for b, r in (c.split(":") for c in args.train_cases.split(","))]
     if args.smoke:
         cases = [(b, r) for b, r in cases if b <= 2] or [(2, False)]
-    tx = optax.adamw(1e-4, weight_decay=1e-4)
-    model.train()
-    trainable = nnx.All(nnx.Param, model.trainable_filter)
-    opt_state = tx.init(nnx.state(model, trainable))
-
-    def make_step(graphdef):  # a fresh function per graphdef: jit caches traces by function
-        def step(params, batch_stats, opt_state, rest, images, labels, key):
-            def loss_fn(params):
-                m = nnx.merge(graphdef, params, batch_stats, rest, copy=True)
-                total, _ = m.loss(images, labels, key)
-                return total.astype(jnp.float32), nnx.state(m, nnx.BatchStat)
-
-            (total, new_bs), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-            updates, new_opt = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), new_bs, new_opt, total
-        return step
-
     rows = args.rows
     for batch, remat in cases:
-        case = f"MFuser-CLIP {size}px {cfg.dtype} B={batch} remat={remat}"
+        case = f"MFuser-CLIP {size}px {model_cfg.dtype} B={batch} remat={remat}"
+        if args.grad_accum and args.grad_accum > 1:
+            case += f" accum={args.grad_accum}"
         if time.perf_counter() > deadline:
             rows.append(_skip_row("train_step", case))
             continue
         row = dict(section="train_step", case=case, batch=batch, remat=remat, image=size)
-        model.backbone.remat = remat  # read at trace time: one model serves both settings
-        graphdef, params, batch_stats, rest = nnx.split(model, trainable, nnx.BatchStat, ...)
-        images = jax.random.randint(jax.random.key(2), (batch, size, size, 3), 0, 256).astype(jnp.uint8)
-        labels = jax.random.randint(jax.random.key(3), (batch, size, size), 0, int(cfg.num_classes))
-        args_ = (params, batch_stats, opt_state, rest, images, labels, jax.random.key(4))
+        rows.append(row)  # filled in place: an interrupted case keeps its compile time
         try:
-            t0 = time.perf_counter()
-            compiled = jax.jit(make_step(graphdef)).lower(*args_).compile()
-            row["compile_s"] = time.perf_counter() - t0
-            row["step_ms"], row["runs"] = time_fn(compiled, *args_, min_runs=3, max_runs=20,
-                                                  budget_s=args.measure_s)
+            model_cfg, model = _build_model(args)  # built again after a failed step
+            config = _train_config(args, model_cfg, batch=batch, remat=remat)
+            row["grad_accum"] = int(config.optim.get("grad_accum", 1))
+            # What config.model.remat does at build time, on the shared model (read at trace
+            # time, so it is set before the Trainer takes the model's graph).
+            model.set_layer_execution(remat=remat)
+            with _training_precision(config):
+                mesh = shd.make_mesh(config.get("mesh", None))
+                trainer = Trainer(config, model, mesh)
+                t0 = time.perf_counter()
+                compiled = trainer.lower(batch, size).compile()  # what trainer.step runs
+                row["compile_s"] = time.perf_counter() - t0
+                row["temp_MiB"] = (temp_bytes(compiled) or 0) / 2**20
+                try:
+                    cost = compiled.cost_analysis()
+                    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+                    row["xla_TFLOP"] = float(cost["flops"]) / 1e12
+                except Exception:
+                    pass
+                compiled = None
+                data = _random_batch(batch, size, int(model_cfg.num_classes))
+                state = _time_trainer_step(trainer, data, row, args)
+            trainer.merged_model(state)  # the model keeps weights: its own were donated
         except Exception as e:
-            row["error"] = _err(e)
-            rows.append(row)
+            row["error"] = _config_err(e)
             print(f"  {case}: {row['error']}", flush=True)
+            _drop_model_if_consumed(args)
             continue
-        flops = train_step_flops(cfg, batch, (size, size), remat=remat)
+        finally:
+            trainer = state = None
+        flops = train_step_flops(model_cfg, batch, (size, size), remat=remat)
         row["images_per_s"] = batch / (row["step_ms"] * 1e-3)
         row["analytic_TFLOP"] = flops["model"] / 1e12
         row["MFU"] = flops["model"] / (row["step_ms"] * 1e-3) / peak
         row["HFU"] = flops["executed"] / (row["step_ms"] * 1e-3) / peak
-        row["temp_MiB"] = (temp_bytes(compiled) or 0) / 2**20
         peak_mem = _peak_memory_bytes()  # the process's peak so far (None on CPU)
         row["peak_mem_MiB"] = None if peak_mem is None else peak_mem / 2**20
-        try:
-            cost = compiled.cost_analysis()
-            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-            row["xla_TFLOP"] = float(cost["flops"]) / 1e12
-            row["analytic_vs_xla"] = flops["executed"] / float(cost["flops"])
-        except Exception:
-            pass
-        rows.append(row)
+        if "xla_TFLOP" in row:
+            row["analytic_vs_xla"] = flops["executed"] / (row["xla_TFLOP"] * 1e12)
         print(f"  {case}: {row['step_ms']:.1f} ms/step, {row['images_per_s']:.2f} img/s, "
-              f"MFU {row['MFU']:.3f}, compile {row['compile_s']:.0f} s", flush=True)
-    model.backbone.remat = bool(cfg.remat)
+              f"MFU {row['MFU']:.3f}, compile {row['compile_s']:.0f} s, "
+              f"first loss {row['loss']:.4f}", flush=True)
+    cached = _MODELS.get(_model_key(args))
+    if cached is not None:  # the shared model as built, for the sections after this one
+        cached[1].set_layer_execution(remat=bool(cached[0].remat))
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# section: sliding-window evaluation
 
 
 def bench_sliding_window(args, env):
@@ -425,19 +559,23 @@ def bench_sliding_window(args, env):
     return args.rows
 
 
+# ---------------------------------------------------------------------------------------------
 # section: memory and compile time of the paper-config train step and its parts (compile only)
 
-def bench_step_memory(args, env):
-    """XLA's working memory (temporaries) and compile time of the configs/gta2cs.py train
-    step and of its parts, from shapes alone: no weights, no data, so it runs anywhere
-    (compiled for this machine's backend). Parts: backbone forward; backbone forward +
-    backward; everything after the backbone (text, enhancer, score map, tqdm head, losses)
-    forward + backward; the whole train step with AdamW and the NaN guard."""
-    from flax import nnx
 
-    from configs import gta2cs
+def bench_step_memory(args, env):
+    """XLA's working memory (temporaries) and compile time of the configs/gta2cs.py
+    Trainer's step and of its parts, from shapes alone: no weights, no data, so it runs
+    anywhere (compiled for this machine's backend). One Trainer per case over a model built
+    from shapes (what ``scripts/train.py --compile_only`` compiles). Parts, through the
+    Trainer's own split of the model (trainable params, batch statistics, the rest):
+    backbone forward; backbone forward + backward; everything after the backbone (text,
+    enhancer, score map, tqdm head, losses) forward + backward. Then the whole step,
+    ``Trainer.lower(batch, crop).compile()``: loss and gradients, the config's optimizer,
+    the non-finite guard (and gradient accumulation when configured)."""
+    from mfuser_jax import sharding as shd
     from mfuser_jax.models.factory import build_model
-    from mfuser_jax.train import compile_train_step
+    from mfuser_jax.trainer import Trainer
 
     rows = args.rows
     deadline = _deadline(args)
@@ -445,59 +583,71 @@ def bench_step_memory(args, env):
         batch, dtype, remat = spec.split(":")
         batch, remat = int(batch), bool(int(remat))
         case = f"{'tiny' if args.smoke else 'MFuser-CLIP-L'} B={batch} {dtype} remat={remat}"
+        if args.grad_accum and args.grad_accum > 1:
+            case += f" accum={args.grad_accum}"
         if time.perf_counter() > deadline:
             rows.append(_skip_row("step_memory", case))
             continue
-        cfg = gta2cs.get_config("size=tiny" if args.smoke else None)
-        cfg.model.pretrained, cfg.batch_size = "", batch
-        cfg.model.dtype, cfg.model.remat = dtype, remat
-        size = int(cfg.data.crop_size)
-        model = nnx.eval_shape(lambda: build_model(cfg.model, rngs=nnx.Rngs(0)))
-        graphdef, trainable, rest = nnx.split(model, model.trainable_filter, ...)
-        images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
-        labels = jax.ShapeDtypeStruct((batch, size, size), jnp.int32)
-        key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-
-        # the frozen state is an argument too: closed-over shapes cannot be computed with
-        def merged(trainable, rest):
-            m = nnx.merge(graphdef, trainable, rest, copy=True)
-            m.train()
-            return m
-
-        def backbone_forward(trainable, rest, images, key):
-            return merged(trainable, rest).backbone(images, key=key)
-
-        def backbone_grad(trainable, rest, images, key):
-            total = lambda t: sum(jnp.sum(x.astype(jnp.float32))  # noqa: E731
-                                  for x in jax.tree.leaves(backbone_forward(t, rest, images, key)))
-            return jax.grad(total)(trainable)
-
-        outputs = jax.eval_shape(backbone_forward, trainable, rest, images, key)
-
-        def decode_and_loss_grad(trainable, rest, outputs, labels, key):
-            def total(t):
-                m = merged(t, rest)
-                return m.loss_of_outputs(m.decode(*outputs), labels, key)[0]
-            return jax.grad(total)(trainable)
-
-        parts = [("backbone fwd", backbone_forward, (trainable, rest, images, key)),
-                 ("backbone fwd+bwd", backbone_grad, (trainable, rest, images, key)),
-                 ("decode+loss fwd+bwd", decode_and_loss_grad,
-                  (trainable, rest, outputs, labels, key))]
         row = dict(section="step_memory", case=case, batch=batch, dtype=dtype, remat=remat)
         rows.append(row)  # filled in place: an interrupted case keeps its parts
         try:
-            for name, fn, fn_args in parts:
+            cfg = _train_config(args, batch=batch, remat=remat, dtype=dtype)
+            size = int(cfg.data.crop_size)
+            with _training_precision(cfg):
+                model = nnx.eval_shape(lambda: build_model(cfg.model,
+                                                           rngs=nnx.Rngs(int(cfg.seed))))
+                trainer = Trainer(cfg, model, shd.make_mesh(cfg.get("mesh", None)))
+                params, batch_stats, rest = (trainer.init_params, trainer.init_batch_stats,
+                                             trainer.rest)
+                # the backbone's input: normalised float images, as MFuser.forward passes them
+                images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+                labels = jax.ShapeDtypeStruct((batch, size, size), jnp.int32)
+                key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+
+                # the frozen state is an argument too: closed-over shapes cannot be computed with
+                def merged(params, batch_stats, rest):
+                    m = trainer.merge(params, batch_stats, rest)
+                    m.train()
+                    return m
+
+                def backbone_forward(params, batch_stats, rest, images, key):
+                    return merged(params, batch_stats, rest).backbone(images, key=key)
+
+                def backbone_grad(params, batch_stats, rest, images, key):
+                    total = lambda p: sum(  # noqa: E731
+                        jnp.sum(x.astype(jnp.float32))
+                        for x in jax.tree.leaves(backbone_forward(p, batch_stats, rest, images, key)))
+                    return jax.grad(total)(params)
+
+                outputs = jax.eval_shape(backbone_forward, params, batch_stats, rest, images, key)
+
+                def decode_and_loss_grad(params, batch_stats, rest, outputs, labels, key):
+                    def total(p):
+                        m = merged(p, batch_stats, rest)
+                        return m.loss_of_outputs(m.decode(*outputs), labels, key)[0]
+                    return jax.grad(total)(params)
+
+                state = (params, batch_stats, rest)
+                parts = [("backbone fwd", backbone_forward, (*state, images, key)),
+                         ("backbone fwd+bwd", backbone_grad, (*state, images, key)),
+                         ("decode+loss fwd+bwd", decode_and_loss_grad,
+                          (*state, outputs, labels, key))]
+                for name, fn, fn_args in parts:
+                    t0 = time.perf_counter()
+                    compiled = jax.jit(fn).lower(*fn_args).compile()
+                    row[f"{name} compile_s"] = time.perf_counter() - t0
+                    row[f"{name} temp_GiB"] = (temp_bytes(compiled) or 0) / 2**30
                 t0 = time.perf_counter()
-                compiled = jax.jit(fn).lower(*fn_args).compile()
-                row[f"{name} compile_s"] = time.perf_counter() - t0
-                row[f"{name} temp_GiB"] = (temp_bytes(compiled) or 0) / 2**30
-            step = compile_train_step(cfg, log=lambda line: None)  # what --compile_only runs
-            row["step compile_s"] = step["compile_s"]
-            row["step temp_GiB"] = step["temp_bytes"] / 2**30
-            row["step arguments_GiB"] = step["argument_bytes"] / 2**30
+                lowered = trainer.lower(batch, size)  # the Trainer's jitted step
+                t1 = time.perf_counter()
+                compiled = lowered.compile()
+                row["step trace_s"] = t1 - t0
+                row["step compile_s"] = time.perf_counter() - t1
+                mem = compiled.memory_analysis()
+                row["step temp_GiB"] = int(mem.temp_size_in_bytes) / 2**30
+                row["step arguments_GiB"] = int(mem.argument_size_in_bytes) / 2**30
         except Exception as e:
-            row["error"] = _err(e)
+            row["error"] = _config_err(e)
         print(f"  {case}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()
                                        if isinstance(v, float)), flush=True)
     return rows
@@ -515,7 +665,7 @@ def print_table(rows):
     cols = ["case", "fwd_ms", "fwd_bwd_ms", "fwd_temp_MiB", "fwd_bwd_temp_MiB", "floor_ms", "fwd_x_floor",
             "rel_err_vs_reference", "grad_rel_err_vs_reference", "fwd_growth", "fwd_bwd_growth",
             "token_growth", "step_ms", "image_ms", "images_per_s", "MFU", "HFU", "temp_MiB",
-            "peak_mem_MiB", "analytic_vs_xla", "compile_s", "error"]
+            "peak_mem_MiB", "analytic_vs_xla", "compile_s", "loss", "error"]
     cols = [c for c in cols if any(c in r for r in rows)]
 
     def fmt(v):
@@ -531,8 +681,10 @@ def print_table(rows):
             print("-+-".join("-" * w for w in widths))
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    """The command line of scripts/benchmark.py."""
+    parser = argparse.ArgumentParser(prog="scripts/benchmark.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: a quick CPU check that everything runs")
     parser.add_argument("--out", help="folder for <section>.json results")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {list(SECTIONS)}")
@@ -547,11 +699,25 @@ def main(argv=None):
                              "mvfuser_vs_attention baseline (cudnn: GPU, bfloat16)")
     parser.add_argument("--train-cases", default="2:0,4:0,8:0,2:1,4:1,8:1",
                         help="train_step cases, comma-separated batch:remat (remat 0/1)")
+    parser.add_argument("--grad-accum", type=int, default=0,
+                        help="train_step and step_memory: optim.grad_accum micro-batches per step "
+                             "(0: the config's, 1 in configs/gta2cs.py)")
     parser.add_argument("--crop-batch", type=int, default=6, help="sliding-window crops per model call")
     parser.add_argument("--memory-cases", default="1:float32:1,2:float32:1,4:float32:1,2:bfloat16:1,2:float32:0",
                         help="step_memory cases, comma-separated batch:dtype:remat (remat 0/1)")
+    return parser
+
+
+def main(argv=None):
+    """Runs the chosen sections, writes <section>.json under --out after each, prints the
+    table; returns every row."""
+    parser = build_parser()
     args = parser.parse_args(argv)
-    env = environment()
+    names = args.sections.split(",")
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown section {unknown[0]!r}; choose from {list(SECTIONS)}")
+    env = environment(argv)
     env["copy_bandwidth_Bps"] = copy_bandwidth(64 * 2**20 if args.smoke else 1024 * 2**20)
     # What scan_backend="auto" runs here (on a GPU: after probing the Pallas kernel; a fallback
     # warns with the reason).
@@ -560,9 +726,7 @@ def main(argv=None):
           f"copy bandwidth {env['copy_bandwidth_Bps'] / 1e9:.1f} GB/s, "
           f"scan 'auto' = {env['scan_auto_backend']}", flush=True)
     all_rows = []
-    for name in args.sections.split(","):
-        if name not in SECTIONS:
-            parser.error(f"unknown section {name!r}; choose from {list(SECTIONS)}")
+    for name in names:
         print(f"[{name}]", flush=True)
         args.rows = []  # sections append here, so an interrupted section keeps its rows
         interrupted = False
@@ -580,7 +744,4 @@ def main(argv=None):
             break
     print()
     print_table(all_rows)
-
-
-if __name__ == "__main__":
-    main()
+    return all_rows
