@@ -174,7 +174,10 @@ class Trainer(SplitModel):
         labels = jax.ShapeDtypeStruct((batch_size, image_size, image_size), jnp.int32,
                                       sharding=batch)
         rest = jax.tree.map(_sds, self.rest, self.rest_shardings)
-        step = jax.ShapeDtypeStruct((), jnp.int32, sharding=shd.replicated(self.mesh))
+        # The step counter as step() passes it: a host int32, placed by the jit's
+        # in_shardings. (Given a sharding here, the jit's cache would tell this program from
+        # the one step() calls, and step() would trace and compile the same module again.)
+        step = jax.ShapeDtypeStruct((), jnp.int32)
         args = (tree["params"], tree["batch_stats"], rest, tree["opt_state"], images, labels, step)
         if platforms is None:
             return self._step.lower(*args)

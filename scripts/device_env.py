@@ -29,7 +29,7 @@ import zipfile
 REQUIRED = {"jax": "everything", "flax": "the model", "chex": "the model", "numpy": "everything"}
 OPTIONAL = {"optax": "the train_step section and training", "orbax.checkpoint": "checkpoints in training",
             "torch": "the scan tests (float64 reference)", "pytest": "the scan tests",
-            "ml_collections": "configs/ (training and evaluation scripts)",
+            "ml_collections": "configs/ (the train_step section, training and evaluation scripts)",
             "grain": "the data pipeline", "tensorflow_datasets": "nothing in the check (data preparation only)"}
 
 

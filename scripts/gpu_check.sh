@@ -8,6 +8,8 @@
 #      torch are there;
 #   3. every benchmark section in its own process under a hard limit (SIGINT: the section keeps
 #      and writes what it measured); the scan 'auto' decision (Pallas probe) is in each log.
+#      train_step times the Trainer's step of the configs/ training config: it needs optax and
+#      ml_collections (the GPU image lacks the latter: carry its wheel, scripts/fetch_wheels.sh).
 # Results: $OUT/<section>.json, $OUT/versions.txt and $OUT/check.log (every step's output; few
 # files, since the device tool returns at most 8).
 #   bash scripts/gpu_check.sh --lower   (or LOWER_ONLY=1): only the lowering checks, on any machine
@@ -124,9 +126,10 @@ for name in ${SECTIONS//,/ }; do
   case $name in
     scan) section scan 60 40 --measure-s 1 ;;
     mvfuser_vs_attention) section mvfuser_vs_attention 70 50 --measure-s 1 ;;
-    train_step)
-      if has optax; then section train_step 200 140 --measure-s 3 --train-cases "$TRAIN_CASES"
-      else echo "=== train_step skipped: optax absent"; fi ;;
+    train_step)  # the Trainer's step of the configs/ training config: optax and ml_collections
+      if has optax && has ml_collections; then
+        section train_step 200 140 --measure-s 3 --train-cases "$TRAIN_CASES"
+      else echo "=== train_step skipped: optax or ml_collections absent (carry .whl/: scripts/fetch_wheels.sh)" | tee -a "$OUT/check.log"; fi ;;
     sliding_window) section sliding_window 80 60 --measure-s 5 ;;
     *) echo "=== unknown section $name (choose from scan, mvfuser_vs_attention, train_step, sliding_window)" ;;
   esac

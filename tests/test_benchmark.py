@@ -1,23 +1,21 @@
-"""scripts/benchmark.py in --smoke mode: every section runs end to end and writes its JSON.
+"""mfuser_jax/benchmark.py (scripts/benchmark.py's library) in --smoke mode: every section
+runs end to end and writes its JSON, and the train_step section times the Trainer's own step.
 No timing assertions (CPU timings are noise); the rows must carry their measurements."""
 
 import importlib.util
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
+from mfuser_jax.run import benchmark as bench
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "benchmark.py")
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("mfuser_benchmark_script", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _rows(out, section):
@@ -28,15 +26,17 @@ def _rows(out, section):
 
 
 def test_benchmark_imports_no_data_stack():
-    # The GPU image has no grain / ml_collections / tensorflow_datasets: the benchmark and the
-    # model path it builds must not import them.
+    # The GPU image has no grain / ml_collections / tensorflow_datasets: the script, the
+    # library and the model path its scan / MVFuser / sliding-window sections build must not
+    # import them (train_step and step_memory build the ml_collections training config).
     code = ("import importlib.util, sys\n"
             f"spec = importlib.util.spec_from_file_location('b', {SCRIPT!r})\n"
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+            "assert m.main.__module__ == 'mfuser_jax.run.benchmark'\n"
             "import mfuser_jax.model.mfuser, mfuser_jax.run.evaluate, mfuser_jax.run.flops, optax\n"
+            "import mfuser_jax.trainer, mfuser_jax.model.factory, mfuser_jax.startup\n"
             "from configs.base import plain_model_config\n"
-            "from mfuser_jax.model.config import ModelConfig\n"
-            "assert ModelConfig.preset('large').to_dict() == plain_model_config()\n"
+            "cfg = plain_model_config()\n"
             "print(sorted(k for k in sys.modules if k.split('.')[0] in "
             "('grain', 'ml_collections', 'tensorflow_datasets', 'tensorflow')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
@@ -117,8 +117,44 @@ def test_device_env_installs_a_carried_wheel_only_where_missing(tmp_path):
             sys.path.remove(str(target))
 
 
+def test_benchmark_is_a_program_nothing_in_the_package_imports():
+    # mfuser_jax/run/benchmark.py sits beside train.py and lowering.py as a program:
+    # no module of the package imports it.
+    pattern = re.compile(r"mfuser_jax\.run\.benchmark\b"
+                         r"|from mfuser_jax\.run import [^\n]*\bbenchmark\b"
+                         r"|from \.+ import [^\n]*\bbenchmark\b|from \.benchmark\b")
+    package = os.path.join(ROOT, "mfuser_jax")
+    for folder, _, files in os.walk(package):
+        for name in files:
+            path = os.path.join(folder, name)
+            if name.endswith(".py") and path != os.path.join(package, "run", "benchmark.py"):
+                with open(path) as f:
+                    assert not pattern.search(f.read()), path
+
+
+def test_train_config_is_the_paper_config_with_the_flags_applied():
+    # What the train_step and step_memory sections give the Trainer: configs/gta2cs.py's
+    # training config (its optimizer), the case's batch / remat / dtype, the flags.
+    from configs import gta2cs
+
+    args = bench.build_parser().parse_args(["--smoke", "--attn", "xla", "--scan-backend",
+                                            "associative", "--grad-accum", "2"])
+    model_cfg = bench._model_config(args)
+    config = bench._train_config(args, model_cfg, batch=4, remat=True)
+    paper = gta2cs.get_config("size=tiny")
+    assert config.optim.grad_accum == 2 and paper.optim.grad_accum == 1
+    assert {k: v for k, v in config.optim.items() if k != "grad_accum"} == \
+        {k: v for k, v in paper.optim.items() if k != "grad_accum"}
+    assert config.total_steps == paper.total_steps and config.seed == paper.seed
+    assert config.batch_size == 4 and config.model.remat is True
+    assert config.model.pretrained == "" and config.model.mvfuser.scan_backend == "associative"
+    assert config.model.image_size == model_cfg.image_size == paper.model.image_size
+    shapes = bench._train_config(args, batch=1, remat=False, dtype="bfloat16")
+    assert shapes.model.dtype == "bfloat16" and shapes.model.remat is False
+    assert shapes.optim.grad_accum == 2
+
+
 def test_section_budget_skips(tmp_path):
-    bench = _load()
     bench.main(["--smoke", "--out", str(tmp_path), "--sections", "mvfuser_vs_attention",
                 "--budget-s", "1e-9"])
     rows = _rows(tmp_path, "mvfuser_vs_attention")
@@ -126,15 +162,33 @@ def test_section_budget_skips(tmp_path):
 
 
 @pytest.mark.slow
-def test_smoke_train_step_and_sliding_window(tmp_path):
-    # One model build and one compile of the full training step (remat on): ~1.5 min on 2 cores.
-    bench = _load()
+def test_smoke_train_step_is_the_trainers_step_and_sliding_window(tmp_path, monkeypatch):
+    # One model build and one compile of the Trainer's step (remat on): ~1.5 min on 2 cores.
+    # Every timed call is Trainer.step (spied), from a fresh train state, on the program
+    # Trainer.lower compiled (no trace or compile while timing); the row's loss is the
+    # first step's.
+    from mfuser_jax.trainer import Trainer
+
+    calls = []
+    step = Trainer.step
+
+    def spied(self, state, batch):
+        new_state, metrics = step(self, state, batch)
+        calls.append((state.step, float(metrics["loss"]), batch["image"].shape))
+        return new_state, metrics
+
+    monkeypatch.setattr(Trainer, "step", spied)
     bench.main(["--smoke", "--out", str(tmp_path), "--sections", "train_step,sliding_window",
                 "--measure-s", "0.01", "--train-cases", "2:1"])
     (row,) = _rows(tmp_path, "train_step")
     assert "error" not in row, row
     assert row["step_ms"] > 0 and row["images_per_s"] > 0 and 0 < row["MFU"] < row["HFU"]
     assert row["analytic_TFLOP"] > 0 and row["xla_TFLOP"] > 0
+    size = row["image"]
+    assert [c[0] for c in calls] == list(range(row["steps"])) and row["steps"] == row["runs"] + 2
+    assert all(c[2] == (2, size, size, 3) for c in calls)
+    assert row["loss"] == calls[0][1] and math.isfinite(row["loss"]) and row["last_step_finite"]
+    assert row["traces_while_timing"] == 0 and row["grad_accum"] == 1
     (sw,) = _rows(tmp_path, "sliding_window")
     assert "error" not in sw, sw
     assert sw["images_per_s"] > 0 and sw["runs"] >= 3
