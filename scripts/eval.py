@@ -53,7 +53,7 @@ def main(argv):
         return
     if not FLAGS.workdir:
         _cli.fail("--workdir is required (see --help)")
-    from mfuser_jax.run.train import evaluate_checkpoint
+    from mfuser_jax.run.evaluate import evaluate_checkpoint
     config = _cli.config_or_workdir(FLAGS.config, FLAGS.workdir)
     if FLAGS.flip or FLAGS.ratios:
         try:

@@ -23,6 +23,8 @@ from tests.test_train_toy import fake_eval_iter, fake_train_iter, register_toy, 
 register_toy()
 from mfuser_jax import checkpoints as C  # noqa: E402
 from mfuser_jax.run import train as T  # noqa: E402
+from mfuser_jax.run import evaluate as E  # noqa: E402
+from mfuser_jax.run import restore as R  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "tests", "test_train_toy.py")
@@ -198,7 +200,7 @@ def test_unreadable_checkpoint_without_manifest_is_set_aside(workdir, part):
             os.truncate(path, os.path.getsize(path) // 2)
         # evaluation names it and the intact steps, and moves nothing
         with pytest.raises(T.UserError) as e:
-            T.restore_model(toy_config(), workdir)
+            R.restore_model(toy_config(), workdir)
         assert str(e.value).startswith(
             f"checkpoint {ckpt} is damaged (Orbax cannot read it: ")
         assert str(e.value).endswith("; intact: 4 (choose one with --step N)")
@@ -233,18 +235,18 @@ def test_eval_predict_export_refuse_a_damaged_checkpoint(workdir, tmp_path, caps
     config = toy_config()
     image = str(tmp_path / "a.png")
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(image)
-    for job, args in [(T.evaluate_checkpoint, (config, workdir, None)),
+    for job, args in [(E.evaluate_checkpoint, (config, workdir, None)),
                       (predict, (config, workdir, [image], str(tmp_path / "p"), None, None,
                                  0.5)),
                       (export_stablehlo, (config, workdir, str(tmp_path / "x.hlo")))]:
-        kw = {"eval_iter_fn": fake_eval_iter} if job is T.evaluate_checkpoint else {}
+        kw = {"eval_iter_fn": fake_eval_iter} if job is E.evaluate_checkpoint else {}
         assert _cli(job, *args, **kw) == 2
         assert capsys.readouterr().err == want
     # no score of damaged weights (eval checks W/eval is writable first, so it may exist)
     assert not glob.glob(os.path.join(workdir, "eval", "*"))
     assert _listing(workdir) == ["4", "8"]  # evaluation moves nothing
     # --step picks an intact one
-    res = T.evaluate_checkpoint(config, workdir, 4, eval_iter_fn=fake_eval_iter,
+    res = E.evaluate_checkpoint(config, workdir, 4, eval_iter_fn=fake_eval_iter,
                                 log=lambda s: None)
     assert set(res) == {"synthetic_toy"}
     assert os.path.exists(os.path.join(workdir, "eval", "synthetic_toy_step4.json"))

@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_train_toy import fake_eval_iter, fake_train_iter, register_toy, toy_config  # noqa: E402
 
 from mfuser_jax.run import train as T  # noqa: E402
+from mfuser_jax.run import restore as R  # noqa: E402
 from mfuser_jax.run.evaluate import SlidingWindowPredictor  # noqa: E402
 from mfuser_jax.run.export import (  # noqa: E402
     export_predictor,
@@ -78,7 +79,7 @@ def test_cli_export_runs_in_a_fresh_process_like_the_live_model(toy_run, tmp_pat
     assert "for 21x30 images (cpu) written to" in res.stdout
     image = np.random.default_rng(0).integers(0, 256, (21, 30, 3), np.uint8)
     scores, names = _run_fresh(out, image, tmp_path)
-    model, _ = T.restore_model(config, workdir)
+    model, _ = R.restore_model(config, workdir)
     live = SlidingWindowPredictor(model, crop=16, stride=11, crop_batch=8)(image)
     assert scores.shape == (21, 30, 3) and names == ["red", "green", "blue"]
     np.testing.assert_allclose(scores, live, rtol=0, atol=1e-5)
@@ -90,7 +91,7 @@ def test_classes_and_the_fixed_size(toy_run, tmp_path):
     assert info["input"] == [16, 16, 3] and info["output"] == [16, 16, 2]  # one crop
     predictor = load_stablehlo(str(tmp_path / "p.npz"))
     image = np.random.default_rng(1).integers(0, 256, (16, 16, 3), np.uint8)
-    model, _ = T.restore_model(config, workdir)
+    model, _ = R.restore_model(config, workdir)
     live = SlidingWindowPredictor(model, crop=16, stride=11, crop_batch=8,
                                   class_names=["blue", "red"])
     assert predictor.class_names == ["blue", "red"] and predictor.meta["step"] == 2

@@ -17,6 +17,8 @@ from tests.test_train_toy import (fake_eval_iter, fake_train_iter, register_toy,
 register_toy()
 from mfuser_jax import sharding as shd  # noqa: E402
 from mfuser_jax.run import train as T  # noqa: E402
+from mfuser_jax.run import evaluate as E  # noqa: E402
+from mfuser_jax.run import restore as R  # noqa: E402
 from mfuser_jax.optim import lr_schedule, make_optimizer  # noqa: E402
 from mfuser_jax.startup import create_model  # noqa: E402
 from mfuser_jax.trainer import Trainer  # noqa: E402
@@ -65,7 +67,7 @@ def test_eval_from_checkpoint_reproduces_training_eval(run, tmp_path, capsys):
     want = json.load(open(os.path.join(workdir, "eval", "synthetic_toy_step12.json")))
     os.remove(os.path.join(workdir, "eval", "synthetic_toy_step12.json"))
     sized = lambda *a, **kw: SizedIterator(fake_eval_iter(*a, **kw), 3)  # noqa: E731
-    res = T.evaluate_checkpoint(config, workdir, eval_iter_fn=sized)
+    res = E.evaluate_checkpoint(config, workdir, eval_iter_fn=sized)
     got = json.load(open(os.path.join(workdir, "eval", "synthetic_toy_step12.json")))
     assert res == {"synthetic_toy": got["miou"]}
     assert got == want
@@ -73,15 +75,15 @@ def test_eval_from_checkpoint_reproduces_training_eval(run, tmp_path, capsys):
     assert "eval synthetic_toy" in progress and "3/3" in progress
     assert re.search(r"(img/s|s/img)\]", progress)  # tqdm turns the rate round when slow
     # an older checkpoint is a different model
-    res4 = T.evaluate_checkpoint(config, workdir, step=4, eval_iter_fn=fake_eval_iter)
+    res4 = E.evaluate_checkpoint(config, workdir, step=4, eval_iter_fn=fake_eval_iter)
     assert res4["synthetic_toy"] != got["miou"]
     with pytest.raises(T.UserError, match="no checkpoint for step 5"):
-        T.evaluate_checkpoint(config, workdir, step=5, eval_iter_fn=fake_eval_iter)
+        E.evaluate_checkpoint(config, workdir, step=5, eval_iter_fn=fake_eval_iter)
 
 
 def test_frozen_params_untouched_and_trained_changed(run):
     config, workdir, _ = run
-    model, step = T.restore_model(config, workdir)
+    model, step = R.restore_model(config, workdir)
     fresh = create_model(config)
     assert step == 12
     np.testing.assert_array_equal(np.asarray(model.frozen.kernel[...]),
@@ -154,7 +156,7 @@ def test_predict_writes_masks_and_overlays(run, tmp_path):
     pal = predict_lib.palette_for(["red", "green", "blue"], ["red", "green", "blue"])
     # the mask is the palette colour of the argmax of the sliding-window scores
     from mfuser_jax.run.evaluate import SlidingWindowPredictor
-    model, _ = T.restore_model(config, workdir)
+    model, _ = R.restore_model(config, workdir)
     scores = SlidingWindowPredictor(model, crop=16, stride=11, crop_batch=8)(image)
     np.testing.assert_array_equal(mask, pal[scores.argmax(-1)])
     # custom classes: two of them, two colours
@@ -214,7 +216,7 @@ def test_workdir_refuses_another_model_before_touching_it(run, tmp_path):
     config, workdir, _ = run
     wider = toy_config(**{"model.width": 16})
     with pytest.raises(T.UserError, match=r"model.width=8 there, 16 here"):
-        T.restore_model(wider, workdir)
+        R.restore_model(wider, workdir)
     copy = str(tmp_path / "w")
     shutil.copytree(workdir, copy)
     before = open(os.path.join(copy, "config.json")).read()
@@ -224,5 +226,5 @@ def test_workdir_refuses_another_model_before_touching_it(run, tmp_path):
     # without config.json the restore itself fails: one line, not Orbax's tree diff
     os.remove(os.path.join(copy, "config.json"))
     with pytest.raises(T.UserError, match=r"checkpoints/12 does not fit the model") as e:
-        T.restore_model(wider, copy)
+        R.restore_model(wider, copy)
     assert "\n" not in str(e.value)

@@ -15,6 +15,7 @@ from tests.test_train_toy import fake_train_iter, register_toy, toy_config
 register_toy()
 from mfuser_jax import sharding as shd  # noqa: E402
 from mfuser_jax.run import train as T  # noqa: E402
+from mfuser_jax.run import restore as R  # noqa: E402
 from mfuser_jax.startup import create_model  # noqa: E402
 from mfuser_jax.trainer import Trainer  # noqa: E402
 
@@ -28,7 +29,7 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
     steps = [json.loads(x)["step"] for x in open(os.path.join(workdir, "metrics.jsonl"))]
     assert steps == [1, 2, 3]
-    model, step = T.restore_model(config, workdir)
+    model, step = R.restore_model(config, workdir)
     assert step == 2
     assert np.isfinite(np.asarray(model.stem.kernel[...])).all()
 

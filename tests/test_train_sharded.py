@@ -56,7 +56,7 @@ def test_eight_devices_match_one(tmp_path, single_device_losses):
 
 
 def _assert_eval_reproduced(workdir):
-    from mfuser_jax.run.train import evaluate_checkpoint
+    from mfuser_jax.run.evaluate import evaluate_checkpoint
     from tests.test_train_toy import fake_eval_iter
     report = json.load(open(os.path.join(workdir, "eval", f"synthetic_toy_step{STEPS}.json")))
     single = evaluate_checkpoint(toy_config(total_steps=STEPS), workdir,

@@ -15,6 +15,8 @@ from tests.test_train_toy import (fake_eval_iter, fake_train_iter, register_toy,
 
 register_toy()
 from mfuser_jax.run import train as T  # noqa: E402
+from mfuser_jax.run import evaluate as E  # noqa: E402
+from mfuser_jax.run import restore as R  # noqa: E402
 from mfuser_jax.errors import UserError  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +71,7 @@ def test_predict_resizes_to_the_evaluation_scale_and_back(toy, tmp_path):
     classes = np.argmax((mask[..., None, :] == pal).all(-1), -1)
     # the evaluator, given the 40x20 test-resized image and this map as the label, agrees
     # on every pixel: the same resize, window, resize back and argmax
-    model, _ = T.restore_model(config, workdir)
+    model, _ = R.restore_model(config, workdir)
     small = test_resize(image, (40, 20))
     assert small.shape == (20, 40, 3)
     cm = np.asarray(ImageEvaluator(model, num_classes=3, crop=16, stride=11, crop_batch=8)(
@@ -267,9 +269,9 @@ def test_eval_of_a_read_only_workdir_fails_first_or_writes_to_out(toy, tmp_path,
 
     with pytest.raises(UserError, match=r"cannot write to .*/w/eval: .*give scripts/eval.py "
                                         r"--out DIR\)"):
-        T.evaluate_checkpoint(c, str(copy), eval_iter_fn=eval_iter)
+        E.evaluate_checkpoint(c, str(copy), eval_iter_fn=eval_iter)
     assert not used  # before any image
-    res = T.evaluate_checkpoint(c, str(copy), eval_iter_fn=eval_iter,
+    res = E.evaluate_checkpoint(c, str(copy), eval_iter_fn=eval_iter,
                                 out=str(tmp_path / "results"))
     assert used
     got = json.load(open(tmp_path / "results" / "synthetic_toy_step4.json"))
@@ -308,7 +310,7 @@ def test_eval_and_predict_without_config_read_the_workdirs(toy, tmp_path):
     config, workdir = toy
     loaded = config_from_workdir(workdir)
     assert loaded.to_dict() == config.to_dict()  # tuples stay tuples
-    assert T.restore_model(loaded, workdir)[1] == 4
+    assert R.restore_model(loaded, workdir)[1] == 4
     out = _run("scripts/eval.py", "--workdir", str(tmp_path))
     assert out.returncode == 2 and out.stderr.strip() == (
         f"error: no readable {tmp_path}/config.json (training and the release converter "
@@ -418,7 +420,7 @@ def test_eval_tta_accuracies_summary_and_show_dir(toy, tmp_path):
                               test_scale=(40, 20)))
     c.evaluation.flip = True
     c.evaluation.ratios = (0.5, 1.0, 1.5)
-    model, step = T.restore_model(config, workdir)
+    model, step = R.restore_model(config, workdir)
     lines = []
     res = E.evaluate_model(model, c, step=step, workdir=str(tmp_path / "w"), log=lines.append,
                            show_dir=str(tmp_path / "show"))
@@ -465,7 +467,7 @@ def test_save_best_keeps_the_best_evaluation_beside_the_last(toy):
     assert sorted(os.listdir(os.path.join(workdir, "best", "checkpoints"))) == [str(best_step)]
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
     # W/best is a workdir: evaluating it gives the recorded value
-    res = T.evaluate_checkpoint(config, os.path.join(workdir, "best"),
+    res = E.evaluate_checkpoint(config, os.path.join(workdir, "best"),
                                 eval_iter_fn=fake_eval_iter, log=lambda s: None)
     assert res["synthetic_toy"] == pytest.approx(evals[best_step])
     for spec, needle in (("iou", "the metric is one of miou, macc, aacc"),

@@ -27,7 +27,7 @@ K/V projections of the padded keys (under 0.5% of the model's FLOPs at 512 px).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,8 +46,6 @@ from mfuser_jax.model.pixel_decoder import (
 )
 from mfuser_jax.ops.resize import resize_matrix
 
-if TYPE_CHECKING:
-    from mfuser_jax.model.config import DecoderConfig
 
 __all__ = ["MemoryLevels", "TqdmHead", "pad_levels", "semantic_inference", "unmask_full_rows"]
 
@@ -215,10 +213,11 @@ class TqdmHead(nnx.Module):
         ])
 
     @classmethod
-    def from_config(cls, decoder: DecoderConfig, *, in_channels: Sequence[int],
+    def from_config(cls, decoder: Any, *, in_channels: Sequence[int],
                     num_classes: int, text_dim: int, remat: bool = False, dtype=_F32,
                     rngs: nnx.Rngs) -> TqdmHead:
-        """The head of ``config.model.decoder``: one query per class, ``decoder.num_heads``
+        """The head of ``config.model.decoder`` (``model.config.DecoderConfig`` or a mapping
+        with its fields): one query per class, ``decoder.num_heads``
         heads in both decoders, output channels = feature channels and GroupNorm over
         min(32, feat_channels) groups, as MFuser builds it."""
         return cls(

@@ -24,7 +24,10 @@ from flax import nnx
 from mfuser_jax.data.labels import IGNORE_INDEX
 from mfuser_jax.run.report import (accuracy_from_confusion, eval_json_path,
                                     iou_from_confusion, write_eval_png)
-from mfuser_jax.files import atomic_write
+from mfuser_jax import sharding as shd
+from mfuser_jax.files import atomic_write, check_writable
+from mfuser_jax.run.restore import restore_model
+from mfuser_jax.startup import available_eval_datasets, check_data_for_eval
 from mfuser_jax.ops.resize import resize
 
 
@@ -476,3 +479,33 @@ def _show_writer(config, show_dir: str, dataset: str):
             Image.fromarray(palette[pred]).save(tmp, format="PNG")
 
     return write
+
+
+def evaluate_checkpoint(config: Any, workdir: str, step: int | None = None, *,
+                        eval_iter_fn: Callable[..., Any] | None = None,
+                        log: Callable[[str], None] | None = None,
+                        out: str | None = None,
+                        show_dir: str | None = None) -> dict[str, float]:
+    """Restores W/checkpoints/<step> (default latest) and evaluates config.data.eval; the
+    JSON and PNG reports go to `out` (default W/eval), checked writable first; `show_dir`:
+    each image's prediction in colours (evaluate_model)."""
+    shd.maybe_initialize_distributed(config)
+    log = log or (lambda s: print(s, flush=True) if jax.process_index() == 0 else None)
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    if eval_iter_fn is None:
+        check_data_for_eval(config)
+    eval_dir = os.path.abspath(os.path.expanduser(out)) if out else os.path.join(workdir,
+                                                                                "eval")
+    if jax.process_index() == 0:  # a read-only workdir (a shared release) fails here
+        check_writable(eval_dir, folder=True,
+                       hint=" (a read-only workdir? give scripts/eval.py --out DIR)")
+        if show_dir:
+            check_writable(show_dir, folder=True)
+    eval_sets = available_eval_datasets(config, log)
+    log(f"restoring the model from {workdir} (building and compiling take a while at full "
+        "size)")
+    model, step = restore_model(config, workdir, step)
+    return evaluate_model(model, config, step=step, workdir=workdir, datasets=eval_sets,
+                          eval_iter_fn=eval_iter_fn, log=log,
+                          mesh=shd.make_mesh(config.get("mesh", None)), eval_dir=eval_dir,
+                          show_dir=show_dir)

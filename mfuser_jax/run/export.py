@@ -51,7 +51,7 @@ def export_pth(config: Any, workdir: str, out: str, step: int | None = None,
     from mfuser_jax.errors import UserError
     from mfuser_jax.files import check_writable
     from mfuser_jax.run.predict import palette_for
-    from mfuser_jax.run.train import restore_model
+    from mfuser_jax.run.restore import restore_model
 
     name = config.model.get("name", "mfuser")
     if name != "mfuser":
@@ -122,7 +122,7 @@ def export_stablehlo(config: Any, workdir: str, out: str, step: int | None = Non
     from mfuser_jax.errors import UserError
     from mfuser_jax.files import check_writable
     from mfuser_jax.run.predict import parse_class_names
-    from mfuser_jax.run.train import restore_model
+    from mfuser_jax.run.restore import restore_model
 
     ev = config.evaluation
     crop, stride = int(ev.crop_size), int(ev.stride)

@@ -258,7 +258,7 @@ class Segmenter:
         one W/config.json recorded). `classes`: class names, a list or "a,b" (default the
         config's; others are zero-shot); `scale`: as scripts/predict.py --scale (default
         the first evaluation dataset's test scale, "native", or (w, h))."""
-        from mfuser_jax.run.train import restore_model
+        from mfuser_jax.run.restore import restore_model
         from mfuser_jax.workdir import config_from_workdir
         config = config if config is not None else config_from_workdir(workdir)
         names = parse_class_names(",".join(classes) if isinstance(classes, (list, tuple))
@@ -325,7 +325,7 @@ def predict(config, workdir, images, out, classes, step, alpha, scale=None,
     colours (and label ids). `recursive`: folders' sub-folders too."""
     from tqdm import tqdm
 
-    from mfuser_jax.run.train import restore_model
+    from mfuser_jax.run.restore import restore_model
 
     outputs = check_outputs(outputs)
     files = list_images(images, out, recursive)

@@ -1,5 +1,6 @@
-"""The jobs behind scripts/train.py, eval.py and predict.py: train (resuming from
-W/checkpoints), compile the train step only, restore a trained model, evaluate a checkpoint.
+"""The jobs behind scripts/train.py: train (resuming from W/checkpoints) and compile the
+train step only. Restoring a workdir's model is run/restore.py's (prediction and export
+use it without this module), evaluating a checkpoint run/evaluate.py's.
 
 The pieces live beside it: startup.py (checks, JAX settings, building the model),
 trainer.py (the train state and the jitted step), optim.py (schedule and AdamW),
@@ -18,20 +19,17 @@ import numpy as np
 from flax import nnx
 
 from mfuser_jax import sharding as shd
-from mfuser_jax.checkpoints import (DamagedCheckpoint, checkpoint_manager, first_line,
-                                    restore_for_training, restore_model_state, resume_step,
-                                    save_checkpoint, unreadable)
+from mfuser_jax.checkpoints import (checkpoint_manager, restore_for_training, resume_step,
+                                    save_checkpoint)
 from mfuser_jax.errors import Preempted, TrainingDiverged, UserError
 from mfuser_jax.run.evaluate import eval_json_path, evaluate_model
-from mfuser_jax.files import check_writable
 from mfuser_jax.model.factory import build_model
 from mfuser_jax.monitoring import (MetricWriter, StepProfiler, StopSignals, format_loss_parts,
                                    format_step_line)
 from mfuser_jax.startup import (apply_matmul_precision, available_eval_datasets,
-                                build_and_load, check_data, check_data_for_eval,
-                                check_pretrained, check_trainable_from, parse_profile_steps,
-                                use_compile_cache)
-from mfuser_jax.trainer import SplitModel, Trainer
+                                build_and_load, check_data, check_pretrained,
+                                check_trainable_from, parse_profile_steps, use_compile_cache)
+from mfuser_jax.trainer import Trainer
 from mfuser_jax.workdir import check_workdir_model, write_config
 
 
@@ -349,81 +347,3 @@ def compile_train_step(config: Any, workdir: str | None = None,
         f"{gib(report['argument_bytes']):.2f} GiB, outputs {gib(report['output_bytes']):.2f} "
         f"GiB ({gib(report['alias_bytes']):.2f} GiB donated and reused)")
     return report
-
-
-def restore_model(config: Any, workdir: str, step: int | None = None
-                  ) -> tuple[nnx.Module, int]:
-    """The model with the trained state of W/checkpoints/<step> (default latest): a training
-    or a model checkpoint (checkpoints.py); no optimizer is built."""
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    hint = "train first: python scripts/train.py --config C --workdir W"
-    if not os.path.isdir(ckpt_dir):
-        raise UserError(f"no checkpoints in {ckpt_dir}\n{hint}")
-    check_workdir_model(config, workdir)
-    use_compile_cache(config, workdir)
-    mngr = checkpoint_manager(workdir, None, create=False)
-    try:
-        steps = sorted(mngr.all_steps())
-        if not steps:
-            raise UserError(f"no checkpoints in {ckpt_dir}\n{hint}")
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
-            raise UserError(f"no checkpoint for step {step} in {ckpt_dir} "
-                            f"(available: {', '.join(map(str, steps))})")
-        try:
-            mngr.verify(step)  # before building anything
-        except DamagedCheckpoint as e:
-            raise _refuse_damaged(mngr, step, e.reason) from None
-        split = SplitModel(config, build_and_load(config, workdir),
-                           shd.make_mesh(config.get("mesh", None)))
-        try:
-            tree = restore_model_state(mngr, step, split.model_tree())
-        except Exception as e:
-            if not unreadable(e):
-                raise
-            raise _refuse_damaged(mngr, step, f"Orbax cannot read it: {first_line(e)}"
-                                  ) from None
-    finally:
-        mngr.close()
-    return split.write_back(tree["params"], tree["batch_stats"]), step
-
-
-def _refuse_damaged(mngr, step: int, reason: str) -> UserError:
-    """Evaluation never falls back on its own (a score must name its checkpoint): it names
-    the damaged one and those that verify."""
-    intact = mngr.intact_steps(exclude=step)
-    choice = (f"intact: {', '.join(map(str, intact))} (choose one with --step N)" if intact
-              else "no intact checkpoint there")
-    return UserError(f"checkpoint {mngr.step_path(step)} is damaged ({reason}); {choice}")
-
-
-def evaluate_checkpoint(config: Any, workdir: str, step: int | None = None, *,
-                        eval_iter_fn: Callable[..., Any] | None = None,
-                        log: Callable[[str], None] | None = None,
-                        out: str | None = None,
-                        show_dir: str | None = None) -> dict[str, float]:
-    """Restores W/checkpoints/<step> (default latest) and evaluates config.data.eval; the
-    JSON and PNG reports go to `out` (default W/eval), checked writable first; `show_dir`:
-    each image's prediction in colours (evaluate_model)."""
-    shd.maybe_initialize_distributed(config)
-    log = log or (lambda s: print(s, flush=True) if jax.process_index() == 0 else None)
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    if eval_iter_fn is None:
-        check_data_for_eval(config)
-    eval_dir = os.path.abspath(os.path.expanduser(out)) if out else os.path.join(workdir,
-                                                                                "eval")
-    if jax.process_index() == 0:  # a read-only workdir (a shared release) fails here
-        check_writable(eval_dir, folder=True,
-                       hint=" (a read-only workdir? give scripts/eval.py --out DIR)")
-        if show_dir:
-            check_writable(show_dir, folder=True)
-    eval_sets = available_eval_datasets(config, log)
-    log(f"restoring the model from {workdir} (building and compiling take a while at full "
-        "size)")
-    model, step = restore_model(config, workdir, step)
-    return evaluate_model(model, config, step=step, workdir=workdir, datasets=eval_sets,
-                          eval_iter_fn=eval_iter_fn, log=log,
-                          mesh=shd.make_mesh(config.get("mesh", None)), eval_dir=eval_dir,
-                          show_dir=show_dir)

@@ -1,0 +1,71 @@
+"""A workdir's trained model: ``restore_model`` builds the model of the config (the frozen
+encoders from W/pretrained or the config's converted files) and fills its trained state from
+W/checkpoints/<step>, verified first (checkpoints.py's manifest); no optimizer is built.
+Evaluation, prediction, export and the interactive page restore through it; none of them
+imports the training job (run/train.py).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from flax import nnx
+
+from mfuser_jax import sharding as shd
+from mfuser_jax.checkpoints import (DamagedCheckpoint, checkpoint_manager, first_line,
+                                    restore_model_state, unreadable)
+from mfuser_jax.errors import UserError
+from mfuser_jax.startup import build_and_load, use_compile_cache
+from mfuser_jax.trainer import SplitModel
+from mfuser_jax.workdir import check_workdir_model
+
+__all__ = ["restore_model"]
+
+
+def restore_model(config: Any, workdir: str, step: int | None = None
+                  ) -> tuple[nnx.Module, int]:
+    """The model with the trained state of W/checkpoints/<step> (default latest): a training
+    or a model checkpoint (checkpoints.py); no optimizer is built."""
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    hint = "train first: python scripts/train.py --config C --workdir W"
+    if not os.path.isdir(ckpt_dir):
+        raise UserError(f"no checkpoints in {ckpt_dir}\n{hint}")
+    check_workdir_model(config, workdir)
+    use_compile_cache(config, workdir)
+    mngr = checkpoint_manager(workdir, None, create=False)
+    try:
+        steps = sorted(mngr.all_steps())
+        if not steps:
+            raise UserError(f"no checkpoints in {ckpt_dir}\n{hint}")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise UserError(f"no checkpoint for step {step} in {ckpt_dir} "
+                            f"(available: {', '.join(map(str, steps))})")
+        try:
+            mngr.verify(step)  # before building anything
+        except DamagedCheckpoint as e:
+            raise _refuse_damaged(mngr, step, e.reason) from None
+        split = SplitModel(config, build_and_load(config, workdir),
+                           shd.make_mesh(config.get("mesh", None)))
+        try:
+            tree = restore_model_state(mngr, step, split.model_tree())
+        except Exception as e:
+            if not unreadable(e):
+                raise
+            raise _refuse_damaged(mngr, step, f"Orbax cannot read it: {first_line(e)}"
+                                  ) from None
+    finally:
+        mngr.close()
+    return split.write_back(tree["params"], tree["batch_stats"]), step
+
+
+def _refuse_damaged(mngr, step: int, reason: str) -> UserError:
+    """Evaluation never falls back on its own (a score must name its checkpoint): it names
+    the damaged one and those that verify."""
+    intact = mngr.intact_steps(exclude=step)
+    choice = (f"intact: {', '.join(map(str, intact))} (choose one with --step N)" if intact
+              else "no intact checkpoint there")
+    return UserError(f"checkpoint {mngr.step_path(step)} is damaged ({reason}); {choice}")
