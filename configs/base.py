@@ -24,7 +24,7 @@ Every field can also be overridden on the command line: `--config.total_steps=40
 """
 
 from mfuser_jax.data.labels import IGNORE_INDEX
-from mfuser_jax.errors import UserError
+from mfuser_jax.errors import ConfigError, UserError
 from mfuser_jax.model.config import DEFAULT_VFM, ModelConfig
 from mfuser_jax.towers import registry
 
@@ -40,11 +40,6 @@ def __getattr__(name):
     if name == "VFMS":
         return registry.vfm_names()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-class ConfigError(Exception):
-    """A bad config argument. Not a ValueError on purpose: ml_collections re-raises those
-    from config files with a traceback appended; the CLIs print this as one line."""
 
 
 def config_dict(fields=None):

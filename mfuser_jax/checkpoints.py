@@ -44,10 +44,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import jax
 
-from mfuser_jax.errors import UserError
+from mfuser_jax.errors import CheckpointSaveError, DamagedCheckpoint, UserError
 from mfuser_jax.files import atomic_write, partial_path
 from mfuser_jax.optim import pre_partition_layout
-from mfuser_jax.trainer import Trainer, TrainState
+from mfuser_jax.model_state import TrainState
 
 MODEL_FORMAT = "model"
 MANIFEST = "manifest.json"
@@ -55,18 +55,6 @@ MANIFEST_FORMAT = "mfuser-checkpoint-manifest/1"
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a step directory being written
 _CHUNK = 16 << 20
 BLOCK_BYTES = 64 << 20  # files are checksummed in blocks of this size, in parallel
-
-
-class DamagedCheckpoint(UserError):
-    """A checkpoint whose files differ from those its manifest lists: never restored."""
-
-    def __init__(self, path: str, step: int, reason: str):
-        super().__init__(f"checkpoint {path} is damaged ({reason})")
-        self.path, self.step, self.reason = path, step, reason
-
-
-class CheckpointSaveError(UserError):
-    """A save that failed writing (a full disk): the checkpoints before it are kept."""
 
 
 # --------------------------------------------------------------------------- manifests
@@ -475,8 +463,9 @@ def _restore_train_tree(mngr, step: int, target: dict) -> dict:
         return tree
 
 
-def restore_checkpoint(mngr, trainer: Trainer, step: int) -> TrainState:
-    """The train state of checkpoint `step` (either format) on the trainer's shardings."""
+def restore_checkpoint(mngr, trainer, step: int) -> TrainState:
+    """The train state of checkpoint `step` (either format) on the shardings of `trainer` (a
+    ``trainer.Trainer``: its model_tree, abstract_tree and init_opt_state)."""
     mngr.verify(step)
     meta = read_meta(mngr, step)
     try:
@@ -512,7 +501,6 @@ def restore_model_state(mngr, step: int, target: dict) -> dict:
     return tree
 
 
-
 # --------------------------------------------------------------------------- resuming
 
 def resume_step(mngr: CheckpointManager) -> int | None:
@@ -531,7 +519,7 @@ def resume_step(mngr: CheckpointManager) -> int | None:
     return None
 
 
-def restore_for_training(mngr: CheckpointManager, trainer: Trainer, step: int
+def restore_for_training(mngr: CheckpointManager, trainer, step: int
                          ) -> tuple[TrainState, int]:
     """(restore_checkpoint of `step`, `step`), or of the newest intact checkpoint before it
     when `step` cannot be read: a checkpoint that Orbax fails to read (one without a

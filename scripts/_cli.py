@@ -30,20 +30,11 @@ def fail(message: str, code: int = EXIT_USER_ERROR):
 
 
 def user_error_types() -> tuple[type, ...]:
-    from configs.base import ConfigError
+    """What ends in one line and exit status 2: every user error of the package (its one
+    base class, mfuser_jax/errors.py; configs/base.py's ConfigError is one too), and a
+    missing file or an unsupported choice the standard library reports."""
     from mfuser_jax.errors import UserError
-    types: list[type] = [UserError, ConfigError, FileNotFoundError, NotImplementedError]
-    try:
-        from mfuser_jax.weights import WeightFileError
-        types.append(WeightFileError)
-    except ImportError:
-        pass
-    try:
-        from mfuser_jax.data.imageio import DataFileError
-        types.append(DataFileError)
-    except ImportError:
-        pass
-    return tuple(types)
+    return (UserError, FileNotFoundError, NotImplementedError)
 
 
 def quiet_logging():

@@ -33,7 +33,8 @@ def train_state(config_arg: str):
 
     from mfuser_jax import sharding as shd
     from mfuser_jax.model.factory import build_model
-    from mfuser_jax.trainer import Trainer, TrainState
+    from mfuser_jax.model_state import TrainState
+    from mfuser_jax.trainer import Trainer
 
     path, _, arg = config_arg.partition(":")  # configs/gta2cs.py[:arg]
     module = importlib.import_module(f"configs.{os.path.splitext(os.path.basename(path))[0]}")

@@ -16,7 +16,7 @@ def make_demo_workdir(workdir, config=None):
     from mfuser_jax import sharding as shd
     from mfuser_jax.checkpoints import checkpoint_manager, save_model_checkpoint
     from mfuser_jax.startup import build_and_load
-    from mfuser_jax.trainer import SplitModel
+    from mfuser_jax.model_state import SplitModel
     from mfuser_jax.workdir import write_config
     config = config if config is not None else demo_config()
     os.makedirs(workdir, exist_ok=True)

@@ -38,14 +38,11 @@ from mfuser_jax.data import imageio
 from mfuser_jax.data import labels as L
 from mfuser_jax.data.rcs import save_class_stats
 from mfuser_jax.data.sources import DatasetLayoutError, FolderSource
+from mfuser_jax.errors import ClassFileError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 LAYOUT = ("D/images/<split>/<x>.{png,jpg,...} and D/labels/<split>/<x>.png (label ids "
           "as listed in the class file); see the README section \"Your own dataset\"")
-
-
-class ClassFileError(ValueError):
-    """A malformed class list file; the message names the file and line."""
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-
-class DataFileError(ValueError):
-    """A corrupt or unreadable image/label file; the message names the file."""
+from mfuser_jax.errors import DataFileError
 
 
 def read_image(path) -> np.ndarray:

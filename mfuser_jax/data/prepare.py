@@ -35,12 +35,9 @@ from mfuser_jax.data import imageio, labels as L
 from mfuser_jax.data.rcs import save_class_stats
 from mfuser_jax.data.sources import LAYOUTS, README_SECTION
 from mfuser_jax.files import atomic_write
+from mfuser_jax.errors import PrepareError
 
 OUT_SUFFIX = "_labelTrainIds.png"
-
-
-class PrepareError(Exception):
-    pass
 
 
 MAPILLARY_MAPPING_FILE = "trainid_mapping.txt"
@@ -223,7 +220,6 @@ def main(argv=None):
     print(f"{a.dataset}: {c['labels']} labels ({c['done']} converted, {c['skipped']} "
           f"already done), {c['stats']} images in sample_class_stats.json; verified.")
     return 0
-
 
 
 def _main_folder(a):

@@ -31,15 +31,9 @@ import numpy as np
 
 from mfuser_jax.data import imageio
 from mfuser_jax.data.labels import TRAINID_LUT
+from mfuser_jax.errors import DatasetLayoutError
 
 README_SECTION = 'README section "Datasets"'
-
-
-class DatasetLayoutError(FileNotFoundError):
-    """A dataset folder or file is missing; the message names it and the layout."""
-
-    def __str__(self):  # FileNotFoundError's default str adds errno noise
-        return self.args[0] if self.args else ""
 
 
 LAYOUTS = {

@@ -321,7 +321,7 @@ def convert_mfuser_checkpoint(config: Any, path: str, out: str, *, vlm_weights=N
     from mfuser_jax.model.pretrained import save_pretrained_encoders
     from mfuser_jax.weights.state_dict import LOADED
     from mfuser_jax.model.factory import init_model, require_concrete
-    from mfuser_jax.trainer import trained_state
+    from mfuser_jax.model_state import trained_state
     from mfuser_jax.workdir import write_config
 
     step_cb = progress or (lambda stage: None)

@@ -17,7 +17,7 @@ from mfuser_jax.checkpoints import (DamagedCheckpoint, checkpoint_manager, first
                                     restore_model_state, unreadable)
 from mfuser_jax.errors import UserError
 from mfuser_jax.startup import build_and_load, use_compile_cache
-from mfuser_jax.trainer import SplitModel
+from mfuser_jax.model_state import SplitModel
 from mfuser_jax.workdir import check_workdir_model
 
 __all__ = ["restore_model"]

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from mfuser_jax.nn.stack import Slot, assign_slots, iter_layer_modules
+from mfuser_jax.errors import StateDictMismatchError
 
 __all__ = ["LOADED", "StateDictMismatchError", "load_torch_state_dict", "torch_state_dict_of"]
 
@@ -26,29 +27,6 @@ __all__ = ["LOADED", "StateDictMismatchError", "load_torch_state_dict", "torch_s
 # a module built only to be loaded need not compute them (models.factory.compute_values).
 # A class tuple: both an isinstance test and an nnx filter.
 LOADED = (nnx.Param, nnx.BatchStat)
-
-
-class StateDictMismatchError(ValueError):
-    """The state dict does not fit the module; the message lists every problem at once."""
-
-    def __init__(self, missing=(), unexpected=(), mismatched=(), module_name="module"):
-        self.missing = list(missing)
-        self.unexpected = list(unexpected)
-        self.mismatched = list(mismatched)  # (key, expected_shape, got_shape)
-        lines = [f"state dict does not fit {module_name}:"]
-        if self.missing:
-            lines.append(f"  missing keys ({len(self.missing)}):")
-            lines += [f"    {k}" for k in self.missing]
-        if self.unexpected:
-            lines.append(f"  unexpected keys ({len(self.unexpected)}):")
-            lines += [f"    {k}" for k in self.unexpected]
-        if self.mismatched:
-            lines.append(f"  mis-shaped keys ({len(self.mismatched)}):")
-            lines += [
-                f"    {k}: expected {tuple(e)} (PyTorch layout), got {tuple(g)}"
-                for k, e, g in self.mismatched
-            ]
-        super().__init__("\n".join(lines))
 
 
 def _to_numpy(value: Any) -> np.ndarray:

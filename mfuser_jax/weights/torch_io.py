@@ -14,13 +14,11 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from mfuser_jax.errors import WeightFileError
+
 __all__ = ["WeightFileError", "read_state_dict", "truncate_positions"]
 
 _NESTED_KEYS = ("state_dict", "model", "module", "model_state_dict")
-
-
-class WeightFileError(ValueError):
-    """A weight file is missing, unreadable, or not the model the caller expected."""
 
 
 def _flatten(tree: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
