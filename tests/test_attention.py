@@ -130,23 +130,11 @@ ATTENTION_TYPES = (layers.TorchMultiheadAttention, dinov2.Attention, eva02.Atten
                    siglip.SiglipAttention, text_enhancer.Attention)
 
 
-def _tiny(vlm, tmp_path):
-    cfg = mfuser_model_config("tiny", vlm)
-    if vlm == "siglip":  # a tiny SentencePiece model laid out as SigLIP's (pad 0, eos 1, unk 2)
-        spm = pytest.importorskip("sentencepiece")
-        (tmp_path / "corpus.txt").write_text("\n".join([" ".join(cfg.class_names)] * 20))
-        spm.SentencePieceTrainer.train(
-            input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "spiece"),
-            vocab_size=60, hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1,
-            unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
-            minloglevel=2)
-        cfg.siglip.tokenizer = str(tmp_path / "spiece.model")
-    return cfg
-
-
 @pytest.mark.parametrize("vlm", ["clip", "eva02", "siglip"])
-def test_set_attn_implementation_reaches_every_attention_of_the_model(vlm, tmp_path):
-    cfg = _tiny(vlm, tmp_path)
+def test_set_attn_implementation_reaches_every_attention_of_the_model(vlm, request):
+    cfg = mfuser_model_config("tiny", vlm)
+    if vlm == "siglip":  # the tiny SentencePiece model of tests/conftest.py
+        cfg.siglip.tokenizer = request.getfixturevalue("spiece")
     cfg.attn_implementation = "cudnn"
     model = nnx.eval_shape(lambda: MFuser(cfg, rngs=nnx.Rngs(0)))  # abstract: no weights drawn
     attention = {path: m for path, m in nnx.iter_graph(model) if isinstance(m, ATTENTION_TYPES)}

@@ -1,15 +1,13 @@
 """The fused backbones of all three variants against PyTorch restatements of the originals'
 fused forward passes (clip/models.py ``CLIPVisionTransformer.forward``, eva_vit_model.py
 ``EVAVisionTransformer.extract_feats`` and modeling_siglip.py
-``SiglipVisionTransformer.forward``), written here from the original code: towers from the
-tower tests (CLIP and EVA restatements, HF's SigLIP), DINOv2 from HF, the original MVFuser
-restated in tests/test_mvfuser.py, the FPN as the originals build it.
+``SiglipVisionTransformer.forward``), written from the original code: towers from
+tests/refs (CLIP and EVA restatements, HF's SigLIP with MFuser's pooling head), DINOv2 from
+HF, the original MVFuser (tests/refs/mvfuser.py), the shared layer loop and the FPN as the
+originals build them (tests/refs/backbone.py).
 Random tiny weights; everything is compared: the four FPN maps, the global and the
 per-pixel embeddings.
 """
-
-import os
-import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -20,12 +18,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 import torch.nn as tnn  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_clip import TVisual  # noqa: E402
-from test_eva02 import TEVA, _visual_sd  # noqa: E402
-from test_eva02 import _randomize as eva_randomize  # noqa: E402
-from test_mvfuser import TorchMVFuser  # noqa: E402
-
 from mfuser_jax.towers.dinov2.convert import hf_to_official  # noqa: E402
 from mfuser_jax.weights.state_dict import load_torch_state_dict  # noqa: E402
 from mfuser_jax.model.backbone import (  # noqa: E402
@@ -35,6 +27,12 @@ from mfuser_jax.model.backbone import (  # noqa: E402
     MFuserEVABackbone,
     MFuserSiglipBackbone,
 )
+from tests.refs.backbone import TorchFPN, first_output, fused_layers  # noqa: E402
+from tests.refs.clip import TVisual  # noqa: E402
+from tests.refs.eva02 import TEVA, visual_state_dict  # noqa: E402
+from tests.refs.eva02 import randomize as eva_randomize  # noqa: E402
+from tests.refs.mvfuser import TorchMVFuser  # noqa: E402
+from tests.refs.siglip import pooling_head  # noqa: E402
 
 WIDTH, LAYERS, HEADS, OUT = 32, 4, 2, (0, 1, 2, 3)
 
@@ -50,10 +48,6 @@ def rel_err(a, b):
     return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
-def _first(out):  # HF layers return a tensor or a tuple depending on the version
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def _randomize(module, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -62,23 +56,6 @@ def _randomize(module, seed):
                 p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
-
-
-class TorchFPN(tnn.Module):
-    """fpn1/fpn2 as the originals build them (fpn3 identity, fpn4 max-pool)."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.fpn1 = tnn.Sequential(tnn.ConvTranspose2d(dim, dim, 2, 2), tnn.BatchNorm2d(dim),
-                                   tnn.GELU(), tnn.ConvTranspose2d(dim, dim, 2, 2))
-        self.fpn2 = tnn.Sequential(tnn.ConvTranspose2d(dim, dim, 2, 2))
-        with torch.no_grad():
-            self.fpn1[1].running_mean.normal_(0.0, 0.5)
-            self.fpn1[1].running_var.uniform_(0.5, 2.0)
-
-    def forward(self, maps):
-        ops = [self.fpn1, self.fpn2, tnn.Identity(), tnn.MaxPool2d(2, 2)]
-        return [op(m) for op, m in zip(ops, maps)]
 
 
 def _dino(image, patch, seed):
@@ -98,25 +75,6 @@ def _renorm(x, mean, std):
 
 
 IMAGENET = ((0.485 * 255, 0.456 * 255, 0.406 * 255), (0.229 * 255, 0.224 * 255, 0.225 * 255))
-
-
-def _fused_layers(vlm_block, dino, adapters, vlm_x, dino_x, grid):
-    """The shared loop of both originals: block i of each tower, MVFuser i over
-    [DINOv2 tokens, VLM tokens], each half added back; maps after the out_indices layers."""
-    b, maps = vlm_x.shape[0], []
-    for i in range(LAYERS):
-        vlm_x = vlm_block(i, vlm_x)
-        dino_x = _first(dino.encoder.layer[i](dino_x))
-        fused = adapters[i](torch.cat((dino_x, vlm_x), dim=1))
-        n = dino_x.shape[1]
-        dino_x = dino_x + fused[:, :n]
-        vlm_x = vlm_x + fused[:, n:]
-        if i in OUT:
-            vlm_patches = vlm_x[:, vlm_x.shape[1] - grid * grid:]
-            maps.append(torch.cat([
-                dino_x[:, 1:].permute(0, 2, 1).reshape(b, -1, grid, grid),
-                vlm_patches.permute(0, 2, 1).reshape(b, -1, grid, grid)], dim=1))
-    return vlm_x, dino_x, maps
 
 
 def _torch_fusion(image, patch):
@@ -148,17 +106,6 @@ def _compare(ours, theirs, tol=1e-5):
 
 # ------------------------------------------------------------------------------ SigLIP
 
-def _siglip_head(head, x):
-    """MFuser's modified attention-pooling head: the probe branch and a per-token branch
-    through the same attention, layernorm and MLP."""
-    probe = head.probe.repeat(x.shape[0], 1, 1)
-    g = head.attention(probe, x, x)[0]
-    g = g + head.mlp(head.layernorm(g))
-    loc = head.attention(x, x, x)[0]
-    loc = loc + head.mlp(head.layernorm(loc))
-    return g, loc
-
-
 def test_siglip_backbone_matches_the_original_forward():
     image, patch = 64, 16
     grid = image // patch
@@ -173,10 +120,10 @@ def test_siglip_backbone_matches_the_original_forward():
     with torch.no_grad():
         dino_x = dino.embeddings(_renorm(x, *IMAGENET))
         h = siglip.embeddings(_renorm(x, (127.5,) * 3, (127.5,) * 3))
-        block = lambda i, t: _first(siglip.encoder.layers[i](t, None))  # noqa: E731
-        h, dino_x, maps = _fused_layers(block, dino, adapters, h, dino_x, grid)
+        block = lambda i, t: first_output(siglip.encoder.layers[i](t, None))  # noqa: E731
+        h, dino_x, maps = fused_layers(block, dino, adapters, h, dino_x, grid, OUT)
         last = siglip.post_layernorm(h) + dino.layernorm(dino_x[:, 1:])
-        glob, loc = _siglip_head(siglip.head, last)
+        glob, loc = pooling_head(siglip.head, last)
         want = (fpn(maps), glob, loc.reshape(2, grid, grid, -1))
 
     ours = MFuserSiglipBackbone(image_size=image, patch_size=patch, width=WIDTH, layers=LAYERS,
@@ -210,7 +157,7 @@ def test_eva02_backbone_matches_the_original_forward():
         t = eva.patch_embed.proj(x).flatten(2).transpose(1, 2)
         t = torch.cat((eva.cls_token.expand(2, -1, -1), t), dim=1) + eva.pos_embed
         block = lambda i, t: eva.blocks[i](t)  # noqa: E731
-        t, dino_x, maps = _fused_layers(block, dino, adapters, t, dino_x, grid)
+        t, dino_x, maps = fused_layers(block, dino, adapters, t, dino_x, grid, OUT)
         emb = eva.head(eva.norm(t) + dino.layernorm(dino_x))
         want = (fpn(maps), emb[:, :1], emb[:, 1:].reshape(2, grid, grid, -1))
 
@@ -218,7 +165,7 @@ def test_eva02_backbone_matches_the_original_forward():
                              heads=HEADS, mlp_ratio=2.6667, output_dim=out_dim,
                              pt_hw_seq_len=16, **_fusion(), rngs=nnx.Rngs(0))
     sd = _common_state(dino, adapters, fpn)
-    sd.update(_visual_sd(eva))
+    sd.update(visual_state_dict(eva))
     load_torch_state_dict(ours, sd)
     ours.eval()
     _compare(ours(jnp.asarray(x.numpy().transpose(0, 2, 3, 1))), want)
@@ -251,7 +198,7 @@ def test_clip_backbone_matches_the_original_forward():
         b, maps = 2, []
         for i in range(LAYERS):
             t = clip.transformer.resblocks[i](t.permute(1, 0, 2)).permute(1, 0, 2)
-            dino_x = _first(dino.encoder.layer[i](dino_x))
+            dino_x = first_output(dino.encoder.layer[i](dino_x))
             fused = adapters[i](torch.cat((proj1[i](dino_x), t), dim=1))
             n = dino_x.shape[1]
             dino_x = dino_x + proj2[i](fused[:, :n])

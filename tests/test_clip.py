@@ -1,7 +1,6 @@
 """CLIP towers: parity with HF transformers' CLIPModel and with torch restatements of MFuser's
-CLIPVisionTransformer / CLIPTextContextEncoder forward passes, weight conversion, sizes."""
-
-from collections import OrderedDict
+CLIPVisionTransformer / CLIPTextContextEncoder forward passes (tests/refs/clip.py), weight
+conversion, sizes."""
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +10,6 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-import torch.nn as tnn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from mfuser_jax.weights import WeightFileError, load_torch_state_dict, read_state_dict  # noqa: E402
 from mfuser_jax.towers.clip.convert import (  # noqa: E402
@@ -28,6 +25,7 @@ from mfuser_jax.towers.clip.model import (  # noqa: E402
     ResidualAttentionBlock,
 )
 from mfuser_jax.nn.layers import set_attn_implementation  # noqa: E402
+from tests.refs.clip import TCLIP, TVisual, context_forward, mfuser_init_resize  # noqa: E402
 
 W, HEADS, LAYERS, PATCH, IMG, EMBED, VOCAB, CTX = 64, 4, 2, 8, 32, 48, 100, 16
 EOT = VOCAB - 1
@@ -81,128 +79,6 @@ def _ids(rng, lengths, total):
         ids[i, 1 : n - 1] = rng.integers(1, VOCAB - 2, n - 2)
         ids[i, n - 1] = EOT
     return ids
-
-
-# ---------------------------------------------------------------------------------------
-# Torch restatements of MFuser's modules (models/backbones/clip/models.py), OpenAI names.
-
-
-class TQuickGELU(tnn.Module):
-    def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
-
-
-class TBlock(tnn.Module):
-    def __init__(self, w, h, mask=None):
-        super().__init__()
-        self.attn = tnn.MultiheadAttention(w, h)
-        self.ln_1 = tnn.LayerNorm(w)
-        self.mlp = tnn.Sequential(OrderedDict(
-            c_fc=tnn.Linear(w, 4 * w), gelu=TQuickGELU(), c_proj=tnn.Linear(4 * w, w)))
-        self.ln_2 = tnn.LayerNorm(w)
-        self.attn_mask = mask
-
-    def forward(self, x):  # (L, N, W), sequence first as in the reference
-        m = None if self.attn_mask is None else self.attn_mask[: x.shape[0], : x.shape[0]]
-        x = x + self.attn(self.ln_1(x), self.ln_1(x), self.ln_1(x), need_weights=False,
-                          attn_mask=m)[0]
-        return x + self.mlp(self.ln_2(x))
-
-
-class TTransformer(tnn.Module):
-    def __init__(self, w, layers, h, mask=None):
-        super().__init__()
-        self.resblocks = tnn.Sequential(*[TBlock(w, h, mask) for _ in range(layers)])
-
-    def forward(self, x):
-        return self.resblocks(x)
-
-
-class TVisual(tnn.Module):
-    """MFuser's CLIPVisionTransformer image path: prepare_tokens_with_masks + blocks, then
-    ln_post(CLS) @ proj (the pooled embedding our __call__ returns)."""
-
-    def __init__(self, res, patch, w=W, layers=LAYERS, h=HEADS, out=EMBED):
-        super().__init__()
-        self.spatial_size = (res // patch, res // patch)
-        self.conv1 = tnn.Conv2d(3, w, patch, patch, bias=False)
-        self.class_embedding = tnn.Parameter(torch.randn(w))
-        self.positional_embedding = tnn.Parameter(torch.randn(self.spatial_size[0] ** 2 + 1, w))
-        self.ln_pre = tnn.LayerNorm(w)
-        self.transformer = TTransformer(w, layers, h)
-        self.ln_post = tnn.LayerNorm(w)
-        self.proj = tnn.Parameter(torch.randn(w, out))
-
-    def forward(self, x):
-        x = self.conv1(x)
-        B, C, H, Wd = x.shape
-        x = x.reshape(B, C, -1).permute(0, 2, 1)
-        x = torch.cat([self.class_embedding + torch.zeros(B, 1, C), x], dim=1)
-        pos = self.positional_embedding
-        cls_pos = pos[0, :] + self.class_embedding  # MFuser adds the class embedding again
-        sp = F.interpolate(pos[1:].reshape(1, *self.spatial_size, C).permute(0, 3, 1, 2),
-                           size=(H, Wd), mode="bilinear")
-        sp = sp.reshape(1, C, H * Wd).permute(0, 2, 1)
-        x = x + torch.cat([cls_pos.reshape(1, 1, C), sp], dim=1)
-        x = self.ln_pre(x).permute(1, 0, 2)
-        x = self.transformer(x).permute(1, 0, 2)
-        return self.ln_post(x[:, 0]) @ self.proj
-
-
-def _causal(n):
-    return torch.full((n, n), float("-inf")).triu_(1)
-
-
-class TCLIP(tnn.Module):
-    """OpenAI's CLIP layout (visual.* + text at top level + logit_scale + metadata)."""
-
-    def __init__(self, ctx=CTX):
-        super().__init__()
-        self.visual = TVisual(IMG, PATCH)
-        self.transformer = TTransformer(W, LAYERS, HEADS, _causal(ctx))
-        self.token_embedding = tnn.Embedding(VOCAB, W)
-        self.positional_embedding = tnn.Parameter(torch.randn(ctx, W))
-        self.ln_final = tnn.LayerNorm(W)
-        self.text_projection = tnn.Parameter(torch.randn(W, EMBED))
-        self.logit_scale = tnn.Parameter(torch.tensor(2.6592))
-        for k, v in dict(input_resolution=IMG, context_length=ctx, vocab_size=VOCAB).items():
-            self.register_buffer(k, torch.tensor(v))
-
-    def encode_text(self, text):
-        x = self.token_embedding(text) + self.positional_embedding[: text.shape[1]]
-        x = self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)
-        x = self.ln_final(x)
-        return x[torch.arange(x.shape[0]), text.argmax(dim=-1)] @ self.text_projection
-
-    def forward(self, image, text):
-        return self.visual(image), self.encode_text(text)
-
-
-def torch_context_forward(text_sd, text, context):
-    """MFuser's CLIPTextContextEncoder.forward(text, context), restated over a state dict."""
-    sd = {k: torch.as_tensor(np.asarray(v)) for k, v in text_sd.items()}
-    ctx_len = sd["positional_embedding"].shape[0]
-    tr = TTransformer(W, LAYERS, HEADS, _causal(ctx_len))
-    tr.load_state_dict({k[len("transformer."):]: v for k, v in sd.items()
-                        if k.startswith("transformer.")})
-    ln = tnn.LayerNorm(W)
-    ln.load_state_dict({"weight": sd["ln_final.weight"], "bias": sd["ln_final.bias"]})
-    x_text = F.embedding(text, sd["token_embedding.weight"])
-    K, N1, C = x_text.shape
-    if context.dim() == 3:
-        B, N2, C = context.shape
-        eos = (text.argmax(dim=-1) + N2).reshape(1, K).expand(B, K).reshape(-1)
-        x_text = x_text.reshape(1, K, N1, C).expand(B, K, N1, C)
-        context = context.reshape(B, 1, N2, C).expand(B, K, N2, C)
-    else:
-        B, K, N2, C = context.shape
-        eos = (text.argmax(dim=-1) + N2).reshape(1, K).expand(B, K).reshape(-1)
-        x_text = x_text.reshape(1, K, N1, C).expand(B, K, N1, C)
-    x = torch.cat([x_text[:, :, 0:1], context, x_text[:, :, 1:]], dim=2).reshape(B * K, N1 + N2, C)
-    x = x + sd["positional_embedding"]
-    x = tr(x.permute(1, 0, 2)).permute(1, 0, 2)
-    x = ln(x)
-    return (x[torch.arange(x.shape[0]), eos] @ sd["text_projection"]).reshape(B, K, -1)
 
 
 def _loaded(ctor, sd):
@@ -271,7 +147,7 @@ def test_mfuser_class_token_differs_from_openai(openai_sd):
 
 
 def _torch_visual(visual_sd, res, patch):
-    m = TVisual(res, patch).eval()
+    m = TVisual(res, patch, W, LAYERS, HEADS, EMBED).eval()
     m.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in visual_sd.items()})
     return m
 
@@ -291,25 +167,11 @@ def test_vision_matches_mfuser_restatement(openai_sd, hw):
     assert rel_err(_call(ours, _nhwc(pixels)), expected) < 1e-4
 
 
-def torch_mfuser_init_resize(visual_sd, patch, res):
-    """MFuser's CLIPVisionTransformer.init_weights resize, restated with torch."""
-    sd = {k: torch.as_tensor(np.asarray(v)) for k, v in visual_sd.items()}
-    spatial = (res // patch, res // patch)
-    pos = sd["positional_embedding"]
-    orig = int(pos[1:].shape[0] ** 0.5)
-    sp = F.interpolate(pos[1:].reshape(1, orig, orig, W).permute(0, 3, 1, 2), size=spatial,
-                       mode="bilinear")
-    sp = sp.reshape(W, spatial[0] * spatial[1]).permute(1, 0)
-    sd["positional_embedding"] = torch.cat([pos[:1], sp], dim=0)
-    sd["conv1.weight"] = F.interpolate(sd["conv1.weight"], size=(patch, patch), mode="bilinear")
-    return sd
-
-
 def test_resize_for_mfuser_and_run(openai_sd):
     # the 14 -> 16 / 24x24 -> 32x32 step, scaled down: patch 8 -> 10, grid 4x4 -> 6x6
     visual_sd, _ = split_openai(openai_sd)
     resized = resize_for_mfuser(visual_sd, patch_size=10, img_size=60)
-    expected = torch_mfuser_init_resize(visual_sd, 10, 60)
+    expected = mfuser_init_resize(visual_sd, 10, 60)
     assert set(resized) == set(expected)
     for k in resized:
         np.testing.assert_allclose(resized[k], expected[k].numpy(), rtol=1e-5, atol=1e-6,
@@ -338,8 +200,8 @@ def test_context_encoder_matches_mfuser(openai_sd):
     for shape in [(1, 5, W), (2, 5, W), (2, 4, 5, W)]:
         ctx = rng.normal(size=shape).astype(np.float32)
         with torch.no_grad():
-            expected = torch_context_forward(text_sd, torch.as_tensor(text),
-                                             torch.as_tensor(ctx)).numpy()
+            expected = context_forward(text_sd, torch.as_tensor(text), torch.as_tensor(ctx),
+                                       LAYERS, HEADS).numpy()
         got = _call(enc, jnp.asarray(text), jnp.asarray(ctx))
         assert got.shape == (shape[0], 4, EMBED)
         assert rel_err(got, expected) < 1e-4, shape
@@ -347,7 +209,7 @@ def test_context_encoder_matches_mfuser(openai_sd):
 
 def test_torchscript_archive_roundtrip(tmp_path):
     torch.manual_seed(6)
-    model = TCLIP().eval()
+    model = TCLIP(IMG, PATCH, W, LAYERS, HEADS, VOCAB, CTX, EMBED).eval()
     _randomize(model, 7)
     pixels = torch.randn(2, 3, IMG, IMG)
     text = torch.as_tensor(_ids(np.random.default_rng(3), [4, 16], CTX))
@@ -368,7 +230,7 @@ def test_torchscript_archive_roundtrip(tmp_path):
     vis_m, txt_m = mfuser_clip_state_dicts(sd, patch_size=10, img_size=60, context_length=10)
     # resized from the float32 view of the half weights, as MFuser does, not in float16
     assert vis_m["conv1.weight"].dtype == np.float32
-    expected = torch_mfuser_init_resize(
+    expected = mfuser_init_resize(
         {k: v.astype(np.float32) for k, v in visual_sd.items()}, 10, 60)
     np.testing.assert_allclose(vis_m["conv1.weight"], expected["conv1.weight"].numpy(),
                                rtol=1e-5, atol=1e-6)  # float16 rounding would be ~1e-3 rel

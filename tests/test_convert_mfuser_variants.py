@@ -2,17 +2,17 @@
 dropped by name and why, the buffers mmcv saves (EVA02's rotary tables and text mask,
 SigLIP's position ids), SigLIP's logit scalars, the round trip.
 
-As in tests/test_convert_mfuser.py, each reference state dict is assembled from PyTorch
-restatements of the original modules (the EVA tower of tests/test_eva02.py, HF's SigLIP
-towers, HF DINOv2 renamed to the official names, the original MVFuser, ContextDecoder and
-tqdm head), with the prefixes MFuser_EVA_CLIP / MFuser_SIGLIP give them, plus what only the
-segmentors own (contexts, gamma, EVA's unused random_text, SigLIP's unused adapter_proj1/2/3,
+As in tests/test_convert_mfuser.py, each reference state dict (fixtures ``eva02_release``,
+``siglip_release``; tests/refs/segmentor.py) is assembled from PyTorch restatements of the
+original modules (the EVA tower of tests/refs/eva02.py, HF's SigLIP towers, HF DINOv2
+renamed to the official names, the original MVFuser, ContextDecoder and tqdm head), with the
+prefixes MFuser_EVA_CLIP / MFuser_SIGLIP give them, plus what only the segmentors own
+(contexts, gamma, EVA's unused random_text, SigLIP's unused adapter_proj1/2/3,
 identity_head.conv_seg). Each module is saved as mmcv's save_checkpoint saves it: every
 buffer, persistent or not. Its keys are never derived from the JAX model.
 """
 
 import os
-import sys
 
 import jax
 import numpy as np
@@ -21,114 +21,36 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-import torch.nn as tnn  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_convert_mfuser import (  # noqa: E402
-    NON_PERSISTENT,
-    _concrete,
-    _images,
-    _prefixed,
-    _save_pth,
-    _shared_parts,
-    mmcv_state_dict,
-    torch_state_dict,
-)
-from test_eva02 import TEVA, TTextTransformer  # noqa: E402
-from test_siglip import spiece  # noqa: E402,F401  (a tiny SentencePiece model fixture)
-
-from configs import demo  # noqa: E402
-from mfuser_jax import startup
+from mfuser_jax import startup  # noqa: E402
 from mfuser_jax.run import train  # noqa: E402
 from mfuser_jax.weights import WeightFileError  # noqa: E402
 from mfuser_jax.run.release import convert_mfuser_checkpoint, load_mfuser_checkpoint  # noqa: E402
-from mfuser_jax.model.mfuser import MFuser  # noqa: E402
-
-
-def experiment_config(vlm, **model):
-    c = demo.get_config(f"vlm={vlm}")
-    c.model.image_size = 4 * c.model.patch_size  # a 4x4 patch grid keeps the test fast
-    c.data.crop_size = c.evaluation.crop_size = c.model.image_size  # they must agree
-    c.evaluation.stride = (2 * c.model.image_size) // 3
-    c.model.mvfuser.scan_backend = "reference"
-    c.model.update(model)
-    c.total_steps = 40
-    return c
-
-
-def eva02_state_dict(m, seed=0, saver=mmcv_state_dict):
-    """The state dict MFuser_EVA_CLIP saves (tiny sizes, random values); ``saver``: mmcv's,
-    as releases are saved, or torch's state_dict."""
-    torch.manual_seed(seed)
-    c = m.eva02
-    sd = _shared_parts(m, c.width, c.output_dim, seed, saver)
-    # The EVA tower at the backbone's top level, its rope buffers (one shared module,
-    # saved once per block too) included.
-    sd.update(_prefixed(saver, "backbone.", TEVA(
-        img=m.image_size, patch=m.patch_size, dim=c.width, heads=c.heads, depth=c.layers,
-        ratio=c.mlp_ratio, out=c.output_dim)))
-    n = c.token_length + c.n_ctx
-    text = TTextTransformer(n, vocab=c.vocab_size, width=c.text_width, heads=c.text_heads,
-                            layers=c.text_layers, out=c.output_dim)
-    # eva_clip/transformer.py TextTransformer.__init__: the causal mask as a buffer
-    text.register_buffer("attn_mask", torch.full((n, n), float("-inf")).triu_(1),
-                         persistent=False)
-    sd.update(_prefixed(saver, "text_encoder.", text))
-    # MFuser_EVA_CLIP.__init__: nn.Parameter(torch.randn(num_classes, 768)), never read.
-    sd["random_text"] = np.random.default_rng(seed).normal(size=(m.num_classes, 768)).astype(
-        np.float32)
-    return sd
-
-
-def _hf_tower(model):
-    return getattr(model, "vision_model", getattr(model, "text_model", model))  # transformers 4
-
-
-def siglip_state_dict(m, seed=0, saver=mmcv_state_dict):
-    """The state dict MFuser_SIGLIP saves (tiny sizes, random values): HF SigLIP towers,
-    whose embeddings register position_ids as the original's do (persistent=False)."""
-    torch.manual_seed(seed)
-    c, dd = m.siglip, m.dinov2.embed_dim
-    sd = _shared_parts(m, c.width, c.output_dim, seed, saver)
-    vision = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
-        image_size=m.image_size, patch_size=m.patch_size, hidden_size=c.width,
-        intermediate_size=c.intermediate_size, num_hidden_layers=c.layers,
-        num_attention_heads=c.heads))
-    sd.update(_prefixed(saver, "backbone.", _hf_tower(vision)))
-    text = transformers.SiglipTextModel(transformers.SiglipTextConfig(
-        vocab_size=c.vocab_size, max_position_embeddings=c.token_length + c.n_ctx,
-        hidden_size=c.text_width, intermediate_size=c.text_intermediate_size,
-        num_hidden_layers=c.text_layers, num_attention_heads=c.text_heads))
-    sd.update(_prefixed(saver, "text_encoder.", _hf_tower(text)))
-    # SiglipVisionTransformer.__init__ builds the CLIP variant's projections; forward never
-    # calls them, but they are in the checkpoint.
-    sd.update(_prefixed(saver, "backbone.adapter_proj1.",
-                        tnn.Sequential(*[tnn.Linear(dd, c.width) for _ in range(c.layers)])))
-    sd.update(_prefixed(saver, "backbone.adapter_proj2.",
-                        tnn.Sequential(*[tnn.Linear(c.width, dd) for _ in range(c.layers)])))
-    sd.update(_prefixed(saver, "backbone.adapter_proj3.", tnn.Linear(dd, c.width)))
-    return sd
-
-
-def _abstract(config):
-    return nnx.eval_shape(lambda: MFuser(config.model, rngs=nnx.Rngs(0)))
+from tests.refs.segmentor import (  # noqa: E402
+    NON_PERSISTENT,
+    clip_state_dict,
+    eva02_state_dict,
+    siglip_state_dict,
+    torch_state_dict,
+)
+from tests.support import (  # noqa: E402
+    abstract_mfuser,
+    concrete,
+    random_images,
+    save_pth,
+    small_release_config,
+)
 
 
 def _concrete_model(model):
-    _concrete(model)
+    concrete(model)
     model.texts = model._tokenize(list(model.class_names))  # the variant's own tokenizer
     return model
 
 
-@pytest.fixture(scope="module")
-def eva():
-    config = experiment_config("eva02")
-    return config, eva02_state_dict(config.model)
-
-
-def test_eva02_release_loads_strictly_and_predicts(eva):
-    config, release = eva
-    model = _abstract(config)
+def test_eva02_release_loads_strictly_and_predicts(eva02_release):
+    config, release = eva02_release
+    model = abstract_mfuser(config)
     counts = load_mfuser_checkpoint(model, release)
     n_buffers = 2 * (1 + config.model.eva02.layers) + 1  # rotary tables, text mask
     assert counts == {"loaded": len(release) - 3 - 1 - n_buffers, "dropped": 3,
@@ -141,14 +63,14 @@ def test_eva02_release_loads_strictly_and_predicts(eva):
                                   release["text_encoder.positional_embedding"])
     _concrete_model(model).eval()
     size = config.model.image_size
-    scores = nnx.jit(lambda m, x: m.predict(x))(model, _images(size=size))
+    scores = nnx.jit(lambda m, x: m.predict(x))(model, random_images(size=size))
     assert scores.shape == (1, size, size, 19) and np.all(np.isfinite(np.asarray(scores)))
 
 
-def test_eva02_buffers_are_checked(eva):
+def test_eva02_buffers_are_checked(eva02_release):
     # Each buffer must be what the JAX model computes; the error names key and difference.
-    config, release = eva
-    model = _abstract(config)  # a refused load leaves the model as it was
+    config, release = eva02_release
+    model = abstract_mfuser(config)  # a refused load leaves the model as it was
     bad = dict(release)
     bad["backbone.blocks.2.attn.rope.freqs_sin"] = bad["backbone.blocks.2.attn.rope.freqs_sin"] + 0.1
     with pytest.raises(WeightFileError, match="rotary table"):
@@ -162,40 +84,37 @@ def test_eva02_buffers_are_checked(eva):
                                source="eva.pth")
 
 
-def test_releases_hold_the_buffers_the_originals_register(eva, sig):
+def test_releases_hold_the_buffers_the_originals_register(clip_release, eva02_release,
+                                                          siglip_release):
     # The fake releases are saved as mmcv saves: every buffer. Their keys beyond torch's
     # state_dict() are exactly the originals' non-persistent buffers (NON_PERSISTENT, read
     # off the original code). That the spec checks each (the strict loads count them) and
     # writes it back with the release's dtype and value: tests/test_export_pth.py.
-    from test_convert_mfuser import experiment_config as clip_config
-    from test_convert_mfuser import original_state_dict
-
-    clip = clip_config()
     for vlm, build, (config, release) in (
-            ("clip", original_state_dict, (clip, None)), ("eva02", eva02_state_dict, eva),
-            ("siglip", siglip_state_dict, sig)):
-        release = build(config.model) if release is None else release
+            ("clip", clip_state_dict, clip_release), ("eva02", eva02_state_dict, eva02_release),
+            ("siglip", siglip_state_dict, siglip_release)):
         torch_keys = set(build(config.model, saver=torch_state_dict))
         assert torch_keys <= set(release) and set(release) - torch_keys == NON_PERSISTENT[vlm]
 
 
-def test_a_release_of_another_variant_is_refused_with_the_fix(eva):
-    config, release = eva
+def test_a_release_of_another_variant_is_refused_with_the_fix(eva02_release):
+    config, release = eva02_release
     with pytest.raises(WeightFileError, match="vlm=eva02"):
-        load_mfuser_checkpoint(_abstract(experiment_config("clip")), release, source="eva.pth")
+        load_mfuser_checkpoint(abstract_mfuser(small_release_config("clip")), release,
+                               source="eva.pth")
 
 
 def _round_trip(config, release, tmp_path, monkeypatch, scalars=None, **kwargs):
     """convert -> restore_model gives exactly the model a strict load gives."""
-    monkeypatch.setattr(startup, "create_model", lambda cfg: _concrete_model(_abstract(cfg)))
+    monkeypatch.setattr(startup, "create_model", lambda cfg: _concrete_model(abstract_mfuser(cfg)))
     pth = str(tmp_path / "iter_40.pth")
-    _save_pth(pth, release, {"iter": 39})
+    save_pth(pth, release, {"iter": 39})
     out = str(tmp_path / "w")
     info = convert_mfuser_checkpoint(config, pth, out, **kwargs)
     assert info["step"] == 40 and info["vlm"] == config.model.vlm
     restored, step = train.restore_model(config, out)
     assert step == 40
-    want = _abstract(config)
+    want = abstract_mfuser(config)
     load_mfuser_checkpoint(want, release, scalars=scalars)
     got_flat = dict(nnx.to_flat_state(nnx.state(restored, nnx.Any(nnx.Param, nnx.BatchStat))))
     want_flat = dict(nnx.to_flat_state(nnx.state(want, nnx.Any(nnx.Param, nnx.BatchStat))))
@@ -203,8 +122,9 @@ def _round_trip(config, release, tmp_path, monkeypatch, scalars=None, **kwargs):
     return info, got_flat, want_flat
 
 
-def test_eva02_convert_then_restore_gives_the_same_model(eva, tmp_path, monkeypatch):
-    config, release = eva
+def test_eva02_convert_then_restore_gives_the_same_model(eva02_release, tmp_path,
+                                                        monkeypatch):
+    config, release = eva02_release
     info, got, want = _round_trip(config, release, tmp_path, monkeypatch)
     assert info["recomputed"] == 2 * (1 + config.model.eva02.layers) + 1
     for path, var in want.items():
@@ -214,16 +134,9 @@ def test_eva02_convert_then_restore_gives_the_same_model(eva, tmp_path, monkeypa
 
 # ------------------------------------------------------------------------------ SigLIP
 
-@pytest.fixture(scope="module")
-def sig(spiece):
-    config = experiment_config("siglip")
-    config.model.siglip.tokenizer = spiece
-    return config, siglip_state_dict(config.model)
-
-
-def test_siglip_release_loads_strictly_and_predicts(sig):
-    config, release = sig
-    model = _abstract(config)
+def test_siglip_release_loads_strictly_and_predicts(siglip_release):
+    config, release = siglip_release
+    model = abstract_mfuser(config)
     # First the checks of the saved position ids (a refused load leaves the model as it
     # was); the error names key and difference.
     ids = np.arange(25, dtype=np.int64)[None]  # a 5 x 5 grid: another image size
@@ -248,12 +161,13 @@ def test_siglip_release_loads_strictly_and_predicts(sig):
                                   release["backbone.head.attention.in_proj_weight"])
     _concrete_model(model).eval()
     size = config.model.image_size
-    scores = nnx.jit(lambda m, x: m.predict(x))(model, _images(size=size))
+    scores = nnx.jit(lambda m, x: m.predict(x))(model, random_images(size=size))
     assert scores.shape == (1, size, size, 19) and np.all(np.isfinite(np.asarray(scores)))
 
 
-def test_siglip_convert_then_restore_gives_the_same_model(sig, spiece, tmp_path, monkeypatch):
-    config, release = sig
+def test_siglip_convert_then_restore_gives_the_same_model(siglip_release, spiece, tmp_path,
+                                                         monkeypatch):
+    config, release = siglip_release
     torch.manual_seed(5)
     weights = transformers.SiglipModel(transformers.SiglipConfig(
         text_config=dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
@@ -279,9 +193,9 @@ def test_siglip_convert_then_restore_gives_the_same_model(sig, spiece, tmp_path,
     assert float(restored.backbone.logit_bias[0]) == -8.5
 
 
-def test_siglip_release_without_its_weights_cannot_be_trained(sig, spiece, tmp_path,
-                                                              monkeypatch):
-    config, release = sig
+def test_siglip_release_without_its_weights_cannot_be_trained(siglip_release, spiece,
+                                                              tmp_path, monkeypatch):
+    config, release = siglip_release
     with pytest.raises(WeightFileError, match="siglip_tokenizer"):
         cfg = config.copy_and_resolve_references()
         cfg.model.siglip.tokenizer = ""

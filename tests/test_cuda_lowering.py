@@ -11,13 +11,11 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_siglip import spiece  # noqa: E402,F401  (a tiny SentencePiece model fixture)
-
-from configs import gta2cs  # noqa: E402
-from mfuser_jax.run import lowering as lw  # noqa: E402
-from mfuser_jax import sharding as shd  # noqa: E402
-from mfuser_jax.errors import UserError  # noqa: E402
+from configs import gta2cs
+from mfuser_jax.run import lowering as lw
+from mfuser_jax import sharding as shd
+from mfuser_jax.errors import UserError
+from tests.support import REPO
 
 FORWARD = {"_chunk_state_kernel", "_carry_kernel", "_chunk_output_kernel"}
 BACKWARD = {"_chunk_adjoint_kernel", "_chunk_grad_kernel"}
@@ -151,9 +149,6 @@ def test_cudnn_attention_is_refused_in_one_line_without_cudnn():
         lw.lower_train_step(config, "cuda")
     with pytest.raises(UserError, match="unknown platform 'gpu'"):
         lw.check_platform(_config("clip"), "gpu")
-
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_job_writes_the_module_and_one_summary_line(lowered):

@@ -1,10 +1,6 @@
-"""EVA02-CLIP towers and weight conversion against PyTorch restatements of MFuser's eva_clip.
-
-The restatements below follow devinxzhang/MFuser models/backbones/eva_clip/eva_vit_model.py
-(Attention with subln, SwiGLU, Block, EVAVisionTransformer), rope.py
-(VisionRotaryEmbeddingFast), transformer.py (TextTransformer with CoOp context) and
-utils.py (resize_evaclip_pos_embed), written for these tests. Switches in the restatement
-build the tempting wrong variants, so each trap test shows the variant really differs.
+"""EVA02-CLIP towers and weight conversion against PyTorch restatements of MFuser's eva_clip
+(tests/refs/eva02.py). Switches in the restatement build the tempting wrong variants, so
+each trap test shows the variant really differs.
 """
 
 import jax
@@ -14,7 +10,6 @@ import pytest
 from flax import nnx
 
 torch = pytest.importorskip("torch")
-import torch.nn as tnn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from mfuser_jax.weights.state_dict import load_torch_state_dict  # noqa: E402
@@ -27,10 +22,32 @@ from mfuser_jax.towers.eva02.convert import (  # noqa: E402
 from mfuser_jax.towers.clip.model import CLIPTextContextEncoder  # noqa: E402
 from mfuser_jax.towers.eva02.model import EVAVisionTransformer, eva_rope_table, rotate_half  # noqa: E402
 from mfuser_jax.nn.layers import set_attn_implementation  # noqa: E402
+from tests.refs.clip import TQuickGELU  # noqa: E402
+from tests.refs.eva02 import (  # noqa: E402
+    TEVA,
+    TRope,
+    TTextTransformer,
+    clip_state_dict,
+    randomize,
+    resize_evaclip_pos_embed,
+    resize_float16_on_gpu,
+    visual_state_dict,
+)
 
 IMG, PATCH, DIM, HEADS, DEPTH, RATIO, OUT = 56, 14, 64, 4, 3, 2.6667, 48
 VOCAB, TW, THEADS, TLAYERS = 100, 64, 4, 2
 EOT = VOCAB - 1
+TOWER = dict(img=IMG, patch=PATCH, dim=DIM, heads=HEADS, depth=DEPTH, ratio=RATIO, out=OUT)
+TEXT = dict(vocab=VOCAB, width=TW, heads=THEADS, layers=TLAYERS, out=OUT)
+
+
+def _teva(**kw):
+    """The tiny EVA tower of these tests (TOWER), ``kw`` changed."""
+    return TEVA(**{**TOWER, **kw})
+
+
+def _ttext(context_length, **kw):
+    return TTextTransformer(context_length, **{**TEXT, **kw})
 
 
 def rel_err(a, b):
@@ -38,156 +55,9 @@ def rel_err(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-# --------------------------------------------------------------------------------------
-# PyTorch restatement of the EVA image tower
-
-
-def t_rotate_half(x, half_split=False):
-    if half_split:  # the GPT-NeoX / LLaMA convention: NOT what EVA does
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((-x2, x1), dim=-1)
-    x = x.unflatten(-1, (-1, 2))  # '... (d r) -> ... d r', r=2
-    x1, x2 = x.unbind(-1)
-    return torch.stack((-x2, x1), dim=-1).flatten(-2)
-
-
-class TRope(tnn.Module):
-    """VisionRotaryEmbeddingFast(dim, pt_seq_len, ft_seq_len), freqs_for='lang'."""
-
-    def __init__(self, dim, pt_seq_len, ft_seq_len, half_split=False):
-        super().__init__()
-        freqs = 1.0 / (10000 ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
-        t = torch.arange(ft_seq_len) / ft_seq_len * pt_seq_len
-        f = torch.einsum("..., f -> ... f", t, freqs)
-        f = f.repeat_interleave(2, dim=-1)  # '... n -> ... (n r)', r=2
-        n = ft_seq_len
-        f = torch.cat([f[:, None, :].expand(n, n, -1), f[None, :, :].expand(n, n, -1)], dim=-1)
-        self.register_buffer("freqs_cos", f.cos().view(-1, f.shape[-1]))
-        self.register_buffer("freqs_sin", f.sin().view(-1, f.shape[-1]))
-        self.half_split = half_split
-
-    def forward(self, t):
-        return t * self.freqs_cos + t_rotate_half(t, self.half_split) * self.freqs_sin
-
-
-class TAttention(tnn.Module):
-    def __init__(self, dim, heads, rope, eps, v):
-        super().__init__()
-        self.heads, self.scale, self.v = heads, (dim // heads) ** -0.5, v
-        self.q_proj = tnn.Linear(dim, dim, bias=False)
-        self.k_proj = tnn.Linear(dim, dim, bias=False)
-        self.v_proj = tnn.Linear(dim, dim, bias=False)
-        self.q_bias = tnn.Parameter(torch.zeros(dim))
-        self.v_bias = tnn.Parameter(torch.zeros(dim))
-        self.inner_attn_ln = tnn.LayerNorm(dim, eps=eps)
-        self.proj = tnn.Linear(dim, dim)
-        self.rope = rope
-
-    def forward(self, x):
-        b, n, c = x.shape
-        q = F.linear(x, self.q_proj.weight, self.q_bias)
-        k = F.linear(x, self.k_proj.weight, self.v_bias if self.v.get("k_bias") else None)
-        v = F.linear(x, self.v_proj.weight, self.v_bias)
-        q, k, v = (t.reshape(b, n, self.heads, -1).permute(0, 2, 1, 3) for t in (q, k, v))
-        if self.v.get("shift_rope"):  # rope on tokens 0..n-2 instead of the patches 1..n-1
-            q = torch.cat((self.rope(q[:, :, :-1]), q[:, :, -1:]), -2)
-            k = torch.cat((self.rope(k[:, :, :-1]), k[:, :, -1:]), -2)
-        else:
-            q = torch.cat((q[:, :, :1], self.rope(q[:, :, 1:])), -2)
-            k = torch.cat((k[:, :, :1], self.rope(k[:, :, 1:])), -2)
-        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        x = (attn @ v).transpose(1, 2).reshape(b, n, -1)
-        return self.proj(self.inner_attn_ln(x))
-
-
-class TSwiGLU(tnn.Module):
-    def __init__(self, dim, hidden, eps, v):
-        super().__init__()
-        self.w1, self.w2 = tnn.Linear(dim, hidden), tnn.Linear(dim, hidden)
-        self.ffn_ln = tnn.LayerNorm(hidden, eps=eps)
-        self.w3 = tnn.Linear(hidden, dim)
-        self.v = v
-
-    def forward(self, x):
-        h = F.silu(self.w1(x)) * self.w2(x)
-        return self.w3(h if self.v.get("no_ffn_ln") else self.ffn_ln(h))
-
-
-class TBlock(tnn.Module):
-    def __init__(self, dim, heads, ratio, rope, eps, v):
-        super().__init__()
-        self.norm1 = tnn.LayerNorm(dim, eps=eps)
-        self.attn = TAttention(dim, heads, rope, eps, v)
-        self.norm2 = tnn.LayerNorm(dim, eps=eps)
-        self.mlp = TSwiGLU(dim, int(dim * ratio), eps, v)
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-class TPatchEmbed(tnn.Module):
-    def __init__(self, patch, dim):
-        super().__init__()
-        self.proj = tnn.Conv2d(3, dim, kernel_size=patch, stride=patch)
-
-
-class TEVA(tnn.Module):
-    """EVAVisionTransformer as EVA02-CLIP-L builds it (rope, intp_freq, subln, naiveswiglu)."""
-
-    def __init__(self, img=IMG, patch=PATCH, dim=DIM, heads=HEADS, depth=DEPTH, ratio=RATIO,
-                 out=OUT, pt=16, eps=1e-6, **variants):
-        super().__init__()
-        grid = img // patch
-        self.patch_embed = TPatchEmbed(patch, dim)
-        self.cls_token = tnn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = tnn.Parameter(torch.zeros(1, grid * grid + 1, dim))
-        self.rope = TRope(dim // heads // 2, pt, grid, half_split=variants.get("half_split"))
-        self.blocks = tnn.ModuleList(
-            [TBlock(dim, heads, ratio, self.rope, eps, variants) for _ in range(depth)]
-        )
-        self.norm = tnn.LayerNorm(dim, eps=eps)
-        self.head = tnn.Linear(dim, out)
-
-    def forward(self, images):
-        x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)
-        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed
-        tokens = []
-        for blk in self.blocks:
-            x = blk(x)
-            tokens.append(x)
-        return tokens, self.head(self.norm(x)[:, 0])
-
-
-def _randomize(module, seed, small_input=False):
-    # Default inits leave biases (q_bias, v_bias ...) zero and norms at one: perturb all.
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            parent = name.rsplit(".", 1)[0].rsplit(".", 1)[-1] if "." in name else ""
-            if "norm" in parent or parent.endswith("_ln") or parent.startswith("ln"):
-                p.copy_((1.0 + 0.2 * noise) if name.endswith("weight") else 0.2 * noise)
-            elif name in ("cls_token", "pos_embed"):
-                p.copy_(0.5 * noise)
-            elif p.ndim == 1:
-                p.copy_(0.2 * noise)
-            else:
-                p.copy_(noise / np.sqrt(np.prod(p.shape[1:])))
-            if small_input and (name.startswith("patch_embed") or name in ("cls_token",
-                                                                          "pos_embed")):
-                p.mul_(1e-3)  # tokens with variance ~1e-6: LayerNorm's eps matters
-    return module
-
-
 def _torch_tower(seed=0, **kw):
     small = kw.pop("small_input", False)
-    return _randomize(TEVA(**kw), seed, small).eval()
-
-
-def _visual_sd(tmod):
-    # the loader's rule: rotary buffers are dropped and recomputed
-    return {k: v for k, v in tmod.state_dict().items() if "freqs_" not in k}
+    return randomize(_teva(**kw), seed, small).eval()
 
 
 def _ours(sd, img=IMG, dtype=jnp.float32, impl=None, **kw):
@@ -226,7 +96,7 @@ def reference():
 
 def test_tower_matches_torch_restatement(reference):
     tmod, images, t_tokens, t_pooled = reference
-    m = _ours(_visual_sd(tmod))
+    m = _ours(visual_state_dict(tmod))
     assert m.num_layers == DEPTH and m.grid_size(IMG, IMG) == (4, 4)
     tokens, pooled = _run_ours(m, _nhwc(images))
     assert tokens[0].shape == (2, 17, DIM) and pooled.shape == (2, OUT)
@@ -249,12 +119,12 @@ def test_tower_matches_torch_restatement(reference):
 )
 def test_traps_differ(reference, variant):
     tmod, images, _, t_pooled = reference
-    wrong = TEVA(**variant)
+    wrong = _teva(**variant)
     wrong.load_state_dict(tmod.state_dict())
     with torch.no_grad():
         _, wrong_pooled = wrong.eval()(images)
     assert rel_err(wrong_pooled.numpy(), t_pooled) > 1e-2
-    m = _ours(_visual_sd(tmod))
+    m = _ours(visual_state_dict(tmod))
     assert rel_err(m(_nhwc(images)), t_pooled) < 1e-4
     assert m.blocks[0].attn.k_proj.bias is None
 
@@ -263,13 +133,13 @@ def test_layer_norm_eps_is_1e6():
     # tokens of variance ~1e-6: eps 1e-6 vs 1e-5 moves the output a lot
     tmod = _torch_tower(3, small_input=True)
     images = _images(4)
-    wrong = TEVA(eps=1e-5)
+    wrong = _teva(eps=1e-5)
     wrong.load_state_dict(tmod.state_dict())
     with torch.no_grad():
         _, ref = tmod(images)
         _, bad = wrong.eval()(images)
     assert rel_err(bad.numpy(), ref.numpy()) > 1e-2
-    ours = _ours(_visual_sd(tmod))(_nhwc(images))
+    ours = _ours(visual_state_dict(tmod))(_nhwc(images))
     assert rel_err(ours, ref.numpy()) < 1e-4
 
 
@@ -303,11 +173,11 @@ def test_rope_non_square_grid():
 
 def test_run_time_pos_embed_resize_and_dtypes(reference):
     tmod, _, _, _ = reference
-    sd = _visual_sd(tmod)
+    sd = visual_state_dict(tmod)
     m = _ours(sd)
     images = _nhwc(_images(5, hw=(84, 84)))
     # at run time the 4x4 table is resized to 6x6 like the converter does it at load time
-    resized, _ = eva02_state_dicts(_fake_clip_sd(tmod, _torch_text(0)), img_size=84,
+    resized, _ = eva02_state_dicts(clip_state_dict(tmod, _torch_text(0)), img_size=84,
                                    context_length=8)
     m84 = _ours(resized, img=84)
     assert rel_err(m(images), m84(images)) < 1e-5
@@ -324,56 +194,8 @@ def test_run_time_pos_embed_resize_and_dtypes(reference):
 # Text tower: open_clip TextTransformer (exact nn.GELU) with CoOp context
 
 
-class TTextBlock(tnn.Module):
-    def __init__(self, w, heads, act):
-        super().__init__()
-        self.ln_1 = tnn.LayerNorm(w)
-        self.attn = tnn.MultiheadAttention(w, heads)
-        self.ln_2 = tnn.LayerNorm(w)
-        self.mlp = tnn.Sequential()
-        self.mlp.add_module("c_fc", tnn.Linear(w, 4 * w))
-        self.mlp.add_module("gelu", act)
-        self.mlp.add_module("c_proj", tnn.Linear(4 * w, w))
-
-    def forward(self, x, mask):
-        y = self.ln_1(x)
-        x = x + self.attn(y, y, y, need_weights=False, attn_mask=mask)[0]
-        return x + self.mlp(self.ln_2(x))
-
-
-class TTextTransformer(tnn.Module):
-    def __init__(self, context_length, vocab=VOCAB, width=TW, heads=THEADS, layers=TLAYERS,
-                 out=OUT, act=None):
-        super().__init__()
-        self.token_embedding = tnn.Embedding(vocab, width)
-        self.positional_embedding = tnn.Parameter(torch.zeros(context_length, width))
-        self.transformer = tnn.Module()
-        self.transformer.resblocks = tnn.ModuleList(
-            [TTextBlock(width, heads, act or tnn.GELU()) for _ in range(layers)]
-        )
-        self.ln_final = tnn.LayerNorm(width)
-        self.text_projection = tnn.Parameter(torch.zeros(width, out))
-        self.context_length = context_length
-
-    def forward(self, text, context):
-        x_text = self.token_embedding(text)
-        k, n1, c = x_text.shape
-        b, n2, _ = context.shape
-        eos = (text.argmax(dim=-1) + n2).reshape(1, k).expand(b, k).reshape(-1)
-        x_text = x_text.reshape(1, k, n1, c).expand(b, k, n1, c)
-        context = context.reshape(b, 1, n2, c).expand(b, k, n2, c)
-        x = torch.cat([x_text[:, :, :1], context, x_text[:, :, 1:]], dim=2).reshape(b * k, -1, c)
-        x = x + self.positional_embedding
-        mask = torch.full((n1 + n2, n1 + n2), float("-inf")).triu_(1)
-        x = x.permute(1, 0, 2)
-        for blk in self.transformer.resblocks:
-            x = blk(x, mask)
-        x = self.ln_final(x.permute(1, 0, 2))
-        return (x[torch.arange(x.shape[0]), eos] @ self.text_projection).reshape(b, k, -1)
-
-
 def _torch_text(seed, context_length=16, **kw):
-    return _randomize(TTextTransformer(context_length, **kw), seed).eval()
+    return randomize(_ttext(context_length, **kw), seed).eval()
 
 
 def _text_inputs(seed, n1=5, n2=3, k=3):
@@ -391,7 +213,7 @@ def test_text_tower_exact_gelu_with_context():
     text, context = _text_inputs(8)
     with torch.no_grad():
         ref = ttext(text, context).numpy()
-        quick = TTextTransformer(8, act=_QuickGELU())
+        quick = _ttext(8, act=TQuickGELU())
         quick.load_state_dict(ttext.state_dict())
         ref_quick = quick.eval()(text, context).numpy()
     assert rel_err(ref_quick, ref) > 1e-3  # the activation matters
@@ -405,51 +227,28 @@ def test_text_tower_exact_gelu_with_context():
                                rngs=nnx.Rngs(0))
 
 
-class _QuickGELU(tnn.Module):
-    def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
-
-
 # --------------------------------------------------------------------------------------
 # Conversion
-
-
-def _fake_clip_sd(tvisual, ttext):
-    """An EVA02-CLIP-like state dict: visual.* (rope buffers included), text.*, logit_scale."""
-    sd = {f"visual.{k}": v for k, v in tvisual.state_dict().items()}
-    sd.update({f"text.{k}": v for k, v in ttext.state_dict().items()})
-    sd["logit_scale"] = torch.tensor(4.6052)
-    return sd
-
-
-def t_resize_evaclip_pos_embed(pos, new_size):
-    """utils.py resize_evaclip_pos_embed on one (1, 1 + g*g, D) tensor."""
-    extra, tokens = pos[:, :1], pos[:, 1:]
-    g = int(tokens.shape[1] ** 0.5)
-    tokens = tokens.reshape(-1, g, g, pos.shape[-1]).permute(0, 3, 1, 2)
-    tokens = F.interpolate(tokens, size=(new_size, new_size), mode="bicubic",
-                           align_corners=False)
-    return torch.cat((extra, tokens.permute(0, 2, 3, 1).flatten(1, 2)), dim=1)
 
 
 def test_convert_file_and_run(tmp_path):
     # "pretrained" at 42 px (3x3 grid) with 16 text positions; MFuser-style load at 70 px (5x5)
     tsrc = _torch_tower(11, img=42)
     ttext = _torch_text(12, context_length=16)
-    sd = _fake_clip_sd(tsrc, ttext)
+    sd = clip_state_dict(tsrc, ttext)
     assert any("freqs_cos" in k for k in sd) and "visual.blocks.0.attn.rope.freqs_sin" in sd
     path = tmp_path / "eva02.pt"
     torch.save({"module": {f"module.{k}": v for k, v in sd.items()}}, path)
     visual, text = read_eva02_clip(path, img_size=70, patch_size=14, context_length=8)
     assert not any("freqs" in k for k in visual) and "logit_scale" not in text
-    ref_pos = t_resize_evaclip_pos_embed(tsrc.pos_embed.detach(), 5).numpy()
+    ref_pos = resize_evaclip_pos_embed(tsrc.pos_embed.detach(), 5).numpy()
     assert visual["pos_embed"].shape == (1, 26, DIM)
     np.testing.assert_allclose(visual["pos_embed"], ref_pos, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(visual["pos_embed"][:, 0], sd["visual.pos_embed"][:, 0])
     assert text["positional_embedding"].shape == (8, TW)
 
     # the original loader into a 70 px torch tower vs ours loaded strictly from the file
-    tdst = TEVA(img=70)
+    tdst = _teva(img=70)
     tsd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
     tsd["pos_embed"] = torch.from_numpy(ref_pos)
     tsd = {k: v for k, v in tsd.items() if "freqs_" not in k}
@@ -464,7 +263,7 @@ def test_convert_file_and_run(tmp_path):
     t8 = CLIPTextContextEncoder(8, VOCAB, TW, THEADS, TLAYERS, OUT, activation="gelu",
                                 rngs=nnx.Rngs(0))
     load_torch_state_dict(t8, text)
-    tsmall = TTextTransformer(8)
+    tsmall = _ttext(8)
     tsmall.load_state_dict({**ttext.state_dict(),
                             "positional_embedding": ttext.positional_embedding[:8]})
     txt, ctx = _text_inputs(14)
@@ -475,7 +274,7 @@ def test_convert_file_and_run(tmp_path):
 
 def test_convert_patch_size_and_errors():
     tsrc, ttext = _torch_tower(15), _torch_text(16)
-    sd = _fake_clip_sd(tsrc, ttext)
+    sd = clip_state_dict(tsrc, ttext)
     assert is_eva02_clip(sd) and is_eva02_clip({f"module.{k}": v for k, v in sd.items()})
     visual, _ = eva02_state_dicts(sd, img_size=64, patch_size=16, context_length=8)
     ref = F.interpolate(tsrc.patch_embed.proj.weight.detach(), size=16, mode="bicubic",
@@ -496,25 +295,17 @@ def test_convert_patch_size_and_errors():
         eva02_state_dicts({**sd, "extra.weight": np.zeros(2)}, img_size=IMG, context_length=8)
 
 
-def t_resize_float16_on_gpu(pos, new_size):
-    """resize_evaclip_pos_embed on a float16 table as MFuser runs it: loaded onto the GPU,
-    whose bicubic kernel computes a float16 input in float32 and rounds once. On the CPU
-    that is the float32 kernel on the same layout, then the rounding (the CPU's float16
-    kernel keeps its weights in float16 instead)."""
-    return t_resize_evaclip_pos_embed(pos.float(), new_size).half()
-
-
 def test_float16_file_pos_embed_rounded_like_original(tmp_path):
     # For a float16 file the original resizes pos_embed in float32 arithmetic with one
     # final rounding to float16, before copying it into float32.
     sd = {k: (v.half() if v.is_floating_point() else v)
-          for k, v in _fake_clip_sd(_torch_tower(17), _torch_text(18)).items()}
+          for k, v in clip_state_dict(_torch_tower(17), _torch_text(18)).items()}
     path = tmp_path / "eva02_fp16.pt"
     torch.save({"state_dict": sd}, path)
     visual, text = read_eva02_clip(path, img_size=84, context_length=8)
     assert visual["pos_embed"].dtype == np.float32 and text["text_projection"].dtype == np.float32
-    exact = t_resize_evaclip_pos_embed(sd["visual.pos_embed"].float(), 6)
-    ref = t_resize_float16_on_gpu(sd["visual.pos_embed"], 6).float().numpy()
+    exact = resize_evaclip_pos_embed(sd["visual.pos_embed"].float(), 6)
+    ref = resize_float16_on_gpu(sd["visual.pos_embed"], 6).float().numpy()
     np.testing.assert_array_equal(visual["pos_embed"], ref)
     assert not np.array_equal(visual["pos_embed"], exact.numpy())
 
@@ -532,7 +323,7 @@ def test_float16_pos_embed_at_full_size_is_bit_equal_to_the_originals():
                                         "visual.blocks.0.mlp.w3.weight",
                                         "text.token_embedding.weight", "text.text_projection")})
     visual, _ = eva02_state_dicts(sd, img_size=512, patch_size=14, context_length=13)
-    ref = t_resize_float16_on_gpu(pos, 36).float().numpy()
+    ref = resize_float16_on_gpu(pos, 36).float().numpy()
     assert visual["pos_embed"].shape == (1, 1297, 1024)
     np.testing.assert_array_equal(visual["pos_embed"], ref)
 

@@ -1,8 +1,9 @@
 """scripts/export.py --to pth: a workdir -> the mmseg checkpoint the original MFuser loads
 with strict=True, the inverse of the release converter.
 
-Round trip: the "released" state dicts of tests/test_convert_mfuser*.py (assembled from the
-PyTorch restatements of the original modules, never from the JAX model) are converted in
+Round trip: the "released" state dicts of tests/test_convert_mfuser*.py (tests/conftest.py's
+fixtures, assembled from the PyTorch restatements of the original modules, never from the
+JAX model) are converted in
 and exported out. With the release as --reference every key, shape, dtype and value comes
 back identical. Without it, the JAX model's parameters and statistics still do, and the
 keys the converter drops are rebuilt, with these differences from the release, each
@@ -22,9 +23,7 @@ Strict loading: the key set and shapes equal those of the original modules' stat
 and parts of the file load into those modules with load_state_dict(strict=True).
 """
 
-import os
 import re
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -34,19 +33,6 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
-import torch.nn as tnn  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(__file__))
-from test_convert_mfuser import (  # noqa: E402
-    NON_PERSISTENT,
-    _fast_create_model,
-    _save_pth,
-    experiment_config,
-    original_state_dict,
-)
-from test_convert_mfuser_variants import _abstract, eva, sig  # noqa: E402,F401 (fixtures)
-from test_siglip import spiece  # noqa: E402,F401 (the fixture sig needs)
-from test_text_enhancer import TorchContextDecoder  # noqa: E402
 
 from mfuser_jax import startup  # noqa: E402
 from mfuser_jax.weights import WeightFileError  # noqa: E402
@@ -59,6 +45,10 @@ from mfuser_jax.run.release import (  # noqa: E402
 )
 from mfuser_jax.run.export import export_pth  # noqa: E402
 from mfuser_jax.towers import get_vlm  # noqa: E402
+from tests.refs.backbone import t_fpn1  # noqa: E402
+from tests.refs.segmentor import NON_PERSISTENT  # noqa: E402
+from tests.refs.text_enhancer import TorchContextDecoder  # noqa: E402
+from tests.support import abstract_mfuser, fast_create_model, save_pth  # noqa: E402
 
 IDENTITY_HEAD = re.compile(r"identity_head\.")
 COUNTER = re.compile(r".*\.num_batches_tracked$")
@@ -90,17 +80,11 @@ def _without_release_keys(got, release, *rebuilt):
     return found
 
 
-@pytest.fixture(scope="module")
-def clip():
-    config = experiment_config()
-    return config, original_state_dict(config.model)
-
-
-def test_a_converted_release_exports_unchanged(clip, tmp_path, monkeypatch):
-    monkeypatch.setattr(startup, "create_model", _fast_create_model)
-    config, release = clip
+def test_a_converted_release_exports_unchanged(clip_release, tmp_path, monkeypatch):
+    monkeypatch.setattr(startup, "create_model", fast_create_model)
+    config, release = clip_release
     pth = str(tmp_path / "iter_40.pth")
-    _save_pth(pth, release, {"iter": 39})
+    save_pth(pth, release, {"iter": 39})
     workdir = str(tmp_path / "w")
     convert_mfuser_checkpoint(config, pth, workdir)
 
@@ -117,8 +101,7 @@ def test_a_converted_release_exports_unchanged(clip, tmp_path, monkeypatch):
     tensors = saved["state_dict"]
     m = config.model
     fpn = m.clip.width + m.dinov2.embed_dim
-    fpn1 = tnn.Sequential(tnn.ConvTranspose2d(fpn, fpn, 2, 2), tnn.BatchNorm2d(fpn), tnn.GELU(),
-                          tnn.ConvTranspose2d(fpn, fpn, 2, 2))
+    fpn1 = t_fpn1(fpn)
     cd = m.context_decoder
     parts = {"backbone.fpn1.": fpn1, "context_decoder.": TorchContextDecoder(
         cd.width, cd.heads, cd.layers, m.clip.output_dim, cd.dropout)}
@@ -134,12 +117,13 @@ def test_a_converted_release_exports_unchanged(clip, tmp_path, monkeypatch):
     assert found[COUNTER.pattern] == ["backbone.fpn1.1.num_batches_tracked"]
 
 
-def test_eva02_and_siglip_releases_round_trip(eva, sig):
+def test_eva02_and_siglip_releases_round_trip(eva02_release, siglip_release):
     rope = re.compile(r"backbone\.(blocks\.\d+\.attn\.)?rope\.freqs_(cos|sin)$")
     random_text = re.compile(r"random_text$")
     adapter_proj = re.compile(r"backbone\.adapter_proj[123]\.")
-    for (config, release), rebuilt in ((eva, (rope, random_text)), (sig, (adapter_proj,))):
-        model = _abstract(config)
+    for (config, release), rebuilt in ((eva02_release, (rope, random_text)),
+                                       (siglip_release, (adapter_proj,))):
+        model = abstract_mfuser(config)
         load_mfuser_checkpoint(model, release)  # SigLIP: logit scalars NaN, not exported
         _assert_identical(mfuser_state_dict(model, step=40, reference=release), release)
         # a release saved by torch's state_dict() (no non-persistent buffers) also comes
@@ -165,9 +149,9 @@ def test_eva02_and_siglip_releases_round_trip(eva, sig):
             assert "backbone.logit_scale" not in got
 
 
-def test_a_reference_of_another_model_is_refused(eva):
-    config, release = eva
-    model = _abstract(config)
+def test_a_reference_of_another_model_is_refused(eva02_release):
+    config, release = eva02_release
+    model = abstract_mfuser(config)
     load_mfuser_checkpoint(model, release)
     bad = dict(release)
     del bad["gamma"]
@@ -182,16 +166,17 @@ def test_a_reference_of_another_model_is_refused(eva):
     assert "random_text: expected (19, 10) (PyTorch layout), got (19, 768)" in msg
 
 
-def test_export_import_export_keeps_every_key_and_value(clip, eva, sig, tmp_path):
+def test_export_import_export_keeps_every_key_and_value(clip_release, eva02_release,
+                                                         siglip_release, tmp_path):
     # For each variant: a workdir's model exported (mmcv's key set, the buffers written as
     # mmcv saves them), read back from the file, imported and exported again gives the same
     # keys, dtypes, shapes and values.
     buffers = {"clip": {}, "eva02": {"text_encoder.attn_mask": np.float32},
                "siglip": {"backbone.embeddings.position_ids": np.int64,
                           "text_encoder.embeddings.position_ids": np.int64}}
-    for config, release in (clip, eva, sig):
+    for config, release in (clip_release, eva02_release, siglip_release):
         vlm = config.model.vlm
-        model = _abstract(config)
+        model = abstract_mfuser(config)
         load_mfuser_checkpoint(model, release)
         first = mfuser_state_dict(model, step=40)
         assert sorted(first) == sorted(k for k in release if not IDENTITY_HEAD.match(k)), vlm

@@ -8,14 +8,12 @@ nn.Embedding), plus the two mmcv 1.x modules that initialise themselves in __ini
 (ConvModule: kaiming_normal fan_out/relu, bias 0; MultiScaleDeformableAttention).
 
 The reference here is the PyTorch module built by torch's own constructors at the same
-shapes (the head restatement of tests/test_decoder.py; mmcv's two constructor-time inits
-restated on it), drawn several times; each of our tensors must match its std, mean and
+shapes (the head restatement of tests/refs/decoder.py, with mmcv's two constructor-time
+inits), drawn several times; each of our tensors must match its std, mean and
 largest magnitude within sampling error.
 """
 
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -24,42 +22,16 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 import torch.nn as tnn  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_decoder import TINY, THead, TMSDA, TConvModule, _torch_cfg  # noqa: E402
-
 from mfuser_jax.weights.state_dict import torch_state_dict_of  # noqa: E402
 from mfuser_jax.model.backbone import MFuserBackbone  # noqa: E402
 from mfuser_jax.model.mask_decoder import TqdmHead  # noqa: E402
+from tests.refs.decoder import THead, mmcv_constructor_inits, torch_cfg  # noqa: E402
+from tests.support import TINY_HEAD as TINY  # noqa: E402
 
 # The shapes of test_decoder.py's and test_backbone_variants.py's models, so that in one
 # pytest run their compiled initialisers are reused. The torch side is drawn many times, so
 # the sampling error is essentially ours alone.
 TORCH_DRAWS = 16
-
-
-def _mmcv_constructor_inits(module):
-    """What mmcv 1.5's constructors run on top of torch's defaults."""
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, TConvModule):  # ConvModule.init_weights -> kaiming_init
-                tnn.init.kaiming_normal_(m.conv.weight, mode="fan_out", nonlinearity="relu")
-                if m.conv.bias is not None:
-                    tnn.init.zeros_(m.conv.bias)
-            elif isinstance(m, TMSDA):  # MultiScaleDeformableAttention.init_weights
-                tnn.init.zeros_(m.sampling_offsets.weight)
-                thetas = torch.arange(m.heads, dtype=torch.float32) * (2.0 * math.pi / m.heads)
-                grid = torch.stack([thetas.cos(), thetas.sin()], -1)
-                grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(m.heads, 1, 1, 2)
-                grid = grid.repeat(1, m.levels, m.points, 1)
-                for i in range(m.points):
-                    grid[:, :, i, :] *= i + 1
-                m.sampling_offsets.bias.copy_(grid.view(-1))
-                tnn.init.zeros_(m.attention_weights.weight)
-                tnn.init.zeros_(m.attention_weights.bias)
-                for lin in (m.value_proj, m.output_proj):
-                    tnn.init.xavier_uniform_(lin.weight)
-                    tnn.init.zeros_(lin.bias)
-    return module
 
 
 def _assert_same_distribution(ours: dict, build_torch, keys=None):
@@ -99,7 +71,7 @@ def _assert_same_distribution(ours: dict, build_torch, keys=None):
 
 def test_head_and_pixel_decoder_start_as_the_original_constructs_them():
     ours = torch_state_dict_of(TqdmHead(**TINY, rngs=nnx.Rngs(0)))
-    _assert_same_distribution(ours, lambda: _mmcv_constructor_inits(THead(_torch_cfg(TINY))))
+    _assert_same_distribution(ours, lambda: mmcv_constructor_inits(THead(torch_cfg(TINY))))
 
 
 def test_backbone_projections_and_fpn_are_torch_defaults():

@@ -1,4 +1,5 @@
-"""The assembled MFuser: tiny forward/backward, trainable split, inference, full-size counts."""
+"""The assembled MFuser: tiny forward/backward, trainable split, inference, full-size counts.
+The tiny model comes from tests/conftest.py's ``tiny_mfuser`` (a fresh clone per test)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,34 +10,12 @@ from flax import nnx
 from configs.base import mfuser_model_config
 from mfuser_jax.model.mfuser import MFuser, is_trainable_path
 from mfuser_jax.nn.stack import stack_prefixes
+from tests.support import batch, paths, tiny_config
 
 
-def tiny_config():
-    cfg = mfuser_model_config("tiny")
-    cfg.mvfuser.scan_backend = "reference"
-    cfg.loss.num_points = 64
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    return MFuser(tiny_config(), rngs=nnx.Rngs(0))
-
-
-def _batch(b=2, size=64, seed=0):
-    rng = np.random.default_rng(seed)
-    images = jnp.asarray(rng.integers(0, 256, (b, size, size, 3)), jnp.uint8)
-    labels = rng.integers(0, 6, (b, size, size)).astype(np.int32)
-    labels[:, :4] = 255
-    return images, jnp.asarray(labels)
-
-
-def _paths(state):
-    return {tuple(str(p) for p in path) for path, _ in nnx.to_flat_state(state)}
-
-
-def test_gradients_reach_every_trainable_parameter_and_no_frozen_one(tiny_model):
-    images, labels = _batch()
+def test_gradients_reach_every_trainable_parameter_and_no_frozen_one(tiny_mfuser):
+    tiny_model = tiny_mfuser()
+    images, labels = batch()
     graphdef, trainable, rest = nnx.split(tiny_model, tiny_model.trainable_filter, ...)
 
     @jax.jit
@@ -53,8 +32,8 @@ def test_gradients_reach_every_trainable_parameter_and_no_frozen_one(tiny_model)
     assert "decode.d0.loss_cls" in parts and len(parts) == 10
     assert all(np.isfinite(float(v)) for v in parts.values())
 
-    grad_paths = _paths(g)
-    assert grad_paths == _paths(trainable)
+    grad_paths = paths(g)
+    assert grad_paths == paths(trainable)
     assert all(is_trainable_path(p) for p in grad_paths)
     # a stacked parameter is checked layer by layer
     stacked = stack_prefixes(tiny_model)
@@ -64,7 +43,7 @@ def test_gradients_reach_every_trainable_parameter_and_no_frozen_one(tiny_model)
                 else [np.asarray(v[...])]))]
     assert dead == [], f"parameters without gradient: {dead}"
 
-    frozen = _paths(nnx.state(tiny_model, nnx.Param)) - grad_paths
+    frozen = paths(nnx.state(tiny_model, nnx.Param)) - grad_paths
     assert any(p[:2] == ("backbone", "dinov2") for p in frozen)
     for tower in ("transformer", "conv1", "ln_post", "proj"):  # the CLIP tower
         assert any(p[:3] == ("backbone", "vlm", tower) for p in frozen), tower
@@ -80,7 +59,7 @@ def test_scanned_layers_and_remat_change_nothing_but_the_program():
     cfg = tiny_config()
     cfg.decoder.decoder_layers = 3  # one full round of the 3 levels: the periodic scan runs
     model = MFuser(cfg, rngs=nnx.Rngs(0))
-    images, labels = _batch(b=2)  # one class-loss normaliser group (cls_norm_images=2)
+    images, labels = batch(b=2)  # one class-loss normaliser group (cls_norm_images=2)
     graphdef_plain = nnx.graphdef(model)
 
     def loss_and_grads(scan, remat):
@@ -108,8 +87,9 @@ def test_scanned_layers_and_remat_change_nothing_but_the_program():
             a, b, rtol=1e-4, atol=max(1e-5 * float(np.abs(b).max()), 1e-6))
 
 
-def test_predict_and_custom_class_names(tiny_model):
-    images, _ = _batch(b=1, size=64)
+def test_predict_and_custom_class_names(tiny_mfuser):
+    tiny_model = tiny_mfuser()
+    images, _ = batch(b=1, size=64)
     scores = tiny_model.predict(images)
     assert scores.shape == (1, 64, 64, 19) and scores.dtype == jnp.float32
     # Known names keep their trained slots: the channels are a selection of the full output.
@@ -152,7 +132,7 @@ def test_full_size_parameter_counts():
 
 
 @pytest.mark.slow
-def test_overfits_one_synthetic_image():
+def test_overfits_one_synthetic_image(tiny_mfuser):
     """The whole trainable path learns: 150 AdamW steps on one scene cut the loss by > 80%."""
     import optax
 
@@ -160,7 +140,7 @@ def test_overfits_one_synthetic_image():
 
     image, label = render_scene(0, size=(64, 64))
     images, labels = jnp.asarray(image[None]), jnp.asarray(label[None].astype(np.int32))
-    model = MFuser(tiny_config(), rngs=nnx.Rngs(0))
+    model = tiny_mfuser()  # MFuser(tiny_config(), rngs=nnx.Rngs(0)), a fresh clone
     graphdef, trainable, rest = nnx.split(model, model.trainable_filter, ...)
     tx = optax.adamw(1e-3, weight_decay=1e-4)
     opt_state = tx.init(trainable)

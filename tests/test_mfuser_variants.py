@@ -1,9 +1,7 @@
 """MFuser's EVA02 and SigLIP variants: the trainable split, inference, and the full-size
 parameter count against the original segmentor restated module by module on torch's
-'meta' device (what MFuser_EVA_CLIP / MFuser_SIGLIP build, unused parameters included)."""
-
-import os
-import sys
+'meta' device (what MFuser_EVA_CLIP / MFuser_SIGLIP build, unused parameters included;
+tests/refs). The tiny models come from tests/conftest.py's ``tiny_mfuser``."""
 
 import jax
 import numpy as np
@@ -14,32 +12,22 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 import torch.nn as tnn  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_decoder import FULL_TORCH, THead  # noqa: E402
-from test_eva02 import TEVA, TTextTransformer  # noqa: E402
-from test_mfuser import _batch, _paths  # noqa: E402
-from test_mvfuser import TorchMVFuser  # noqa: E402
-from test_siglip import spiece  # noqa: E402,F401  (a tiny SentencePiece model fixture)
-from test_text_enhancer import TorchContextDecoder  # noqa: E402
-
 from configs.base import mfuser_model_config  # noqa: E402
 from mfuser_jax.model.mfuser import MFuser, is_trainable_path, no_decay_filter_for  # noqa: E402
 from mfuser_jax.nn.stack import stack_prefixes  # noqa: E402
-
-
-def tiny_config(vlm, **tower):
-    cfg = mfuser_model_config("tiny", vlm)
-    cfg.mvfuser.scan_backend = "reference"
-    cfg.loss.num_points = 64
-    cfg[vlm].update(tower)
-    return cfg
+from tests.refs.backbone import t_fpn1  # noqa: E402
+from tests.refs.decoder import FULL_TORCH, THead  # noqa: E402
+from tests.refs.eva02 import TEVA, TTextTransformer  # noqa: E402
+from tests.refs.mvfuser import TorchMVFuser  # noqa: E402
+from tests.refs.text_enhancer import TorchContextDecoder  # noqa: E402
+from tests.support import batch, paths, tiny_config  # noqa: E402
 
 
 def check_trainable_split(model, frozen_towers):
     """Gradients reach every trainable parameter (none is dead) and no frozen one; the loss
     has all its terms; predict gives finite per-class scores at the input size."""
     size = model.config.image_size
-    images, labels = _batch(size=size)
+    images, labels = batch(size=size)
     graphdef, trainable, rest = nnx.split(model, model.trainable_filter, ...)
 
     @jax.jit
@@ -52,8 +40,8 @@ def check_trainable_split(model, frozen_towers):
     g, parts = grads(trainable, rest)
     assert "scr_map.loss_seg" in parts and len(parts) == 10
     assert all(np.isfinite(float(v)) for v in parts.values())
-    grad_paths = _paths(g)
-    assert grad_paths == _paths(trainable) and all(is_trainable_path(p) for p in grad_paths)
+    grad_paths = paths(g)
+    assert grad_paths == paths(trainable) and all(is_trainable_path(p) for p in grad_paths)
     # a stacked parameter is checked layer by layer
     stacked = stack_prefixes(model)
     dead = [".".join(map(str, p)) for p, v in nnx.to_flat_state(g)
@@ -61,7 +49,7 @@ def check_trainable_split(model, frozen_towers):
                 np.asarray(v[...]) if any(tuple(map(str, p[:len(s)])) == s for s in stacked)
                 else [np.asarray(v[...])]))]
     assert dead == [], f"parameters without gradient: {dead}"
-    frozen = _paths(nnx.state(model, nnx.Param)) - grad_paths
+    frozen = paths(nnx.state(model, nnx.Param)) - grad_paths
     for tower in frozen_towers:
         assert any(p[:2] == ("backbone", tower) or p[:3] == ("backbone", "vlm", tower)
                    for p in frozen), tower
@@ -71,23 +59,23 @@ def check_trainable_split(model, frozen_towers):
     return parts
 
 
-def test_eva02_tiny_trains_only_what_the_original_trains():
-    model = MFuser(tiny_config("eva02"), rngs=nnx.Rngs(0))
+def test_eva02_tiny_trains_only_what_the_original_trains(tiny_mfuser):
+    model = tiny_mfuser("eva02")
     assert model.config.patch_size == 14 and model.config.image_size == 56
     assert not hasattr(model.backbone, "adapter_proj1")  # EVA02 fuses without projections
     assert model.contexts.shape == (1, 8, 32)  # 13 text positions = 5 name tokens + 8
     check_trainable_split(model, ("dinov2", "blocks", "patch_embed", "norm", "head"))
 
 
-def test_siglip_tiny_trains_only_what_the_original_trains(spiece):
-    model = MFuser(tiny_config("siglip", tokenizer=spiece), rngs=nnx.Rngs(0))
+def test_siglip_tiny_trains_only_what_the_original_trains(tiny_mfuser, spiece):
+    model = tiny_mfuser("siglip", tokenizer=spiece)
     assert not hasattr(model.backbone, "adapter_proj1")  # built but never called originally
     assert model.contexts.shape == (1, 5, 32) and model.texts.shape == (19, 5)
     parts = check_trainable_split(model, ("dinov2", "encoder", "embeddings", "head",
                                           "post_layernorm", "logit_scale"))
     # the score map becomes logits through SigLIP's frozen scale and bias: changing them
     # changes the score-map loss and nothing else
-    images, labels = _batch(size=model.config.image_size)
+    images, labels = batch(size=model.config.image_size)
     loss_parts = nnx.jit(lambda m: m.loss(images, labels, jax.random.key(1))[1])
     before = loss_parts(model)
     model.backbone.logit_bias[...] = model.backbone.logit_bias[...] + 3.0
@@ -139,8 +127,7 @@ def _original_shared(text_dim):
     fpn = 2048
     return (
         tnn.Sequential(*[TorchMVFuser(1024, 16, 3, 1) for _ in range(24)]),
-        tnn.Sequential(tnn.ConvTranspose2d(fpn, fpn, 2, 2), tnn.BatchNorm2d(fpn), tnn.GELU(),
-                       tnn.ConvTranspose2d(fpn, fpn, 2, 2)),
+        t_fpn1(fpn),
         tnn.ConvTranspose2d(fpn, fpn, 2, 2),
         TorchContextDecoder(256, 4, 1, text_dim, 0.1),
         THead(cfg),

@@ -12,28 +12,20 @@ import pytest
 import torch
 from flax import nnx
 
-from configs.base import mfuser_model_config
-from hf_models import random_dinov2_and_clip, save_safetensors
 from mfuser_jax.weights import WeightFileError, load_torch_state_dict
 from mfuser_jax.towers.dinov2.convert import load_dinov2_state_dict
 from mfuser_jax.model.pretrained import convert_encoders
 from mfuser_jax.towers.dinov2.model import DinoVisionTransformer
 from mfuser_jax.model.factory import abstract_paths
 from mfuser_jax.model.mfuser import MFuser
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _config():
-    cfg = mfuser_model_config("tiny")  # width 32, 4 layers, 64 px, patch 16
-    cfg.mvfuser.scan_backend = "reference"
-    return cfg
+from tests.refs.hf import random_dinov2_and_clip, save_safetensors
+from tests.support import REPO, tiny_config
 
 
 @pytest.fixture(scope="module")
 def weight_files(tmp_path_factory):
     """Random HF DINOv2 and CLIP at patch 14 / 56 px, so conversion must resize to 16 px."""
-    cfg = _config()
+    cfg = tiny_config()  # width 32, 4 layers, 64 px, patch 16
     c, d = cfg.clip, cfg.dinov2
     folder = tmp_path_factory.mktemp("weights")
     torch.manual_seed(0)
@@ -48,7 +40,7 @@ def weight_files(tmp_path_factory):
 def test_converted_encoders_load_into_mfuser(weight_files):
     paths, out, counts = weight_files
     assert set(counts) == {"dinov2", "clip_visual", "clip_text"}
-    cfg = _config()
+    cfg = tiny_config()
     model = MFuser(cfg, rngs=nnx.Rngs(1))
     adapter_before = np.asarray(model.backbone.adapter[0].in_proj.kernel[...])
     model.load_pretrained(out)
@@ -67,7 +59,7 @@ def test_converted_encoders_load_into_mfuser(weight_files):
 def test_pretrained_filter_selects_what_the_converted_encoders_fill(weight_files):
     # create_model does not compute what pretrained_filter selects when it loads encoders
     _, out, _ = weight_files
-    model = nnx.eval_shape(lambda: MFuser(_config(), rngs=nnx.Rngs(0)))  # every value abstract
+    model = nnx.eval_shape(lambda: MFuser(tiny_config(), rngs=nnx.Rngs(0)))  # every value abstract
     rest = nnx.state(model, nnx.Not(model.pretrained_filter))
     model.load_pretrained(out)
     assert set(abstract_paths(model)) == {
@@ -79,13 +71,13 @@ def test_create_model_leaves_the_encoders_to_load_pretrained(weight_files):
     from mfuser_jax import startup
 
     _, out, _ = weight_files
-    config = ml_collections.ConfigDict(dict(seed=0, model=_config()))
+    config = ml_collections.ConfigDict(dict(seed=0, model=tiny_config()))
     config.model.pretrained = out
     model = startup.create_model(config)
     assert abstract_paths(model)  # the encoders are left to load_pretrained
     startup.load_pretrained(model, out)
     assert abstract_paths(model) == []
-    loaded = MFuser(_config(), rngs=nnx.Rngs(1))
+    loaded = MFuser(tiny_config(), rngs=nnx.Rngs(1))
     loaded.load_pretrained(out)
     np.testing.assert_array_equal(model.backbone.dinov2.cls_token[...],
                                   loaded.backbone.dinov2.cls_token[...])
@@ -111,7 +103,7 @@ def test_the_encoder_converter_computes_nothing_it_overwrites_or_drops(
     built, build = [], variants.build_backbone
     monkeypatch.setattr(variants, "build_backbone",
                         lambda *a, **k: built.append(build(*a, **k)) or built[-1])
-    assert convert_encoders(_config(), str(tmp_path / "o"), dinov2_path=paths["dinov2"],
+    assert convert_encoders(tiny_config(), str(tmp_path / "o"), dinov2_path=paths["dinov2"],
                             vlm_path=paths["clip"]) == counts
     assert built and all(not _concrete_leaves(b) for b in built)
     assert jax.tree.leaves(nnx.state(built[0].adapter)) and jax.tree.leaves(
@@ -146,7 +138,7 @@ def test_the_encoder_converter_computes_the_buffers_the_towers_compute(
     paths, _, _ = weight_files
     saved = _text_tower_with(monkeypatch, position_ids=lambda t: nnx.Variable(
         jnp.arange(t.positional_embedding.shape[0]) * 2))
-    convert_encoders(_config(), str(tmp_path / "o"), dinov2_path=paths["dinov2"],
+    convert_encoders(tiny_config(), str(tmp_path / "o"), dinov2_path=paths["dinov2"],
                      vlm_path=paths["clip"])
     np.testing.assert_array_equal(saved[0].position_ids[...], np.arange(10) * 2)
 
@@ -158,14 +150,14 @@ def test_the_encoder_converter_refuses_a_parameter_no_load_fills(
     paths, _, _ = weight_files
     _text_tower_with(monkeypatch, hidden=lambda t: nnx.data((nnx.Param(jnp.ones(3)),)))
     with pytest.raises(RuntimeError, match=r"text tower: 1 values .*\['hidden'\]\[0\]"):
-        convert_encoders(_config(), str(tmp_path / "o"), dinov2_path=paths["dinov2"],
+        convert_encoders(tiny_config(), str(tmp_path / "o"), dinov2_path=paths["dinov2"],
                          vlm_path=paths["clip"])
     assert not os.path.exists(tmp_path / "o")
 
 
 def test_mismatched_checkpoint_is_one_clear_error(weight_files, tmp_path):
     _, out, _ = weight_files
-    cfg = _config()
+    cfg = tiny_config()
     cfg.image_size = 128  # the converted position tables are for 64 px
     model = MFuser(cfg, rngs=nnx.Rngs(1))
     with pytest.raises(WeightFileError, match="mis-shaped.*positional_embedding"):

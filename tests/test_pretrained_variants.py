@@ -15,25 +15,13 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import save_file  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_eva02 import TEVA, TTextTransformer  # noqa: E402
-from test_eva02 import _randomize as eva_randomize  # noqa: E402
-from test_siglip import spiece  # noqa: E402,F401  (a tiny SentencePiece model fixture)
-
-from configs.base import mfuser_model_config  # noqa: E402
 from mfuser_jax.towers.eva02.convert import eva02_state_dicts  # noqa: E402
 from mfuser_jax.model.pretrained import convert_encoders  # noqa: E402
 from mfuser_jax.weights.torch_io import read_state_dict  # noqa: E402
 from mfuser_jax.model.mfuser import MFuser  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _config(vlm, **tower):
-    cfg = mfuser_model_config("tiny", vlm)
-    cfg.mvfuser.scan_backend = "reference"
-    cfg[vlm].update(tower)
-    return cfg
+from tests.refs.eva02 import TEVA, TTextTransformer  # noqa: E402
+from tests.refs.eva02 import randomize as eva_randomize  # noqa: E402
+from tests.support import REPO, tiny_config  # noqa: E402
 
 
 def _dinov2_file(folder, cfg, image, patch):
@@ -50,7 +38,7 @@ def _dinov2_file(folder, cfg, image, patch):
 
 
 def test_eva02_encoders_convert_and_load(tmp_path):
-    cfg = _config("eva02")  # 56 px, patch 14: a 4x4 grid
+    cfg = tiny_config("eva02")  # 56 px, patch 14: a 4x4 grid
     c = cfg.eva02
     # EVA02-CLIP as released: 'visual.'/'text.' prefixes, its own (3x3) grid, 77 text
     # positions, rotary buffers, logit_scale, inside 'module'.
@@ -84,7 +72,7 @@ def test_eva02_encoders_convert_and_load(tmp_path):
 
 
 def test_siglip_encoders_convert_and_load(tmp_path, spiece):
-    cfg = _config("siglip")  # 64 px, patch 16: a 4x4 grid
+    cfg = tiny_config("siglip")  # 64 px, patch 16: a 4x4 grid
     c = cfg.siglip
     torch.manual_seed(2)
     weights = transformers.SiglipModel(transformers.SiglipConfig(

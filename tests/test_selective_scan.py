@@ -1,6 +1,7 @@
 """selective_scan backends against an independent float64 PyTorch restatement of mamba_ssm's
-``selective_scan_ref`` (values and gradients), the associative backend's memory bound, and
-bfloat16 handling. The Pallas kernels run in interpret mode here (no GPU)."""
+``selective_scan_ref`` (tests/refs/mvfuser.py; values and gradients), the associative
+backend's memory bound, and bfloat16 handling. The Pallas kernels run in interpret mode
+here (no GPU)."""
 
 import functools
 import importlib
@@ -10,33 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+
+from tests.refs.mvfuser import selective_scan_ref
 
 ss = importlib.import_module("mfuser_jax.ops.selective_scan")
 ssp = importlib.import_module("mfuser_jax.ops.selective_scan_pallas")
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-
-
-def torch_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    """mamba_ssm's selective_scan_ref restated in float64 torch (sequential over time)."""
-    if delta_bias is not None:
-        delta = delta + delta_bias[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    decay = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
-    inp = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)
-    h = torch.zeros(u.shape[0], u.shape[1], A.shape[1], dtype=u.dtype)
-    ys = []
-    for t in range(u.shape[2]):
-        h = decay[:, :, t] * h + inp[:, :, t]
-        ys.append(torch.einsum("bdn,bn->bd", h, C[:, :, t]))
-    y = torch.stack(ys, dim=2)
-    if D is not None:
-        y = y + u * D[:, None]
-    if z is not None:
-        y = y * F.silu(z)
-    return y
 
 
 def make_inputs(b, d, l, n, seed, softplus=True):
@@ -53,7 +34,7 @@ def make_inputs(b, d, l, n, seed, softplus=True):
 
 def reference_value_and_grads(inputs, weight, softplus):
     ts = {k: (None if v is None else torch.tensor(v, dtype=torch.float64, requires_grad=True)) for k, v in inputs.items()}
-    y = torch_reference(*(ts[k] for k in NAMES), softplus)
+    y = selective_scan_ref(*(ts[k] for k in NAMES), softplus)
     loss = (y * torch.tensor(weight, dtype=torch.float64)).sum()
     live = [k for k in NAMES if ts[k] is not None]
     grads = torch.autograd.grad(loss, [ts[k] for k in live])
@@ -139,7 +120,7 @@ def test_bfloat16_inputs_accumulate_in_float32(backend):
     bf = {k: jnp.asarray(v).astype(jnp.bfloat16) for k, v in x.items()}
     y = backend_fn(backend, 300)(*(bf[k] for k in NAMES), True)
     assert y.dtype == jnp.bfloat16
-    ref = torch_reference(*(torch.tensor(np.asarray(bf[k].astype(jnp.float32)), dtype=torch.float64) for k in NAMES), True).numpy()
+    ref = selective_scan_ref(*(torch.tensor(np.asarray(bf[k].astype(jnp.float32)), dtype=torch.float64) for k in NAMES), True).numpy()
     err = np.abs(np.asarray(y.astype(jnp.float32)) - ref)
     assert np.all(err <= 2.0 ** -8 * np.abs(ref) + 1e-6 * np.max(np.abs(ref))), float(np.max(err / (np.abs(ref) + 1e-6)))
 

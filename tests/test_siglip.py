@@ -1,9 +1,8 @@
 """SigLIP towers, tokenizer and weight conversion: parity with HF transformers' SigLIP
 (random small configs), MFuser's additions (CoOp context, the per-token pooling branch)
 against PyTorch restatements of modeling_siglip.py, and the loader's resizes against
-torch.nn.functional.interpolate."""
-
-import os
+torch.nn.functional.interpolate. The tiny SentencePiece model (fixture ``spiece``) is
+tests/conftest.py's."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +11,7 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-spm = pytest.importorskip("sentencepiece")
+pytest.importorskip("sentencepiece")
 import torch.nn.functional as F  # noqa: E402
 
 from mfuser_jax.weights import WeightFileError, load_torch_state_dict  # noqa: E402
@@ -21,6 +20,7 @@ from mfuser_jax.weights.torch_io import read_state_dict  # noqa: E402
 from mfuser_jax.data.labels import CLASSES  # noqa: E402
 from mfuser_jax.towers.siglip.model import SiglipTextTransformer, SiglipVisionTransformer  # noqa: E402
 from mfuser_jax.towers.siglip.tokenizer import SiglipTokenizer  # noqa: E402
+from tests.refs.siglip import pooling_head  # noqa: E402
 
 D, LAYERS, HEADS, HIDDEN, VOCAB, POS, IMG, PATCH = 32, 2, 4, 64, 120, 16, 32, 8
 
@@ -94,13 +94,9 @@ def test_local_branch_and_context_match_the_original(hf):
     """MFuser's pooling head also runs every token through the probe's attention; its text
     embeddings put the CoOp context after token 0 (modeling_siglip.py)."""
     vision, text, _ = _towers(hf.state_dict())
-    head = hf.vision_model.head
     h = torch.randn(2, 16, D)
     with torch.no_grad():
-        g = head.attention(head.probe.repeat(2, 1, 1), h, h)[0]
-        g = g + head.mlp(head.layernorm(g))
-        loc = head.attention(h, h, h)[0]
-        loc = loc + head.mlp(head.layernorm(loc))
+        g, loc = pooling_head(hf.vision_model.head, h)
     ours_g, ours_l = vision.head(jnp.asarray(h.numpy()))
     assert rel_err(ours_g, g) < 1e-5 and rel_err(ours_l, loc) < 1e-5
 
@@ -150,26 +146,6 @@ def test_conversion_resizes_as_the_original_loader(hf, tmp_path):
 
 
 # ------------------------------------------------------------------------------ tokenizer
-
-_CORPUS = """road sidewalk building wall fence pole traffic light traffic sign vegetation
-terrain sky person rider car truck bus train motorcycle bicycle a photo of the street at
-night with rain and fog; the car, the bus and the bicycle stop at the red traffic light.
-People walk on the sidewalk next to a tall building and green vegetation under a blue sky."""
-
-
-@pytest.fixture(scope="module")
-def spiece(tmp_path_factory):
-    """A tiny SentencePiece model laid out as SigLIP's: pad 0, eos 1, unk 2."""
-    folder = tmp_path_factory.mktemp("spm")
-    corpus = folder / "corpus.txt"
-    corpus.write_text("\n".join([_CORPUS.lower()] * 20))
-    spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(folder / "spiece"), vocab_size=60,
-        hard_vocab_limit=False,
-        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-        pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>", minloglevel=2)
-    return str(folder / "spiece.model")
-
 
 TEXTS = list(CLASSES) + ["Traffic-Light!", "  motor   cycle ", "a very long class name with "
                                                                   "many words indeed", "cat"]

@@ -139,7 +139,7 @@ def test_the_toy_is_gone_after_its_test():
 def test_the_encoder_converter_runs_the_toys_renames(toy, tmp_path):
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from hf_models import random_dinov2_and_clip, save_safetensors
+    from tests.refs.hf import random_dinov2_and_clip, save_safetensors
 
     from mfuser_jax.model.pretrained import convert_encoders
 
