@@ -20,6 +20,21 @@ TINY_HEAD = dict(in_channels=(16, 16, 16, 16), feat_channels=32, out_channels=32
                  num_decoder_layers=3, decoder_heads=4, decoder_ffn_channels=64)
 
 
+def scripts_cli():
+    """scripts/_cli.py, the CLIs' shared plumbing, as a module: loaded from its file (scripts/
+    is not a package), once per process, under the name the scripts import it by."""
+    import importlib.util
+    import sys
+
+    if "_cli" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "_cli", os.path.join(REPO, "scripts", "_cli.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["_cli"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["_cli"]
+
+
 def rel_err(got, want):
     """|got - want| / |want| (Frobenius norms, float64)."""
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
@@ -51,6 +66,37 @@ def batch(b=2, size=64, seed=0):
 def paths(state):
     """The paths of an nnx State's leaves, as tuples of strings."""
     return {tuple(str(p) for p in path) for path, _ in nnx.to_flat_state(state)}
+
+
+# ------------------------------------------------------------------- evaluation tests
+
+class PaletteModel(nnx.Module):
+    """Reads the class back from the fake images' palette colours, then answers with a
+    fixed permutation of it: prediction = MISTAKE[label], known without the pipeline."""
+
+    def __init__(self, mistake):
+        from mfuser_jax.data.labels import PALETTE
+        out_of = np.argsort(mistake)  # output channel j scores palette class out_of[j]
+        self.palette = nnx.Variable(jnp.asarray(PALETTE[out_of], jnp.float32))
+
+    def predict(self, images, class_names=None):
+        x = images.astype(jnp.float32)[..., None, :]
+        return -jnp.sum((x - self.palette[...]) ** 2, axis=-1)
+
+
+def acdc_config(root):
+    """An evaluation config over ACDC (the 19 classes) in ``root``: 32 px windows."""
+    import ml_collections
+
+    from configs.base import data_config
+    from mfuser_jax.data.labels import CLASSES
+    c = ml_collections.ConfigDict()
+    c.seed, c.batch_size, c.data_root = 0, 1, str(root)
+    c.data = data_config("synthetic", ("synthetic_real",))
+    c.data.eval = ("acdc",)
+    c.model = ml_collections.ConfigDict(dict(class_names=CLASSES, num_classes=19))
+    c.evaluation = ml_collections.ConfigDict(dict(crop_size=32, stride=21, crop_batch=4))
+    return c
 
 
 # ------------------------------------------------------------------------ release tests

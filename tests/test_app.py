@@ -1,6 +1,6 @@
 """The interactive page (scripts/app.py, issue 32): what it refuses, flip TTA as the
 evaluator's, and the page itself in the system's headless Chromium (Selenium) against the
-app on a free loopback port, serving the toy model of tests/test_train_toy.py."""
+app on a free loopback port, serving the toy model of tests/toy.py."""
 
 import os
 import shutil
@@ -15,13 +15,13 @@ from urllib.parse import urlparse
 import numpy as np
 import pytest
 
-from tests.test_train_toy import register_toy, toy_config
+from tests.support import REPO
+from tests.toy import register_toy, toy_config
 
 register_toy()
 from mfuser_jax.run import app as A  # noqa: E402
 from mfuser_jax.errors import UserError  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(REPO, "docs", "samples", "street_1.jpg")
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")

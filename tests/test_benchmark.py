@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.support import REPO as ROOT
+
 SCRIPT = os.path.join(ROOT, "scripts", "benchmark.py")
 
 

@@ -18,14 +18,13 @@ import sys
 import numpy as np
 import pytest
 
-from tests.test_train_toy import fake_eval_iter, fake_train_iter, register_toy, toy_config
+from tests.support import scripts_cli
+from tests.toy import SCRIPT, fake_eval_iter, fake_train_iter, register_toy, toy_config
 
 register_toy()
 from mfuser_jax import checkpoints as C  # noqa: E402
 from mfuser_jax.run import train as T  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "tests", "test_train_toy.py")
 RUN = {"checkpoint_every": 4, "data.eval": ()}  # checkpoints 4 and 8 of an 8-step run
 
 
@@ -213,8 +212,7 @@ def test_unreadable_checkpoint_without_manifest_is_set_aside(workdir, part):
 
 def _cli(fn, *args, **kwargs):
     """(exit status, stderr) of a CLI job run through scripts/_cli.run_main."""
-    sys.path.insert(0, os.path.join(REPO, "scripts"))
-    import _cli
+    _cli = scripts_cli()
     with pytest.raises(SystemExit) as e:
         _cli.run_main(fn, *args, **kwargs)
     return e.value.code

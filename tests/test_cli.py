@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.support import REPO
+
 SCRIPTS = ("train", "eval", "predict", "convert_weights", "export")
 
 
@@ -71,7 +72,6 @@ def test_runs_from_another_folder(tmp_path):
 
 
 def test_workdir_refuses_another_vlm(tmp_path):
-    sys.path.insert(0, REPO)
     from configs import demo
     from mfuser_jax.workdir import write_config
     workdir = tmp_path / "w"
@@ -87,7 +87,6 @@ def test_workdir_refuses_another_vlm(tmp_path):
 
 
 def test_vlm_override_without_its_section_is_refused():
-    sys.path.insert(0, REPO)
     from configs import demo
     from mfuser_jax.run.train import UserError
     from mfuser_jax.workdir import check_model_config

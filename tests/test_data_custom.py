@@ -13,8 +13,7 @@ from PIL import Image
 from mfuser_jax.data import custom as C
 from mfuser_jax.data.sources import DatasetLayoutError
 from mfuser_jax.data.synthetic import FOLDER_CLASSES, write_folder_dataset
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.support import REPO
 
 
 def _write(path, text):
@@ -124,7 +123,7 @@ def test_config_sizes_queries_class_head_and_palette(folder):
 
 
 def test_train_eval_predict_end_to_end(folder, tmp_path):
-    from tests.test_train_toy import register_toy, toy_config
+    from tests.toy import register_toy, toy_config
     register_toy()
     from configs import custom
     from mfuser_jax.run import train as T

@@ -3,33 +3,17 @@ evaluation against a numpy confusion-matrix computation, the JSON and the PNG re
 import json
 import os
 
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
-from flax import nnx
 
-from configs.base import data_config
 from mfuser_jax.run import evaluate as E
 from mfuser_jax.data import labels as L
 from mfuser_jax.data import pipeline as P
 from mfuser_jax.data import sources as S
 from mfuser_jax.data.fake import write_fake_tree
+from tests.support import PaletteModel, acdc_config
 
 CONDS = ("fog", "night", "rain", "snow")
-
-
-class PaletteModel(nnx.Module):
-    """Reads the class back from the fake images' palette colours, then answers with a
-    fixed permutation of it: prediction = MISTAKE[label], known without the pipeline."""
-
-    def __init__(self, mistake):
-        out_of = np.argsort(mistake)  # output channel j scores palette class out_of[j]
-        self.palette = nnx.Variable(jnp.asarray(L.PALETTE[out_of], jnp.float32))
-
-    def predict(self, images, class_names=None):
-        x = images.astype(jnp.float32)[..., None, :]
-        return -jnp.sum((x - self.palette[...]) ** 2, axis=-1)
 
 
 def numpy_iou(cm):
@@ -41,22 +25,12 @@ def numpy_iou(cm):
     return iou, float(np.nanmean(iou))
 
 
-def _config(root):
-    c = ml_collections.ConfigDict()
-    c.seed, c.batch_size, c.data_root = 0, 1, str(root)
-    c.data = data_config("synthetic", ("synthetic_real",))
-    c.data.eval = ("acdc",)
-    c.model = ml_collections.ConfigDict(dict(class_names=L.CLASSES, num_classes=19))
-    c.evaluation = ml_collections.ConfigDict(dict(crop_size=32, stride=21, crop_batch=4))
-    return c
-
-
 def test_acdc_per_condition_and_overall_match_numpy(tmp_path):
     labels = write_fake_tree(str(tmp_path), "acdc", n=2, size=(24, 40), seed=5)
     # classes 0..4 are mistaken for the next one: a few IoUs drop, the rest stay exact
     mistake = np.arange(19)
     mistake[:5] = [1, 2, 3, 4, 0]
-    c = _config(tmp_path)
+    c = acdc_config(tmp_path)
     assert P.eval_dataset_groups(c, "acdc") == CONDS
     out = E.evaluate_model(PaletteModel(mistake), c, step=3, workdir=str(tmp_path / "w"),
                            log=lambda s: None)
@@ -100,7 +74,7 @@ def test_acdc_layout_condition_subset_and_errors(tmp_path):
     night = S.acdc_source(str(tmp_path), "val:night")
     assert night.groups == ("night",) and len(night) == 2
     np.testing.assert_array_equal(night.load(1)[1], labels[3])
-    ex = next(iter(P.make_eval_iterator(_config(tmp_path), "acdc")))
+    ex = next(iter(P.make_eval_iterator(acdc_config(tmp_path), "acdc")))
     assert ex["group"] == "fog" and ex["image"].shape == (1, 16, 24, 3)  # native size
     with pytest.raises(S.DatasetLayoutError, match="rgb_anon/ice"):
         S.acdc_source(str(tmp_path), "val:ice")
@@ -111,7 +85,7 @@ def test_acdc_layout_condition_subset_and_errors(tmp_path):
 
 def test_dark_zurich_val(tmp_path):
     labels = write_fake_tree(str(tmp_path), "dark_zurich", n=2, size=(16, 24))
-    src = P.build_source(P.resolve_config(_config(tmp_path)), "dark_zurich", train=False)
+    src = P.build_source(P.resolve_config(acdc_config(tmp_path)), "dark_zurich", train=False)
     assert len(src) == 2 and not getattr(src, "groups", ())
     for i, lab in enumerate(labels):
         np.testing.assert_array_equal(src.load(i)[1], lab)

@@ -14,19 +14,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_train_toy import fake_eval_iter, fake_train_iter, register_toy, toy_config  # noqa: E402
-
-from mfuser_jax.run import train as T  # noqa: E402
-from mfuser_jax.run.evaluate import SlidingWindowPredictor  # noqa: E402
-from mfuser_jax.run.export import (  # noqa: E402
+from mfuser_jax.run import train as T
+from mfuser_jax.run.evaluate import SlidingWindowPredictor
+from mfuser_jax.run.export import (
     export_predictor,
     export_stablehlo,
     load_stablehlo,
     save_stablehlo,
 )
+from tests.support import REPO
+from tests.toy import fake_eval_iter, fake_train_iter, register_toy, toy_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
 
 # Loads an export and runs it on an image: argv = export, image .npy, output .npy.

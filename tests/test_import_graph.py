@@ -4,8 +4,9 @@ functions too (a deferred import hides a cycle from Python, not from a reader)."
 import ast
 import os
 
+from tests.support import REPO as ROOT
+
 PACKAGE = "mfuser_jax"
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _modules():

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.test_train_toy import (fake_eval_iter, fake_train_iter, register_toy,
-                                  toy_config)
+from tests.support import REPO
+from tests.toy import fake_eval_iter, fake_train_iter, register_toy, toy_config
 
 register_toy()
 from mfuser_jax import sharding as shd  # noqa: E402
@@ -184,13 +184,12 @@ def test_predict_cli_keeps_every_input_and_skips_unreadable(run, tmp_path):
         Image.fromarray(rng.integers(0, 256, (*shape, 3), np.uint8)).save(tmp_path / rel)
     (tmp_path / "fake.jpg").write_text("not an image")
     out = tmp_path / "out"
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     res = subprocess.run(
         [sys.executable, "scripts/predict.py", "--config", "tests/toy_config.py",
          "--workdir", workdir, "--out", str(out), "--images", str(tmp_path / "seq1"),
          str(tmp_path / "seq2"), str(tmp_path / "one.png"), str(tmp_path / "fake.jpg"),
          "--images", str(tmp_path / "street.png"), str(tmp_path / "street.jpg")],
-        cwd=repo, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+        cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
         timeout=300)
     assert res.returncode == 1, res.stderr[-3000:]
     assert "Traceback" not in res.stderr

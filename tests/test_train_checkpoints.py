@@ -9,7 +9,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.test_train_toy import fake_train_iter, register_toy, toy_config
+from tests.toy import fake_train_iter, register_toy, toy_config
 
 register_toy()
 from mfuser_jax import checkpoints as C  # noqa: E402

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.test_train_toy import fake_train_iter, register_toy, toy_config
+from tests.toy import fake_train_iter, register_toy, toy_config
 
 register_toy()
 from mfuser_jax import sharding as shd  # noqa: E402

@@ -10,10 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.test_train_toy import fake_train_iter, register_toy, toy_config
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "tests", "test_train_toy.py")
+from tests.toy import SCRIPT, fake_train_iter, register_toy, toy_config
 
 
 def _train_lines(workdir):

@@ -12,10 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from tests.test_train_toy import fake_train_iter, register_toy, toy_config
+from tests.toy import SCRIPT, fake_train_iter, register_toy, toy_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "tests", "test_train_toy.py")
 STEPS = 5
 
 
@@ -57,7 +55,7 @@ def test_eight_devices_match_one(tmp_path, single_device_losses):
 
 def _assert_eval_reproduced(workdir):
     from mfuser_jax.run.train import evaluate_checkpoint
-    from tests.test_train_toy import fake_eval_iter
+    from tests.toy import fake_eval_iter
     report = json.load(open(os.path.join(workdir, "eval", f"synthetic_toy_step{STEPS}.json")))
     single = evaluate_checkpoint(toy_config(total_steps=STEPS), workdir,
                                  eval_iter_fn=fake_eval_iter, log=lambda s: None)

@@ -8,13 +8,12 @@ import signal
 
 import pytest
 
-from tests.test_train_toy import fake_eval_images, fake_train_iter, register_toy, toy_config
+from tests.support import scripts_cli
+from tests.toy import fake_eval_images, fake_train_iter, register_toy, toy_config
 
 register_toy()
 from mfuser_jax.run import train as T  # noqa: E402
 from mfuser_jax.monitoring import format_loss_parts, format_step_line  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _lines(workdir, key):
@@ -52,9 +51,8 @@ def test_ctrl_c_during_evaluation_abandons_it_and_resume_evaluates(tmp_path):
     assert len(calls) == 3
 
 
-def test_cli_exit_codes_for_stops(monkeypatch, capsys):
-    monkeypatch.syspath_prepend(os.path.join(REPO, "scripts"))
-    import _cli
+def test_cli_exit_codes_for_stops(capsys):
+    _cli = scripts_cli()
 
     def raises(e):
         raise e

@@ -1,6 +1,6 @@
 """The research workflow around the model (issue 24): the guards, prediction at the
 evaluation protocol, the CLIs' one-line errors, test-time augmentation and the outputs a
-segmentation user expects. One toy run (tests/test_train_toy.py) serves every test."""
+segmentation user expects. One toy run (tests/toy.py) serves every test."""
 
 import json
 import os
@@ -10,14 +10,12 @@ import sys
 import numpy as np
 import pytest
 
-from tests.test_train_toy import (fake_eval_iter, fake_train_iter, register_toy,
-                                  toy_config)
+from tests.support import REPO, scripts_cli
+from tests.toy import fake_eval_iter, fake_train_iter, register_toy, toy_config
 
 register_toy()
 from mfuser_jax.run import train as T  # noqa: E402
 from mfuser_jax.errors import UserError  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*args, cwd=REPO):
@@ -82,7 +80,6 @@ def test_predict_resizes_to_the_evaluation_scale_and_back(toy, tmp_path):
 
 def test_workdir_guard_compares_image_size(tmp_path):
     """A 128 px workdir evaluated with a 64 px config ran silently (mIoU 3.6)."""
-    sys.path.insert(0, REPO)
     from configs import demo
     from mfuser_jax.workdir import check_workdir_model, write_config
     (tmp_path / "checkpoints" / "600").mkdir(parents=True)
@@ -134,8 +131,7 @@ def test_gitignore_covers_data_and_pretrained():
 def test_package_warnings_are_plain_lines(capsys):
     """Rare-class warnings printed as absl records (time, thread, file:line)."""
     import logging
-    sys.path.insert(0, os.path.join(REPO, "scripts"))
-    import _cli
+    _cli = scripts_cli()
     from mfuser_jax.data.rcs import RareClassSampler
     handler = _cli.plain_package_warnings()
     try:
@@ -153,11 +149,11 @@ def test_package_warnings_are_plain_lines(capsys):
 
 def test_one_acdc_condition_prints_one_table(tmp_path):
     """acdc with one condition printed the same table twice (the group, then the whole)."""
-    from tests.test_eval_acdc import PaletteModel, _config
     from mfuser_jax.run import evaluate as E
     from mfuser_jax.data.fake import write_fake_tree
+    from tests.support import PaletteModel, acdc_config
     write_fake_tree(str(tmp_path), "acdc", n=1, size=(24, 40), seed=5)
-    c = _config(tmp_path)
+    c = acdc_config(tmp_path)
     c.data.eval = ("acdc:val:night",)
     lines = []
     E.evaluate_model(PaletteModel(np.arange(19)), c, step=1, workdir=str(tmp_path / "w"),

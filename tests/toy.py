@@ -1,11 +1,11 @@
 """Toy segmentation model, fake data and a subprocess runner for the training tests.
 
-Holds no tests itself. The toy model follows the training protocol of
-mfuser_jax.model.factory: BatchNorm (batch statistics carried by the train step), a frozen
-sub-module (excluded by `trainable_filter`), dropout drawn from the step key.
-Run as a script (`python tests/test_train_toy.py --workdir W ...`) it trains the toy in a
-fresh process, through the CLIs' error path (scripts/_cli.run_main: exit codes, one-line
-messages): the SIGKILL, Ctrl-C, 8-device and two-process tests use that.
+The toy model follows the training protocol of mfuser_jax.model.factory: BatchNorm (batch
+statistics carried by the train step), a frozen sub-module (excluded by `trainable_filter`),
+dropout drawn from the step key. Run as a script (`python tests/toy.py --workdir W ...`,
+``SCRIPT``) it trains the toy in a fresh process, through the CLIs' error path
+(scripts/_cli.run_main: exit codes, one-line messages): the SIGKILL, Ctrl-C, 8-device and
+two-process tests use that.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 
 NUM_CLASSES = 3
 IMAGE = 16
+SCRIPT = os.path.abspath(__file__)  # run with sys.executable: trains the toy (main below)
 
 
 def toy_config(**overrides):
@@ -234,6 +235,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # Run as a script, Python puts tests/ on the path, not the repository: this checkout
+    # (its mfuser_jax and configs) and scripts/ (_cli, as the scripts import it) go first.
     REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path[:0] = [REPO, os.path.join(REPO, "scripts")]
     main()
