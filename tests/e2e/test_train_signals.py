@@ -1,6 +1,6 @@
 """Ctrl-C during training: an interrupted evaluation is abandoned and its step saved, a
 second Ctrl-C would end the process at once; the CLIs' exit codes; console step lines stay
-short. (Ctrl-C in a training subprocess, then resume: tests/test_train_resume.py.)"""
+short. (Ctrl-C in a training subprocess, then resume: tests/e2e/test_train_resume.py.)"""
 
 import json
 import os

@@ -1,7 +1,7 @@
 """scripts/export.py --to stablehlo: the sliding-window predictor serialised with jax.export
 and run again in a fresh process that imports jax, numpy and mfuser_jax.run.export alone (no
 Flax, no model code), against the live model; the CLI's mistakes. The .pth export (torch)
-is tested in tests/test_export_pth.py."""
+is tested in tests/e2e/test_export_pth.py."""
 
 import json
 import os

@@ -2,7 +2,7 @@
 dropped by name and why, the buffers mmcv saves (EVA02's rotary tables and text mask,
 SigLIP's position ids), SigLIP's logit scalars, the round trip.
 
-As in tests/test_convert_mfuser.py, each reference state dict (fixtures ``eva02_release``,
+As in tests/e2e/test_convert_mfuser.py, each reference state dict (fixtures ``eva02_release``,
 ``siglip_release``; tests/refs/segmentor.py) is assembled from PyTorch restatements of the
 original modules (the EVA tower of tests/refs/eva02.py, HF's SigLIP towers, HF DINOv2
 renamed to the official names, the original MVFuser, ContextDecoder and tqdm head), with the
@@ -89,7 +89,7 @@ def test_releases_hold_the_buffers_the_originals_register(clip_release, eva02_re
     # The fake releases are saved as mmcv saves: every buffer. Their keys beyond torch's
     # state_dict() are exactly the originals' non-persistent buffers (NON_PERSISTENT, read
     # off the original code). That the spec checks each (the strict loads count them) and
-    # writes it back with the release's dtype and value: tests/test_export_pth.py.
+    # writes it back with the release's dtype and value: tests/e2e/test_export_pth.py.
     for vlm, build, (config, release) in (
             ("clip", clip_state_dict, clip_release), ("eva02", eva02_state_dict, eva02_release),
             ("siglip", siglip_state_dict, siglip_release)):

@@ -1,7 +1,7 @@
 """scripts/export.py --to pth: a workdir -> the mmseg checkpoint the original MFuser loads
 with strict=True, the inverse of the release converter.
 
-Round trip: the "released" state dicts of tests/test_convert_mfuser*.py (tests/conftest.py's
+Round trip: the "released" state dicts of tests/e2e/test_convert_mfuser*.py (tests/conftest.py's
 fixtures, assembled from the PyTorch restatements of the original modules, never from the
 JAX model) are converted in
 and exported out. With the release as --reference every key, shape, dtype and value comes

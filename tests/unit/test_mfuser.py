@@ -117,11 +117,11 @@ def test_full_size_parameter_counts():
     assert _count([bb[f"adapter_proj{i}"] for i in (1, 2, 3)]) == 51_430_400
     assert _count([bb[f"fpn{i}"] for i in (1, 2)]) == 50_341_888
     assert _count(params["context_decoder"]) == 1_494_401
-    # tqdm head: derived layer by layer from the original's constructors in tests/test_decoder.py.
+    # tqdm head: derived layer by layer from the original's constructors in tests/unit/test_decoder.py.
     assert _count(params["decode_head"]) == 26_766_292
     assert params["contexts"].shape == (1, 5, 768) and params["gamma"].shape == (768,)
     # Frozen towers at MFuser's sizes (patch 16, 512 px, 10 text positions); see
-    # tests/test_dinov2.py and tests/test_clip.py for the derivations from the official ones.
+    # tests/unit/test_dinov2.py and tests/unit/test_clip.py for the derivations from the official ones.
     assert _count(bb["dinov2"]) == 304_199_680
     clip_visual = {k: v for k, v in bb.items() if not str(k).startswith(("dinov2", "adapter", "fpn"))}
     assert _count(clip_visual) == 304_936_960
