@@ -14,7 +14,7 @@
 # files, since the device tool returns at most 8).
 #   bash scripts/gpu_check.sh --lower   (or LOWER_ONLY=1): only the lowering checks, on any machine
 #     (no GPU; about 2 minutes on 2 cores): the scan kernels and every variant's full-size train
-#     step lowered for cuda (tests/test_cuda_lowering.py), the paper config's train and
+#     step lowered for cuda (tests/e2e/test_cuda_lowering.py), the paper config's train and
 #     evaluation steps through the CLIs (one summary line each, in $OUT/lowering.log). Run it
 #     before borrowing a device: shapes, kernels, dtypes and shardings are then known good and
 #     the device's minutes go to timing. On the device, step 2 re-runs the quick part (the
@@ -31,7 +31,7 @@ cd "$(dirname "$0")/.."
 [ "${1:-}" = "--lower" ] && LOWER_ONLY=1
 SMOKE=${SMOKE:-0}
 LOWER_ONLY=${LOWER_ONLY:-0}
-LOWER_TESTS="lower or follows or portable"  # tests/test_selective_scan.py: the kernels for cuda
+LOWER_TESTS="lower or follows or portable"  # tests/unit/test_selective_scan.py: the kernels for cuda
 [ "$SMOKE" = 1 ] && LOWER_TESTS="lower_to_triton and float32"  # one of them: the step runs
 OUT=${OUT:-bench_results}
 PYTHON=${PYTHON:-python3}
@@ -69,8 +69,8 @@ limit() {
 if [ "$LOWER_ONLY" = 1 ]; then
   status=0
   run_lower() { echo "=== $*" | tee -a "$OUT/lowering.log"; JAX_PLATFORMS=cpu "$@" 2>&1 | tail -25 | tee -a "$OUT/lowering.log"; [ "${PIPESTATUS[0]}" = 0 ] || status=1; }
-  run_lower "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_selective_scan.py -k "$LOWER_TESTS"
-  run_lower "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda_lowering.py
+  run_lower "$PYTHON" -m pytest -q -p no:cacheprovider tests/unit/test_selective_scan.py -k "$LOWER_TESTS"
+  run_lower "$PYTHON" -m pytest -q -p no:cacheprovider tests/e2e/test_cuda_lowering.py
   run_lower "$PYTHON" scripts/train.py --config configs/gta2cs.py --compile_only --platform=cuda
   run_lower "$PYTHON" scripts/eval.py --config configs/gta2cs.py --lower_only --platform=cuda
   echo "=== lowering checks done in ${SECONDS}s (exit $status); log in $OUT/lowering.log"
@@ -104,9 +104,9 @@ section() {  # name, hard limit (s), soft budget (s: no new case starts after it
 # any timing. Then the unit tests, where pytest and torch (the float64 reference) exist.
 if has pytest && has torch; then
   cap=$(limit 40)
-  echo "=== pytest tests/test_selective_scan.py -k '$LOWER_TESTS' (limit ${cap}s)" | tee -a "$OUT/check.log"
+  echo "=== pytest tests/unit/test_selective_scan.py -k '$LOWER_TESTS' (limit ${cap}s)" | tee -a "$OUT/check.log"
   JAX_PLATFORMS=cpu timeout -k 10 "$cap" "$PYTHON" -m pytest -q -x -k "$LOWER_TESTS" \
-    -p no:cacheprovider tests/test_selective_scan.py 2>&1 | tail -25 | tee -a "$OUT/check.log"
+    -p no:cacheprovider tests/unit/test_selective_scan.py 2>&1 | tail -25 | tee -a "$OUT/check.log"
   if [ "${PIPESTATUS[0]}" != 0 ]; then
     echo "=== stopped: the scan kernels do not lower for cuda (see above)" | tee -a "$OUT/check.log"
     exit 4
@@ -114,9 +114,9 @@ if has pytest && has torch; then
 fi
 if has pytest && has torch; then
   cap=$(limit 60)
-  echo "=== pytest tests/test_selective_scan.py -k '$SCAN_TESTS' (limit ${cap}s)" | tee -a "$OUT/check.log"
+  echo "=== pytest tests/unit/test_selective_scan.py -k '$SCAN_TESTS' (limit ${cap}s)" | tee -a "$OUT/check.log"
   timeout -k 10 "$cap" "$PYTHON" -m pytest -q -x -m "not slow" -k "$SCAN_TESTS" -p no:cacheprovider \
-    tests/test_selective_scan.py 2>&1 | tail -25 | tee -a "$OUT/check.log"
+    tests/unit/test_selective_scan.py 2>&1 | tail -25 | tee -a "$OUT/check.log"
 else
   echo "=== scan tests skipped: pytest or torch absent"
 fi

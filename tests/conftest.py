@@ -1,5 +1,6 @@
-"""Suite-wide setup."""
+"""Suite-wide setup and the fixtures many test files share."""
 
+import copy
 import os
 import shutil
 import signal
@@ -71,3 +72,101 @@ def sigint_not_ignored():
         signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, before)
+
+
+# ---------------------------------------------------------------------- shared fixtures
+# Built once per worker at most (session scope; with --dist loadfile a worker runs whole
+# files), when a test first asks. What a test may change comes as its own copy: a clone
+# of the model, a copy of the config and of the release's dict (whose arrays are shared and
+# read-only, so writing into one fails instead of leaking into another test).
+
+_CORPUS = """road sidewalk building wall fence pole traffic light traffic sign vegetation
+terrain sky person rider car truck bus train motorcycle bicycle a photo of the street at
+night with rain and fog; the car, the bus and the bicycle stop at the red traffic light.
+People walk on the sidewalk next to a tall building and green vegetation under a blue sky."""
+
+
+@pytest.fixture(scope="session")
+def spiece(tmp_path_factory):
+    """A tiny SentencePiece model laid out as SigLIP's: pad 0, eos 1, unk 2 (its path)."""
+    spm = pytest.importorskip("sentencepiece")
+    folder = tmp_path_factory.mktemp("spm")
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join([_CORPUS.lower()] * 20))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(folder / "spiece"), vocab_size=60,
+        hard_vocab_limit=False,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+        pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>", minloglevel=2)
+    return str(folder / "spiece.model")
+
+
+@pytest.fixture(scope="session")
+def _tiny_mfusers():
+    return {}  # (vlm, tower settings) -> the model as built, only ever cloned
+
+
+@pytest.fixture
+def tiny_mfuser(_tiny_mfusers):
+    """tiny_mfuser(vlm="clip", **tower): the MFuser of tests.support.tiny_config(vlm,
+    **tower) built with nnx.Rngs(0), as a fresh clone (train mode, its own variables): built
+    once per worker and settings, never shared between tests."""
+    from flax import nnx
+
+    from mfuser_jax.model.mfuser import MFuser
+    from tests.support import tiny_config
+
+    def make(vlm="clip", **tower):
+        key = (vlm, tuple(sorted(tower.items())))
+        if key not in _tiny_mfusers:
+            _tiny_mfusers[key] = MFuser(tiny_config(vlm, **tower), rngs=nnx.Rngs(0))
+        return nnx.clone(_tiny_mfusers[key])
+    return make
+
+
+def _read_only(state_dict):
+    for value in state_dict.values():
+        value.setflags(write=False)
+    return state_dict
+
+
+@pytest.fixture(scope="session")
+def _releases():
+    return {}  # vlm -> (config, release) as built, only ever copied
+
+
+def _release(cache, vlm, spiece=None):
+    """(config, state dict) of the fake release of ``vlm`` (tests/refs/segmentor.py), built
+    once; a copy of the config and of the dict."""
+    if vlm not in cache:
+        from tests.refs import segmentor
+        from tests.support import release_config, small_release_config
+        if vlm == "clip":
+            config = release_config()
+        else:
+            config = small_release_config(vlm)
+        if vlm == "siglip":
+            config.model.siglip.tokenizer = spiece
+        build = {"clip": segmentor.clip_state_dict, "eva02": segmentor.eva02_state_dict,
+                 "siglip": segmentor.siglip_state_dict}[vlm]
+        cache[vlm] = config, _read_only(build(config.model))
+    config, release = cache[vlm]
+    return copy.deepcopy(config), dict(release)
+
+
+@pytest.fixture
+def clip_release(_releases):
+    """(config, release) of MFuser_CLIP at configs/demo.py's sizes (support.release_config)."""
+    return _release(_releases, "clip")
+
+
+@pytest.fixture
+def eva02_release(_releases):
+    """(config, release) of MFuser_EVA_CLIP at a 4x4 patch grid (small_release_config)."""
+    return _release(_releases, "eva02")
+
+
+@pytest.fixture
+def siglip_release(_releases, spiece):
+    """(config, release) of MFuser_SIGLIP at a 4x4 patch grid, tokenizer ``spiece``."""
+    return _release(_releases, "siglip", spiece)
