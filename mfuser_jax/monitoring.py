@@ -11,6 +11,8 @@ from typing import Any
 
 import jax
 
+from mfuser_jax.errors import UserError
+
 class MetricWriter:
     """metrics.jsonl + TensorBoard (process 0 only)."""
 
@@ -168,3 +170,18 @@ class StepProfiler:
         if self.active:
             self.active = False
             jax.profiler.stop_trace()
+
+
+def parse_profile_steps(config: Any) -> tuple[int, int] | None:
+    """config.profile_steps "a,b" (or "a"): the steps a..b (1-based) to trace."""
+    spec = str(config.get("profile_steps", "") or "").strip()
+    if not spec:
+        return None
+    try:
+        bounds = [int(x) for x in spec.split(",")]
+    except ValueError:
+        bounds = []
+    if len(bounds) not in (1, 2) or bounds[0] < 1 or bounds[-1] < bounds[0]:
+        raise UserError(f"profile_steps={spec!r}: give 'a,b' with 1 <= a <= b (the steps to "
+                        "trace) or 'a' for one step")
+    return bounds[0], bounds[-1]

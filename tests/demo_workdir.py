@@ -1,5 +1,5 @@
 """A workdir holding an untrained demo MFuser (configs/demo.py): the model as
-startup.build_and_load builds it, saved as a model checkpoint with W/config.json, as the
+run.restore.build_and_load builds it, saved as a model checkpoint with W/config.json, as the
 release converter leaves one. No training run: enough for tests that restore a real MFuser
 (text tower included) and segment with it, not for tests of what it predicts."""
 
@@ -15,7 +15,7 @@ def make_demo_workdir(workdir, config=None):
     """W/checkpoints/0 and W/config.json of `config` (default configs/demo.py)."""
     from mfuser_jax import sharding as shd
     from mfuser_jax.checkpoints import checkpoint_manager, save_model_checkpoint
-    from mfuser_jax.startup import build_and_load
+    from mfuser_jax.run.restore import build_and_load
     from mfuser_jax.model_state import SplitModel
     from mfuser_jax.workdir import write_config
     config = config if config is not None else demo_config()

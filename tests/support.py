@@ -149,7 +149,7 @@ def concrete(model):
 
 
 def fast_create_model(config):
-    """Stands in for startup.create_model where restore_model builds the model: its jitted
+    """Stands in for model.factory.create_model where restore_model builds the model: its jitted
     random init costs ~35 s here on 2 cores, and every value it would produce is overwritten
     (trainable part from the checkpoint, frozen part from W/pretrained)."""
     return concrete(abstract_mfuser(config))

@@ -10,10 +10,14 @@ them).
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any, Callable
 
 import jax
 from flax import nnx
+
+from mfuser_jax.errors import UserError, WeightFileError
+from mfuser_jax.towers.registry import get_vfm, get_vlm
 
 # name -> callable(model_config, *, rngs) -> nnx.Module
 MODEL_REGISTRY: dict[str, Callable[..., nnx.Module]] = {}
@@ -98,3 +102,57 @@ def require_concrete(model: Any, what: str) -> None:
     if left:
         raise RuntimeError(f"{what}: {len(left)} values were neither loaded nor computed: "
                            + ", ".join(left[:8]) + (" ..." if len(left) > 8 else ""))
+
+
+# ------------------------------------------------------------------ the programs' model
+
+def check_pretrained(config: Any) -> str | None:
+    """The converted-encoder folder config.model.pretrained names (None: random encoders);
+    a missing one is a UserError saying how to create it."""
+    path = config.model.get("pretrained", "") or ""
+    if not path:
+        return None
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(path):
+        vlm, vfm = config.model.vlm, config.model.get("vfm", "dinov2")
+        try:
+            vlm_file = get_vlm(vlm).convert_args()
+        except ValueError:  # not a registered VLM: a model of its own (model.factory)
+            vlm_file = f"--{vlm} FILE"
+        try:
+            vfm_spec = get_vfm(vfm)
+            vfm_file, vfm_title = f"--{vfm} {vfm_spec.weights.file}", vfm_spec.title
+        except ValueError:
+            vfm_file, vfm_title = f"--{vfm} FILE", vfm
+        raise UserError(
+            f"pretrained weights not found: {path}\n"
+            f"convert the original {vfm_title} and {vlm} checkpoints first:\n"
+            f"  python scripts/convert_weights.py --config <this config> {vfm_file} "
+            f"{vlm_file} --out DIR\n"
+            "then pass --config.model.pretrained=DIR (or '' to train from random weights)")
+    return path
+
+
+def load_pretrained(model: nnx.Module, path: str | None) -> None:
+    """Fill ``model``'s frozen encoders from ``path`` (None: leave them); a file that does
+    not fit is a UserError saying how to re-create it."""
+    if path is None:
+        return
+    try:
+        model.load_pretrained(path)
+    except (FileNotFoundError, WeightFileError) as e:
+        raise UserError(f"cannot load pretrained weights from {path}: {e}\n"
+                        "re-create them with scripts/convert_weights.py") from None
+    unset = abstract_paths(model)
+    if unset:  # a pretrained_filter wider than what load_pretrained fills
+        raise RuntimeError(f"{type(model).__name__}.load_pretrained left {len(unset)} values "
+                           f"unset, e.g. {unset[0]}")
+
+
+def create_model(config: Any) -> nnx.Module:
+    """The model built from shapes (``init_model``): with config.model.pretrained
+    set, the frozen encoders the model's pretrained_filter selects are not computed but left
+    abstract for load_pretrained to fill; with it empty (tests, smoke runs) every value is
+    drawn from its initialiser."""
+    return init_model(config.model, seed=int(config.seed),
+                      skip_pretrained=bool(config.model.get("pretrained")))

@@ -358,9 +358,9 @@ def _train_config(args, model_cfg=None, *, batch, remat, dtype=None):
 @contextlib.contextmanager
 def _training_precision(config):
     """The process-wide matmul precision training sets (config.matmul_precision, through
-    startup.apply_matmul_precision), restored afterwards so that later sections are not
+    process.apply_matmul_precision), restored afterwards so that later sections are not
     affected. Tracing, compiling and calling the step all happen inside."""
-    from mfuser_jax.startup import apply_matmul_precision
+    from mfuser_jax.process import apply_matmul_precision
 
     before = jax.config.jax_default_matmul_precision
     apply_matmul_precision(config)

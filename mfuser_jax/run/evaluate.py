@@ -27,7 +27,7 @@ from mfuser_jax.run.report import (accuracy_from_confusion, eval_json_path,
 from mfuser_jax import sharding as shd
 from mfuser_jax.files import atomic_write, check_writable
 from mfuser_jax.run.restore import restore_model
-from mfuser_jax.startup import available_eval_datasets, check_data_for_eval
+from mfuser_jax.data.checks import available_eval_datasets, check_data_for_eval
 from mfuser_jax.ops.resize import resize
 
 

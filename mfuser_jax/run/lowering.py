@@ -156,7 +156,7 @@ def lower_train_step(config: Any, platform: str, *, num_devices: int | None = No
     """The Trainer's train step at the config's batch and crop size, model built from shapes,
     lowered for ``platform`` (on ``num_devices`` abstract devices when given, else this
     machine's mesh) -> (jax ``Lowered``, the Trainer, seconds (build, trace+lower))."""
-    from mfuser_jax.startup import apply_matmul_precision
+    from mfuser_jax.process import apply_matmul_precision
     from mfuser_jax.trainer import Trainer
 
     check_platform(config, platform)
@@ -178,7 +178,7 @@ def lower_eval_step(config: Any, platform: str, height: int, width: int):
     height x width uint8 image, scores resized to the label, argmax, confusion matrix), model
     built from shapes, lowered for ``platform`` -> jax ``Lowered``."""
     from mfuser_jax.run.evaluate import ImageEvaluator
-    from mfuser_jax.startup import apply_matmul_precision
+    from mfuser_jax.process import apply_matmul_precision
 
     check_platform(config, platform)
     apply_matmul_precision(config)

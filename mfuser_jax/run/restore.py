@@ -16,11 +16,32 @@ from mfuser_jax import sharding as shd
 from mfuser_jax.checkpoints import (DamagedCheckpoint, checkpoint_manager, first_line,
                                     restore_model_state, unreadable)
 from mfuser_jax.errors import UserError
-from mfuser_jax.startup import build_and_load, use_compile_cache
+from mfuser_jax.model import factory
+from mfuser_jax.process import apply_matmul_precision, check_config, use_compile_cache
 from mfuser_jax.model_state import SplitModel
 from mfuser_jax.workdir import check_workdir_model
 
-__all__ = ["restore_model"]
+__all__ = ["WORKDIR_PRETRAINED", "build_and_load", "restore_model"]
+
+
+WORKDIR_PRETRAINED = "pretrained"
+
+
+def build_and_load(config: Any, workdir: str | None = None) -> nnx.Module:
+    """The model with its frozen encoders loaded. A workdir holding its own converted
+    encoders (W/pretrained, written when a released MFuser checkpoint is converted) uses
+    them, so a converted model can never be evaluated with other frozen towers."""
+    check_config(config)
+    apply_matmul_precision(config)
+    own = os.path.join(workdir, WORKDIR_PRETRAINED) if workdir else None
+    path = own if own and os.path.isdir(own) else factory.check_pretrained(config)
+    if path is not None and path != config.model.get("pretrained"):
+        # the model reads files beside its weights from there (SigLIP's spiece.model)
+        config = config.copy_and_resolve_references()
+        config.model.pretrained = path
+    model = factory.create_model(config)
+    factory.load_pretrained(model, path)
+    return model
 
 
 def restore_model(config: Any, workdir: str, step: int | None = None

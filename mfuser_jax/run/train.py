@@ -2,7 +2,8 @@
 train step only. Restoring a workdir's model is run/restore.py's (prediction and export
 use it without this module), evaluating a checkpoint run/evaluate.py's.
 
-The pieces live beside it: startup.py (checks, JAX settings, building the model),
+The pieces live beside it: data/checks.py (the data folders), process.py (JAX settings),
+run/restore.py (building the model with its frozen weights),
 trainer.py (the train state and the jitted step), optim.py (schedule and AdamW),
 checkpoints.py (the Orbax formats) and monitoring.py (metrics, step lines, signals).
 """
@@ -25,10 +26,12 @@ from mfuser_jax.errors import Preempted, TrainingDiverged, UserError
 from mfuser_jax.run.evaluate import eval_json_path, evaluate_model
 from mfuser_jax.model.factory import build_model
 from mfuser_jax.monitoring import (MetricWriter, StepProfiler, StopSignals, format_loss_parts,
-                                   format_step_line)
-from mfuser_jax.startup import (apply_matmul_precision, available_eval_datasets,
-                                build_and_load, check_data, check_pretrained,
-                                check_trainable_from, parse_profile_steps, use_compile_cache)
+                                   format_step_line, parse_profile_steps)
+from mfuser_jax.data.checks import available_eval_datasets, check_data
+from mfuser_jax.model.factory import check_pretrained
+from mfuser_jax.process import apply_matmul_precision, use_compile_cache
+from mfuser_jax.run.restore import build_and_load
+from mfuser_jax.towers.registry import get_vlm, vlm_names
 from mfuser_jax.trainer import Trainer
 from mfuser_jax.workdir import check_workdir_model, write_config
 
@@ -347,3 +350,24 @@ def compile_train_step(config: Any, workdir: str | None = None,
         f"{gib(report['argument_bytes']):.2f} GiB, outputs {gib(report['output_bytes']):.2f} "
         f"GiB ({gib(report['alias_bytes']):.2f} GiB donated and reused)")
     return report
+
+
+def check_trainable_from(model: nnx.Module) -> None:
+    """Refuse to train a model whose frozen scalars that releases lack are unknown
+    (``VLMRelease.scalars``: SigLIP's logit_scale/logit_bias, in a release converted
+    without the SigLIP weights): the score-map loss would be NaN from step 1."""
+    vlm = getattr(model, "vlm", None)
+    if vlm not in vlm_names():
+        return
+    spec = get_vlm(vlm)
+    unset = []
+    for key in spec.release.scalars:
+        value = model
+        for name in key.split("."):
+            value = getattr(value, name)
+        if not np.all(np.isfinite(np.asarray(value[...]))):
+            unset.append(name)
+    if unset:
+        raise UserError(f"{spec.title}'s {'/'.join(unset)} are unset in these weights (a "
+                        f"release converted without --{vlm}): reconvert with --{vlm} "
+                        f"{spec.weights.file} to train; evaluation does not need them")

@@ -33,7 +33,7 @@ def test_benchmark_imports_no_data_stack():
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
             "assert m.main.__module__ == 'mfuser_jax.run.benchmark'\n"
             "import mfuser_jax.model.mfuser, mfuser_jax.run.evaluate, mfuser_jax.run.flops, optax\n"
-            "import mfuser_jax.trainer, mfuser_jax.model.factory, mfuser_jax.startup\n"
+            "import mfuser_jax.trainer, mfuser_jax.model.factory, mfuser_jax.process\n"
             "from configs.base import plain_model_config\n"
             "cfg = plain_model_config()\n"
             "print(sorted(k for k in sys.modules if k.split('.')[0] in "

@@ -21,7 +21,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from mfuser_jax import startup  # noqa: E402
+from mfuser_jax.model import factory  # noqa: E402
 from mfuser_jax.run import train  # noqa: E402
 from mfuser_jax.run.release import (  # noqa: E402
     checkpoint_step,
@@ -89,7 +89,7 @@ def test_mmcv_meta_iter_is_the_last_index():
 
 def test_convert_then_restore_gives_the_same_model(clip_release, tmp_path, monkeypatch):
     config, release = clip_release
-    monkeypatch.setattr(startup, "create_model", fast_create_model)
+    monkeypatch.setattr(factory, "create_model", fast_create_model)
     pth = str(tmp_path / "iter_40.pth")
     save_pth(pth, release, {"iter": 39, "epoch": 1, "CLASSES": ["road"]})
     state_dict, meta = read_mfuser_checkpoint(pth)

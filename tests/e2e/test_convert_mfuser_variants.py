@@ -22,7 +22,8 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from mfuser_jax import startup  # noqa: E402
+from mfuser_jax.model import factory  # noqa: E402
+from mfuser_jax.run.train import check_trainable_from  # noqa: E402
 from mfuser_jax.run import train  # noqa: E402
 from mfuser_jax.weights import WeightFileError  # noqa: E402
 from mfuser_jax.run.release import convert_mfuser_checkpoint, load_mfuser_checkpoint  # noqa: E402
@@ -106,7 +107,7 @@ def test_a_release_of_another_variant_is_refused_with_the_fix(eva02_release):
 
 def _round_trip(config, release, tmp_path, monkeypatch, scalars=None, **kwargs):
     """convert -> restore_model gives exactly the model a strict load gives."""
-    monkeypatch.setattr(startup, "create_model", lambda cfg: _concrete_model(abstract_mfuser(cfg)))
+    monkeypatch.setattr(factory, "create_model", lambda cfg: _concrete_model(abstract_mfuser(cfg)))
     pth = str(tmp_path / "iter_40.pth")
     save_pth(pth, release, {"iter": 39})
     out = str(tmp_path / "w")
@@ -206,4 +207,4 @@ def test_siglip_release_without_its_weights_cannot_be_trained(siglip_release, sp
     assert np.isnan(np.asarray(scale.get_value())).all()
     model, _ = train.restore_model(config, str(tmp_path / "w"))
     with pytest.raises(train.UserError, match="--siglip"):
-        startup.check_trainable_from(model)
+        check_trainable_from(model)

@@ -93,7 +93,7 @@ def test_dark_zurich_val(tmp_path):
 
 def test_acdc_is_an_optional_target_of_the_paper_configs(tmp_path):
     from configs import cs2bdd, cs2map, gta2bdd, gta2cs, gta2map
-    from mfuser_jax import startup as T
+    from mfuser_jax.data import checks as T
     for mod in (gta2cs, gta2bdd, gta2map, cs2bdd, cs2map):
         assert mod.get_config().data.eval[-1] == "acdc"
     c = gta2cs.get_config()

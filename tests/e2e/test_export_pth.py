@@ -34,7 +34,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from mfuser_jax import startup  # noqa: E402
+from mfuser_jax.model import factory  # noqa: E402
 from mfuser_jax.weights import WeightFileError  # noqa: E402
 from mfuser_jax.run.release import (  # noqa: E402
     convert_mfuser_checkpoint,
@@ -81,7 +81,7 @@ def _without_release_keys(got, release, *rebuilt):
 
 
 def test_a_converted_release_exports_unchanged(clip_release, tmp_path, monkeypatch):
-    monkeypatch.setattr(startup, "create_model", fast_create_model)
+    monkeypatch.setattr(factory, "create_model", fast_create_model)
     config, release = clip_release
     pth = str(tmp_path / "iter_40.pth")
     save_pth(pth, release, {"iter": 39})

@@ -68,14 +68,14 @@ def test_pretrained_filter_selects_what_the_converted_encoders_fill(weight_files
 
 @pytest.mark.slow  # compiles the model's initialiser
 def test_create_model_leaves_the_encoders_to_load_pretrained(weight_files):
-    from mfuser_jax import startup
+    from mfuser_jax.model import factory
 
     _, out, _ = weight_files
     config = ml_collections.ConfigDict(dict(seed=0, model=tiny_config()))
     config.model.pretrained = out
-    model = startup.create_model(config)
+    model = factory.create_model(config)
     assert abstract_paths(model)  # the encoders are left to load_pretrained
-    startup.load_pretrained(model, out)
+    factory.load_pretrained(model, out)
     assert abstract_paths(model) == []
     loaded = MFuser(tiny_config(), rngs=nnx.Rngs(1))
     loaded.load_pretrained(out)

@@ -20,7 +20,7 @@ from mfuser_jax.run import train as T  # noqa: E402
 from mfuser_jax.run import evaluate as E  # noqa: E402
 from mfuser_jax.run import restore as R  # noqa: E402
 from mfuser_jax.optim import lr_schedule, make_optimizer  # noqa: E402
-from mfuser_jax.startup import create_model  # noqa: E402
+from mfuser_jax.model.factory import create_model  # noqa: E402
 from mfuser_jax.trainer import Trainer  # noqa: E402
 
 

@@ -15,7 +15,7 @@ register_toy()
 from mfuser_jax import checkpoints as C  # noqa: E402
 from mfuser_jax import sharding as shd  # noqa: E402
 from mfuser_jax.errors import UserError  # noqa: E402
-from mfuser_jax.startup import create_model  # noqa: E402
+from mfuser_jax.model.factory import create_model  # noqa: E402
 from mfuser_jax.model_state import SplitModel, TrainState  # noqa: E402
 from mfuser_jax.trainer import Trainer  # noqa: E402
 

@@ -16,7 +16,7 @@ register_toy()
 from mfuser_jax import sharding as shd  # noqa: E402
 from mfuser_jax.run import train as T  # noqa: E402
 from mfuser_jax.run import restore as R  # noqa: E402
-from mfuser_jax.startup import create_model  # noqa: E402
+from mfuser_jax.model.factory import create_model  # noqa: E402
 from mfuser_jax.trainer import Trainer  # noqa: E402
 
 

@@ -13,7 +13,7 @@ from tests.toy import fake_train_iter, register_toy, toy_config
 
 register_toy()
 from mfuser_jax.run import train as T  # noqa: E402
-from mfuser_jax.startup import COMPILE_CACHE_DIR  # noqa: E402
+from mfuser_jax.process import COMPILE_CACHE_DIR  # noqa: E402
 
 
 def test_compile_only_reports_memory_and_a_second_process_loads_it_from_the_cache(tmp_path):

@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import pytest
 
 from configs import base
-from mfuser_jax import startup as T
+from mfuser_jax import process as T
+from mfuser_jax.model import factory
+from mfuser_jax.run.restore import build_and_load
 
 
 @pytest.fixture
@@ -27,8 +29,8 @@ def test_matmul_precision_is_full_float32_in_every_entry_point(monkeypatch, rest
     config = _paper_config()
     config.model.pretrained = ""
     jax.config.update("jax_default_matmul_precision", "default")
-    monkeypatch.setattr(T, "create_model", lambda c: "model")
-    assert T.build_and_load(config) == "model"
+    monkeypatch.setattr(factory, "create_model", lambda c: "model")
+    assert build_and_load(config) == "model"
     assert jax.config.jax_default_matmul_precision == "highest"
     hlo = jax.jit(jnp.dot).lower(jnp.ones((2, 2)), jnp.ones((2, 2))).as_text()
     assert "precision = [HIGHEST, HIGHEST]" in hlo

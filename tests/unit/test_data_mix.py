@@ -94,7 +94,7 @@ def test_mix_errors(root, tmp_path):
     with pytest.raises(ValueError, match="weights must be >= 0"):
         P.make_train_iterator(make_config(root, mix_ratios=(1.0, -1.0)))
     from configs import gtasyn2cs
-    from mfuser_jax import startup as T
+    from mfuser_jax.data import checks as T
     c = gtasyn2cs.get_config()
     assert c.data.train == "gta+synthia" and tuple(c.data.mix_ratios) == (0.5, 0.5)
     c.data_root = str(tmp_path)

@@ -93,8 +93,8 @@ LAYERS = [
                      "mfuser_jax.model.factory", "mfuser_jax.model.pretrained",
                      "mfuser_jax.model.mfuser"]),
     ("running parts", ["mfuser_jax.sharding", "mfuser_jax.workdir", "mfuser_jax.optim",
-                       "mfuser_jax.model_state", "mfuser_jax.trainer", "mfuser_jax.checkpoints", "mfuser_jax.monitoring",
-                       "mfuser_jax.startup"]),
+                       "mfuser_jax.model_state", "mfuser_jax.trainer", "mfuser_jax.checkpoints",
+                       "mfuser_jax.monitoring", "mfuser_jax.process"]),
     ("programs", ["mfuser_jax.run", "mfuser_jax.run.*"]),
 ]
 
