@@ -125,17 +125,23 @@ def check_workdir_model(config: Any, workdir: str) -> None:
     saved = read_model_config(workdir)
     if saved is None or not has_checkpoints(workdir):
         return
+    if saved.get("name") == "mfuser":
+        saved = {"vfm": "dinov2", **saved}  # written before the VFM could be chosen
     want = architecture(saved)
     got = architecture(json.loads(config_json(config.model)))
     diff = [(k, want[k], got[k]) for k in want if k in got and want[k] != got[k]]
     if not diff:
         return
     where = os.path.join(workdir, CONFIG_FILE)
-    vlm = next((d for d in diff if d[0] == "model.vlm"), None)
-    if vlm is not None:
-        raise UserError(f"{workdir} holds a vlm={vlm[1]!r} model ({where}) but the config "
-                        f"builds vlm={vlm[2]!r}: append ':vlm={vlm[1]}' to the config file "
-                        f"name (e.g. --config configs/gta2cs.py:vlm={vlm[1]})")
+    towers = [(k[len("model."):], a, b) for key in ("model.vlm", "model.vfm")
+              for k, a, b in diff if k == key]
+    if towers:  # the config argument chooses them: name the one to append
+        held = " and ".join(f"{name}={a!r}" for name, a, _ in towers)
+        built = " and ".join(f"{name}={b!r}" for name, _, b in towers)
+        arg = ",".join(f"{name}={a}" for name, a, _ in towers)
+        raise UserError(f"{workdir} holds a {held} model ({where}) but the config builds "
+                        f"{built}: append ':{arg}' to the config file name (e.g. --config "
+                        f"configs/gta2cs.py:{arg})")
     shown = "; ".join(f"{k}={a!r} there, {b!r} here" for k, a, b in diff[:3])
     more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
     size = (" (configs/*.py: :size=tiny or :size=large)"

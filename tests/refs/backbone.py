@@ -6,6 +6,47 @@ block i of each tower, MVFuser i over both towers' tokens) and the FPN they buil
 import torch
 import torch.nn as tnn
 
+from tests.support import rel_err
+
+# Pixel statistics in 0..255 units (the reference's data pipeline and towers).
+CLIP_MEAN = (0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255)
+CLIP_STD = (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)
+IMAGENET = ((0.485 * 255, 0.456 * 255, 0.406 * 255), (0.229 * 255, 0.224 * 255, 0.225 * 255))
+
+
+def randomize(module, seed):
+    """Random weights for a reference module (norm scales around 1, the rest around 0), so
+    that a parity test exercises every parameter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim == 1 and ("norm" in name or "ln" in name) and name.endswith("weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+
+
+def renorm(x, mean, std):
+    """A CLIP-normalised NCHW batch normalised again with a tower's statistics, as the
+    reference does per tower."""
+    m = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    s = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x * s + m - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def compare_outputs(ours, theirs, tol=1e-5):
+    """A fused backbone's (4 NHWC maps, global, pixel embeddings) against the reference's
+    (NCHW maps), each to relative error ``tol``."""
+    feats, glob, pix = ours
+    t_feats, t_glob, t_pix = theirs
+    assert len(feats) == 4
+    for f, t in zip(feats, t_feats):
+        t = t.detach().numpy().transpose(0, 2, 3, 1)
+        assert f.shape == t.shape
+        assert rel_err(f, t) < tol
+    assert rel_err(glob, t_glob.detach().numpy()) < tol
+    assert rel_err(pix, t_pix.detach().numpy()) < tol
+
 
 def first_output(out):
     """An HF layer's hidden states (a tensor or a tuple, depending on the version)."""

@@ -22,13 +22,13 @@ import torch.nn as tnn  # noqa: E402
 
 from mfuser_jax.towers.dinov2.convert import hf_to_official  # noqa: E402
 from mfuser_jax.weights.state_dict import load_torch_state_dict  # noqa: E402
-from mfuser_jax.model.backbone import CLIP_MEAN, CLIP_STD  # noqa: E402
 from mfuser_jax.model.variants import vfm_fusion_args  # noqa: E402
 from mfuser_jax.towers.clip.fusion import MFuserBackbone  # noqa: E402
 from mfuser_jax.towers.eva02.fusion import MFuserEVABackbone  # noqa: E402
 from mfuser_jax.towers.registry import get_vfm  # noqa: E402
 from mfuser_jax.towers.siglip.fusion import MFuserSiglipBackbone  # noqa: E402
-from tests.refs.backbone import TorchFPN, first_output, fused_layers  # noqa: E402
+from tests.refs.backbone import (IMAGENET, TorchFPN, compare_outputs, first_output,  # noqa: E402
+                                 fused_layers, randomize, renorm)
 from tests.refs.clip import TVisual  # noqa: E402
 from tests.refs.eva02 import TEVA, visual_state_dict  # noqa: E402
 from tests.refs.eva02 import randomize as eva_randomize  # noqa: E402
@@ -47,45 +47,21 @@ def _fusion(image, patch):
                 scan_backend="reference")
 
 
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
-
-
-def _randomize(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim == 1 and ("norm" in name or "ln" in name) and name.endswith("weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-
-
 def _dino(image, patch, seed):
     torch.manual_seed(seed)
     model = transformers.Dinov2Model(transformers.Dinov2Config(
         hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
         intermediate_size=4 * WIDTH, image_size=image, patch_size=patch,
         layerscale_value=0.5, layer_norm_eps=1e-6)).eval()
-    _randomize(model, seed)
+    randomize(model, seed)
     return model
-
-
-def _renorm(x, mean, std):
-    m = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    s = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return (x * s + m - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-
-
-IMAGENET = ((0.485 * 255, 0.456 * 255, 0.406 * 255), (0.229 * 255, 0.224 * 255, 0.225 * 255))
 
 
 def _torch_fusion(image, patch):
     """DINOv2 (HF), the per-layer MVFusers and the FPN with random weights, and an input."""
     dino = _dino(image, patch, 2)
     adapters = tnn.Sequential(*[TorchMVFuser(WIDTH, 16, 3, 1) for _ in range(LAYERS)]).eval()
-    _randomize(adapters, 3)
+    randomize(adapters, 3)
     return dino, adapters, TorchFPN(2 * WIDTH).eval(), torch.randn(2, 3, image, image)
 
 
@@ -94,18 +70,6 @@ def _common_state(dino, adapters, fpn):
     sd.update({f"adapter.{k}": v for k, v in adapters.state_dict().items()})
     sd.update(fpn.state_dict())
     return sd
-
-
-def _compare(ours, theirs, tol=1e-5):
-    feats, glob, pix = ours
-    t_feats, t_glob, t_pix = theirs
-    assert len(feats) == 4
-    for f, t in zip(feats, t_feats):
-        t = t.detach().numpy().transpose(0, 2, 3, 1)
-        assert f.shape == t.shape
-        assert rel_err(f, t) < tol
-    assert rel_err(glob, t_glob.detach().numpy()) < tol
-    assert rel_err(pix, t_pix.detach().numpy()) < tol
 
 
 # ------------------------------------------------------------------------------ SigLIP
@@ -118,12 +82,12 @@ def test_siglip_backbone_matches_the_original_forward():
         hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
         intermediate_size=2 * WIDTH, image_size=image, patch_size=patch))
     siglip = getattr(siglip, "vision_model", siglip).eval()  # transformers 4 nests it
-    _randomize(siglip, 1)
+    randomize(siglip, 1)
     dino, adapters, fpn, x = _torch_fusion(image, patch)
 
     with torch.no_grad():
-        dino_x = dino.embeddings(_renorm(x, *IMAGENET))
-        h = siglip.embeddings(_renorm(x, (127.5,) * 3, (127.5,) * 3))
+        dino_x = dino.embeddings(renorm(x, *IMAGENET))
+        h = siglip.embeddings(renorm(x, (127.5,) * 3, (127.5,) * 3))
         block = lambda i, t: first_output(siglip.encoder.layers[i](t, None))  # noqa: E731
         h, dino_x, maps = fused_layers(block, dino, adapters, h, dino_x, grid, OUT)
         last = siglip.post_layernorm(h) + dino.layernorm(dino_x[:, 1:])
@@ -139,7 +103,7 @@ def test_siglip_backbone_matches_the_original_forward():
     load_torch_state_dict(ours, sd)
     ours.eval()
     got = ours(jnp.asarray(x.numpy().transpose(0, 2, 3, 1)))
-    _compare(got, want)
+    compare_outputs(got, want)
     # SigLIP's score logits: cosine * exp(logit_scale) + logit_bias
     s = jnp.asarray([[0.5, -0.25]])
     np.testing.assert_allclose(ours.score_logits(s), np.asarray(s) * np.exp(2.3) - 7.0,
@@ -157,7 +121,7 @@ def test_eva02_backbone_matches_the_original_forward():
     dino, adapters, fpn, x = _torch_fusion(image, patch)
 
     with torch.no_grad():
-        dino_x = dino.embeddings(_renorm(x, *IMAGENET))
+        dino_x = dino.embeddings(renorm(x, *IMAGENET))
         t = eva.patch_embed.proj(x).flatten(2).transpose(1, 2)
         t = torch.cat((eva.cls_token.expand(2, -1, -1), t), dim=1) + eva.pos_embed
         block = lambda i, t: eva.blocks[i](t)  # noqa: E731
@@ -172,7 +136,7 @@ def test_eva02_backbone_matches_the_original_forward():
     sd.update(visual_state_dict(eva))
     load_torch_state_dict(ours, sd)
     ours.eval()
-    _compare(ours(jnp.asarray(x.numpy().transpose(0, 2, 3, 1))), want)
+    compare_outputs(ours(jnp.asarray(x.numpy().transpose(0, 2, 3, 1))), want)
 
 
 # ------------------------------------------------------------------------------ CLIP
@@ -183,16 +147,16 @@ def test_clip_backbone_matches_the_original_forward():
     image, patch, out_dim = 64, 16, 24
     grid = image // patch
     clip = TVisual(image, patch, WIDTH, LAYERS, HEADS, out_dim).eval()
-    _randomize(clip, 1)
+    randomize(clip, 1)
     dino, adapters, fpn, x = _torch_fusion(image, patch)
     proj1 = tnn.Sequential(*[tnn.Linear(WIDTH, WIDTH) for _ in range(LAYERS)])
     proj2 = tnn.Sequential(*[tnn.Linear(WIDTH, WIDTH) for _ in range(LAYERS)])
     proj3 = tnn.Linear(WIDTH, WIDTH)
     for i, m in enumerate((proj1, proj2, proj3)):
-        _randomize(m, 4 + i)
+        randomize(m, 4 + i)
 
     with torch.no_grad():
-        dino_x = dino.embeddings(_renorm(x, *IMAGENET))
+        dino_x = dino.embeddings(renorm(x, *IMAGENET))
         t = clip.conv1(x).flatten(2).transpose(1, 2)
         c = t.shape[-1]
         t = torch.cat([clip.class_embedding + torch.zeros(2, 1, c), t], dim=1)
@@ -221,4 +185,4 @@ def test_clip_backbone_matches_the_original_forward():
         sd.update({name + k: v for k, v in m.state_dict().items()})
     load_torch_state_dict(ours, sd)
     ours.eval()
-    _compare(ours(jnp.asarray(x.numpy().transpose(0, 2, 3, 1))), want)
+    compare_outputs(ours(jnp.asarray(x.numpy().transpose(0, 2, 3, 1))), want)
