@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 
-def _pair(v) -> tuple[int, int]:
+def pair(v) -> tuple[int, int]:
     if isinstance(v, Sequence):
         if len(v) != 2:
             raise ValueError(f"expected an int or a pair, got {v!r}")
@@ -57,7 +57,7 @@ def _linear(din, dout, dtype, rngs, *, use_bias=True):
     )
 
 
-def _layer_norm(dim, eps, rngs):
+def layer_norm(dim, eps, rngs):
     # Two-pass variance (PyTorch's): DINOv2 ViT-L carries a few very large activations, for
     # which E[x^2] - E[x]^2 in float32 loses digits.
     return nnx.LayerNorm(
@@ -71,8 +71,8 @@ class PatchEmbed(nnx.Module):
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, *,
                  dtype=jnp.float32, rngs: nnx.Rngs):
-        self.img_size = _pair(img_size)
-        self.patch_size = _pair(patch_size)
+        self.img_size = pair(img_size)
+        self.patch_size = pair(patch_size)
         self.patches_resolution = (
             self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1]
         )
@@ -144,10 +144,10 @@ class Block(nnx.Module):
     def __init__(self, dim, num_heads, mlp_ratio=4.0, *, qkv_bias=True, proj_bias=True,
                  ffn_bias=True, init_values=None, drop_path=0.0, layer_norm_eps=1e-6,
                  dtype=jnp.float32, rngs: nnx.Rngs):
-        self.norm1 = _layer_norm(dim, layer_norm_eps, rngs)
+        self.norm1 = layer_norm(dim, layer_norm_eps, rngs)
         self.attn = Attention(dim, num_heads, qkv_bias, proj_bias, dtype=dtype, rngs=rngs)
         self.ls1 = LayerScale(dim, init_values) if init_values else None
-        self.norm2 = _layer_norm(dim, layer_norm_eps, rngs)
+        self.norm2 = layer_norm(dim, layer_norm_eps, rngs)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), bias=ffn_bias, dtype=dtype, rngs=rngs)
         self.ls2 = LayerScale(dim, init_values) if init_values else None
         self.drop_path_rate = float(drop_path)
@@ -228,7 +228,7 @@ class DinoVisionTransformer(nnx.Module):
                             drop_path=drop_path_rate, layer_norm_eps=layer_norm_eps,
                             dtype=dtype, rngs=r),
             depth, rngs=rngs)
-        self.norm = _layer_norm(embed_dim, layer_norm_eps, rngs)
+        self.norm = layer_norm(embed_dim, layer_norm_eps, rngs)
 
     def interpolate_pos_encoding(self, grid_hw: tuple[int, int],
                                  image_hw: tuple[int, int]) -> jax.Array:

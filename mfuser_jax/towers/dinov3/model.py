@@ -41,7 +41,6 @@ for the released models, and casts back).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import chex
 import jax
@@ -51,6 +50,8 @@ from flax import nnx
 
 from mfuser_jax.nn.layers import dot_product_attention, uniform_init
 from mfuser_jax.nn.stack import DropPath, LayerStack, scan_layers
+# DINOv3's layer scale, MLP and norms are DINOv2's (the official layers/ share them)
+from mfuser_jax.towers.dinov2.model import LayerScale, Mlp, layer_norm, pair
 
 __all__ = [
     "DinoV3VisionTransformer",
@@ -67,28 +68,11 @@ __all__ = [
 NORMALIZE_COORDS = ("separate", "min", "max")
 
 
-def _pair(v) -> tuple[int, int]:
-    if isinstance(v, Sequence):
-        if len(v) != 2:
-            raise ValueError(f"expected an int or a pair, got {v!r}")
-        return int(v[0]), int(v[1])
-    return int(v), int(v)
-
-
 def _linear(din, dout, dtype, rngs, *, use_bias=True, cls=nnx.Linear):
     # init_weights_vit: trunc_normal(std=0.02) weights, zero biases.
     return cls(
         din, dout, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
         kernel_init=nnx.initializers.truncated_normal(0.02), rngs=rngs,
-    )
-
-
-def _layer_norm(dim, eps, rngs):
-    # Two-pass variance (PyTorch's), as the DINOv2 tower: ViT-L tokens carry a few very
-    # large activations, for which E[x^2] - E[x]^2 in float32 loses digits.
-    return nnx.LayerNorm(
-        dim, epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32,
-        use_fast_variance=False, rngs=rngs,
     )
 
 
@@ -203,8 +187,8 @@ class PatchEmbed(nnx.Module):
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, *,
                  dtype=jnp.float32, rngs: nnx.Rngs):
-        self.img_size = _pair(img_size)
-        self.patch_size = _pair(patch_size)
+        self.img_size = pair(img_size)
+        self.patch_size = pair(patch_size)
         self.patches_resolution = (
             self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1]
         )
@@ -290,24 +274,6 @@ class SelfAttention(nnx.Module):
         return self.proj(out.reshape(b, n, c))
 
 
-class LayerScale(nnx.Module):
-    def __init__(self, dim, init_values=1e-5):
-        self.gamma = nnx.Param(jnp.full((dim,), init_values, jnp.float32))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return x * self.gamma[...]
-
-
-class Mlp(nnx.Module):
-    def __init__(self, in_features, hidden_features, *, bias=True, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
-        self.fc1 = _linear(in_features, hidden_features, dtype, rngs, use_bias=bias)
-        self.fc2 = _linear(hidden_features, in_features, dtype, rngs, use_bias=bias)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))  # nn.GELU is exact
-
-
 class SelfAttentionBlock(nnx.Module):
     """Pre-norm block with RoPE attention, layer scale and per-sample stochastic depth.
 
@@ -320,11 +286,11 @@ class SelfAttentionBlock(nnx.Module):
                  ffn_bias=True, mask_k_bias=True, init_values=None, drop_path=0.0,
                  layer_norm_eps=1e-5, num_prefix_tokens=None, dtype=jnp.float32,
                  rngs: nnx.Rngs):
-        self.norm1 = _layer_norm(dim, layer_norm_eps, rngs)
+        self.norm1 = layer_norm(dim, layer_norm_eps, rngs)
         self.attn = SelfAttention(dim, num_heads, qkv_bias, proj_bias, mask_k_bias,
                                   num_prefix_tokens=num_prefix_tokens, dtype=dtype, rngs=rngs)
         self.ls1 = LayerScale(dim, init_values) if init_values else None
-        self.norm2 = _layer_norm(dim, layer_norm_eps, rngs)
+        self.norm2 = layer_norm(dim, layer_norm_eps, rngs)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), bias=ffn_bias, dtype=dtype, rngs=rngs)
         self.ls2 = LayerScale(dim, init_values) if init_values else None
         self.drop_path_rate = float(drop_path)
@@ -419,7 +385,7 @@ class DinoV3VisionTransformer(nnx.Module):
                 drop_path=drop_path_rate, layer_norm_eps=layer_norm_eps,
                 num_prefix_tokens=self.num_prefix_tokens, dtype=dtype, rngs=r),
             depth, rngs=rngs)
-        self.norm = _layer_norm(embed_dim, layer_norm_eps, rngs)
+        self.norm = layer_norm(embed_dim, layer_norm_eps, rngs)
         self.mask_token = nnx.Param(jnp.zeros((1, embed_dim), jnp.float32))
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
