@@ -47,11 +47,33 @@ class WeightFileError(UserError, ValueError):
 class StateDictMismatchError(UserError, ValueError):
     """The state dict does not fit the module; the message lists every problem at once."""
 
+    def __init__(self, missing=(), unexpected=(), mismatched=(), module_name="module"):
+        self.missing = list(missing)
+        self.unexpected = list(unexpected)
+        self.mismatched = list(mismatched)  # (key, expected_shape, got_shape)
+        lines = [f"state dict does not fit {module_name}:"]
+        if self.missing:
+            lines.append(f"  missing keys ({len(self.missing)}):")
+            lines += [f"    {k}" for k in self.missing]
+        if self.unexpected:
+            lines.append(f"  unexpected keys ({len(self.unexpected)}):")
+            lines += [f"    {k}" for k in self.unexpected]
+        if self.mismatched:
+            lines.append(f"  mis-shaped keys ({len(self.mismatched)}):")
+            lines += [
+                f"    {k}: expected {tuple(e)} (PyTorch layout), got {tuple(g)}"
+                for k, e, g in self.mismatched
+            ]
+        super().__init__("\n".join(lines))
+
 
 # ----------------------------------------------------------------------------- data
 
 class DatasetLayoutError(UserError, FileNotFoundError):
     """A dataset folder or file is missing; the message names it and the layout."""
+
+    def __str__(self):  # FileNotFoundError's default str adds errno noise
+        return self.args[0] if self.args else ""
 
 
 class ClassFileError(UserError, ValueError):

@@ -355,7 +355,7 @@ def convert_mfuser_checkpoint(config: Any, path: str, out: str, *, vlm_weights=N
 
         step_cb(f"reading {', '.join(k.split('.')[-1] for k in spec.release.scalars)} from "
                 f"{vlm_weights}")
-        scalars = spec.scalars_from(read_state_dict(vlm_weights))
+        scalars = spec.release.scalars_from(read_state_dict(vlm_weights))
     step_cb("building the model")
     config.model.pretrained = ""  # every weight comes from the release
     # From shapes: the strict load fills every parameter and BatchNorm statistic, so only

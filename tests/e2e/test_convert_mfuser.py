@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from mfuser_jax.model import factory  # noqa: E402
-from mfuser_jax.run import train  # noqa: E402
+from mfuser_jax.run import restore  # noqa: E402
 from mfuser_jax.run.release import (  # noqa: E402
     checkpoint_step,
     convert_mfuser_checkpoint,
@@ -109,7 +109,7 @@ def test_convert_then_restore_gives_the_same_model(clip_release, tmp_path, monke
     # W/pretrained even though the user's config names none.
     cfg = release_config()
     assert cfg.model.pretrained == "" and info["pretrained"] == os.path.join(out, "pretrained")
-    restored, step = train.restore_model(cfg, out)
+    restored, step = restore.restore_model(cfg, out)
     assert step == 40
     want = abstract_mfuser(config)
     load_mfuser_checkpoint(want, release)

@@ -24,7 +24,8 @@ transformers = pytest.importorskip("transformers")
 
 from mfuser_jax.model import factory  # noqa: E402
 from mfuser_jax.run.train import check_trainable_from  # noqa: E402
-from mfuser_jax.run import train  # noqa: E402
+from mfuser_jax.errors import UserError  # noqa: E402
+from mfuser_jax.run import restore  # noqa: E402
 from mfuser_jax.weights import WeightFileError  # noqa: E402
 from mfuser_jax.run.release import convert_mfuser_checkpoint, load_mfuser_checkpoint  # noqa: E402
 from tests.refs.segmentor import (  # noqa: E402
@@ -113,7 +114,7 @@ def _round_trip(config, release, tmp_path, monkeypatch, scalars=None, **kwargs):
     out = str(tmp_path / "w")
     info = convert_mfuser_checkpoint(config, pth, out, **kwargs)
     assert info["step"] == 40 and info["vlm"] == config.model.vlm
-    restored, step = train.restore_model(config, out)
+    restored, step = restore.restore_model(config, out)
     assert step == 40
     want = abstract_mfuser(config)
     load_mfuser_checkpoint(want, release, scalars=scalars)
@@ -190,7 +191,7 @@ def test_siglip_convert_then_restore_gives_the_same_model(siglip_release, spiece
     for path, var in want.items():
         np.testing.assert_array_equal(np.asarray(got[path].get_value()),
                                       np.asarray(var.get_value()), err_msg=str(path))
-    restored, _ = train.restore_model(user_config, str(tmp_path / "w"))
+    restored, _ = restore.restore_model(user_config, str(tmp_path / "w"))
     assert float(restored.backbone.logit_bias[0]) == -8.5
 
 
@@ -205,6 +206,6 @@ def test_siglip_release_without_its_weights_cannot_be_trained(siglip_release, sp
     assert not info["logit_scalars"]
     scale = [v for p, v in got.items() if p[-1] == "logit_scale"][0]
     assert np.isnan(np.asarray(scale.get_value())).all()
-    model, _ = train.restore_model(config, str(tmp_path / "w"))
-    with pytest.raises(train.UserError, match="--siglip"):
+    model, _ = restore.restore_model(config, str(tmp_path / "w"))
+    with pytest.raises(UserError, match="--siglip"):
         check_trainable_from(model)

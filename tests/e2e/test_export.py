@@ -36,7 +36,8 @@ from mfuser_jax.run.export import load_stablehlo
 predictor = load_stablehlo(sys.argv[1])
 np.save(sys.argv[3], predictor(np.load(sys.argv[2])))
 assert not [m for m in sys.modules if m.split(".")[0] == "flax" or m.startswith(
-    "mfuser_jax.") and m != "mfuser_jax.run.export"], "the loader imported model code"
+    "mfuser_jax.") and m not in ("mfuser_jax.run", "mfuser_jax.run.export")], (
+    "the loader imported model code")
 print(",".join(predictor.class_names))
 """
 
