@@ -73,20 +73,11 @@ def parse_arg(arg, **defaults):
     return out
 
 
-def vlm_spec(vlm):
-    """The registered VLM's spec (mfuser_jax/towers); an unknown name is a ConfigError
-    listing the registered ones."""
+def vlm_config(vlm):
+    """The registered VLM's config section (mfuser_jax/towers/<vlm>/config.py); an unknown
+    name is a ConfigError listing the registered ones."""
     try:
-        return registry.get_vlm(vlm)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
-def vfm_spec(vfm):
-    """The registered VFM's spec (mfuser_jax/towers); an unknown name is a ConfigError
-    listing the registered ones."""
-    try:
-        return registry.get_vfm(vfm)
+        return registry.vlm_config(vlm)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -176,7 +167,7 @@ def get_base_config(args):
         coordinator_address="", num_processes=1, process_id=0)
     c.optim = dict(
         # the reference's configs set it per VLM (CLIP 1e-4, EVA02 and SigLIP 1e-5)
-        lr=1e-4, min_lr=1e-6, weight_decay=vlm_spec(args.vlm).config.weight_decay,
+        lr=1e-4, min_lr=1e-6, weight_decay=vlm_config(args.vlm).weight_decay,
         power=0.9, warmup_steps=1500,
         warmup_ratio=1e-6, b1=0.9, b2=0.999, eps=1e-8,
         grad_accum=1,                  # micro-batches per step (same global batch)

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 from mfuser_jax.data.labels import CLASSES
 from mfuser_jax.errors import UserError
-from mfuser_jax.towers.registry import get_vfm, get_vlm
+from mfuser_jax.towers.registry import vfm_config, vlm_config
 
 __all__ = ["ARCHITECTURE", "DEFAULT_VFM", "KIND", "RUNTIME", "SECTION", "SIZES",
            "ContextDecoderConfig", "DecoderConfig", "LossConfig", "MVFuserConfig",
@@ -42,23 +42,24 @@ SECTION = "section"            # a nested config; its own fields decide
 SIZES = ("large", "tiny")
 DEFAULT_VFM = "dinov2"
 
-def _spec(name: str, *, vfm: bool):
-    """The tower's spec (towers/registry.py); an unknown name is a UserError listing them."""
+def _tower(name: str, *, vfm: bool):
+    """The tower's config section (towers/<name>/config.py, through the registry); an
+    unknown name is a UserError listing the registered ones."""
     try:
-        return get_vfm(name) if vfm else get_vlm(name)
+        return vfm_config(name) if vfm else vlm_config(name)
     except ValueError as e:
         raise UserError(str(e)) from None
 
 
 def _tower_fields(name: str, *, vfm: bool) -> tuple[str, ...]:
     """The fields of a tower's section, in its spec's order."""
-    return tuple(_spec(name, vfm=vfm).config.large)
+    return tuple(_tower(name, vfm=vfm).large)
 
 
 def _runtime_tower_fields(name: str, *, vfm: bool) -> frozenset[str]:
     """The tower section's fields its spec names run-time (none for an unknown tower)."""
     try:
-        return frozenset((get_vfm(name) if vfm else get_vlm(name)).config.runtime)
+        return frozenset((vfm_config(name) if vfm else vlm_config(name)).runtime)
     except ValueError:
         return frozenset()
 
@@ -418,9 +419,9 @@ class ModelConfig(_Config):
     def preset(cls, size: str, vlm: str = "clip", vfm: str = DEFAULT_VFM) -> ModelConfig:
         """The model of configs/base.py: ``size`` "large" (the paper's) or "tiny" (a
         few-layer model for tests and smoke runs), with the VLM and VFM named."""
-        spec, vfm_spec = _spec(vlm, vfm=False), _spec(vfm, vfm=True)
+        vlm_tower, vfm_tower = _tower(vlm, vfm=False), _tower(vfm, vfm=True)
         large = _is_large(size)
-        patch = spec.config.patch_size
+        patch = vlm_tower.patch_size
         return cls(
             vlm=vlm, vfm=vfm, num_classes=len(CLASSES), class_names=CLASSES,
             patch_size=patch, image_size=512 if large else 4 * patch, dtype="float32",
@@ -429,8 +430,7 @@ class ModelConfig(_Config):
             # paper's gets its own folder
             pretrained=((f"pretrained/mfuser_{vlm}_l" if vfm == DEFAULT_VFM
                          else f"pretrained/mfuser_{vlm}_{vfm}_l") if large else ""),
-            towers=Section({vfm: vfm_spec.config.section(large),
-                            vlm: spec.config.section(large)}),
+            towers=Section({vfm: vfm_tower.section(large), vlm: vlm_tower.section(large)}),
             out_indices=(7, 11, 15, 23) if large else (0, 1, 2, 3),
             mvfuser=MVFuserConfig.preset(size),
             context_decoder=ContextDecoderConfig.preset(size),

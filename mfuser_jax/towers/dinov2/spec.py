@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from mfuser_jax.towers.dinov2.convert import resize_for_mfuser, to_official
 from mfuser_jax.towers.dinov2.model import DinoVisionTransformer
-from mfuser_jax.towers.spec import TowerConfig, VFMBuild, VFMSpec, Weights
+from mfuser_jax.towers.dinov2.config import CONFIG
+from mfuser_jax.towers.spec import VFMBuild, VFMSpec, Weights
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -34,10 +35,7 @@ def convert(state_dict, c, *, img_size, patch_size, source="state dict"):
 SPEC = VFMSpec(
     name="dinov2",
     title="DINOv2 ViT-L/14",
-    config=TowerConfig(
-        large=dict(embed_dim=1024, num_heads=16, mlp_ratio=4.0, init_values=1e-5),
-        tiny=dict(embed_dim=32, num_heads=2),
-        patch_size=14),
+    config=CONFIG,
     build=VFMBuild(tower=build_tower, mean=IMAGENET_MEAN, std=IMAGENET_STD),
     weights=Weights(convert=convert, file="dinov2_vitl14_pretrain.pth",
                     help="DINOv2 ViT-L/14 weights (official .pth or HF)"),

@@ -15,7 +15,8 @@ from mfuser_jax.ops.resize import resize
 from mfuser_jax.towers.dinov2.spec import IMAGENET_MEAN, IMAGENET_STD
 from mfuser_jax.towers.dinov3.convert import to_official
 from mfuser_jax.towers.dinov3.model import DinoV3VisionTransformer
-from mfuser_jax.towers.spec import TowerConfig, VFMBuild, VFMSpec, Weights
+from mfuser_jax.towers.dinov3.config import CONFIG
+from mfuser_jax.towers.spec import VFMBuild, VFMSpec, Weights
 
 PATCH = "patch_embed.proj.weight"
 
@@ -41,11 +42,7 @@ def convert(state_dict, c, *, img_size, patch_size, source="state dict"):
 SPEC = VFMSpec(
     name="dinov3",
     title="DINOv3 ViT-L/16",
-    config=TowerConfig(
-        large=dict(embed_dim=1024, num_heads=16, mlp_ratio=4.0, init_values=1e-5,
-                   n_storage_tokens=4, rope_base=100.0),
-        tiny=dict(embed_dim=32, num_heads=2),
-        patch_size=16),
+    config=CONFIG,
     build=VFMBuild(tower=build_tower, mean=IMAGENET_MEAN, std=IMAGENET_STD),
     weights=Weights(convert=convert, file="dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth",
                     help="DINOv3 ViT-L/16 weights (official .pth or HF safetensors), for "

@@ -16,7 +16,8 @@ import numpy as np
 from mfuser_jax.towers.clip.spec import bpe_tokenizer, build_text
 from mfuser_jax.towers.eva02.convert import eva02_state_dicts
 from mfuser_jax.towers.eva02.fusion import MFuserEVABackbone
-from mfuser_jax.towers.spec import TowerConfig, VLMBuild, VLMRelease, VLMSpec, Weights
+from mfuser_jax.towers.eva02.config import CONFIG
+from mfuser_jax.towers.spec import VLMBuild, VLMRelease, VLMSpec, Weights
 
 
 def convert_encoder(state_dict, *, img_size, patch_size, context_length):
@@ -60,15 +61,7 @@ def random_text(model_config):
 SPEC = VLMSpec(
     name="eva02",
     title="EVA02-CLIP-L/14-336",
-    config=TowerConfig(
-        large=dict(width=1024, layers=24, heads=16, mlp_ratio=2.6667, output_dim=768,
-                   pt_hw_seq_len=16, text_width=768, text_heads=12, text_layers=12,
-                   text_activation="gelu", vocab_size=49408, token_length=5, n_ctx=8),
-        tiny=dict(width=32, layers=4, heads=2, output_dim=32, text_width=32, text_heads=2,
-                  text_layers=2),
-        patch_size=14,
-        weight_decay=1e-5,
-        no_decay_keys=("norm", "level_embed", "query_embed")),
+    config=CONFIG,
     # EVA02-CLIP uses OpenAI's BPE vocabulary and CLIP's text tower (exact GELU) too
     build=VLMBuild(backbone=MFuserEVABackbone, text=build_text, tokenizer=bpe_tokenizer),
     weights=Weights(

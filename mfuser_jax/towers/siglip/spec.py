@@ -18,7 +18,8 @@ from mfuser_jax.towers.siglip.convert import siglip_state_dicts
 from mfuser_jax.towers.siglip.fusion import MFuserSiglipBackbone
 from mfuser_jax.towers.siglip.model import SiglipTextTransformer
 from mfuser_jax.towers.siglip.tokenizer import SiglipTokenizer
-from mfuser_jax.towers.spec import TowerConfig, VLMBuild, VLMRelease, VLMSpec, Weights
+from mfuser_jax.towers.siglip.config import CONFIG
+from mfuser_jax.towers.spec import VLMBuild, VLMRelease, VLMSpec, Weights
 
 SCALARS = ("backbone.logit_scale", "backbone.logit_bias")
 
@@ -94,17 +95,7 @@ def release_buffers(model):
 SPEC = VLMSpec(
     name="siglip",
     title="SigLIP-L/16-384",
-    config=TowerConfig(
-        large=dict(width=1024, layers=24, heads=16, intermediate_size=4096, output_dim=1024,
-                   text_width=1024, text_heads=16, text_layers=24,
-                   text_intermediate_size=4096, vocab_size=32000, token_length=5, n_ctx=5,
-                   tokenizer=""),  # spiece.model; "" = <model.pretrained>/spiece.model
-        tiny=dict(width=32, layers=4, heads=2, intermediate_size=64, output_dim=32,
-                  text_width=32, text_heads=2, text_layers=2, text_intermediate_size=64),
-        runtime=("tokenizer",),
-        patch_size=16,
-        weight_decay=1e-5,
-        no_decay_keys=("norm", "level_embed", "query_embed")),
+    config=CONFIG,
     build=VLMBuild(
         backbone=MFuserSiglipBackbone, text=build_text, tokenizer=sentencepiece_tokenizer,
         tokenizer_file="spiece.model",
