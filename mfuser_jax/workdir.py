@@ -15,7 +15,7 @@ from typing import Any
 
 from mfuser_jax.errors import UserError
 from mfuser_jax.files import atomic_write
-from mfuser_jax.model.config import ModelConfig, architecture_leaves
+from mfuser_jax.model.config import DEFAULT_VFM, ModelConfig, architecture_leaves
 from mfuser_jax.towers.registry import vlm_names
 
 CONFIG_FILE = "config.json"
@@ -64,7 +64,7 @@ def config_from_workdir(workdir: str) -> Any:
     model = saved.get("model")
     if isinstance(model, dict) and model.get("name") == "mfuser":
         # written before the VFM could be chosen: every such workdir holds DINOv2
-        model.setdefault("vfm", "dinov2")
+        model.setdefault("vfm", DEFAULT_VFM)
     return ml_collections.ConfigDict(tuples(saved))
 
 
@@ -125,8 +125,6 @@ def check_workdir_model(config: Any, workdir: str) -> None:
     saved = read_model_config(workdir)
     if saved is None or not has_checkpoints(workdir):
         return
-    if saved.get("name") == "mfuser":
-        saved = {"vfm": "dinov2", **saved}  # written before the VFM could be chosen
     want = architecture(saved)
     got = architecture(json.loads(config_json(config.model)))
     diff = [(k, want[k], got[k]) for k in want if k in got and want[k] != got[k]]

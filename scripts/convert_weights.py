@@ -44,6 +44,7 @@ import _cli  # noqa: F401  (puts the repo on sys.path)
 from absl import flags
 from ml_collections import config_flags
 
+from mfuser_jax.model.config import DEFAULT_VFM
 from mfuser_jax.towers.registry import get_vfm, get_vlm, vfm_names, vlm_names
 
 config_flags.DEFINE_config_file("config", os.path.join(_cli.REPO, "configs", "gta2cs.py"),
@@ -112,7 +113,7 @@ def config_vlm():
 def config_vfm():
     """The spec of the config's vfm (an unknown one: the registered names, no traceback)."""
     try:
-        return get_vfm(FLAGS.config.model.get("vfm", "dinov2"))
+        return get_vfm(FLAGS.config.model.get("vfm", DEFAULT_VFM))
     except ValueError as e:
         fail(e)
 

@@ -479,8 +479,11 @@ def architecture_leaves(model: Mapping, prefix: str = "model") -> dict[str, Any]
     """{'model.image_size': 512, 'model.dinov2.embed_dim': 1024, ...}: the leaves of an
     MFuser config.model (a JSON dict or a ConfigDict, possibly of an older version) whose
     ModelConfig field is architecture, in the mapping's order. The towers' sections are the
-    keys named by its ``vlm`` and ``vfm``; keys ModelConfig does not know are left out."""
-    vfm = model.get("vfm", DEFAULT_VFM)
+    keys named by its ``vlm`` and ``vfm``; keys ModelConfig does not know are left out. A
+    config written before ``vfm`` existed holds DINOv2: its ``vfm`` leaf is DEFAULT_VFM."""
+    if model.get("name") == ModelConfig.NAME and "vfm" not in model:
+        model = {"vfm": DEFAULT_VFM, **model}
+    vfm = model["vfm"] if "vfm" in model else DEFAULT_VFM
     towers = {model.get("vlm"): _runtime_tower_fields(model.get("vlm"), vfm=False),
               vfm: _runtime_tower_fields(vfm, vfm=True)}
     out = {}

@@ -17,6 +17,7 @@ import jax
 from flax import nnx
 
 from mfuser_jax.errors import UserError, WeightFileError
+from mfuser_jax.model.config import DEFAULT_VFM
 from mfuser_jax.towers.registry import get_vfm, get_vlm
 
 # name -> callable(model_config, *, rngs) -> nnx.Module
@@ -114,7 +115,7 @@ def check_pretrained(config: Any) -> str | None:
         return None
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
-        vlm, vfm = config.model.vlm, config.model.get("vfm", "dinov2")
+        vlm, vfm = config.model.vlm, config.model.get("vfm", DEFAULT_VFM)
         try:
             vlm_file = get_vlm(vlm).convert_args()
         except ValueError:  # not a registered VLM: a model of its own (model.factory)
