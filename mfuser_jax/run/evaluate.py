@@ -10,6 +10,7 @@ the model is compiled once per image shape.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -183,19 +184,12 @@ class ImageEvaluator:
             pred = jnp.argmax(scores, axis=-1)
             return confusion_matrix(pred, label[0], num_classes), pred
 
-        def probs(state, image, size, flip):
-            # mmseg's inference(): rescaled logits -> softmax -> flipped back
-            if flip:
-                image = image[:, :, ::-1]
-            p = jax.nn.softmax(resize(scores_fn(state, image), size, axes=(0, 1)), axis=-1)
-            return p[:, ::-1] if flip else p
-
         def decide(total, count, label):
             pred = jnp.argmax(total / count, axis=-1)
             return confusion_matrix(pred, label[0], num_classes), pred
 
         self._run = jax.jit(run)
-        self._probs = jax.jit(probs, static_argnums=(2, 3))
+        self._probs = jax.jit(functools.partial(_tta_probs, scores_fn), static_argnums=(2, 3))
         self._decide = jax.jit(decide)
 
     def __call__(self, image: np.ndarray, label: np.ndarray) -> jax.Array:
@@ -238,8 +232,18 @@ class ImageEvaluator:
         return cm
 
 
+def _tta_probs(scores_fn, state, image, size, flip):
+    """One test-time-augmented view as mmseg's inference(): the window scores of `image`
+    (mirrored with `flip`) resized to `size`, softmaxed, and mirrored back."""
+    if flip:
+        image = image[:, :, ::-1]
+    p = jax.nn.softmax(resize(scores_fn(state, image), size, axes=(0, 1)), axis=-1)
+    return p[:, ::-1] if flip else p
+
+
 class SlidingWindowPredictor:
-    """image (h, w, 3) uint8 -> (h, w, K) float32 scores, optionally for custom classes."""
+    """image (h, w, 3) uint8 -> (h, w, K) float32 scores, optionally for custom classes;
+    `probs`: one view of ImageEvaluator's test-time augmentation."""
 
     def __init__(self, model: nnx.Module, *, crop: int, stride: int, crop_batch: int,
                  class_names: Sequence[str] | None = None, device: jax.Device | None = None):
@@ -247,12 +251,20 @@ class SlidingWindowPredictor:
         graphdef, state = nnx.split(model)
         self.device = device or jax.local_devices()[0]
         self.state = jax.tree.map(lambda x: _to_device(x, self.device), state)
-        self._run = jax.jit(_scores_fn(graphdef, crop=crop, stride=stride,
-                                       crop_batch=crop_batch, class_names=class_names))
+        scores_fn = _scores_fn(graphdef, crop=crop, stride=stride, crop_batch=crop_batch,
+                               class_names=class_names)
+        self._run = jax.jit(scores_fn)
+        self._probs = jax.jit(functools.partial(_tta_probs, scores_fn), static_argnums=(2, 3))
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         image = jax.device_put(np.asarray(image)[None], self.device)
         return np.asarray(self._run(self.state, image))
+
+    def probs(self, image: np.ndarray, size: tuple[int, int], flip: bool) -> jax.Array:
+        """(h, w, K) class probabilities at `size` = (h, w), of `image` mirrored with
+        `flip` and mirrored back (jitted per image size, `size` and `flip`)."""
+        image = jax.device_put(np.asarray(image)[None], self.device)
+        return self._probs(self.state, image, tuple(size), bool(flip))
 
 
 def _to_mesh(x, replicated):

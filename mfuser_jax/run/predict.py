@@ -289,10 +289,9 @@ class Segmenter:
                             f"{image.shape}")
         h, w = image.shape[:2]
         resized = test_resize(image, self.test_scale)
-        if self.flip:
-            a = self._resizer(h, w, True)(self.predictor(resized))
-            b = self._resizer(h, w, True)(self.predictor(resized[:, ::-1]))[:, ::-1]
-            return np.asarray((a + b) / 2)
+        if self.flip:  # the probabilities of both views averaged, as ImageEvaluator
+            views = [self.predictor.probs(resized, (h, w), flip) for flip in (False, True)]
+            return np.asarray((views[0] + views[1]) / 2)
         scores = self.predictor(resized)
         if scores.shape[:2] != (h, w):
             scores = np.asarray(self._resizer(h, w)(scores))
@@ -302,19 +301,17 @@ class Segmenter:
         """(h, w) int32: the index of each pixel's class in `class_names`."""
         return self.scores(image).argmax(-1).astype(np.int32)
 
-    def _resizer(self, h, w, softmax=False):
-        """The evaluator's resize of the score map to the label size, then with `softmax`
-        the class softmax as ImageEvaluator's flip (jitted per size)."""
-        if (h, w, softmax) not in self._resizers:
+    def _resizer(self, h, w):
+        """The evaluator's resize of the score map to the label size (jitted per size)."""
+        if (h, w) not in self._resizers:
+            import functools
+
             import jax
 
             from mfuser_jax.ops.resize import resize
-
-            def fn(s):
-                s = resize(s, (h, w), axes=(0, 1))
-                return jax.nn.softmax(s, axis=-1) if softmax else s
-            self._resizers[(h, w, softmax)] = jax.jit(fn)
-        return self._resizers[(h, w, softmax)]
+            self._resizers[(h, w)] = jax.jit(functools.partial(resize, size=(h, w),
+                                                               axes=(0, 1)))
+        return self._resizers[(h, w)]
 
 
 def predict(config, workdir, images, out, classes, step, alpha, scale=None,
