@@ -19,8 +19,9 @@ import numpy as np
 from flax import nnx
 
 from mfuser_jax import sharding as shd
+from mfuser_jax.model.factory import trainable
 
-__all__ = ["SplitModel", "TrainState", "abstract_like", "split_model", "trainable",
+__all__ = ["SplitModel", "TrainState", "abstract_like", "split_model",
            "trained_state"]
 
 
@@ -48,11 +49,6 @@ def _with_values(template: nnx.State, values: dict) -> nnx.State:
     state = nnx.from_flat_state(nnx.to_flat_state(template))
     nnx.replace_by_pure_dict(state, values)
     return state
-
-
-def trainable(model: nnx.Module) -> nnx.filterlib.Filter:
-    """The filter of what the optimizer updates: the model's trainable parameters."""
-    return nnx.All(nnx.Param, model.trainable_filter)
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State, nnx.State]:

@@ -14,7 +14,8 @@ from flax import nnx
 
 from mfuser_jax import sharding as shd
 from mfuser_jax.errors import UserError
-from mfuser_jax.model_state import SplitModel, TrainState, abstract_like, trainable
+from mfuser_jax.model.factory import trainable
+from mfuser_jax.model_state import SplitModel, TrainState, abstract_like
 from mfuser_jax.optim import all_finite, make_optimizer
 
 

@@ -148,13 +148,6 @@ def concrete(model):
     return model
 
 
-def fast_create_model(config):
-    """Stands in for model.factory.create_model where restore_model builds the model: its jitted
-    random init costs ~35 s here on 2 cores, and every value it would produce is overwritten
-    (trainable part from the checkpoint, frozen part from W/pretrained)."""
-    return concrete(abstract_mfuser(config))
-
-
 def random_images(b=1, size=64, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (b, size, size, 3)).astype(np.uint8)
 

@@ -59,21 +59,35 @@ def build_model(model_config: Any, *, rngs: nnx.Rngs) -> nnx.Module:
     return _resolve(model_config.name)(model_config, rngs=rngs)
 
 
+def trainable(model: nnx.Module) -> nnx.filterlib.Filter:
+    """The filter of what the optimizer updates: the model's trainable parameters."""
+    return nnx.All(nnx.Param, model.trainable_filter)
+
+
+def checkpointed(model: nnx.Module) -> nnx.filterlib.Filter:
+    """What training changes and a checkpoint holds: the trainable parameters and the
+    batch statistics (model_state.split_model's first two parts)."""
+    return nnx.Any(trainable(model), nnx.BatchStat)
+
+
 def init_model(model_config: Any, *, seed: int, skip_pretrained: bool = False,
-               skip: Any = None) -> nnx.Module:
+               skip_checkpointed: bool = False, skip: Any = None) -> nnx.Module:
     """`build_model` without computing what is not needed: the structure from
     `nnx.eval_shape`, then the values from one jitted run of the constructor that returns
     only the wanted ones, so XLA leaves the others out (`compute_values`).
 
     `skip_pretrained`: the variables the model's `pretrained_filter` selects (the frozen
     encoders `load_pretrained(path)` then fills) stay abstract, `jax.ShapeDtypeStruct`; a
-    model without that filter is built whole. `skip`: an nnx filter of more variables to
-    leave abstract (what a loader then fills, e.g. every parameter for a strict load of a
-    released checkpoint). Each value depends on `seed` alone, not on what is skipped.
+    model without that filter is built whole. `skip_checkpointed`: so do the variables a
+    checkpoint holds (`checkpointed`), for a restore to fill. `skip`: an nnx filter of more
+    variables to leave abstract (what a loader then fills, e.g. every parameter for a strict
+    load of a released checkpoint). Each value depends on `seed` alone, not on what is
+    skipped.
     """
     build = lambda: build_model(model_config, rngs=nnx.Rngs(seed))  # noqa: E731
     model = nnx.eval_shape(build)
     skips = [f for f in (getattr(model, "pretrained_filter", None) if skip_pretrained else None,
+                         checkpointed(model) if skip_checkpointed else None,
                          skip) if f is not None]
     compute_values(model, build, nnx.Not(nnx.Any(*skips)) if skips else ...)
     return model
@@ -88,9 +102,10 @@ def compute_values(model: Any, build: Callable[[], Any], wanted: Any) -> None:
         nnx.update(model, jax.jit(lambda: nnx.state(build(), wanted))())
 
 
-def abstract_paths(model: nnx.Module) -> list[str]:
-    """Paths of the values still abstract (`jax.ShapeDtypeStruct`): none once loaded."""
-    leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model))
+def abstract_paths(model: nnx.Module, *filters: Any) -> list[str]:
+    """Paths of the values still abstract (`jax.ShapeDtypeStruct`): none once loaded;
+    among the variables `filters` select, if given."""
+    leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model, *filters))
     return [jax.tree_util.keystr(path) for path, x in leaves
             if isinstance(x, jax.ShapeDtypeStruct)]
 
@@ -144,16 +159,19 @@ def load_pretrained(model: nnx.Module, path: str | None) -> None:
     except (FileNotFoundError, WeightFileError) as e:
         raise UserError(f"cannot load pretrained weights from {path}: {e}\n"
                         "re-create them with scripts/convert_weights.py") from None
-    unset = abstract_paths(model)
+    # what a restore fills (create_model's skip_checkpointed) may still be abstract
+    unset = abstract_paths(model, getattr(model, "pretrained_filter", ...))
     if unset:  # a pretrained_filter wider than what load_pretrained fills
         raise RuntimeError(f"{type(model).__name__}.load_pretrained left {len(unset)} values "
                            f"unset, e.g. {unset[0]}")
 
 
-def create_model(config: Any) -> nnx.Module:
+def create_model(config: Any, *, skip_checkpointed: bool = False) -> nnx.Module:
     """The model built from shapes (``init_model``): with config.model.pretrained
     set, the frozen encoders the model's pretrained_filter selects are not computed but left
     abstract for load_pretrained to fill; with it empty (tests, smoke runs) every value is
-    drawn from its initialiser."""
+    drawn from its initialiser. `skip_checkpointed`: what a checkpoint holds stays abstract
+    too (a restore fills it)."""
     return init_model(config.model, seed=int(config.seed),
-                      skip_pretrained=bool(config.model.get("pretrained")))
+                      skip_pretrained=bool(config.model.get("pretrained")),
+                      skip_checkpointed=skip_checkpointed)

@@ -27,10 +27,12 @@ __all__ = ["WORKDIR_PRETRAINED", "build_and_load", "restore_model"]
 WORKDIR_PRETRAINED = "pretrained"
 
 
-def build_and_load(config: Any, workdir: str | None = None) -> nnx.Module:
+def build_and_load(config: Any, workdir: str | None = None, *,
+                   skip_checkpointed: bool = False) -> nnx.Module:
     """The model with its frozen encoders loaded. A workdir holding its own converted
     encoders (W/pretrained, written when a released MFuser checkpoint is converted) uses
-    them, so a converted model can never be evaluated with other frozen towers."""
+    them, so a converted model can never be evaluated with other frozen towers.
+    `skip_checkpointed`: what a checkpoint holds is left abstract (restore_model fills it)."""
     check_config(config)
     apply_matmul_precision(config)
     own = os.path.join(workdir, WORKDIR_PRETRAINED) if workdir else None
@@ -39,7 +41,7 @@ def build_and_load(config: Any, workdir: str | None = None) -> nnx.Module:
         # the model reads files beside its weights from there (SigLIP's spiece.model)
         config = config.copy_and_resolve_references()
         config.model.pretrained = path
-    model = factory.create_model(config)
+    model = factory.create_model(config, skip_checkpointed=skip_checkpointed)
     factory.load_pretrained(model, path)
     return model
 
@@ -69,7 +71,9 @@ def restore_model(config: Any, workdir: str, step: int | None = None
             mngr.verify(step)  # before building anything
         except DamagedCheckpoint as e:
             raise _refuse_damaged(mngr, step, e.reason) from None
-        split = SplitModel(config, build_and_load(config, workdir),
+        # the trained state is the checkpoint's: not computed from its initialisers first
+        # (at full size, most of a restore's compile time)
+        split = SplitModel(config, build_and_load(config, workdir, skip_checkpointed=True),
                            shd.make_mesh(config.get("mesh", None)))
         try:
             tree = restore_model_state(mngr, step, split.model_tree())
@@ -80,7 +84,9 @@ def restore_model(config: Any, workdir: str, step: int | None = None
                                   ) from None
     finally:
         mngr.close()
-    return split.write_back(tree["params"], tree["batch_stats"]), step
+    model = split.write_back(tree["params"], tree["batch_stats"])
+    factory.require_concrete(model, f"the model restored from {mngr.step_path(step)}")
+    return model, step
 
 
 def _refuse_damaged(mngr, step: int, reason: str) -> UserError:

@@ -21,7 +21,6 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from mfuser_jax.model import factory  # noqa: E402
 from mfuser_jax.run import restore  # noqa: E402
 from mfuser_jax.run.release import (  # noqa: E402
     checkpoint_step,
@@ -35,7 +34,6 @@ from tests.support import (  # noqa: E402
     REPO,
     abstract_mfuser,
     concrete,
-    fast_create_model,
     random_images,
     release_config,
     save_pth,
@@ -87,9 +85,8 @@ def test_mmcv_meta_iter_is_the_last_index():
     assert checkpoint_step({"iter": 4}, 20000) == 5
 
 
-def test_convert_then_restore_gives_the_same_model(clip_release, tmp_path, monkeypatch):
+def test_convert_then_restore_gives_the_same_model(clip_release, tmp_path):
     config, release = clip_release
-    monkeypatch.setattr(factory, "create_model", fast_create_model)
     pth = str(tmp_path / "iter_40.pth")
     save_pth(pth, release, {"iter": 39, "epoch": 1, "CLASSES": ["road"]})
     state_dict, meta = read_mfuser_checkpoint(pth)

@@ -22,7 +22,6 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from mfuser_jax.model import factory  # noqa: E402
 from mfuser_jax.run.train import check_trainable_from  # noqa: E402
 from mfuser_jax.errors import UserError  # noqa: E402
 from mfuser_jax.run import restore  # noqa: E402
@@ -106,9 +105,8 @@ def test_a_release_of_another_variant_is_refused_with_the_fix(eva02_release):
                                source="eva.pth")
 
 
-def _round_trip(config, release, tmp_path, monkeypatch, scalars=None, **kwargs):
+def _round_trip(config, release, tmp_path, scalars=None, **kwargs):
     """convert -> restore_model gives exactly the model a strict load gives."""
-    monkeypatch.setattr(factory, "create_model", lambda cfg: _concrete_model(abstract_mfuser(cfg)))
     pth = str(tmp_path / "iter_40.pth")
     save_pth(pth, release, {"iter": 39})
     out = str(tmp_path / "w")
@@ -124,10 +122,9 @@ def _round_trip(config, release, tmp_path, monkeypatch, scalars=None, **kwargs):
     return info, got_flat, want_flat
 
 
-def test_eva02_convert_then_restore_gives_the_same_model(eva02_release, tmp_path,
-                                                        monkeypatch):
+def test_eva02_convert_then_restore_gives_the_same_model(eva02_release, tmp_path):
     config, release = eva02_release
-    info, got, want = _round_trip(config, release, tmp_path, monkeypatch)
+    info, got, want = _round_trip(config, release, tmp_path)
     assert info["recomputed"] == 2 * (1 + config.model.eva02.layers) + 1
     for path, var in want.items():
         np.testing.assert_array_equal(np.asarray(got[path].get_value()),
@@ -167,8 +164,7 @@ def test_siglip_release_loads_strictly_and_predicts(siglip_release):
     assert scores.shape == (1, size, size, 19) and np.all(np.isfinite(np.asarray(scores)))
 
 
-def test_siglip_convert_then_restore_gives_the_same_model(siglip_release, spiece, tmp_path,
-                                                         monkeypatch):
+def test_siglip_convert_then_restore_gives_the_same_model(siglip_release, spiece, tmp_path):
     config, release = siglip_release
     torch.manual_seed(5)
     weights = transformers.SiglipModel(transformers.SiglipConfig(
@@ -184,7 +180,7 @@ def test_siglip_convert_then_restore_gives_the_same_model(siglip_release, spiece
     scalars = {"logit_scale": np.float32(2.25), "logit_bias": np.float32(-8.5)}
     user_config = config.copy_and_resolve_references()
     user_config.model.siglip.tokenizer = ""  # the workdir brings its own copy
-    info, got, want = _round_trip(config, release, tmp_path, monkeypatch, scalars=scalars,
+    info, got, want = _round_trip(config, release, tmp_path, scalars=scalars,
                                   vlm_weights=siglip_file, tokenizer=spiece)
     assert info["logit_scalars"] and info["dropped"] == 2 + 4 * config.model.siglip.layers + 2
     assert os.path.isfile(os.path.join(info["pretrained"], "spiece.model"))
@@ -196,13 +192,13 @@ def test_siglip_convert_then_restore_gives_the_same_model(siglip_release, spiece
 
 
 def test_siglip_release_without_its_weights_cannot_be_trained(siglip_release, spiece,
-                                                              tmp_path, monkeypatch):
+                                                              tmp_path):
     config, release = siglip_release
     with pytest.raises(WeightFileError, match="siglip_tokenizer"):
         cfg = config.copy_and_resolve_references()
         cfg.model.siglip.tokenizer = ""
         convert_mfuser_checkpoint(cfg, str(tmp_path / "x.pth"), str(tmp_path / "x"))
-    info, got, _ = _round_trip(config, release, tmp_path, monkeypatch, tokenizer=spiece)
+    info, got, _ = _round_trip(config, release, tmp_path, tokenizer=spiece)
     assert not info["logit_scalars"]
     scale = [v for p, v in got.items() if p[-1] == "logit_scale"][0]
     assert np.isnan(np.asarray(scale.get_value())).all()

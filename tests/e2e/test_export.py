@@ -211,6 +211,18 @@ def test_cli_mistakes(tmp_path, extra, needle):
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_without_config_the_workdir_must_hold_one(tmp_path):
+    (tmp_path / "w").mkdir()
+    res = _cli("--workdir", str(tmp_path / "w"), "--to", "stablehlo", "--out",
+               str(tmp_path / "out"))
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    first = res.stderr.strip().splitlines()[0]
+    assert first.startswith("error: no readable ") and first.endswith(
+        "config.json (training and the release converter write it): give the config with "
+        "--config"), res.stderr
+    assert "Traceback" not in res.stderr and not os.path.exists(tmp_path / "out")
+
+
 def test_a_file_of_another_kind_is_refused(tmp_path):
     np.savez(tmp_path / "x.npz", meta=np.array(json.dumps({"format": "other"})))
     with pytest.raises(ValueError, match="not a predictor written by export_stablehlo"):

@@ -23,7 +23,10 @@ Strict loading: the key set and shapes equal those of the original modules' stat
 and parts of the file load into those modules with load_state_dict(strict=True).
 """
 
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +37,6 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from mfuser_jax.model import factory  # noqa: E402
 from mfuser_jax.weights import WeightFileError  # noqa: E402
 from mfuser_jax.run.release import (  # noqa: E402
     convert_mfuser_checkpoint,
@@ -48,7 +50,7 @@ from mfuser_jax.towers.registry import get_vlm  # noqa: E402
 from tests.refs.backbone import t_fpn1  # noqa: E402
 from tests.refs.segmentor import NON_PERSISTENT  # noqa: E402
 from tests.refs.text_enhancer import TorchContextDecoder  # noqa: E402
-from tests.support import abstract_mfuser, fast_create_model, save_pth  # noqa: E402
+from tests.support import REPO, abstract_mfuser, save_pth  # noqa: E402
 
 IDENTITY_HEAD = re.compile(r"identity_head\.")
 COUNTER = re.compile(r".*\.num_batches_tracked$")
@@ -80,17 +82,22 @@ def _without_release_keys(got, release, *rebuilt):
     return found
 
 
-def test_a_converted_release_exports_unchanged(clip_release, tmp_path, monkeypatch):
-    monkeypatch.setattr(factory, "create_model", fast_create_model)
+def test_a_converted_release_exports_unchanged(clip_release, tmp_path):
     config, release = clip_release
     pth = str(tmp_path / "iter_40.pth")
     save_pth(pth, release, {"iter": 39})
     workdir = str(tmp_path / "w")
     convert_mfuser_checkpoint(config, pth, workdir)
 
+    # the command line, without --config: the one the converter recorded in W/config.json
     out = str(tmp_path / "out" / "mfuser.pth")
-    info = export_pth(config, workdir, out, reference=pth)
-    assert info["step"] == 40 and info["keys"] == len(release)
+    done = subprocess.run(
+        [sys.executable, "scripts/export.py", "--workdir", workdir, "--to", "pth", "--out", out,
+         "--reference", pth], cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"config: {os.path.join(workdir, 'config.json')}" in done.stdout
+    assert f"{len(release)} tensors of checkpoint step 40 written to" in done.stdout, done.stdout
     got, meta = read_mfuser_checkpoint(out)
     _assert_identical(got, release)
     assert meta["iter"] == 39 and list(meta["CLASSES"]) == list(config.model.class_names)

@@ -54,6 +54,7 @@ class _Encoded(nnx.Module):
 
     pretrained_filter = staticmethod(
         lambda path, value: isinstance(value, nnx.Param) and path[0] == "encoder")
+    trainable_filter = staticmethod(lambda path, value: path[0] == "head")
 
     def __init__(self, cfg, *, rngs):
         self.encoder = nnx.Linear(4, 8, rngs=rngs)
@@ -73,12 +74,15 @@ def _values(model, which):
     return out
 
 
-def test_init_model_computes_all_but_the_pretrained_part_with_the_same_values():
+def test_init_model_computes_all_but_what_it_skips_with_the_same_values():
     factory.register_model("unit_test_encoded")(_Encoded)
     try:
         cfg = ml_collections.ConfigDict({"name": "unit_test_encoded"})
         whole = factory.init_model(cfg, seed=3)
         part = factory.init_model(cfg, seed=3, skip_pretrained=True)
+        # what a restore builds: neither the encoder nor what the checkpoint holds
+        to_restore = factory.init_model(cfg, seed=3, skip_pretrained=True,
+                                        skip_checkpointed=True)
         other = factory.init_model(cfg, seed=4)
     finally:
         del factory.MODEL_REGISTRY["unit_test_encoded"]
@@ -91,5 +95,13 @@ def test_init_model_computes_all_but_the_pretrained_part_with_the_same_values():
     for a, b in zip(want, got):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(np.asarray(part.ids), np.arange(3))
+    assert sorted(factory.abstract_paths(to_restore)) == sorted(
+        left + [f"['{m}']['{v}'].value" for m, v in (("bn", "mean"), ("bn", "var"),
+                                                       ("head", "bias"), ("head", "kernel"))])
+    computed = nnx.Not(nnx.Any(_Encoded.pretrained_filter, factory.checkpointed(to_restore)))
+    want, got = _values(whole, computed), _values(to_restore, computed)
+    assert len(want) == len(got) > 3  # the BatchNorm's scale and bias, the RNG stream
+    for a, b in zip(want, got):
+        np.testing.assert_array_equal(a, b)
     assert not np.array_equal(np.asarray(other.head.kernel[...]),
                               np.asarray(whole.head.kernel[...]))
