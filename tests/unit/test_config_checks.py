@@ -29,7 +29,7 @@ def test_matmul_precision_is_full_float32_in_every_entry_point(monkeypatch, rest
     config = _paper_config()
     config.model.pretrained = ""
     jax.config.update("jax_default_matmul_precision", "default")
-    monkeypatch.setattr(factory, "create_model", lambda c: "model")
+    monkeypatch.setattr(factory, "create_model", lambda c, **options: "model")
     assert build_and_load(config) == "model"
     assert jax.config.jax_default_matmul_precision == "highest"
     hlo = jax.jit(jnp.dot).lower(jnp.ones((2, 2)), jnp.ones((2, 2))).as_text()
