@@ -193,7 +193,11 @@ def train_and_evaluate(config: Any, workdir: str, *,
             return {"step": latest}
 
         mesh = shd.make_mesh(config.get("mesh", None))
-        model = build_and_load(config, workdir)
+        # A resume takes the trained state from the checkpoint (there is no fresh start once
+        # a checkpoint exists: resume_step refuses when none can be read), so it is not
+        # drawn from the initialisers first; the model keeps only its shapes, and training
+        # and evaluation read the restored TrainState.
+        model = build_and_load(config, workdir, skip_checkpointed=latest is not None)
         trainer = Trainer(config, model, mesh)
         best = BestCheckpoint(config, workdir, *best_spec, log) if best_spec else None
         n_train, n_all = trainer.num_params()

@@ -20,8 +20,10 @@ from mfuser_jax.model_state import SplitModel, TrainState  # noqa: E402
 from mfuser_jax.trainer import Trainer  # noqa: E402
 
 
-def _trainer(config):
-    return Trainer(config, create_model(config), shd.make_mesh(None))
+def _trainer(config, resuming=False):
+    """`resuming`: as training builds it to resume, the checkpointed values left abstract."""
+    return Trainer(config, create_model(config, skip_checkpointed=resuming),
+                   shd.make_mesh(None))
 
 
 def _batches(config, n):
@@ -68,7 +70,7 @@ def test_pre_partition_training_checkpoint_resumes_exactly(trained, tmp_path):
                                      "opt_state": old}),
         meta=ocp.args.JsonSave({"step": 2, "data_position": 2})))
     mngr.wait_until_finished()
-    restored = C.restore_checkpoint(mngr, _trainer(config), 2)
+    restored = C.restore_checkpoint(mngr, _trainer(config, resuming=True), 2)
     mngr.close()
     assert restored.step == 2
     _assert_trees_equal(restored.tree(), state.tree())
@@ -91,7 +93,8 @@ def test_model_checkpoint_has_no_optimizer_and_restores_both_ways(trained, tmp_p
 
     # evaluation: params and batch statistics from either format, no optimizer built
     reader = C.checkpoint_manager(str(tmp_path), create=False)
-    split = SplitModel(config, create_model(config), shd.make_mesh(None))
+    split = SplitModel(config, create_model(config, skip_checkpointed=True),
+                       shd.make_mesh(None))
     for step in (2, 3):
         tree = C.restore_model_state(reader, step, split.model_tree())
         _assert_trees_equal(tree, {"params": state.params, "batch_stats": state.batch_stats})
@@ -104,7 +107,7 @@ def test_model_checkpoint_has_no_optimizer_and_restores_both_ways(trained, tmp_p
 
     # training from a model checkpoint: its params, a fresh optimizer state
     mngr = C.checkpoint_manager(str(tmp_path))
-    fresh = _trainer(config)
+    fresh = _trainer(config, resuming=True)
     restored = C.restore_checkpoint(mngr, fresh, 2)
     mngr.close()
     assert restored.step == 2
