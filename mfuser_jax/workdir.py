@@ -15,7 +15,7 @@ from typing import Any
 
 from mfuser_jax.errors import UserError
 from mfuser_jax.files import atomic_write
-from mfuser_jax.model.config import DEFAULT_VFM, ModelConfig, architecture_leaves
+from mfuser_jax.model.config import ModelConfig, architecture_leaves, with_recorded_vfm
 from mfuser_jax.towers.registry import vlm_names
 
 CONFIG_FILE = "config.json"
@@ -61,10 +61,8 @@ def config_from_workdir(workdir: str) -> Any:
             return tuple(tuples(v) for v in x)
         return x
 
-    model = saved.get("model")
-    if isinstance(model, dict) and model.get("name") == "mfuser":
-        # written before the VFM could be chosen: every such workdir holds DINOv2
-        model.setdefault("vfm", DEFAULT_VFM)
+    if isinstance(saved.get("model"), dict):
+        saved["model"] = with_recorded_vfm(saved["model"])
     return ml_collections.ConfigDict(tuples(saved))
 
 

@@ -31,7 +31,7 @@ from mfuser_jax.towers.registry import vfm_config, vlm_config
 
 __all__ = ["ARCHITECTURE", "DEFAULT_VFM", "KIND", "RUNTIME", "SECTION", "SIZES",
            "ContextDecoderConfig", "DecoderConfig", "LossConfig", "MVFuserConfig",
-           "ModelConfig", "Section", "architecture_leaves"]
+           "ModelConfig", "Section", "architecture_leaves", "with_recorded_vfm"]
 
 # Field metadata: KIND is one of these.
 KIND = "kind"
@@ -475,15 +475,22 @@ class ModelConfig(_Config):
         return cls(**values, towers=Section({vfm: towers[vfm], vlm: towers[vlm]}))
 
 
+def with_recorded_vfm(model: Mapping) -> Mapping:
+    """An MFuser config.model as recorded: one written before ``vfm`` existed holds DINOv2,
+    so it gets ``vfm=DEFAULT_VFM`` (a new dict, ``vfm`` first); any other is ``model``."""
+    if model.get("name") == ModelConfig.NAME and "vfm" not in model:
+        return {"vfm": DEFAULT_VFM, **model}
+    return model
+
+
 def architecture_leaves(model: Mapping, prefix: str = "model") -> dict[str, Any]:
     """{'model.image_size': 512, 'model.dinov2.embed_dim': 1024, ...}: the leaves of an
-    MFuser config.model (a JSON dict or a ConfigDict, possibly of an older version) whose
-    ModelConfig field is architecture, in the mapping's order. The towers' sections are the
-    keys named by its ``vlm`` and ``vfm``; keys ModelConfig does not know are left out. A
-    config written before ``vfm`` existed holds DINOv2: its ``vfm`` leaf is DEFAULT_VFM."""
-    if model.get("name") == ModelConfig.NAME and "vfm" not in model:
-        model = {"vfm": DEFAULT_VFM, **model}
-    vfm = model["vfm"] if "vfm" in model else DEFAULT_VFM
+    MFuser config.model (a JSON dict or a ConfigDict, possibly of an older version,
+    ``with_recorded_vfm``) whose ModelConfig field is architecture, in the mapping's order.
+    The towers' sections are the keys named by its ``vlm`` and ``vfm``; keys ModelConfig
+    does not know are left out."""
+    model = with_recorded_vfm(model)
+    vfm = model.get("vfm", DEFAULT_VFM)
     towers = {model.get("vlm"): _runtime_tower_fields(model.get("vlm"), vfm=False),
               vfm: _runtime_tower_fields(vfm, vfm=True)}
     out = {}

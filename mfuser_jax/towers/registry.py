@@ -10,8 +10,9 @@ converters, the configs and the command lines ask the spec and never branch on t
 The registry is its own module, not the package's __init__: importing a tower's model
 (``towers/dinov2/model.py``) must not import every spec, whose fused backbones import the
 model layer above the towers. Adding a tower: one folder, and one line below in each of
-``_BUILT_IN_*`` and ``_built_in_specs``. The reference (devinxzhang/MFuser) has one segmentor file and one config
-per VLM (mfuser_clip.py, mfuser_eva_clip.py, mfuser_siglip.py) and DINOv2 only.
+``_BUILT_IN_*`` and ``_built_in_specs``. The reference (devinxzhang/MFuser) has one
+segmentor file and one config per VLM (mfuser_clip.py, mfuser_eva_clip.py,
+mfuser_siglip.py) and DINOv2 only.
 """
 
 from __future__ import annotations

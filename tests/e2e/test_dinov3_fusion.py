@@ -399,12 +399,13 @@ def test_a_workdir_recorded_before_vfm_existed_holds_dinov2(tmp_path):
     """W/config.json written before the VFM could be chosen has no model.vfm: DINOv2."""
     from configs import demo
     from mfuser_jax.errors import UserError
-    from mfuser_jax.workdir import check_workdir_model, write_config
+    from mfuser_jax.workdir import check_workdir_model, config_from_workdir, write_config
 
     (tmp_path / "checkpoints" / "600").mkdir(parents=True)
     old = demo.get_config()
     del old.model["vfm"]
     write_config(str(tmp_path), old)
+    assert config_from_workdir(str(tmp_path)).model.vfm == "dinov2"  # eval.py without --config
     check_workdir_model(demo.get_config(), str(tmp_path))
     with pytest.raises(UserError, match=r"holds a vfm='dinov2' model .* builds vfm='dinov3': "
                                         r"append ':vfm=dinov2'"):
